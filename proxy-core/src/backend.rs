@@ -1,0 +1,231 @@
+//! The backend half of session setup: connect with a timeout, send the
+//! startup message, and relay authentication untouched until the first
+//! ReadyForQuery. The proxy never sees a password in the clear; SCRAM runs
+//! end to end between client and server. BackendKeyData is captured on the
+//! way for cancel routing.
+
+use std::io;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, timeout_at, Duration, Instant};
+
+use crate::error::SessionError;
+use crate::forward::MessageTracker;
+use crate::protocol::{
+    self, parse_message, Side, AUTH_REQ_OK, MAX_AUTH_MESSAGE_LENGTH, MAX_CANCEL_KEY_LENGTH,
+};
+
+/// The largest server message accepted before ReadyForQuery. Startup
+/// messages (authentication, ParameterStatus, notices) are small.
+const MAX_BACKEND_STARTUP_MESSAGE: usize = 1 << 20;
+
+/// Socket options applied to both sides of every session.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketOptions {
+    /// TCP keepalive idle time and probe interval; `None` leaves the OS default.
+    pub keepalive: Option<(Duration, Duration)>,
+}
+
+impl SocketOptions {
+    pub fn apply(&self, s: &TcpStream) -> io::Result<()> {
+        s.set_nodelay(true)?;
+        if let Some((idle, interval)) = self.keepalive {
+            let ka = TcpKeepalive::new().with_time(idle).with_interval(interval);
+            SockRef::from(s).set_tcp_keepalive(&ka)?;
+        }
+        Ok(())
+    }
+}
+
+/// Connects to `addr` (`host:port`) within `limit`.
+pub async fn connect(
+    addr: &str,
+    limit: Duration,
+    opts: &SocketOptions,
+) -> Result<TcpStream, SessionError> {
+    let s = match timeout(limit, TcpStream::connect(addr)).await {
+        Err(_) => {
+            return Err(SessionError::BackendConnectTimeout {
+                addr: addr.to_owned(),
+                timeout: limit,
+            })
+        }
+        Ok(Err(source)) => {
+            return Err(SessionError::BackendConnect {
+                addr: addr.to_owned(),
+                source,
+            })
+        }
+        Ok(Ok(s)) => s,
+    };
+    opts.apply(&s)
+        .map_err(|source| SessionError::BackendConnect {
+            addr: addr.to_owned(),
+            source,
+        })?;
+    Ok(s)
+}
+
+/// A session whose backend has sent its first ReadyForQuery.
+#[derive(Debug)]
+pub struct Established {
+    /// BackendKeyData: process id and secret key (4 bytes, or up to 256 in
+    /// protocol 3.2).
+    pub cancel_key: Option<(u32, Bytes)>,
+    /// Bytes the client sent during authentication beyond what the backend
+    /// asked for; they go to the backend before forwarding starts.
+    pub to_backend: BytesMut,
+    /// Where the server stream stands after the messages relayed so far.
+    pub tracker: MessageTracker,
+}
+
+/// How authentication ended.
+#[derive(Debug)]
+pub enum AuthResult {
+    Ready(Established),
+    /// The server sent an ErrorResponse (wrong password, unknown database,
+    /// too many connections...). It has been relayed to the client.
+    Refused,
+}
+
+/// Relays the authentication exchange between `client` and `backend` until
+/// the first ReadyForQuery or ErrorResponse. `startup` is written to the
+/// backend first.
+pub async fn authenticate<C, B>(
+    client: &mut C,
+    backend: &mut B,
+    addr: &str,
+    startup: &[u8],
+    deadline: Instant,
+    limit: Duration,
+) -> Result<AuthResult, SessionError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let backend_err = |source: io::Error| SessionError::BackendIo {
+        addr: addr.to_owned(),
+        source,
+    };
+    let timed_out = || SessionError::AuthTimeout {
+        addr: addr.to_owned(),
+        timeout: limit,
+    };
+    backend.write_all(startup).await.map_err(backend_err)?;
+
+    let mut from_backend = BytesMut::with_capacity(1024);
+    let mut to_client = BytesMut::with_capacity(1024);
+    let mut from_client = BytesMut::new();
+    let mut cancel_key = None;
+    loop {
+        while let Some((tag, body)) = parse_message(
+            &mut from_backend,
+            MAX_BACKEND_STARTUP_MESSAGE,
+            Side::Backend,
+        )? {
+            to_client.put_u8(tag);
+            to_client.put_u32(body.len() as u32 + 4);
+            to_client.put_slice(&body);
+            match tag {
+                b'R' => {
+                    let code = body
+                        .get(..4)
+                        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+                    match code {
+                        Some(AUTH_REQ_OK) => {}
+                        Some(c) if protocol::auth_needs_reply(c) => {
+                            client
+                                .write_all(&to_client)
+                                .await
+                                .map_err(SessionError::ClientIo)?;
+                            to_client.clear();
+                            let reply =
+                                read_client_message(client, &mut from_client, deadline, limit)
+                                    .await?;
+                            backend.write_all(&reply).await.map_err(backend_err)?;
+                        }
+                        _ => {}
+                    }
+                }
+                b'K' => {
+                    if body.len() >= 8 && body.len() <= 4 + MAX_CANCEL_KEY_LENGTH {
+                        let pid = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                        cancel_key = Some((pid, Bytes::copy_from_slice(&body[4..])));
+                    }
+                }
+                b'E' => {
+                    client
+                        .write_all(&to_client)
+                        .await
+                        .map_err(SessionError::ClientIo)?;
+                    let _ = client.flush().await;
+                    return Ok(AuthResult::Refused);
+                }
+                b'Z' => {
+                    // Anything the server sent after ReadyForQuery belongs to
+                    // the forwarded stream; the tracker must see it.
+                    let mut tracker = MessageTracker::default();
+                    tracker.observe(&from_backend);
+                    to_client.put_slice(&from_backend);
+                    client
+                        .write_all(&to_client)
+                        .await
+                        .map_err(SessionError::ClientIo)?;
+                    return Ok(AuthResult::Ready(Established {
+                        cancel_key,
+                        to_backend: from_client,
+                        tracker,
+                    }));
+                }
+                _ => {}
+            }
+        }
+        let n = timeout_at(deadline, backend.read_buf(&mut from_backend))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(backend_err)?;
+        if n == 0 {
+            return Err(backend_err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection during authentication",
+            )));
+        }
+    }
+}
+
+/// Reads one whole message from the client during authentication and returns
+/// its bytes, header included.
+async fn read_client_message<C>(
+    client: &mut C,
+    buf: &mut BytesMut,
+    deadline: Instant,
+    limit: Duration,
+) -> Result<Bytes, SessionError>
+where
+    C: AsyncRead + Unpin + ?Sized,
+{
+    loop {
+        if buf.len() >= protocol::HEADER_LEN {
+            let h = protocol::decode_header(
+                [buf[0], buf[1], buf[2], buf[3], buf[4]],
+                MAX_AUTH_MESSAGE_LENGTH,
+                Side::Client,
+            )?;
+            let total = protocol::HEADER_LEN + h.body_len;
+            if buf.len() >= total {
+                return Ok(buf.split_to(total).freeze());
+            }
+            buf.reserve(total - buf.len());
+        }
+        let n = timeout_at(deadline, client.read_buf(buf))
+            .await
+            .map_err(|_| SessionError::StartupTimeout(limit))?
+            .map_err(SessionError::ClientIo)?;
+        if n == 0 {
+            return Err(SessionError::ClientGone);
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! Fences: how the proxy ends sessions that must not go on, such as those on a
+//! demoted primary or those still open when a shutdown's grace period ends.
+//!
+//! Each backend has a current [`Fence`]; a session takes it when it is routed.
+//! Triggering a fence sets an atomic flag and wakes every session holding it.
+//! A session checks the flag with one atomic load each time it wakes, so the
+//! data path never takes a lock. After a fence has fired the backend gets a
+//! fresh one, so that sessions routed later (if the backend is named again)
+//! are not affected.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::sync::Notify;
+
+use crate::view::Backend;
+
+/// Why sessions are being ended; becomes the FATAL the client receives.
+#[derive(Debug, Clone)]
+pub struct FenceReason {
+    pub sqlstate: &'static str,
+    pub message: String,
+    /// Metric label for `sessions_ended_total{reason=...}`.
+    pub label: &'static str,
+}
+
+/// A one-shot signal shared by all sessions routed to one backend.
+#[derive(Debug, Default)]
+pub struct Fence {
+    fired: AtomicBool,
+    reason: OnceLock<FenceReason>,
+    notify: Notify,
+}
+
+impl Fence {
+    /// Fires the fence. The first reason wins.
+    pub fn trigger(&self, reason: FenceReason) {
+        let _ = self.reason.set(reason);
+        self.fired.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    #[inline]
+    pub fn is_fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+
+    pub fn reason(&self) -> Option<&FenceReason> {
+        if self.is_fired() {
+            self.reason.get()
+        } else {
+            None
+        }
+    }
+
+    /// A future that completes when the fence fires. Poll it once to
+    /// register; afterwards [`Fence::is_fired`] tells whether it has.
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+}
+
+/// The current fence of every backend that sessions have been routed to.
+#[derive(Debug, Default)]
+pub struct Fences {
+    by_backend: Mutex<HashMap<Backend, Arc<Fence>>>,
+}
+
+impl Fences {
+    /// The fence a session routed to `backend` now should hold.
+    pub fn for_backend(&self, backend: &Backend) -> Arc<Fence> {
+        let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(backend.clone()).or_default().clone()
+    }
+
+    /// Ends every session routed to `backend` so far. Returns whether any
+    /// fence was fired.
+    pub fn fence_backend(&self, backend: &Backend, reason: FenceReason) -> bool {
+        let old = {
+            let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
+            map.remove(backend)
+        };
+        match old {
+            Some(f) => {
+                f.trigger(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends every session on every backend.
+    pub fn fence_all(&self, reason: FenceReason) {
+        let all: Vec<Arc<Fence>> = {
+            let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
+            map.drain().map(|(_, f)| f).collect()
+        };
+        for f in all {
+            f.trigger(reason.clone());
+        }
+    }
+}

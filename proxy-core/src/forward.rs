@@ -1,0 +1,564 @@
+//! Forwarding: copies bytes both ways between a client and its backend once
+//! the session is established.
+//!
+//! - Nothing is allocated per message. A direction takes a [`PooledBuf`] just
+//!   before it reads and returns it once the bytes are written, so an idle
+//!   session holds no data buffer.
+//! - The backend-to-client direction feeds every chunk to a
+//!   [`MessageTracker`], which follows the 5-byte message headers. The proxy
+//!   therefore always knows where the next message boundary is, and can end
+//!   a fenced session with a FATAL ErrorResponse that the client parses as
+//!   cleanly as one from PostgreSQL itself.
+//! - Both directions and the fence are polled by one future in one task: no
+//!   channel, no extra wake-up, and after a read the write is attempted at
+//!   once. A fence is noticed through one atomic load per wake-up.
+//!
+//! The future is not cancel-safe in the sense of resuming: dropping it drops
+//! whatever bytes were in flight, which is what ending a session means.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use crate::fence::{Fence, FenceReason};
+use crate::pool::PooledBuf;
+use crate::protocol::{self, Severity, HEADER_LEN};
+
+/// Follows message boundaries in the server-to-client byte stream.
+#[derive(Debug, Clone, Default)]
+pub struct MessageTracker {
+    header: [u8; HEADER_LEN],
+    header_len: u8,
+    body_left: usize,
+    /// Set when the server sent a length below 4; boundaries are unknown from
+    /// then on (PostgreSQL never does this).
+    lost: bool,
+}
+
+impl MessageTracker {
+    /// Accounts for bytes about to be forwarded.
+    #[inline]
+    pub fn observe(&mut self, mut data: &[u8]) {
+        while !data.is_empty() && !self.lost {
+            if self.body_left > 0 {
+                let n = self.body_left.min(data.len());
+                self.body_left -= n;
+                data = &data[n..];
+            } else if self.header_len == 0 && data.len() >= HEADER_LEN {
+                self.start_body(data[1], data[2], data[3], data[4]);
+                data = &data[HEADER_LEN..];
+            } else {
+                let have = usize::from(self.header_len);
+                let n = (HEADER_LEN - have).min(data.len());
+                self.header[have..have + n].copy_from_slice(&data[..n]);
+                self.header_len += n as u8;
+                data = &data[n..];
+                if usize::from(self.header_len) == HEADER_LEN {
+                    self.header_len = 0;
+                    let h = self.header;
+                    self.start_body(h[1], h[2], h[3], h[4]);
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn start_body(&mut self, a: u8, b: u8, c: u8, d: u8) {
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        match len.checked_sub(4) {
+            Some(body) => self.body_left = body,
+            None => self.lost = true,
+        }
+    }
+
+    /// Bytes still to forward before the stream is at a message boundary:
+    /// `Some(0)` at a boundary, `None` if boundaries were lost. While a
+    /// header is incomplete this is the rest of the header only; call again
+    /// after observing it.
+    pub fn to_boundary(&self) -> Option<usize> {
+        if self.lost {
+            None
+        } else if self.header_len > 0 {
+            Some(HEADER_LEN - usize::from(self.header_len))
+        } else {
+            Some(self.body_left)
+        }
+    }
+}
+
+/// How a forwarded session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The client closed its side (normally after Terminate).
+    ClientClosed,
+    /// The server closed its side.
+    BackendClosed,
+    /// A fence fired; the client was sent a FATAL unless `clean` is false
+    /// (no boundary could be reached in time).
+    Fenced { label: &'static str, clean: bool },
+    /// A socket error; `client` tells which side.
+    Error { client: bool, error: String },
+}
+
+impl Outcome {
+    /// Metric label for `sessions_ended_total{reason=...}`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::ClientClosed => "client_closed",
+            Outcome::BackendClosed => "backend_closed",
+            Outcome::Fenced { label, .. } => label,
+            Outcome::Error { client: true, .. } => "client_error",
+            Outcome::Error { client: false, .. } => "backend_error",
+        }
+    }
+}
+
+/// Byte counters fed once per read batch.
+pub trait ByteCounter {
+    fn add(&self, n: u64);
+}
+
+impl ByteCounter for metrics::Counter {
+    #[inline]
+    fn add(&self, n: u64) {
+        self.increment(n)
+    }
+}
+
+impl ByteCounter for () {
+    #[inline]
+    fn add(&self, _: u64) {}
+}
+
+/// Totals of a session's traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transferred {
+    pub client_to_backend: u64,
+    pub backend_to_client: u64,
+}
+
+/// One direction of the copy.
+#[derive(Default)]
+struct Half {
+    buf: Option<PooledBuf>,
+    pos: usize,
+    end: usize,
+    needs_flush: bool,
+    eof: bool,
+    total: u64,
+}
+
+enum Step {
+    /// The reader reached EOF and the writer was shut down.
+    Eof,
+    /// Fencing only: the stream is at a message boundary.
+    Boundary,
+}
+
+enum HalfError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl Half {
+    /// Moves bytes from `r` to `w` until the reader is pending (then
+    /// `Pending`), EOF, or (with `to_boundary`) the next message boundary.
+    fn poll_copy<R, W, C>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+        mut tracker: Option<&mut MessageTracker>,
+        to_boundary: bool,
+        counter: &C,
+    ) -> Poll<Result<Step, HalfError>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+        C: ByteCounter,
+    {
+        loop {
+            if let Some(buf) = &self.buf {
+                while self.pos < self.end {
+                    let n = ready!(w.as_mut().poll_write(cx, &buf[self.pos..self.end]))
+                        .map_err(HalfError::Write)?;
+                    if n == 0 {
+                        return Poll::Ready(Err(HalfError::Write(io::ErrorKind::WriteZero.into())));
+                    }
+                    self.pos += n;
+                    self.needs_flush = true;
+                }
+            }
+            if self.needs_flush {
+                ready!(w.as_mut().poll_flush(cx)).map_err(HalfError::Write)?;
+                self.needs_flush = false;
+            }
+            // Everything read has been written: the buffer goes back.
+            self.buf = None;
+            if self.eof {
+                // A peer that already went away cannot be shut down; that
+                // is fine, the session is over either way.
+                let _ = ready!(w.as_mut().poll_shutdown(cx));
+                return Poll::Ready(Ok(Step::Eof));
+            }
+            let mut limit = usize::MAX;
+            if to_boundary {
+                match tracker.as_deref().and_then(MessageTracker::to_boundary) {
+                    Some(0) | None => return Poll::Ready(Ok(Step::Boundary)),
+                    Some(n) => limit = n,
+                }
+            }
+            let mut buf = PooledBuf::take();
+            let cap = buf.len().min(limit);
+            let mut rb = ReadBuf::new(&mut buf[..cap]);
+            // On Pending the buffer is dropped, which returns it to the pool.
+            ready!(r.as_mut().poll_read(cx, &mut rb)).map_err(HalfError::Read)?;
+            let n = rb.filled().len();
+            if n == 0 {
+                self.eof = true;
+                continue;
+            }
+            if let Some(t) = tracker.as_deref_mut() {
+                t.observe(&buf[..n]);
+            }
+            counter.add(n as u64);
+            self.total += n as u64;
+            self.pos = 0;
+            self.end = n;
+            self.buf = Some(buf);
+        }
+    }
+}
+
+/// How long a fenced session may take to reach a message boundary and
+/// deliver its FATAL before both sockets are simply closed.
+pub const FENCE_DEADLINE: Duration = Duration::from_secs(1);
+
+enum FenceState {
+    /// Not fenced yet; `registered` once the notification is armed.
+    Open,
+    /// Forwarding server bytes up to the next boundary.
+    Draining(Pin<Box<Sleep>>, FenceReason),
+    /// Writing the FATAL; `pos` bytes of `msg` written.
+    Telling(Pin<Box<Sleep>>, BytesMut, usize, &'static str),
+}
+
+/// Copies between `client` and `backend` until either side closes, an error
+/// occurs, or `fence` fires.
+///
+/// `tracker` must describe the server stream as of the first byte this
+/// function will forward (a fresh tracker after ReadyForQuery).
+#[allow(clippy::too_many_arguments)]
+pub async fn forward<C, B, CC, BC>(
+    client: &mut C,
+    backend: &mut B,
+    tracker: &mut MessageTracker,
+    fence: &Fence,
+    to_backend_bytes: &CC,
+    to_client_bytes: &BC,
+) -> (Outcome, Transferred)
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    CC: ByteCounter,
+    BC: ByteCounter,
+{
+    let notified = fence.notified();
+    let mut notified = std::pin::pin!(notified);
+    let mut armed = false;
+    let mut up = Half::default();
+    let mut down = Half::default();
+    let mut state = FenceState::Open;
+
+    let outcome = std::future::poll_fn(|cx| {
+        if !armed {
+            // Registers this task's waker with the fence; afterwards the
+            // atomic flag alone tells whether it fired.
+            let _ = notified.as_mut().poll(cx);
+            armed = true;
+        }
+        loop {
+            match &mut state {
+                FenceState::Open => {
+                    if fence.is_fired() {
+                        let reason = fence.reason().cloned().unwrap_or_else(default_reason);
+                        state = FenceState::Draining(
+                            Box::pin(tokio::time::sleep(FENCE_DEADLINE)),
+                            reason,
+                        );
+                        continue;
+                    }
+                    if let Poll::Ready(r) = up.poll_copy(
+                        cx,
+                        Pin::new(&mut *client),
+                        Pin::new(&mut *backend),
+                        None,
+                        false,
+                        to_backend_bytes,
+                    ) {
+                        return Poll::Ready(match r {
+                            Ok(_) => Outcome::ClientClosed,
+                            Err(HalfError::Read(e)) => io_outcome(true, e),
+                            Err(HalfError::Write(e)) => io_outcome(false, e),
+                        });
+                    }
+                    if let Poll::Ready(r) = down.poll_copy(
+                        cx,
+                        Pin::new(&mut *backend),
+                        Pin::new(&mut *client),
+                        Some(&mut *tracker),
+                        false,
+                        to_client_bytes,
+                    ) {
+                        return Poll::Ready(match r {
+                            Ok(_) => Outcome::BackendClosed,
+                            Err(HalfError::Read(e)) => io_outcome(false, e),
+                            Err(HalfError::Write(e)) => io_outcome(true, e),
+                        });
+                    }
+                    // Re-check: the fence may have fired while we copied.
+                    if !fence.is_fired() {
+                        return Poll::Pending;
+                    }
+                }
+                FenceState::Draining(deadline, reason) => {
+                    let label = reason.label;
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Outcome::Fenced {
+                            label,
+                            clean: false,
+                        });
+                    }
+                    match down.poll_copy(
+                        cx,
+                        Pin::new(&mut *backend),
+                        Pin::new(&mut *client),
+                        Some(&mut *tracker),
+                        true,
+                        to_client_bytes,
+                    ) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(Step::Boundary)) if tracker.to_boundary() == Some(0) => {
+                            let mut msg = BytesMut::new();
+                            protocol::write_error(
+                                &mut msg,
+                                Severity::Fatal,
+                                reason.sqlstate,
+                                &reason.message,
+                                None,
+                            );
+                            let FenceState::Draining(deadline, _) =
+                                std::mem::replace(&mut state, FenceState::Open)
+                            else {
+                                unreachable!("state checked above")
+                            };
+                            state = FenceState::Telling(deadline, msg, 0, label);
+                        }
+                        Poll::Ready(_) => {
+                            return Poll::Ready(Outcome::Fenced {
+                                label,
+                                clean: false,
+                            })
+                        }
+                    }
+                }
+                FenceState::Telling(deadline, msg, pos, label) => {
+                    let label = *label;
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Outcome::Fenced {
+                            label,
+                            clean: false,
+                        });
+                    }
+                    let mut w = Pin::new(&mut *client);
+                    while *pos < msg.len() {
+                        match ready!(w.as_mut().poll_write(cx, &msg[*pos..])) {
+                            Ok(n) if n > 0 => *pos += n,
+                            _ => {
+                                return Poll::Ready(Outcome::Fenced {
+                                    label,
+                                    clean: false,
+                                })
+                            }
+                        }
+                    }
+                    let clean = ready!(w.as_mut().poll_flush(cx)).is_ok();
+                    let _ = ready!(w.as_mut().poll_shutdown(cx));
+                    return Poll::Ready(Outcome::Fenced { label, clean });
+                }
+            }
+        }
+    })
+    .await;
+    let totals = Transferred {
+        client_to_backend: up.total,
+        backend_to_client: down.total,
+    };
+    (outcome, totals)
+}
+
+#[cold]
+fn default_reason() -> FenceReason {
+    FenceReason {
+        sqlstate: crate::error::ADMIN_SHUTDOWN,
+        message: "terminating connection: the proxy ended this session".into(),
+        label: "fenced",
+    }
+}
+
+#[cold]
+fn io_outcome(client: bool, e: io::Error) -> Outcome {
+    // A reset from the peer is how many clients say goodbye.
+    if client
+        && matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+        )
+    {
+        return Outcome::ClientClosed;
+    }
+    Outcome::Error {
+        client,
+        error: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn tracker_follows_boundaries_byte_by_byte() {
+        let mut stream = msg(b'D', b"hello");
+        stream.extend(msg(b'C', b"SELECT 1\0"));
+        stream.extend(msg(b'Z', b"I"));
+        let mut t = MessageTracker::default();
+        let ends = [10usize, 24, 30];
+        for (i, b) in stream.iter().enumerate() {
+            t.observe(std::slice::from_ref(b));
+            let at_boundary = t.to_boundary() == Some(0);
+            assert_eq!(at_boundary, ends.contains(&(i + 1)), "byte {i}");
+        }
+        let mut t = MessageTracker::default();
+        t.observe(&stream[..12]);
+        assert_eq!(t.to_boundary(), Some(3));
+        t.observe(&stream[12..15]);
+        assert_eq!(t.to_boundary(), Some(9));
+    }
+
+    #[test]
+    fn tracker_gives_up_on_bad_length() {
+        let mut t = MessageTracker::default();
+        t.observe(&[b'D', 0, 0, 0, 2]);
+        assert_eq!(t.to_boundary(), None);
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_and_reports_who_closed() {
+        let (mut client_end, mut client) = tokio::io::duplex(1024);
+        let (mut backend_end, mut backend) = tokio::io::duplex(1024);
+        let fence = Fence::default();
+        let task = tokio::spawn(async move {
+            let mut t = MessageTracker::default();
+            forward(&mut client, &mut backend, &mut t, &fence, &(), &()).await
+        });
+        client_end.write_all(b"Q query").await.unwrap();
+        let mut got = [0u8; 7];
+        backend_end.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"Q query");
+        let reply = msg(b'Z', b"I");
+        backend_end.write_all(&reply).await.unwrap();
+        let mut got = vec![0u8; reply.len()];
+        client_end.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, reply);
+        drop(client_end);
+        let (outcome, totals) = task.await.unwrap();
+        assert_eq!(outcome, Outcome::ClientClosed);
+        assert_eq!(totals.client_to_backend, 7);
+        assert_eq!(totals.backend_to_client, 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fence_waits_for_the_message_boundary() {
+        let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
+        let (mut backend_end, mut backend) = tokio::io::duplex(1 << 16);
+        let fence = Arc::new(Fence::default());
+        let f2 = fence.clone();
+        let task = tokio::spawn(async move {
+            let mut t = MessageTracker::default();
+            forward(&mut client, &mut backend, &mut t, &f2, &(), &()).await
+        });
+        // Half a DataRow, then the fence fires.
+        let row = msg(b'D', &[7u8; 100]);
+        backend_end.write_all(&row[..50]).await.unwrap();
+        tokio::task::yield_now().await;
+        fence.trigger(FenceReason {
+            sqlstate: "57P01",
+            message: "primary changed".into(),
+            label: "fenced",
+        });
+        tokio::task::yield_now().await;
+        backend_end.write_all(&row[50..]).await.unwrap();
+        backend_end.write_all(&msg(b'C', b"more\0")).await.unwrap();
+        let (outcome, _) = task.await.unwrap();
+        assert_eq!(
+            outcome,
+            Outcome::Fenced {
+                label: "fenced",
+                clean: true
+            }
+        );
+        let mut got = Vec::new();
+        client_end.read_to_end(&mut got).await.unwrap();
+        let mut want = BytesMut::new();
+        want.put_slice(&row);
+        protocol::write_error(&mut want, Severity::Fatal, "57P01", "primary changed", None);
+        assert_eq!(
+            got,
+            &want[..],
+            "the row completes, then FATAL, and nothing after"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fence_gives_up_when_no_boundary_comes() {
+        let (_client_end, mut client) = tokio::io::duplex(1 << 16);
+        let (mut backend_end, mut backend) = tokio::io::duplex(1 << 16);
+        let fence = Arc::new(Fence::default());
+        let f2 = fence.clone();
+        let task = tokio::spawn(async move {
+            let mut t = MessageTracker::default();
+            forward(&mut client, &mut backend, &mut t, &f2, &(), &()).await
+        });
+        backend_end
+            .write_all(&msg(b'D', &[1u8; 100])[..20])
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+        fence.trigger(default_reason());
+        let (outcome, _) = task.await.unwrap();
+        assert_eq!(
+            outcome,
+            Outcome::Fenced {
+                label: "fenced",
+                clean: false
+            }
+        );
+    }
+}

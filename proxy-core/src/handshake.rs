@@ -1,0 +1,103 @@
+//! The client half of the startup phase: SSLRequest, GSSENCRequest,
+//! CancelRequest and StartupMessage, read under a deadline and a length
+//! limit, before any backend is involved.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{timeout_at, Duration, Instant};
+use tokio_rustls::TlsAcceptor;
+
+use crate::error::SessionError;
+use crate::protocol::{parse_startup, CancelRequest, ProtocolError, StartupMessage, StartupPacket};
+use crate::stream::ClientStream;
+
+/// What the client wants once the startup phase is over.
+#[derive(Debug)]
+pub enum Startup {
+    /// A session. `pipelined` holds bytes the client sent after the
+    /// StartupMessage without waiting; they go to the backend after it.
+    Session {
+        message: StartupMessage,
+        pipelined: BytesMut,
+    },
+    /// A request to cancel a query of another session.
+    Cancel(CancelRequest),
+}
+
+/// Reads the startup phase. On error nothing has been written to the client
+/// about it yet; the caller sends the ErrorResponse.
+pub async fn read_startup(
+    stream: &mut ClientStream,
+    tls: Option<&TlsAcceptor>,
+    deadline: Instant,
+    limit: Duration,
+) -> Result<Startup, SessionError> {
+    let mut buf = BytesMut::with_capacity(512);
+    let mut gss_answered = false;
+    let mut ssl_answered = false;
+    loop {
+        let packet = loop {
+            if let Some(p) = parse_startup(&mut buf)? {
+                break p;
+            }
+            let n = timeout_at(deadline, stream.read_buf(&mut buf))
+                .await
+                .map_err(|_| SessionError::StartupTimeout(limit))?
+                .map_err(SessionError::ClientIo)?;
+            if n == 0 {
+                return Err(if buf.is_empty() {
+                    SessionError::ClientGone
+                } else {
+                    ProtocolError::BadLayout("incomplete startup packet").into()
+                });
+            }
+        };
+        match packet {
+            StartupPacket::SslRequest => {
+                if ssl_answered || stream.is_tls() {
+                    return Err(SessionError::RepeatedRequest("SSLRequest"));
+                }
+                ssl_answered = true;
+                if !buf.is_empty() {
+                    return Err(SessionError::SslInjection);
+                }
+                match tls {
+                    Some(acceptor) => {
+                        stream
+                            .write_all(b"S")
+                            .await
+                            .map_err(SessionError::ClientIo)?;
+                        timeout_at(deadline, stream.upgrade(acceptor))
+                            .await
+                            .map_err(|_| SessionError::StartupTimeout(limit))?
+                            .map_err(SessionError::ClientTls)?;
+                    }
+                    None => stream
+                        .write_all(b"N")
+                        .await
+                        .map_err(SessionError::ClientIo)?,
+                }
+            }
+            StartupPacket::GssEncRequest => {
+                if gss_answered || stream.is_tls() {
+                    return Err(SessionError::RepeatedRequest("GSSENCRequest"));
+                }
+                gss_answered = true;
+                if !buf.is_empty() {
+                    return Err(SessionError::SslInjection);
+                }
+                stream
+                    .write_all(b"N")
+                    .await
+                    .map_err(SessionError::ClientIo)?;
+            }
+            StartupPacket::Cancel(c) => return Ok(Startup::Cancel(c)),
+            StartupPacket::Startup(message) => {
+                return Ok(Startup::Session {
+                    message,
+                    pipelined: buf,
+                })
+            }
+        }
+    }
+}

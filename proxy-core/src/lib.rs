@@ -1,0 +1,32 @@
+//! keelson's proxy data path, as an embeddable library.
+//!
+//! A [`Proxy`] accepts PostgreSQL clients, understands the startup phase
+//! (SSL and GSS encryption requests, cancel requests, startup messages),
+//! routes each session to the backend named by the current [`View`], relays
+//! authentication untouched and then forwards bytes with pooled buffers. It
+//! knows where every server message starts, so when a session must end
+//! (its backend was fenced, or the proxy is shutting down) the client gets a
+//! clean FATAL rather than a reset.
+//!
+//! The view is fed by the embedder through a [`ViewHandle`]; this crate has
+//! no store or CLI code.
+
+pub mod backend;
+pub mod cancel;
+pub mod error;
+pub mod fence;
+pub mod forward;
+pub mod handshake;
+pub mod metrics;
+pub mod pool;
+pub mod protocol;
+mod proxy;
+pub mod stream;
+pub mod tls;
+pub mod view;
+
+pub use backend::SocketOptions;
+pub use error::{ErrorKind, SessionError};
+pub use fence::FenceReason;
+pub use proxy::{Proxy, ProxyConfig};
+pub use view::{Backend, View, ViewHandle};

@@ -1,0 +1,103 @@
+//! Metric names and the handles a session looks up once. Labels are fixed
+//! enums, never per-connection values. Bytes are counted once per read
+//! batch through cached handles, never per message.
+//!
+//! The embedder installs the recorder (the `keelson` binary uses
+//! Prometheus); without one every call is a no-op.
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Unit,
+};
+
+pub const CONNECTIONS_ACCEPTED: &str = "keelson_connections_accepted_total";
+pub const CONNECTIONS_ACTIVE: &str = "keelson_connections_active";
+pub const CONNECTIONS_REJECTED: &str = "keelson_connections_rejected_total";
+pub const SESSIONS_ENDED: &str = "keelson_sessions_ended_total";
+pub const BYTES: &str = "keelson_bytes_total";
+pub const BACKEND_CONNECT_SECONDS: &str = "keelson_backend_connect_seconds";
+pub const HANDSHAKE_SECONDS: &str = "keelson_handshake_seconds";
+pub const CANCEL_REQUESTS: &str = "keelson_cancel_requests_total";
+
+/// Registers help texts. Call once after installing a recorder.
+pub fn describe() {
+    describe_counter!(
+        CONNECTIONS_ACCEPTED,
+        "Client connections accepted by the listener."
+    );
+    describe_gauge!(
+        CONNECTIONS_ACTIVE,
+        "Client connections currently open (all phases)."
+    );
+    describe_counter!(
+        CONNECTIONS_REJECTED,
+        "Client connections refused before a session was established, by reason."
+    );
+    describe_counter!(
+        SESSIONS_ENDED,
+        "Established sessions that ended, by reason."
+    );
+    describe_counter!(BYTES, Unit::Bytes, "Bytes forwarded, by direction.");
+    describe_histogram!(
+        BACKEND_CONNECT_SECONDS,
+        Unit::Seconds,
+        "Time to open the TCP connection to the backend."
+    );
+    describe_histogram!(
+        HANDSHAKE_SECONDS,
+        Unit::Seconds,
+        "Time from accepting a client to relaying its first ReadyForQuery."
+    );
+    describe_counter!(
+        CANCEL_REQUESTS,
+        "Cancel requests received, by how they were routed."
+    );
+}
+
+/// Handles a session uses on its data path.
+pub struct SessionCounters {
+    pub to_backend: Counter,
+    pub to_client: Counter,
+}
+
+impl SessionCounters {
+    pub fn new() -> Self {
+        SessionCounters {
+            to_backend: counter!(BYTES, "direction" => "client_to_server"),
+            to_client: counter!(BYTES, "direction" => "server_to_client"),
+        }
+    }
+}
+
+impl Default for SessionCounters {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub(crate) fn accepted() {
+    counter!(CONNECTIONS_ACCEPTED).increment(1);
+}
+
+pub(crate) fn active(delta: f64) {
+    gauge!(CONNECTIONS_ACTIVE).increment(delta);
+}
+
+pub(crate) fn rejected(reason: &'static str) {
+    counter!(CONNECTIONS_REJECTED, "reason" => reason).increment(1);
+}
+
+pub(crate) fn ended(reason: &'static str) {
+    counter!(SESSIONS_ENDED, "reason" => reason).increment(1);
+}
+
+pub(crate) fn backend_connect(secs: f64) {
+    histogram!(BACKEND_CONNECT_SECONDS).record(secs);
+}
+
+pub(crate) fn handshake(secs: f64) {
+    histogram!(HANDSHAKE_SECONDS).record(secs);
+}
+
+pub(crate) fn cancel(route: &'static str) {
+    counter!(CANCEL_REQUESTS, "route" => route).increment(1);
+}

@@ -1,0 +1,466 @@
+//! The listener and the life of one session: accept, startup phase, route,
+//! connect, relay authentication, forward, close.
+//!
+//! Invariants kept here:
+//! - a session is routed from one lock-free snapshot of the view and holds
+//!   the fence of the backend it was routed to before it connects, so a
+//!   fence that fires while it is still connecting ends it too;
+//! - every connection counts against `max_connections` from accept to close;
+//! - every refusal reaches the client as an ErrorResponse with a SQLSTATE
+//!   whenever the client can still read one.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::time::{timeout, Duration, Instant};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{field, Instrument};
+
+use crate::backend::{self, AuthResult, SocketOptions};
+use crate::cancel::{self, CancelRegistry, CancelRoute};
+use crate::error::{SessionError, ADMIN_SHUTDOWN};
+use crate::fence::{FenceReason, Fences};
+use crate::forward::{forward, Outcome};
+use crate::handshake::{read_startup, Startup};
+use crate::metrics::{self as m, SessionCounters};
+use crate::protocol::{self, Severity, StartupMessage, PROTOCOL_NEWEST_MINOR};
+use crate::stream::ClientStream;
+use crate::view::{Backend, ViewHandle};
+
+/// Runtime settings of the data path, already validated.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Time a client has to finish the startup phase (TLS included).
+    pub startup_timeout: Duration,
+    /// Time to open a TCP connection to a backend.
+    pub connect_timeout: Duration,
+    /// Time the backend and client have to finish authentication
+    /// (PostgreSQL's `authentication_timeout` defaults to 60 s).
+    pub auth_timeout: Duration,
+    /// Client connections open at once, in any phase.
+    pub max_connections: usize,
+    pub socket: SocketOptions,
+    /// TLS for clients; `None` answers `N` to SSLRequest.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Cancel requests forwarded per second, across all clients.
+    pub cancel_rate_per_second: u32,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            startup_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            auth_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            socket: SocketOptions {
+                keepalive: Some((Duration::from_secs(60), Duration::from_secs(10))),
+            },
+            tls: None,
+            cancel_rate_per_second: 100,
+        }
+    }
+}
+
+/// Connections over the limit are answered with 53300 by at most this many
+/// tasks at once; beyond that they are closed without a word.
+const MAX_REJECTING: usize = 256;
+/// How long a refused client gets to send its startup packet so that it can
+/// be told why it is refused.
+const REJECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+struct Shared {
+    cfg: ProxyConfig,
+    tls: Option<TlsAcceptor>,
+    view: ViewHandle,
+    fences: Fences,
+    cancel: Arc<CancelRegistry>,
+    active: AtomicUsize,
+    rejecting: AtomicUsize,
+    idle: Notify,
+    stop_accepting: CancellationToken,
+    terminating: AtomicBool,
+}
+
+/// A PostgreSQL proxy. Cheap to clone; clones share all state, so one
+/// proxy can serve several listeners on several runtimes.
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("active", &self.active_connections())
+            .field("view", &self.shared.view)
+            .finish()
+    }
+}
+
+/// Counts a connection from accept to close.
+struct ActiveGuard(Arc<Shared>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        m::active(-1.0);
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Proxy {
+    pub fn new(cfg: ProxyConfig, view: ViewHandle) -> Self {
+        let tls = cfg.tls.clone().map(TlsAcceptor::from);
+        let cancel = Arc::new(CancelRegistry::new(cfg.cancel_rate_per_second));
+        Proxy {
+            shared: Arc::new(Shared {
+                cfg,
+                tls,
+                view,
+                fences: Fences::default(),
+                cancel,
+                active: AtomicUsize::new(0),
+                rejecting: AtomicUsize::new(0),
+                idle: Notify::new(),
+                stop_accepting: CancellationToken::new(),
+                terminating: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The view this proxy routes by.
+    pub fn view(&self) -> &ViewHandle {
+        &self.shared.view
+    }
+
+    /// Client connections open now, in any phase.
+    pub fn active_connections(&self) -> usize {
+        self.shared.active.load(Ordering::Acquire)
+    }
+
+    /// Sessions whose cancel keys are known (established sessions).
+    pub fn established_sessions(&self) -> usize {
+        self.shared.cancel.len()
+    }
+
+    /// Ends every session routed to `backend` so far, with a FATAL carrying
+    /// `reason`, at the next message boundary. Returns whether any session
+    /// had been routed there.
+    pub fn fence_backend(&self, backend: &Backend, reason: FenceReason) -> bool {
+        self.shared.fences.fence_backend(backend, reason)
+    }
+
+    /// Accepts clients on `listener` until [`Proxy::stop_accepting`] is
+    /// called. Each session runs as a task on the current runtime.
+    pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
+        let stop = self.shared.stop_accepting.clone();
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(()),
+                r = listener.accept() => r,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors or a transient network error:
+                    // back off briefly rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            self.admit(tcp, peer);
+        }
+    }
+
+    fn admit(&self, tcp: TcpStream, peer: SocketAddr) {
+        m::accepted();
+        let shared = &self.shared;
+        let prev = shared.active.fetch_add(1, Ordering::AcqRel);
+        m::active(1.0);
+        let guard = ActiveGuard(shared.clone());
+        if prev >= shared.cfg.max_connections {
+            drop(guard);
+            m::rejected("limit");
+            if shared.rejecting.fetch_add(1, Ordering::AcqRel) < MAX_REJECTING {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    refuse_over_limit(&shared, tcp).await;
+                    shared.rejecting.fetch_sub(1, Ordering::AcqRel);
+                });
+            } else {
+                shared.rejecting.fetch_sub(1, Ordering::AcqRel);
+            }
+            return;
+        }
+        let span = tracing::info_span!(
+            "session",
+            client.addr = %peer,
+            backend.addr = field::Empty,
+            route = "primary",
+            user = field::Empty,
+            database = field::Empty,
+        );
+        tokio::spawn(session(shared.clone(), tcp, guard).instrument(span));
+    }
+
+    /// Stops every `serve` loop; open sessions continue.
+    pub fn stop_accepting(&self) {
+        self.shared.stop_accepting.cancel();
+    }
+
+    /// Graceful shutdown: stop accepting, let sessions finish for up to
+    /// `grace`, then end the rest with a FATAL (57P01) at a message boundary.
+    /// Returns the number of sessions that had to be ended.
+    pub async fn shutdown(&self, grace: Duration) -> usize {
+        self.stop_accepting();
+        if self.wait_idle(Instant::now() + grace).await {
+            return 0;
+        }
+        let left = self.active_connections();
+        self.shared.terminating.store(true, Ordering::Release);
+        self.shared.fences.fence_all(FenceReason {
+            sqlstate: ADMIN_SHUTDOWN,
+            message: "terminating connection because the proxy is shutting down".into(),
+            label: "shutdown",
+        });
+        let deadline = Instant::now() + crate::forward::FENCE_DEADLINE + Duration::from_secs(1);
+        self.wait_idle(deadline).await;
+        left
+    }
+
+    /// Waits until no connection is open, or `deadline`. True if idle.
+    pub async fn wait_idle(&self, deadline: Instant) -> bool {
+        loop {
+            let notified = self.shared.idle.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.active_connections() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.active_connections() == 0;
+            }
+        }
+    }
+}
+
+/// Answers a connection over the limit: finish its startup phase (so that
+/// TLS clients can read the answer), then 53300.
+async fn refuse_over_limit(shared: &Shared, tcp: TcpStream) {
+    let mut client = ClientStream::Plain(tcp);
+    let deadline = Instant::now() + REJECT_TIMEOUT;
+    if let Ok(Startup::Session { .. }) =
+        read_startup(&mut client, shared.tls.as_ref(), deadline, REJECT_TIMEOUT).await
+    {
+        let err = SessionError::TooManyConnections(shared.cfg.max_connections);
+        send_error(&mut client, &err).await;
+    }
+}
+
+async fn session(shared: Arc<Shared>, tcp: TcpStream, _guard: ActiveGuard) {
+    let accepted_at = Instant::now();
+    if let Err(e) = shared.cfg.socket.apply(&tcp) {
+        tracing::debug!(error = %e, "could not set client socket options");
+    }
+    let mut client = ClientStream::Plain(tcp);
+    let limit = shared.cfg.startup_timeout;
+    let startup = read_startup(&mut client, shared.tls.as_ref(), accepted_at + limit, limit).await;
+    let (message, pipelined) = match startup {
+        Ok(Startup::Session { message, pipelined }) => (message, pipelined),
+        Ok(Startup::Cancel(req)) => {
+            let view = shared.view.load();
+            let (route, to) = shared.cancel.route(&req, &view);
+            m::cancel(route.as_str());
+            tracing::debug!(route = route.as_str(), pid = req.pid, "cancel request");
+            if route != CancelRoute::RateLimited {
+                cancel::send(&req, &to, shared.cfg.connect_timeout, &shared.cfg.socket).await;
+            }
+            return;
+        }
+        Err(e) => return refuse(&mut client, e).await,
+    };
+    let span = tracing::Span::current();
+    span.record("user", message.user().unwrap_or(""));
+    span.record("database", message.database().unwrap_or(""));
+    if let Err(e) = run_session(&shared, &mut client, message, pipelined, accepted_at).await {
+        refuse(&mut client, e).await;
+    }
+}
+
+#[cold]
+async fn refuse(client: &mut ClientStream, e: SessionError) {
+    m::rejected(e.reason());
+    match e.kind() {
+        crate::ErrorKind::Client => tracing::debug!(error = %e, "client refused"),
+        _ => tracing::info!(error = %e, retryable = e.retryable(), "session refused"),
+    }
+    send_error(client, &e).await;
+}
+
+/// Writes `e` as a FATAL ErrorResponse, if it has a SQLSTATE, and closes.
+async fn send_error<S: AsyncWrite + Unpin>(client: &mut S, e: &SessionError) {
+    if let Some(code) = e.sqlstate() {
+        let mut buf = BytesMut::new();
+        protocol::write_error(&mut buf, Severity::Fatal, code, &e.to_string(), e.hint());
+        let _ = timeout(Duration::from_secs(1), async {
+            client.write_all(&buf).await?;
+            client.flush().await?;
+            client.shutdown().await
+        })
+        .await;
+    }
+}
+
+/// The startup message to send to the backend, after answering any protocol
+/// version the proxy does not speak with NegotiateProtocolVersion.
+async fn negotiate(
+    client: &mut ClientStream,
+    message: &StartupMessage,
+) -> Result<Bytes, SessionError> {
+    if message.minor == 0 || message.minor == PROTOCOL_NEWEST_MINOR {
+        return Ok(message.raw.clone());
+    }
+    // 3.1 was never used; anything newer than 3.2 falls back to 3.2.
+    let minor = if message.minor > PROTOCOL_NEWEST_MINOR {
+        PROTOCOL_NEWEST_MINOR
+    } else {
+        0
+    };
+    let is_option = |k: &str| k.starts_with("_pq_.");
+    let unrecognized: Vec<&str> = message
+        .params
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| is_option(k))
+        .collect();
+    let mut npv = BytesMut::new();
+    protocol::write_negotiate_protocol_version(&mut npv, minor, &unrecognized);
+    client
+        .write_all(&npv)
+        .await
+        .map_err(SessionError::ClientIo)?;
+    let mut startup = BytesMut::new();
+    protocol::encode_startup(&mut startup, minor, &message.params, is_option);
+    Ok(startup.freeze())
+}
+
+async fn run_session(
+    shared: &Shared,
+    client: &mut ClientStream,
+    message: StartupMessage,
+    pipelined: BytesMut,
+    accepted_at: Instant,
+) -> Result<(), SessionError> {
+    if shared.terminating.load(Ordering::Acquire) {
+        return Err(SessionError::ShuttingDown);
+    }
+    let view = shared.view.load();
+    let backend = view.primary.clone().ok_or(SessionError::NoPrimary)?;
+    drop(view);
+    tracing::Span::current().record("backend.addr", backend.addr());
+    // Taken before connecting: a fence that fires from now on ends this session.
+    let fence = shared.fences.for_backend(&backend);
+
+    let startup = negotiate(client, &message).await?;
+    let t0 = Instant::now();
+    let mut server = backend::connect(
+        backend.addr(),
+        shared.cfg.connect_timeout,
+        &shared.cfg.socket,
+    )
+    .await?;
+    m::backend_connect(t0.elapsed().as_secs_f64());
+
+    let mut first = BytesMut::with_capacity(startup.len() + pipelined.len());
+    first.extend_from_slice(&startup);
+    first.extend_from_slice(&pipelined);
+    let auth_limit = shared.cfg.auth_timeout;
+    let auth = backend::authenticate(
+        client,
+        &mut server,
+        backend.addr(),
+        &first,
+        Instant::now() + auth_limit,
+        auth_limit,
+    )
+    .await?;
+    drop(first);
+    let mut est = match auth {
+        AuthResult::Ready(est) => est,
+        AuthResult::Refused => {
+            m::ended("refused_by_server");
+            return Ok(());
+        }
+    };
+    m::handshake(accepted_at.elapsed().as_secs_f64());
+    let _cancel = est
+        .cancel_key
+        .take()
+        .map(|(pid, secret)| shared.cancel.register(pid, secret, backend.clone()));
+    if !est.to_backend.is_empty() {
+        server
+            .write_all(&est.to_backend)
+            .await
+            .map_err(|source| SessionError::BackendIo {
+                addr: backend.addr().to_owned(),
+                source,
+            })?;
+    }
+    drop(est.to_backend);
+    tracing::debug!("session established");
+
+    let counters = SessionCounters::new();
+    let tracker = &mut est.tracker;
+    let (outcome, totals) = match client {
+        ClientStream::Plain(s) => {
+            forward(
+                s,
+                &mut server,
+                tracker,
+                &fence,
+                &counters.to_backend,
+                &counters.to_client,
+            )
+            .await
+        }
+        ClientStream::Tls(s) => {
+            forward(
+                s.as_mut(),
+                &mut server,
+                tracker,
+                &fence,
+                &counters.to_backend,
+                &counters.to_client,
+            )
+            .await
+        }
+        ClientStream::Closed => (Outcome::ClientClosed, Default::default()),
+    };
+    m::ended(outcome.label());
+    match &outcome {
+        Outcome::Error { client, error } => tracing::info!(
+            client_side = client,
+            error = %error,
+            to_server = totals.client_to_backend,
+            to_client = totals.backend_to_client,
+            "session ended with an error"
+        ),
+        o => tracing::debug!(
+            reason = o.label(),
+            to_server = totals.client_to_backend,
+            to_client = totals.backend_to_client,
+            "session ended"
+        ),
+    }
+    Ok(())
+}
