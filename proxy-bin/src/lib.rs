@@ -1,1 +1,54 @@
+//! The `keelson` binary's library: command-line parsing and the wiring of
+//! each role. `main` only starts tracing and calls [`run`].
 
+pub mod admin;
+pub mod config;
+pub mod serve;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// keelson: high availability and routing for PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "keelson", version, about)]
+pub struct Cli {
+    /// Log filter, as in RUST_LOG (e.g. "info" or "proxy_core=debug").
+    #[arg(long, global = true, env = "KEELSON_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the PostgreSQL proxy.
+    Proxy(config::ProxyArgs),
+}
+
+/// Starts logging to stderr.
+pub fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs the command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Proxy(args) => serve::run(config::ProxySettings::load(args)?),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT with the signal's name.
+pub async fn shutdown_signal() -> Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
