@@ -91,14 +91,50 @@ pub enum AuthResult {
     Refused,
 }
 
+/// A protocol version negotiation the proxy owes the client: it asked for a
+/// minor version or `_pq_` options the proxy does not speak, and the startup
+/// message was rewritten to `minor` without those options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiation {
+    pub minor: u16,
+    pub unrecognized: Vec<String>,
+}
+
+impl Negotiation {
+    /// Writes the one NegotiateProtocolVersion the client receives, merged
+    /// with the backend's own if it sent one (`backend_npv` is its body):
+    /// the lower minor version and the union of unrecognised options.
+    fn write(&self, out: &mut BytesMut, backend_npv: Option<&[u8]>) {
+        let mut minor = self.minor;
+        let mut options: Vec<&str> = self.unrecognized.iter().map(String::as_str).collect();
+        let mut theirs = Vec::new();
+        if let Some(body) = backend_npv.filter(|b| b.len() >= 8) {
+            minor = minor.min(u16::from_be_bytes([body[2], body[3]]));
+            theirs = body[8..]
+                .split(|&b| b == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect();
+        }
+        for t in &theirs {
+            if !options.contains(&t.as_str()) {
+                options.push(t);
+            }
+        }
+        protocol::write_negotiate_protocol_version(out, minor, &options);
+    }
+}
+
 /// Relays the authentication exchange between `client` and `backend` until
 /// the first ReadyForQuery or ErrorResponse. `startup` is written to the
-/// backend first.
+/// backend first. With `negotiation`, the client gets exactly one
+/// NegotiateProtocolVersion before anything else.
 pub async fn authenticate<C, B>(
     client: &mut C,
     backend: &mut B,
     addr: &str,
     startup: &[u8],
+    mut negotiation: Option<Negotiation>,
     deadline: Instant,
     limit: Duration,
 ) -> Result<AuthResult, SessionError>
@@ -126,6 +162,13 @@ where
             MAX_BACKEND_STARTUP_MESSAGE,
             Side::Backend,
         )? {
+            if let Some(n) = negotiation.take() {
+                if tag == b'v' {
+                    n.write(&mut to_client, Some(&body));
+                    continue;
+                }
+                n.write(&mut to_client, None);
+            }
             to_client.put_u8(tag);
             to_client.put_u32(body.len() as u32 + 4);
             to_client.put_slice(&body);

@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
-use crate::backend::{self, AuthResult, SocketOptions};
+use crate::backend::{self, AuthResult, Negotiation, SocketOptions};
 use crate::cancel::{self, CancelRegistry, CancelRoute};
 use crate::error::{SessionError, ADMIN_SHUTDOWN};
 use crate::fence::{FenceReason, Fences};
@@ -321,14 +321,11 @@ async fn send_error<S: AsyncWrite + Unpin>(client: &mut S, e: &SessionError) {
     }
 }
 
-/// The startup message to send to the backend, after answering any protocol
-/// version the proxy does not speak with NegotiateProtocolVersion.
-async fn negotiate(
-    client: &mut ClientStream,
-    message: &StartupMessage,
-) -> Result<Bytes, SessionError> {
+/// The startup message to send to the backend and, for a protocol version
+/// the proxy does not speak, the negotiation owed to the client.
+fn negotiate(message: &StartupMessage) -> (Bytes, Option<Negotiation>) {
     if message.minor == 0 || message.minor == PROTOCOL_NEWEST_MINOR {
-        return Ok(message.raw.clone());
+        return (message.raw.clone(), None);
     }
     // 3.1 was never used; anything newer than 3.2 falls back to 3.2.
     let minor = if message.minor > PROTOCOL_NEWEST_MINOR {
@@ -337,21 +334,22 @@ async fn negotiate(
         0
     };
     let is_option = |k: &str| k.starts_with("_pq_.");
-    let unrecognized: Vec<&str> = message
+    let unrecognized = message
         .params
         .iter()
-        .map(|(k, _)| k.as_str())
+        .map(|(k, _)| k)
         .filter(|k| is_option(k))
+        .cloned()
         .collect();
-    let mut npv = BytesMut::new();
-    protocol::write_negotiate_protocol_version(&mut npv, minor, &unrecognized);
-    client
-        .write_all(&npv)
-        .await
-        .map_err(SessionError::ClientIo)?;
     let mut startup = BytesMut::new();
     protocol::encode_startup(&mut startup, minor, &message.params, is_option);
-    Ok(startup.freeze())
+    (
+        startup.freeze(),
+        Some(Negotiation {
+            minor,
+            unrecognized,
+        }),
+    )
 }
 
 async fn run_session(
@@ -371,7 +369,7 @@ async fn run_session(
     // Taken before connecting: a fence that fires from now on ends this session.
     let fence = shared.fences.for_backend(&backend);
 
-    let startup = negotiate(client, &message).await?;
+    let (startup, negotiation) = negotiate(&message);
     let t0 = Instant::now();
     let mut server = backend::connect(
         backend.addr(),
@@ -390,6 +388,7 @@ async fn run_session(
         &mut server,
         backend.addr(),
         &first,
+        negotiation,
         Instant::now() + auth_limit,
         auth_limit,
     )

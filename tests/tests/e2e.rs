@@ -1,1 +1,19 @@
+//! End-to-end tests of keelson against real PostgreSQL servers.
+//!
+//! One test binary; each module covers one area. Every test starts its own
+//! PostgreSQL on a free port and checks what a client would see.
 
+mod support;
+
+/// Garbage, malformed and hostile input during the startup phase.
+mod bad_input;
+/// Graceful shutdown, the binary's configuration sources and admin endpoints.
+mod binary;
+/// Query cancellation through the proxy.
+mod cancel;
+/// Real clients through the proxy: psql, tokio-postgres, SCRAM, TLS.
+mod clients;
+/// COPY of 100 MB each way, byte-exact.
+mod copy;
+/// Connection limits, backend failures, concurrency and idle connections.
+mod limits;

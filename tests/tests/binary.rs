@@ -1,0 +1,156 @@
+//! The `keelson` binary: configuration from file, environment and flags,
+//! the admin endpoints, and SIGTERM.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{free_port, keelson_bin, sqlstate, try_connect, PgServer};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_config_layers_admin_endpoints_and_sigterm() {
+    let pg = PgServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let config = dir.path().join("keelson.toml");
+    // The file sets a backend and a limit of 1 connection; the environment
+    // raises the limit (env beats file) and the flag sets the grace.
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{listen}\"\nbackend = \"{}\"\nmax_connections = 1\nshutdown_grace = \"1h\"\n",
+            pg.addr()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(keelson_bin())
+        .args(["proxy", "--config"])
+        .arg(&config)
+        .args(["--shutdown-grace", "2s"])
+        .env("KEELSON_MAX_CONNECTIONS", "10")
+        .env("KEELSON_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut proc = Proc(child);
+    let conn = format!("host=127.0.0.1 port={listen} user=postgres dbname=postgres");
+    crate::assert_eventually!(
+        try_connect(&conn).await.is_ok(),
+        Duration::from_secs(60),
+        "the proxy never accepted a session"
+    );
+    let (a, a_conn) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let a_conn = tokio::spawn(a_conn);
+    let b = try_connect(&conn)
+        .await
+        .expect("env max_connections=10 beats the file's 1");
+    b.simple_query("SELECT 1").await.unwrap();
+    drop(b);
+
+    let admin = format!("127.0.0.1:{admin}");
+    assert_eq!(http_get(&admin, "/healthz").await, (200, "ok\n".into()));
+    assert_eq!(http_get(&admin, "/readyz").await.0, 200);
+    let (status, view) = http_get(&admin, "/view").await;
+    assert_eq!(status, 200);
+    assert!(view.contains(&pg.addr()), "{view}");
+    let (status, metrics) = http_get(&admin, "/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "keelson_connections_accepted_total",
+        "keelson_connections_active",
+        "keelson_bytes_total{direction=\"server_to_client\"}",
+        "keelson_backend_connect_seconds_bucket",
+        "keelson_handshake_seconds_bucket",
+        "keelson_sessions_ended_total{reason=\"client_closed\"}",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+    assert_eq!(http_get(&admin, "/nope").await.0, 404);
+
+    // SIGTERM: no new sessions, the open one continues during the grace.
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(proc.0.id() as i32, libc::SIGTERM);
+    }
+    crate::assert_eventually!(
+        try_connect(&conn).await.is_err(),
+        Duration::from_secs(2),
+        "still accepting after SIGTERM"
+    );
+    a.simple_query("SELECT 1")
+        .await
+        .expect("open session works during the grace period");
+    let err = tokio::time::timeout(Duration::from_secs(10), a_conn)
+        .await
+        .expect("ended after the grace period")
+        .unwrap()
+        .expect_err("ended with an error");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err}");
+    let status = tokio::task::spawn_blocking(move || proc.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_reports_bad_configuration_clearly() {
+    let out = Command::new(keelson_bin())
+        .args(["proxy", "--listen", "127.0.0.1:1"])
+        .env_remove("KEELSON_BACKEND")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no backend given"), "{err}");
+    let out = Command::new(keelson_bin())
+        .args([
+            "proxy",
+            "--backend",
+            "127.0.0.1:5432",
+            "--startup-timeout",
+            "soon",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("startup_timeout") && err.contains("10s"),
+        "{err}"
+    );
+}

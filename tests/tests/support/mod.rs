@@ -1,0 +1,449 @@
+//! Test harness: real PostgreSQL servers and in-process proxies on free
+//! loopback ports, cleaned up on drop even when a test fails.
+//!
+//! PostgreSQL refuses to run as root, so when the tests run as root every
+//! PostgreSQL command runs as the `postgres` account (setuid/setgid on the
+//! child), and its directories are owned by that account.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use proxy_core::{Backend, Proxy, ProxyConfig, View, ViewHandle};
+use tokio::net::TcpListener;
+use tokio_postgres::{Client, NoTls};
+
+/// The password of the SCRAM test role `alice`.
+pub const ALICE_PASSWORD: &str = "correct horse battery staple";
+
+/// Waits for a condition, polling, up to a deadline; panics with the message
+/// if it never holds.
+#[macro_export]
+macro_rules! assert_eventually {
+    ($cond:expr, $timeout:expr, $($msg:tt)+) => {{
+        let deadline = std::time::Instant::now() + $timeout;
+        loop {
+            if $cond {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!($($msg)+);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }};
+}
+
+/// Raises the open-file limit to its hard maximum once: the bad-input tests
+/// hold thousands of sockets, both ends in this process.
+pub fn raise_fd_limit() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain libc calls on a valid, owned struct.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
+    });
+}
+
+/// Where PostgreSQL's server binaries are: `pg_config --bindir`, else PATH.
+pub fn pg_bindir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Ok(dir) = std::env::var("KEELSON_PG_BIN_DIR") {
+            return PathBuf::from(dir);
+        }
+        let out = Command::new("pg_config")
+            .arg("--bindir")
+            .output()
+            .expect("pg_config not found: install PostgreSQL's server package (scripts/test does)");
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            dir
+        } else {
+            // pg_config from the client package may point at a bindir
+            // without server binaries; fall back to PATH.
+            PathBuf::new()
+        }
+    })
+    .clone()
+}
+
+fn pg_command(name: &str) -> Command {
+    let dir = pg_bindir();
+    let mut c = if dir.as_os_str().is_empty() {
+        Command::new(name)
+    } else {
+        Command::new(dir.join(name))
+    };
+    if let Some((uid, gid)) = unprivileged() {
+        use std::os::unix::process::CommandExt;
+        c.uid(uid).gid(gid);
+        c.env("HOME", "/tmp");
+    }
+    c
+}
+
+/// The `postgres` account's uid and gid when running as root.
+pub fn unprivileged() -> Option<(u32, u32)> {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("postgres:"))
+        .expect("running as root needs a `postgres` account to run PostgreSQL");
+    let f: Vec<&str> = line.split(':').collect();
+    Some((f[2].parse().expect("uid"), f[3].parse().expect("gid")))
+}
+
+fn chown_tree(path: &Path) {
+    if let Some((uid, gid)) = unprivileged() {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown");
+    }
+}
+
+/// A free loopback port (bound and released; PostgreSQL binds it next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A running PostgreSQL server in a temporary directory.
+pub struct PgServer {
+    pub port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl PgServer {
+    /// initdb, configure (SCRAM for `alice`, trust for others on loopback),
+    /// start, and wait until it accepts queries.
+    pub async fn start() -> PgServer {
+        let mut dir = tempfile::Builder::new()
+            .prefix("keelson-pg-")
+            .tempdir()
+            .expect("tempdir");
+        chown_tree(dir.path());
+        let data = dir.path().join("data");
+        let out = pg_command("initdb")
+            .args(["-D"])
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             host all alice 127.0.0.1/32 scram-sha-256\n\
+             host all all 127.0.0.1/32 trust\n\
+             host replication all 127.0.0.1/32 trust\n",
+        )
+        .expect("write pg_hba.conf");
+        let mut attempt = 0;
+        loop {
+            let port = free_port();
+            let log = std::fs::File::create(dir.path().join("log")).expect("log file");
+            chown_tree(&dir.path().join("log"));
+            let child = pg_command("postgres")
+                .arg("-D")
+                .arg(&data)
+                .args(["-p", &port.to_string(), "-k"])
+                .arg(dir.path())
+                .args([
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "max_connections=700",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "shared_buffers=64MB",
+                ])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start postgres");
+            let mut server = PgServer { port, child, dir };
+            if server.wait_ready(Duration::from_secs(30)).await {
+                server
+                    .superuser()
+                    .await
+                    .batch_execute(&format!(
+                        "CREATE ROLE alice LOGIN PASSWORD '{ALICE_PASSWORD}'; GRANT ALL ON SCHEMA public TO alice;"
+                    ))
+                    .await
+                    .expect("create role alice");
+                return server;
+            }
+            // Most likely the port was taken meanwhile: stop and retry.
+            attempt += 1;
+            let log = server.log();
+            assert!(attempt < 3, "postgres did not start: {log}");
+            dir = server.take_dir();
+        }
+    }
+
+    fn take_dir(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let placeholder = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, placeholder)
+    }
+
+    async fn wait_ready(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            let conn = format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                self.port
+            );
+            if let Ok((client, connection)) = tokio_postgres::connect(&conn, NoTls).await {
+                tokio::spawn(connection);
+                if client.simple_query("SELECT 1").await.is_ok() {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// A direct superuser connection.
+    pub async fn superuser(&self) -> Client {
+        connect(&format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        ))
+        .await
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SIGQUIT: immediate shutdown; the data directory is thrown away.
+        // SAFETY: signalling our own child by pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGQUIT);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connects with tokio-postgres, driving the connection on a task.
+pub async fn connect(conn: &str) -> Client {
+    try_connect(conn)
+        .await
+        .unwrap_or_else(|e| panic!("connect {conn}: {e}"))
+}
+
+pub async fn try_connect(conn: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conn, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// A proxy running in this process on a free port.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub proxy: Proxy,
+}
+
+impl TestProxy {
+    pub async fn start(backend: &str, cfg: ProxyConfig) -> TestProxy {
+        Self::with_view(ViewHandle::new(View::fixed(Backend::new(backend))), cfg).await
+    }
+
+    pub async fn with_view(view: ViewHandle, cfg: ProxyConfig) -> TestProxy {
+        raise_fd_limit();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let proxy = Proxy::new(cfg, view);
+        let p = proxy.clone();
+        tokio::spawn(async move { p.serve(listener).await });
+        TestProxy { addr, proxy }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// A libpq-style connection string through the proxy.
+    pub fn conn(&self, user: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname=postgres connect_timeout=10",
+            self.addr.port()
+        )
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.proxy.stop_accepting();
+    }
+}
+
+/// The SQLSTATE of a tokio-postgres error, if the server (or proxy) sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_owned())
+}
+
+/// Path of the `keelson` binary, built on first use.
+pub fn keelson_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("KEELSON_BIN") {
+            return PathBuf::from(p);
+        }
+        // target/<profile>/deps/e2e-hash -> target/<profile>/keelson
+        let exe = std::env::current_exe().expect("current exe");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+        let bin = profile_dir.join("keelson");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "keelson", "--bin", "keelson"]);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "building the keelson binary failed");
+        bin
+    })
+    .clone()
+}
+
+/// Reads everything the peer sends until it closes (or `limit` passes).
+pub async fn read_to_close(s: &mut tokio::net::TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    (out, r.is_ok())
+}
+
+/// Parses the fields of the first message if it is an ErrorResponse:
+/// returns (severity, SQLSTATE, message).
+pub fn parse_error(bytes: &[u8]) -> Option<(String, String, String)> {
+    if bytes.first() != Some(&b'E') || bytes.len() < 5 {
+        return None;
+    }
+    let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+    let body = bytes.get(5..1 + len)?;
+    let (mut sev, mut code, mut msg) = (String::new(), String::new(), String::new());
+    for field in body.split(|&b| b == 0).filter(|f| !f.is_empty()) {
+        let v = String::from_utf8_lossy(&field[1..]).into_owned();
+        match field[0] {
+            b'S' => sev = v,
+            b'C' => code = v,
+            b'M' => msg = v,
+            _ => {}
+        }
+    }
+    Some((sev, code, msg))
+}
+
+/// A StartupMessage for `user` at protocol 3.`minor` with extra parameters.
+pub fn startup_packet(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&3u16.to_be_bytes());
+    body.extend_from_slice(&minor.to_be_bytes());
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    p.extend(body);
+    p
+}
+
+/// Writes a self-signed certificate for `localhost` and its key; returns
+/// their paths.
+pub fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("sign");
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert.pem()).expect("write cert");
+    std::fs::write(&k, key.serialize_pem()).expect("write key");
+    (c, k)
+}
+
+/// The server-sent message of a tokio-postgres error ("" if none).
+pub fn db_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default()
+}
