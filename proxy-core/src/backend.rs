@@ -193,11 +193,9 @@ where
                         _ => {}
                     }
                 }
-                b'K' => {
-                    if body.len() >= 8 && body.len() <= 4 + MAX_CANCEL_KEY_LENGTH {
-                        let pid = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                        cancel_key = Some((pid, Bytes::copy_from_slice(&body[4..])));
-                    }
+                b'K' if body.len() >= 8 && body.len() <= 4 + MAX_CANCEL_KEY_LENGTH => {
+                    let pid = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    cancel_key = Some((pid, Bytes::copy_from_slice(&body[4..])));
                 }
                 b'E' => {
                     client

@@ -3,7 +3,9 @@ use std::process::Command;
 use proxy_core::ProxyConfig;
 use tokio_postgres::SimpleQueryMessage;
 
-use crate::support::{connect, sqlstate, try_connect, PgServer, TestProxy, ALICE_PASSWORD};
+use crate::support::{
+    connect, must_fail, sqlstate, try_connect, PgServer, TestProxy, ALICE_PASSWORD,
+};
 
 fn psql(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let mut c = Command::new("psql");
@@ -134,10 +136,10 @@ async fn scram_authentication_is_relayed_end_to_end() {
         .unwrap_or_else(|_| "scram".into()); // alice may not read pg_authid; the hba line forces SCRAM anyway
     assert_eq!(method, "scram");
 
-    let e = try_connect(&format!("{} password=wrong", proxy.conn("alice")))
-        .await
-        .err()
-        .expect("wrong password must fail");
+    let e = must_fail(
+        try_connect(&format!("{} password=wrong", proxy.conn("alice"))).await,
+        "wrong password must fail",
+    );
     assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
 
     // psql sees the same.

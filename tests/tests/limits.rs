@@ -3,7 +3,9 @@ use std::time::Duration;
 use proxy_core::ProxyConfig;
 use tokio::net::TcpStream;
 
-use crate::support::{connect, db_message, free_port, sqlstate, try_connect, PgServer, TestProxy};
+use crate::support::{
+    connect, db_message, free_port, must_fail, sqlstate, try_connect, PgServer, TestProxy,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_limit_refuses_with_53300() {
@@ -15,10 +17,10 @@ async fn connection_limit_refuses_with_53300() {
     let proxy = TestProxy::start(&pg.addr(), cfg).await;
     let a = connect(&proxy.conn("postgres")).await;
     let b = connect(&proxy.conn("postgres")).await;
-    let e = try_connect(&proxy.conn("postgres"))
-        .await
-        .err()
-        .expect("third must be refused");
+    let e = must_fail(
+        try_connect(&proxy.conn("postgres")).await,
+        "third must be refused",
+    );
     assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
     assert!(
         db_message(&e).contains("too many client connections"),
@@ -39,10 +41,7 @@ async fn connection_limit_refuses_with_53300() {
 async fn backend_down_gives_08006_with_a_clear_message() {
     let port = free_port();
     let proxy = TestProxy::start(&format!("127.0.0.1:{port}"), ProxyConfig::default()).await;
-    let e = try_connect(&proxy.conn("postgres"))
-        .await
-        .err()
-        .expect("must fail");
+    let e = must_fail(try_connect(&proxy.conn("postgres")).await, "must fail");
     assert_eq!(sqlstate(&e).as_deref(), Some("08006"), "{e}");
     let db = e.as_db_error().unwrap();
     assert!(

@@ -447,3 +447,11 @@ pub fn db_message(e: &tokio_postgres::Error) -> String {
         .map(|d| d.message().to_owned())
         .unwrap_or_default()
 }
+
+/// The error of a connection attempt that must fail.
+pub fn must_fail(r: Result<Client, tokio_postgres::Error>, why: &str) -> tokio_postgres::Error {
+    match r {
+        Ok(_) => panic!("{why}"),
+        Err(e) => e,
+    }
+}
