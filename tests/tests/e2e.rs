@@ -17,3 +17,5 @@ mod clients;
 mod copy;
 /// Connection limits, backend failures, concurrency and idle connections.
 mod limits;
+/// The store conformance suite, against the file store and etcd.
+mod store;

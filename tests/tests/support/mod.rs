@@ -455,3 +455,126 @@ pub fn must_fail(r: Result<Client, tokio_postgres::Error>, why: &str) -> tokio_p
         Err(e) => e,
     }
 }
+
+/// A real etcd server on free loopback ports, killed and removed on drop.
+pub struct EtcdServer {
+    pub port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl EtcdServer {
+    pub async fn start() -> EtcdServer {
+        let dir = tempfile::Builder::new()
+            .prefix("keelson-etcd-")
+            .tempdir()
+            .expect("tempdir");
+        let mut e = EtcdServer {
+            port: free_port(),
+            peer_port: free_port(),
+            child: None,
+            dir,
+        };
+        e.spawn().await;
+        e
+    }
+
+    async fn spawn(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("log"))
+            .expect("etcd log");
+        let child = Command::new("etcd")
+            .args(["--name", "default", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd not found: scripts/test installs etcd-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                use cluster::Store;
+                if let Ok(store) = cluster::open(&self.url()).await {
+                    if store.get("/health").await.is_ok() {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not start: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("etcd://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    /// Freezes etcd (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// Kills etcd with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts etcd again on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.resume();
+        self.kill();
+    }
+}

@@ -1,0 +1,392 @@
+//! The cluster data model: the single source of truth stored as JSON under
+//! `/<prefix>/<cluster>/clusterdata`.
+//!
+//! It holds the cluster spec (with defaults and validation), the keepers,
+//! the databases (what each should be and what it was last seen doing) and
+//! the proxy section (which database proxies route primary traffic to, at
+//! which generation). Writers always replace it by compare-and-swap on the
+//! store revision they read.
+//!
+//! Invariant: `proxy.master_db`, when set, names one database; so at any
+//! generation at most one primary is named to proxies.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped when the JSON layout changes incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Serde for durations as humantime strings ("5s", "1m30s").
+pub mod duration_str {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!("{s:?} is not a duration like \"5s\": {e}"))
+        })
+    }
+}
+
+/// Cluster-wide settings. Every field has a default, so `{}` is a valid spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSpec {
+    /// How often keepers report their state.
+    #[serde(with = "duration_str")]
+    pub keeper_report_interval: Duration,
+    /// How long the primary must look unhealthy before failover.
+    #[serde(with = "duration_str")]
+    pub fail_interval: Duration,
+    /// How long a proxy routes without confirming a fresh view.
+    #[serde(with = "duration_str")]
+    pub proxy_timeout: Duration,
+    /// How long a proxy holds new clients while there is no primary.
+    #[serde(with = "duration_str")]
+    pub hold_timeout: Duration,
+    /// How long a keeper whose database is primary may go without renewing
+    /// its lease before it fences its PostgreSQL.
+    #[serde(with = "duration_str")]
+    pub fence_timeout: Duration,
+    /// Use synchronous replication.
+    pub synchronous_replication: bool,
+    pub min_sync: u32,
+    pub max_sync: u32,
+    /// Standbys further behind than this many bytes are not eligible.
+    pub max_standby_lag_bytes: u64,
+    /// PostgreSQL parameters applied to every instance.
+    pub pg_parameters: BTreeMap<String, String>,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            keeper_report_interval: Duration::from_secs(1),
+            fail_interval: Duration::from_secs(5),
+            proxy_timeout: Duration::from_secs(5),
+            hold_timeout: Duration::from_secs(10),
+            fence_timeout: Duration::from_secs(5),
+            synchronous_replication: false,
+            min_sync: 1,
+            max_sync: 1,
+            max_standby_lag_bytes: 16 * 1024 * 1024,
+            pg_parameters: BTreeMap::new(),
+        }
+    }
+}
+
+/// Why a spec was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid cluster spec: {0}")]
+pub struct SpecError(pub String);
+
+impl ClusterSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let positive = [
+            ("keeper_report_interval", self.keeper_report_interval),
+            ("fail_interval", self.fail_interval),
+            ("proxy_timeout", self.proxy_timeout),
+            ("hold_timeout", self.hold_timeout),
+            ("fence_timeout", self.fence_timeout),
+        ];
+        for (name, d) in positive {
+            if d.is_zero() {
+                return Err(SpecError(format!("{name} must be greater than zero")));
+            }
+        }
+        if self.fail_interval < self.keeper_report_interval {
+            return Err(SpecError(
+                "fail_interval must be at least keeper_report_interval, or every late report looks like a failure"
+                    .into(),
+            ));
+        }
+        if self.min_sync > self.max_sync {
+            return Err(SpecError(format!(
+                "min_sync ({}) must not exceed max_sync ({})",
+                self.min_sync, self.max_sync
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The phase of the whole cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterPhase {
+    /// Created by `ctl init`; no primary elected yet.
+    #[default]
+    Initializing,
+    /// A primary exists (or existed) and failover is managed.
+    Normal,
+}
+
+/// A keeper, as the sentinel knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Keeper {
+    /// Higher is preferred at failover, among equally advanced standbys.
+    pub priority: i32,
+    /// Never elect this keeper's database as primary.
+    pub never_primary: bool,
+}
+
+/// The role a database should have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Master,
+    Standby,
+    #[default]
+    None,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Master => "master",
+            Role::Standby => "standby",
+            Role::None => "none",
+        }
+    }
+}
+
+/// What a database should be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct DbSpec {
+    pub role: Role,
+    /// For a standby: the database it follows.
+    pub follow: Option<String>,
+    /// For a master: the standbys named in `synchronous_standby_names`.
+    pub synchronous_standbys: Vec<String>,
+}
+
+/// What a database was last seen doing, from its keeper's reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct DbStatus {
+    pub healthy: bool,
+    /// `host:port` clients and proxies connect to.
+    pub address: Option<String>,
+    pub lsn: u64,
+    pub timeline: u32,
+    pub system_id: Option<String>,
+    pub in_recovery: bool,
+    /// The generation of this database's spec the keeper has applied.
+    pub applied_generation: u64,
+}
+
+/// One PostgreSQL instance, managed by one keeper.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Db {
+    pub keeper: String,
+    /// Bumped whenever `spec` changes.
+    pub generation: u64,
+    pub spec: DbSpec,
+    pub status: DbStatus,
+}
+
+/// What proxies route by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct ProxySection {
+    /// Bumped on every change of this section.
+    pub generation: u64,
+    /// The database that takes primary traffic; `None` while there is none
+    /// (also during the fencing handshake of a failover).
+    pub master_db: Option<String>,
+}
+
+/// The whole cluster state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterData {
+    pub format_version: u32,
+    pub phase: ClusterPhase,
+    pub spec: ClusterSpec,
+    #[serde(default)]
+    pub keepers: BTreeMap<String, Keeper>,
+    #[serde(default)]
+    pub dbs: BTreeMap<String, Db>,
+    #[serde(default)]
+    pub proxy: ProxySection,
+}
+
+/// Why stored cluster data could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("clusterdata is not valid JSON for this version of keelson: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("clusterdata has format version {0}; this keelson reads version {FORMAT_VERSION}; upgrade keelson")]
+    Version(u32),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("clusterdata names master database {0:?}, which it does not contain")]
+    UnknownMaster(String),
+}
+
+/// The part of the cluster data a proxy routes by.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProxyView {
+    pub generation: u64,
+    /// Address of the primary, if one is named and has an address.
+    pub primary: Option<String>,
+    /// Addresses of healthy standbys.
+    pub replicas: Vec<String>,
+}
+
+impl ClusterData {
+    /// A new cluster, not yet initialised by a sentinel.
+    pub fn new(spec: ClusterSpec) -> Self {
+        ClusterData {
+            format_version: FORMAT_VERSION,
+            phase: ClusterPhase::Initializing,
+            spec,
+            keepers: BTreeMap::new(),
+            dbs: BTreeMap::new(),
+            proxy: ProxySection::default(),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serializing plain structs with string keys cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Parses and validates stored cluster data.
+    pub fn from_json(s: &str) -> Result<Self, DataError> {
+        let d: ClusterData = serde_json::from_str(s)?;
+        if d.format_version != FORMAT_VERSION {
+            return Err(DataError::Version(d.format_version));
+        }
+        d.spec.validate()?;
+        if let Some(m) = &d.proxy.master_db {
+            if !d.dbs.contains_key(m) {
+                return Err(DataError::UnknownMaster(m.clone()));
+            }
+        }
+        Ok(d)
+    }
+
+    /// What proxies should route by.
+    pub fn proxy_view(&self) -> ProxyView {
+        let primary = self
+            .proxy
+            .master_db
+            .as_ref()
+            .and_then(|m| self.dbs.get(m))
+            .and_then(|db| db.status.address.clone());
+        let replicas = self
+            .dbs
+            .iter()
+            .filter(|(uid, db)| {
+                Some(*uid) != self.proxy.master_db.as_ref()
+                    && db.spec.role == Role::Standby
+                    && db.status.healthy
+            })
+            .filter_map(|(_, db)| db.status.address.clone())
+            .collect();
+        ProxyView {
+            generation: self.proxy.generation,
+            primary,
+            replicas,
+        }
+    }
+
+    /// Names `db` (or nobody) as the primary proxies route to, bumping the
+    /// proxy generation.
+    pub fn set_proxy_master(&mut self, db: Option<&str>) {
+        self.proxy.master_db = db.map(str::to_owned);
+        self.proxy.generation += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_roundtrip_and_validate() {
+        let d = ClusterData::new(ClusterSpec::default());
+        let back = ClusterData::from_json(&d.to_json()).unwrap();
+        assert_eq!(back, d);
+        assert!(d.to_json().contains("\"fail_interval\": \"5s\""));
+        let spec: ClusterSpec = serde_json::from_str("{}").unwrap();
+        assert_eq!(spec, ClusterSpec::default());
+    }
+
+    #[test]
+    fn bad_specs_are_refused_with_reasons() {
+        let s = ClusterSpec {
+            min_sync: 2,
+            max_sync: 1,
+            ..Default::default()
+        };
+        assert!(s.validate().unwrap_err().to_string().contains("min_sync"));
+        let s = ClusterSpec {
+            proxy_timeout: Duration::ZERO,
+            ..Default::default()
+        };
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("proxy_timeout"));
+        assert!(serde_json::from_str::<ClusterSpec>(r#"{"fail_interval":"soon"}"#).is_err());
+        assert!(serde_json::from_str::<ClusterSpec>(r#"{"no_such":1}"#).is_err());
+    }
+
+    #[test]
+    fn proxy_view_names_one_primary_and_healthy_standbys() {
+        let mut d = ClusterData::new(ClusterSpec::default());
+        for (uid, role, healthy, port) in [
+            ("a", Role::Master, true, 1),
+            ("b", Role::Standby, true, 2),
+            ("c", Role::Standby, false, 3),
+        ] {
+            d.dbs.insert(
+                uid.into(),
+                Db {
+                    keeper: uid.into(),
+                    spec: DbSpec {
+                        role,
+                        ..Default::default()
+                    },
+                    status: DbStatus {
+                        healthy,
+                        address: Some(format!("h:{port}")),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            );
+        }
+        assert_eq!(d.proxy_view().primary, None);
+        d.set_proxy_master(Some("a"));
+        let v = d.proxy_view();
+        assert_eq!(v.generation, 1);
+        assert_eq!(v.primary.as_deref(), Some("h:1"));
+        assert_eq!(v.replicas, vec!["h:2".to_owned()]);
+        let mut bad = d.clone();
+        bad.proxy.master_db = Some("zz".into());
+        assert!(matches!(
+            ClusterData::from_json(&bad.to_json()),
+            Err(DataError::UnknownMaster(_))
+        ));
+        let mut old = d.clone();
+        old.format_version = 99;
+        assert!(ClusterData::from_json(&old.to_json())
+            .unwrap_err()
+            .to_string()
+            .contains("upgrade"));
+    }
+}

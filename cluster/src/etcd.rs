@@ -1,0 +1,272 @@
+//! The etcd v3 store (`etcd://h1:2379,h2:2379`), through `etcd-client`.
+//!
+//! Every request has a deadline ([`REQUEST_TIMEOUT`]) so that a stopped or
+//! partitioned etcd shows up as `Unavailable` quickly instead of hanging the
+//! caller. The client spreads requests over all listed endpoints and moves
+//! on when one fails. Watches resume from the revision after the last event
+//! they delivered when their stream breaks.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use crate::store::{Cas, KeyValue, LeaseId, Result, Store, StoreError, Watch, WatchEvent};
+
+/// Deadline of one request to etcd.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The etcd store. Cheap to clone.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    endpoints: Vec<String>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("etcd: {e}"))
+}
+
+async fn deadline<T>(
+    f: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(_) => Err(unavailable(format!("no answer within {REQUEST_TIMEOUT:?}"))),
+    }
+}
+
+fn to_kv(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: String::from_utf8_lossy(kv.value()).into_owned(),
+        mod_revision: kv.mod_revision(),
+        lease: kv.lease(),
+    }
+}
+
+impl EtcdStore {
+    /// Connects lazily to `endpoints` (`host:port`); requests fail over
+    /// between them.
+    pub async fn connect(endpoints: Vec<String>) -> Result<Self> {
+        if endpoints.is_empty() {
+            return Err(StoreError::Invalid(
+                "an etcd store URL needs at least one host:port".into(),
+            ));
+        }
+        let urls: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), REQUEST_TIMEOUT)
+            .with_keep_alive_while_idle(true);
+        let client = deadline(Client::connect(urls, Some(opts))).await?;
+        Ok(EtcdStore { client, endpoints })
+    }
+
+    fn client(&self) -> Client {
+        self.client.clone()
+    }
+}
+
+impl From<etcd_client::Error> for StoreError {
+    fn from(e: etcd_client::Error) -> Self {
+        unavailable(e)
+    }
+}
+
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        let mut c = self.client();
+        let r = deadline(c.get(key, None)).await?;
+        Ok(r.kvs().first().map(to_kv))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64)> {
+        let mut c = self.client();
+        let r = deadline(c.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
+        let rev = r.header().map_or(0, |h| h.revision());
+        Ok((r.kvs().iter().map(to_kv).collect(), rev))
+    }
+
+    async fn put_if_revision(
+        &self,
+        key: &str,
+        value: &str,
+        expected: i64,
+        lease: LeaseId,
+    ) -> Result<Cas> {
+        let cmp = if expected == 0 {
+            Compare::create_revision(key, CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(key, CompareOp::Equal, expected)
+        };
+        let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+        let txn = Txn::new()
+            .when(vec![cmp])
+            .and_then(vec![TxnOp::put(key, value, opts)])
+            .or_else(vec![TxnOp::get(key, None)]);
+        let mut c = self.client();
+        let r = deadline(c.txn(txn)).await?;
+        if r.succeeded() {
+            return Ok(Cas::Done(r.header().map_or(0, |h| h.revision())));
+        }
+        let current = r.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(g) => g.kvs().first().map(to_kv),
+            _ => None,
+        });
+        Ok(Cas::Conflict(current))
+    }
+
+    async fn put(&self, key: &str, value: &str, lease: LeaseId) -> Result<i64> {
+        let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+        let mut c = self.client();
+        let r = deadline(c.put(key, value, opts))
+            .await
+            .map_err(|e| match e {
+                StoreError::Unavailable(m) if m.contains("requested lease not found") => {
+                    StoreError::LeaseExpired(lease)
+                }
+                e => e,
+            })?;
+        Ok(r.header().map_or(0, |h| h.revision()))
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        let mut c = self.client();
+        Ok(deadline(c.delete(key, None)).await?.deleted() > 0)
+    }
+
+    async fn delete_if_revision(&self, key: &str, expected: i64) -> Result<bool> {
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(key, CompareOp::Equal, expected)])
+            .and_then(vec![TxnOp::delete(key, None)]);
+        let mut c = self.client();
+        Ok(deadline(c.txn(txn)).await?.succeeded())
+    }
+
+    async fn watch(&self, prefix: &str, revision: i64) -> Result<Watch> {
+        let (tx, rx) = mpsc::channel(256);
+        let store = self.clone();
+        let prefix = prefix.to_owned();
+        // Fail fast if etcd cannot be reached at all.
+        let mut c = store.client();
+        let mut opts = WatchOptions::new().with_prefix();
+        if revision > 0 {
+            opts = opts.with_start_revision(revision);
+        }
+        let first = deadline(c.watch(prefix.as_str(), Some(opts))).await?;
+        tokio::spawn(async move {
+            let mut next = revision;
+            let mut current = Some(first);
+            loop {
+                let (watcher, mut stream) = match current.take() {
+                    Some(w) => w,
+                    None => {
+                        let mut c = store.client();
+                        let mut opts = WatchOptions::new().with_prefix();
+                        if next > 0 {
+                            opts = opts.with_start_revision(next);
+                        }
+                        match deadline(c.watch(prefix.as_str(), Some(opts))).await {
+                            Ok(w) => w,
+                            Err(e) => {
+                                if tx.send(Err(e)).await.is_err() {
+                                    return;
+                                }
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                continue;
+                            }
+                        }
+                    }
+                };
+                loop {
+                    let msg = tokio::select! {
+                        _ = tx.closed() => return,
+                        m = stream.message() => m,
+                    };
+                    match msg {
+                        Ok(Some(resp)) => {
+                            if resp.compact_revision() > 0
+                                && next > 0
+                                && next < resp.compact_revision()
+                            {
+                                let _ = tx.send(Err(StoreError::Compacted(next))).await;
+                                return;
+                            }
+                            if resp.canceled() {
+                                break;
+                            }
+                            for ev in resp.events() {
+                                let Some(kv) = ev.kv() else { continue };
+                                let out = match ev.event_type() {
+                                    EventType::Put => WatchEvent::Put(to_kv(kv)),
+                                    EventType::Delete => WatchEvent::Delete {
+                                        key: String::from_utf8_lossy(kv.key()).into_owned(),
+                                        mod_revision: kv.mod_revision(),
+                                    },
+                                };
+                                next = out.revision() + 1;
+                                if tx.send(Ok(out)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                drop(watcher);
+                tracing::debug!(next, "etcd watch broke; resuming");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn grant(&self, ttl: Duration) -> Result<LeaseId> {
+        let secs = ttl.as_secs().max(1) as i64;
+        let mut c = self.client();
+        Ok(deadline(c.lease_grant(secs, None)).await?.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        let mut c = self.client();
+        let r = async {
+            let (mut keeper, mut stream) = deadline(c.lease_keep_alive(lease)).await?;
+            deadline(keeper.keep_alive()).await?;
+            deadline(stream.message()).await
+        };
+        match r.await {
+            Ok(Some(r)) if r.ttl() > 0 => Ok(()),
+            Ok(_) => Err(StoreError::LeaseExpired(lease)),
+            Err(StoreError::Unavailable(m)) if m.contains("lease not found") => {
+                Err(StoreError::LeaseExpired(lease))
+            }
+            Err(e) => {
+                tracing::debug!(lease, error = %e, "keep-alive failed");
+                Err(e)
+            }
+        }
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<()> {
+        let mut c = self.client();
+        match deadline(c.lease_revoke(lease)).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::Unavailable(m)) if m.contains("not found") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
