@@ -29,6 +29,19 @@ pub struct ProxyArgs {
     /// The PostgreSQL server to send sessions to, as HOST:PORT (static mode).
     #[arg(long, env = "KEELSON_BACKEND")]
     pub backend: Option<String>,
+    /// Cluster store to follow instead of a fixed backend: file:///dir or
+    /// etcd://host:2379[,host:2379...].
+    #[arg(long, env = "KEELSON_STORE")]
+    pub store: Option<String>,
+    /// Name of the cluster in the store (with --store).
+    #[arg(long, env = "KEELSON_CLUSTER")]
+    pub cluster: Option<String>,
+    /// Key prefix in the store [default: keelson].
+    #[arg(long, env = "KEELSON_PREFIX")]
+    pub prefix: Option<String>,
+    /// This proxy's name in the store [default: proxy-<hostname>-<pid>].
+    #[arg(long, env = "KEELSON_UID")]
+    pub uid: Option<String>,
     /// Address for /metrics and /healthz; off unless set.
     #[arg(long, env = "KEELSON_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
@@ -74,6 +87,10 @@ pub struct ProxyArgs {
 pub struct FileConfig {
     pub listen: Option<String>,
     pub backend: Option<String>,
+    pub store: Option<String>,
+    pub cluster: Option<String>,
+    pub prefix: Option<String>,
+    pub uid: Option<String>,
     pub admin_listen: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -100,11 +117,25 @@ impl FileConfig {
     }
 }
 
+/// Where the proxy learns which server is the primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A fixed backend, `host:port`.
+    Static(String),
+    /// Follow a cluster in a store.
+    Store {
+        url: String,
+        cluster: String,
+        prefix: String,
+        uid: String,
+    },
+}
+
 /// Validated settings of one proxy process.
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
     pub listen: SocketAddr,
-    pub backend: String,
+    pub source: Source,
     pub admin_listen: Option<SocketAddr>,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub max_connections: usize,
@@ -115,6 +146,12 @@ pub struct ProxySettings {
     pub keepalive: Option<(Duration, Duration)>,
     pub cancel_rate_per_second: u32,
     pub workers: usize,
+}
+
+/// A name for this proxy that is unique on the host.
+pub fn default_uid() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("proxy-{}-{}", host.trim(), std::process::id())
 }
 
 fn duration(name: &str, v: Option<String>, default: &str) -> Result<Duration> {
@@ -138,13 +175,31 @@ impl ProxySettings {
             .or(file.listen)
             .unwrap_or_else(|| "127.0.0.1:6432".into());
         let listen = socket_addr("listen", &listen)?;
-        let Some(backend) = args.backend.or(file.backend) else {
-            bail!("no backend given: pass --backend HOST:PORT (or set KEELSON_BACKEND, or backend in the config file)");
+        let source = match (args.backend.or(file.backend), args.store.or(file.store)) {
+            (Some(_), Some(_)) => bail!("give either backend (static mode) or store (follow a cluster), not both"),
+            (None, None) => bail!(
+                "no backend given: pass --backend HOST:PORT for a fixed server, or --store URL --cluster NAME to follow a cluster (or set them in the environment or the config file)"
+            ),
+            (Some(backend), None) => {
+                match backend.rsplit_once(':') {
+                    Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+                    _ => bail!("backend = {backend:?} must be HOST:PORT, such as 127.0.0.1:5432"),
+                }
+                Source::Static(backend)
+            }
+            (None, Some(url)) => {
+                let Some(cluster) = args.cluster.or(file.cluster) else {
+                    bail!("--store needs --cluster NAME: the name of the cluster to follow");
+                };
+                let uid = args.uid.or(file.uid).unwrap_or_else(default_uid);
+                Source::Store {
+                    url,
+                    cluster,
+                    prefix: args.prefix.or(file.prefix).unwrap_or_else(|| "keelson".into()),
+                    uid,
+                }
+            }
         };
-        match backend.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-            _ => bail!("backend = {backend:?} must be HOST:PORT, such as 127.0.0.1:5432"),
-        }
         let admin_listen = args
             .admin_listen
             .or(file.admin_listen)
@@ -187,7 +242,7 @@ impl ProxySettings {
         }
         Ok(ProxySettings {
             listen,
-            backend,
+            source,
             admin_listen,
             tls,
             max_connections,
@@ -248,7 +303,7 @@ mod tests {
         };
         let s = ProxySettings::resolve(args, file).unwrap();
         assert_eq!(s.listen.to_string(), "127.0.0.1:7001");
-        assert_eq!(s.backend, "db:5432");
+        assert_eq!(s.source, Source::Static("db:5432".into()));
         assert_eq!(s.startup_timeout, Duration::from_secs(3));
         assert_eq!(s.max_connections, 5);
         assert_eq!(s.connect_timeout, Duration::from_secs(5));
@@ -276,5 +331,16 @@ mod tests {
         let e = ProxySettings::resolve(bad_duration, FileConfig::default()).unwrap_err();
         assert!(format!("{e:#}").contains("startup_timeout"));
         assert!(FileConfig::parse("bogus = 1").is_err());
+        let both = ProxyArgs {
+            backend: Some("h:1".into()),
+            store: Some("file:///x".into()),
+            ..Default::default()
+        };
+        assert!(err(both).contains("not both"));
+        let no_cluster = ProxyArgs {
+            store: Some("file:///x".into()),
+            ..Default::default()
+        };
+        assert!(err(no_cluster).contains("--cluster"));
     }
 }

@@ -3,6 +3,8 @@
 
 pub mod admin;
 pub mod config;
+pub mod ctl;
+pub mod follow;
 pub mod serve;
 
 use anyhow::Result;
@@ -23,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the PostgreSQL proxy.
     Proxy(config::ProxyArgs),
+    /// Create and inspect a cluster in the store.
+    Ctl(ctl::CtlArgs),
 }
 
 /// Starts logging to stderr.
@@ -39,6 +43,10 @@ pub fn init_tracing(filter: &str) {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Proxy(args) => serve::run(config::ProxySettings::load(args)?),
+        Command::Ctl(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(ctl::run(args)),
     }
 }
 

@@ -16,7 +16,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
-use crate::config::ProxySettings;
+use crate::config::{ProxySettings, Source};
+use crate::follow;
+use cluster::Keys;
 
 /// Builds the data-path configuration from validated settings.
 pub fn proxy_config(s: &ProxySettings) -> Result<ProxyConfig> {
@@ -34,6 +36,7 @@ pub fn proxy_config(s: &ProxySettings) -> Result<ProxyConfig> {
         },
         tls,
         cancel_rate_per_second: s.cancel_rate_per_second,
+        hold_timeout: cluster::ClusterSpec::default().hold_timeout,
     })
 }
 
@@ -75,7 +78,11 @@ impl AdminState for StaticState {
 /// Runs the proxy until SIGTERM or SIGINT, then shuts down gracefully.
 pub fn run(settings: ProxySettings) -> Result<()> {
     let cfg = proxy_config(&settings)?;
-    let view = ViewHandle::new(View::fixed(Backend::new(settings.backend.clone())));
+    let view = match &settings.source {
+        Source::Static(backend) => ViewHandle::new(View::fixed(Backend::new(backend.clone()))),
+        // Nothing is routed until the store has been read.
+        Source::Store { .. } => ViewHandle::new(View::default()),
+    };
     let proxy = Proxy::new(cfg, view.clone());
     let metrics = admin::install_metrics()?;
 
@@ -116,16 +123,28 @@ pub fn run(settings: ProxySettings) -> Result<()> {
                 })?,
         );
     }
-    tracing::info!(listen = %bound, backend = %settings.backend, workers = settings.workers, tls = settings.tls.is_some(), "keelson proxy started");
+    tracing::info!(listen = %bound, source = ?settings.source, workers = settings.workers, tls = settings.tls.is_some(), "keelson proxy started");
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let result = rt.block_on(async {
+        let state: Arc<dyn AdminState> = match &settings.source {
+            Source::Static(_) => Arc::new(StaticState { view: view.clone() }),
+            Source::Store {
+                url,
+                cluster,
+                prefix,
+                uid,
+            } => {
+                let store = cluster::open(url).await?;
+                let keys = Keys::new(prefix, cluster);
+                follow::spawn(store, keys, uid.clone(), proxy.clone())
+            }
+        };
         if let Some(addr) = settings.admin_listen {
             let l = admin::bind(addr).await?;
             tracing::info!(admin = %l.local_addr()?, "admin listener started");
-            let state: Arc<dyn AdminState> = Arc::new(StaticState { view: view.clone() });
             tokio::spawn(admin::serve(l, metrics, state));
         }
         let signal = crate::shutdown_signal().await?;

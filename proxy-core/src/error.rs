@@ -66,6 +66,8 @@ pub enum SessionError {
     TooManyConnections(usize),
     #[error("no primary server is available to route to; the cluster may be failing over")]
     NoPrimary,
+    #[error("no primary server became available within {0:?}; the cluster may be failing over or the proxy cannot reach its cluster store")]
+    NoPrimaryAfter(Duration),
     #[error("could not connect to server {addr}: {source}")]
     BackendConnect { addr: String, source: io::Error },
     #[error("connecting to server {addr} timed out after {timeout:?}")]
@@ -85,7 +87,7 @@ impl SessionError {
         match self {
             Protocol(_) | SslInjection | RepeatedRequest(_) | StartupTimeout(_) | ClientTls(_)
             | ClientGone | ClientIo(_) => ErrorKind::Client,
-            TooManyConnections(_) | NoPrimary | ShuttingDown => ErrorKind::Policy,
+            TooManyConnections(_) | NoPrimary | NoPrimaryAfter(_) | ShuttingDown => ErrorKind::Policy,
             BackendConnect { .. }
             | BackendConnectTimeout { .. }
             | AuthTimeout { .. }
@@ -102,7 +104,7 @@ impl SessionError {
             ClientTls(_) => "tls",
             ClientGone | ClientIo(_) => "client_closed",
             TooManyConnections(_) => "limit",
-            NoPrimary => "no_primary",
+            NoPrimary | NoPrimaryAfter(_) => "no_primary",
             BackendConnect { .. } | BackendConnectTimeout { .. } => "backend_unavailable",
             AuthTimeout { .. } | BackendIo { .. } => "backend_error",
             ShuttingDown => "shutdown",
@@ -118,7 +120,7 @@ impl SessionError {
             StartupTimeout(_) => Some(CONNECTION_FAILURE),
             ClientTls(_) | ClientGone | ClientIo(_) => None,
             TooManyConnections(_) => Some(TOO_MANY_CONNECTIONS),
-            NoPrimary => Some(CANNOT_CONNECT_NOW),
+            NoPrimary | NoPrimaryAfter(_) => Some(CANNOT_CONNECT_NOW),
             BackendConnect { .. }
             | BackendConnectTimeout { .. }
             | AuthTimeout { .. }
@@ -134,7 +136,7 @@ impl SessionError {
             TooManyConnections(_) => {
                 Some("Close idle connections or raise the proxy's max_connections.")
             }
-            NoPrimary | ShuttingDown => Some("Retry in a few seconds."),
+            NoPrimary | NoPrimaryAfter(_) | ShuttingDown => Some("Retry in a few seconds."),
             BackendConnect { .. } | BackendConnectTimeout { .. } => Some(
                 "Check that PostgreSQL is running and reachable from the proxy; retrying is safe.",
             ),
@@ -148,6 +150,7 @@ impl SessionError {
             self,
             SessionError::TooManyConnections(_)
                 | SessionError::NoPrimary
+                | SessionError::NoPrimaryAfter(_)
                 | SessionError::ShuttingDown
                 | SessionError::BackendConnect { .. }
                 | SessionError::BackendConnectTimeout { .. }

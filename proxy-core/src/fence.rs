@@ -34,6 +34,20 @@ pub struct Fence {
 }
 
 impl Fence {
+    /// Waits until every session holding `fence` has let go of it (they
+    /// have closed), or `limit` passes. Returns whether all were released.
+    /// The caller's own reference is the only one left then.
+    pub async fn wait_released(fence: &Arc<Fence>, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while Arc::strong_count(fence) > 1 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        true
+    }
+
     /// Fires the fence. The first reason wins.
     pub fn trigger(&self, reason: FenceReason) {
         let _ = self.reason.set(reason);
@@ -74,20 +88,14 @@ impl Fences {
         map.entry(backend.clone()).or_default().clone()
     }
 
-    /// Ends every session routed to `backend` so far. Returns whether any
-    /// fence was fired.
-    pub fn fence_backend(&self, backend: &Backend, reason: FenceReason) -> bool {
+    /// Ends every session routed to `backend` so far. Returns the fired
+    /// fence, if any session had been routed there.
+    pub fn fence_backend(&self, backend: &Backend, reason: FenceReason) -> Option<Arc<Fence>> {
         let old = {
             let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
             map.remove(backend)
         };
-        match old {
-            Some(f) => {
-                f.trigger(reason);
-                true
-            }
-            None => false,
-        }
+        old.inspect(|f| f.trigger(reason))
     }
 
     /// Ends every session on every backend.

@@ -17,6 +17,7 @@ pub const BYTES: &str = "keelson_bytes_total";
 pub const BACKEND_CONNECT_SECONDS: &str = "keelson_backend_connect_seconds";
 pub const HANDSHAKE_SECONDS: &str = "keelson_handshake_seconds";
 pub const CANCEL_REQUESTS: &str = "keelson_cancel_requests_total";
+pub const HOLD_SECONDS: &str = "keelson_hold_seconds";
 
 /// Registers help texts. Call once after installing a recorder.
 pub fn describe() {
@@ -100,4 +101,8 @@ pub(crate) fn handshake(secs: f64) {
 
 pub(crate) fn cancel(route: &'static str) {
     counter!(CANCEL_REQUESTS, "route" => route).increment(1);
+}
+
+pub(crate) fn held(secs: f64, outcome: &'static str) {
+    histogram!(HOLD_SECONDS, "outcome" => outcome).record(secs);
 }

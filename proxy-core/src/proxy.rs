@@ -10,7 +10,7 @@
 //!   whenever the client can still read one.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -25,7 +25,7 @@ use tracing::{field, Instrument};
 use crate::backend::{self, AuthResult, Negotiation, SocketOptions};
 use crate::cancel::{self, CancelRegistry, CancelRoute};
 use crate::error::{SessionError, ADMIN_SHUTDOWN};
-use crate::fence::{FenceReason, Fences};
+use crate::fence::{Fence, FenceReason, Fences};
 use crate::forward::{forward, Outcome};
 use crate::handshake::{read_startup, Startup};
 use crate::metrics::{self as m, SessionCounters};
@@ -50,6 +50,10 @@ pub struct ProxyConfig {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Cancel requests forwarded per second, across all clients.
     pub cancel_rate_per_second: u32,
+    /// How long a new client waits for a primary when the view has none,
+    /// before it is refused with 57P03. Can be changed at run time with
+    /// [`Proxy::set_hold_timeout`].
+    pub hold_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -64,6 +68,7 @@ impl Default for ProxyConfig {
             },
             tls: None,
             cancel_rate_per_second: 100,
+            hold_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -86,6 +91,7 @@ struct Shared {
     idle: Notify,
     stop_accepting: CancellationToken,
     terminating: AtomicBool,
+    hold_timeout_ms: AtomicU64,
 }
 
 /// A PostgreSQL proxy. Cheap to clone; clones share all state, so one
@@ -118,6 +124,7 @@ impl Drop for ActiveGuard {
 
 impl Proxy {
     pub fn new(cfg: ProxyConfig, view: ViewHandle) -> Self {
+        let cfg_hold_ms = cfg.hold_timeout.as_millis() as u64;
         let tls = cfg.tls.clone().map(TlsAcceptor::from);
         let cancel = Arc::new(CancelRegistry::new(cfg.cancel_rate_per_second));
         Proxy {
@@ -132,6 +139,7 @@ impl Proxy {
                 idle: Notify::new(),
                 stop_accepting: CancellationToken::new(),
                 terminating: AtomicBool::new(false),
+                hold_timeout_ms: AtomicU64::new(cfg_hold_ms),
             }),
         }
     }
@@ -152,10 +160,18 @@ impl Proxy {
     }
 
     /// Ends every session routed to `backend` so far, with a FATAL carrying
-    /// `reason`, at the next message boundary. Returns whether any session
-    /// had been routed there.
-    pub fn fence_backend(&self, backend: &Backend, reason: FenceReason) -> bool {
+    /// `reason`, at the next message boundary. Store the view that no longer
+    /// names `backend` first: sessions routed after this call then cannot
+    /// reach it. Returns the fired fence, whose holders are the sessions
+    /// still closing (see [`Fence::wait_released`]), if any session had been
+    /// routed there.
+    pub fn fence_backend(&self, backend: &Backend, reason: FenceReason) -> Option<Arc<Fence>> {
         self.shared.fences.fence_backend(backend, reason)
+    }
+
+    /// Changes how long clients wait for a primary.
+    pub fn set_hold_timeout(&self, d: Duration) {
+        self.shared.hold_timeout_ms.store(d.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Accepts clients on `listener` until [`Proxy::stop_accepting`] is
@@ -352,6 +368,47 @@ fn negotiate(message: &StartupMessage) -> (Bytes, Option<Negotiation>) {
     )
 }
 
+/// Picks the primary from the current view, holding the client for up to
+/// the hold timeout while there is none. Returns the backend and its fence,
+/// taken so that a fence fired from now on ends the session.
+async fn route_primary(shared: &Shared) -> Result<(Backend, Arc<Fence>), SessionError> {
+    let mut changes = shared.view.subscribe();
+    let mut held_since: Option<Instant> = None;
+    let hold = Duration::from_millis(shared.hold_timeout_ms.load(Ordering::Relaxed));
+    loop {
+        let primary = shared.view.load().primary.clone();
+        if let Some(backend) = primary {
+            let fence = shared.fences.for_backend(&backend);
+            // The view may have changed between the load and taking the
+            // fence; a fence fired in between would be missed. Whoever
+            // changes the view stores it before fencing, so re-reading it
+            // settles the race.
+            if shared.view.load().primary.as_ref() == Some(&backend) {
+                if let Some(t) = held_since {
+                    m::held(t.elapsed().as_secs_f64(), "released");
+                }
+                return Ok((backend, fence));
+            }
+            continue;
+        }
+        if shared.terminating.load(Ordering::Acquire) {
+            return Err(SessionError::ShuttingDown);
+        }
+        let since = *held_since.get_or_insert_with(|| {
+            tracing::debug!(hold = ?hold, "no primary; holding the client");
+            Instant::now()
+        });
+        changes.borrow_and_update();
+        if shared.view.load().primary.is_some() {
+            continue;
+        }
+        if tokio::time::timeout_at(since + hold, changes.changed()).await.is_err() {
+            m::held(since.elapsed().as_secs_f64(), "timed_out");
+            return Err(SessionError::NoPrimaryAfter(hold));
+        }
+    }
+}
+
 async fn run_session(
     shared: &Shared,
     client: &mut ClientStream,
@@ -362,12 +419,8 @@ async fn run_session(
     if shared.terminating.load(Ordering::Acquire) {
         return Err(SessionError::ShuttingDown);
     }
-    let view = shared.view.load();
-    let backend = view.primary.clone().ok_or(SessionError::NoPrimary)?;
-    drop(view);
+    let (backend, fence) = route_primary(shared).await?;
     tracing::Span::current().record("backend.addr", backend.addr());
-    // Taken before connecting: a fence that fires from now on ends this session.
-    let fence = shared.fences.for_backend(&backend);
 
     let (startup, negotiation) = negotiate(&message);
     let t0 = Instant::now();

@@ -1,0 +1,155 @@
+//! `keelson ctl`: create and inspect a cluster's data in the store.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use cluster::{AnyStore, Cas, ClusterData, ClusterSpec, Keys, Store};
+
+/// Options shared by every `ctl` command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CtlArgs {
+    /// Cluster store: file:///dir or etcd://host:2379[,host:2379...].
+    #[arg(long, env = "KEELSON_STORE")]
+    pub store: String,
+    /// Name of the cluster.
+    #[arg(long, env = "KEELSON_CLUSTER")]
+    pub cluster: String,
+    /// Key prefix in the store.
+    #[arg(long, env = "KEELSON_PREFIX", default_value = cluster::store::DEFAULT_PREFIX)]
+    pub prefix: String,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum CtlCommand {
+    /// Create the cluster's data (fails if it exists).
+    Init {
+        /// JSON file with the cluster spec; every field is optional.
+        #[arg(long)]
+        spec: Option<PathBuf>,
+    },
+    /// Show the cluster: generation, primary, keepers and proxies.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the cluster spec as JSON.
+    Spec,
+}
+
+async fn read(store: &AnyStore, keys: &Keys) -> Result<(ClusterData, i64)> {
+    let kv = store
+        .get(&keys.clusterdata())
+        .await?
+        .with_context(|| format!("cluster {:?} has no data in the store; create it with `keelson ctl init`", keys.base()))?;
+    Ok((ClusterData::from_json(&kv.value)?, kv.mod_revision))
+}
+
+fn lsn(v: u64) -> String {
+    format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
+}
+
+/// The `status --json` document.
+pub async fn status_json(store: &AnyStore, keys: &Keys) -> Result<serde_json::Value> {
+    let (data, _) = read(store, keys).await?;
+    let master = data.proxy.master_db.as_ref().and_then(|m| data.dbs.get(m));
+    let keepers: Vec<_> = data
+        .dbs
+        .values()
+        .map(|db| {
+            serde_json::json!({
+                "uid": db.keeper,
+                "role": db.spec.role.as_str(),
+                "healthy": db.status.healthy,
+                "address": db.status.address,
+                "lsn": lsn(db.status.lsn),
+                "timeline": db.status.timeline,
+            })
+        })
+        .collect();
+    let (proxies, _) = store.list(&keys.proxies()).await?;
+    let proxies: Vec<_> = proxies
+        .iter()
+        .filter_map(|kv| serde_json::from_str::<serde_json::Value>(&kv.value).ok())
+        .map(|v| serde_json::json!({ "uid": v["uid"], "generation": v["generation"] }))
+        .collect();
+    Ok(serde_json::json!({
+        "cluster": keys.base(),
+        "phase": data.phase,
+        "generation": data.proxy.generation,
+        "master": master.map(|m| serde_json::json!({ "keeper": m.keeper, "address": m.status.address })),
+        "keepers": keepers,
+        "proxies": proxies,
+    }))
+}
+
+pub async fn run(args: CtlArgs) -> Result<()> {
+    let store = cluster::open(&args.store).await?;
+    let keys = Keys::new(&args.prefix, &args.cluster);
+    match args.command {
+        CtlCommand::Init { spec } => {
+            let spec: ClusterSpec = match spec {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("could not read the spec file {}", path.display()))?;
+                    serde_json::from_str(&text).with_context(|| format!("invalid spec in {}", path.display()))?
+                }
+                None => ClusterSpec::default(),
+            };
+            spec.validate()?;
+            let data = ClusterData::new(spec);
+            match store.put_if_revision(&keys.clusterdata(), &data.to_json(), 0, 0).await? {
+                Cas::Done(_) => println!("cluster {:?} created in {}", args.cluster, args.store),
+                Cas::Conflict(_) => bail!(
+                    "cluster {:?} already exists in {}; `keelson ctl status` shows it",
+                    args.cluster,
+                    args.store
+                ),
+            }
+        }
+        CtlCommand::Spec => {
+            let (data, _) = read(&store, &keys).await?;
+            println!("{}", serde_json::to_string_pretty(&data.spec)?);
+        }
+        CtlCommand::Status { json } => {
+            let s = status_json(&store, &keys).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_table(&s);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_table(s: &serde_json::Value) {
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+    println!("cluster:    {}", text(&s["cluster"]));
+    println!("phase:      {}", text(&s["phase"]));
+    println!("generation: {}", s["generation"]);
+    match s["master"].as_object() {
+        Some(m) => println!("primary:    {} at {}", text(&m["keeper"]), text(&m["address"])),
+        None => println!("primary:    none"),
+    }
+    println!();
+    println!("{:<16} {:<8} {:<8} {:<22} {:<12} {:>8}", "KEEPER", "ROLE", "HEALTHY", "ADDRESS", "LSN", "TIMELINE");
+    for k in s["keepers"].as_array().into_iter().flatten() {
+        println!(
+            "{:<16} {:<8} {:<8} {:<22} {:<12} {:>8}",
+            text(&k["uid"]),
+            text(&k["role"]),
+            k["healthy"],
+            text(&k["address"]),
+            text(&k["lsn"]),
+            k["timeline"]
+        );
+    }
+    println!();
+    println!("{:<32} {:>10}", "PROXY", "GENERATION");
+    for p in s["proxies"].as_array().into_iter().flatten() {
+        println!("{:<32} {:>10}", text(&p["uid"]), p["generation"]);
+    }
+}
