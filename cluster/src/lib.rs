@@ -37,7 +37,9 @@ pub async fn open(url: &str) -> store::Result<AnyStore> {
             .filter(|h| !h.is_empty())
             .map(str::to_owned)
             .collect();
-        return Ok(AnyStore::Etcd(Box::new(etcd::EtcdStore::connect(endpoints).await?)));
+        return Ok(AnyStore::Etcd(Box::new(
+            etcd::EtcdStore::connect(endpoints).await?,
+        )));
     }
     Err(StoreError::Invalid(format!(
         "unknown store URL {url:?}: use file:///dir (one host) or etcd://host:2379[,host:2379...]"

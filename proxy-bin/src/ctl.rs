@@ -40,10 +40,12 @@ pub enum CtlCommand {
 }
 
 async fn read(store: &AnyStore, keys: &Keys) -> Result<(ClusterData, i64)> {
-    let kv = store
-        .get(&keys.clusterdata())
-        .await?
-        .with_context(|| format!("cluster {:?} has no data in the store; create it with `keelson ctl init`", keys.base()))?;
+    let kv = store.get(&keys.clusterdata()).await?.with_context(|| {
+        format!(
+            "cluster {:?} has no data in the store; create it with `keelson ctl init`",
+            keys.base()
+        )
+    })?;
     Ok((ClusterData::from_json(&kv.value)?, kv.mod_revision))
 }
 
@@ -92,15 +94,20 @@ pub async fn run(args: CtlArgs) -> Result<()> {
         CtlCommand::Init { spec } => {
             let spec: ClusterSpec = match spec {
                 Some(path) => {
-                    let text = std::fs::read_to_string(&path)
-                        .with_context(|| format!("could not read the spec file {}", path.display()))?;
-                    serde_json::from_str(&text).with_context(|| format!("invalid spec in {}", path.display()))?
+                    let text = std::fs::read_to_string(&path).with_context(|| {
+                        format!("could not read the spec file {}", path.display())
+                    })?;
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("invalid spec in {}", path.display()))?
                 }
                 None => ClusterSpec::default(),
             };
             spec.validate()?;
             let data = ClusterData::new(spec);
-            match store.put_if_revision(&keys.clusterdata(), &data.to_json(), 0, 0).await? {
+            match store
+                .put_if_revision(&keys.clusterdata(), &data.to_json(), 0, 0)
+                .await?
+            {
                 Cas::Done(_) => println!("cluster {:?} created in {}", args.cluster, args.store),
                 Cas::Conflict(_) => bail!(
                     "cluster {:?} already exists in {}; `keelson ctl status` shows it",
@@ -126,16 +133,27 @@ pub async fn run(args: CtlArgs) -> Result<()> {
 }
 
 fn print_table(s: &serde_json::Value) {
-    let text = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+    let text = |v: &serde_json::Value| {
+        v.as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| v.to_string())
+    };
     println!("cluster:    {}", text(&s["cluster"]));
     println!("phase:      {}", text(&s["phase"]));
     println!("generation: {}", s["generation"]);
     match s["master"].as_object() {
-        Some(m) => println!("primary:    {} at {}", text(&m["keeper"]), text(&m["address"])),
+        Some(m) => println!(
+            "primary:    {} at {}",
+            text(&m["keeper"]),
+            text(&m["address"])
+        ),
         None => println!("primary:    none"),
     }
     println!();
-    println!("{:<16} {:<8} {:<8} {:<22} {:<12} {:>8}", "KEEPER", "ROLE", "HEALTHY", "ADDRESS", "LSN", "TIMELINE");
+    println!(
+        "{:<16} {:<8} {:<8} {:<22} {:<12} {:>8}",
+        "KEEPER", "ROLE", "HEALTHY", "ADDRESS", "LSN", "TIMELINE"
+    );
     for k in s["keepers"].as_array().into_iter().flatten() {
         println!(
             "{:<16} {:<8} {:<8} {:<22} {:<12} {:>8}",

@@ -52,7 +52,11 @@ impl FollowStatus {
     pub fn age(&self) -> Option<Duration> {
         match self.confirmed_ms.load(Ordering::Acquire) {
             0 => None,
-            ms => Some(self.started.elapsed().saturating_sub(Duration::from_millis(ms))),
+            ms => Some(
+                self.started
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms)),
+            ),
         }
     }
 
@@ -171,7 +175,9 @@ pub fn spawn(store: AnyStore, keys: Keys, uid: String, proxy: Proxy) -> Arc<Foll
         started: Instant::now(),
         confirmed_ms: AtomicU64::new(0),
         fresh: AtomicBool::new(false),
-        proxy_timeout_ms: AtomicU64::new(cluster::ClusterSpec::default().proxy_timeout.as_millis() as u64),
+        proxy_timeout_ms: AtomicU64::new(
+            cluster::ClusterSpec::default().proxy_timeout.as_millis() as u64
+        ),
         data: Mutex::new(None),
         uid,
     });
@@ -207,7 +213,13 @@ struct Registration {
     generation: Option<u64>,
 }
 
-async fn register(store: &AnyStore, keys: &Keys, status: &FollowStatus, reg: &mut Registration, generation: u64) {
+async fn register(
+    store: &AnyStore,
+    keys: &Keys,
+    status: &FollowStatus,
+    reg: &mut Registration,
+    generation: u64,
+) {
     if reg.lease == 0 {
         let ttl = status.proxy_timeout().max(Duration::from_secs(1));
         match store.grant(ttl).await {
@@ -285,7 +297,8 @@ async fn follow(store: AnyStore, keys: Keys, status: Arc<FollowStatus>) {
                 continue;
             }
         };
-        let period = (status.proxy_timeout() / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let period =
+            (status.proxy_timeout() / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -87,7 +87,9 @@ impl SessionError {
         match self {
             Protocol(_) | SslInjection | RepeatedRequest(_) | StartupTimeout(_) | ClientTls(_)
             | ClientGone | ClientIo(_) => ErrorKind::Client,
-            TooManyConnections(_) | NoPrimary | NoPrimaryAfter(_) | ShuttingDown => ErrorKind::Policy,
+            TooManyConnections(_) | NoPrimary | NoPrimaryAfter(_) | ShuttingDown => {
+                ErrorKind::Policy
+            }
             BackendConnect { .. }
             | BackendConnectTimeout { .. }
             | AuthTimeout { .. }

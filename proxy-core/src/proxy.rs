@@ -171,7 +171,9 @@ impl Proxy {
 
     /// Changes how long clients wait for a primary.
     pub fn set_hold_timeout(&self, d: Duration) {
-        self.shared.hold_timeout_ms.store(d.as_millis() as u64, Ordering::Relaxed);
+        self.shared
+            .hold_timeout_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Accepts clients on `listener` until [`Proxy::stop_accepting`] is
@@ -402,7 +404,10 @@ async fn route_primary(shared: &Shared) -> Result<(Backend, Arc<Fence>), Session
         if shared.view.load().primary.is_some() {
             continue;
         }
-        if tokio::time::timeout_at(since + hold, changes.changed()).await.is_err() {
+        if tokio::time::timeout_at(since + hold, changes.changed())
+            .await
+            .is_err()
+        {
             m::held(since.elapsed().as_secs_f64(), "timed_out");
             return Err(SessionError::NoPrimaryAfter(hold));
         }

@@ -15,6 +15,8 @@ mod cancel;
 mod clients;
 /// COPY of 100 MB each way, byte-exact.
 mod copy;
+/// The proxy following a cluster store: routing, fencing, holding, outages.
+mod fencing;
 /// Connection limits, backend failures, concurrency and idle connections.
 mod limits;
 /// The store conformance suite, against the file store and etcd.

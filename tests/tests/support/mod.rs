@@ -578,3 +578,84 @@ impl Drop for EtcdServer {
         self.kill();
     }
 }
+
+/// Writes a new cluster whose databases are the given `(uid, address)`
+/// pairs, all healthy standbys, with no primary named yet.
+pub async fn init_cluster(
+    store: &cluster::AnyStore,
+    keys: &cluster::Keys,
+    spec: cluster::ClusterSpec,
+    dbs: &[(&str, String)],
+) {
+    use cluster::data::{Db, DbSpec, DbStatus, Role};
+    use cluster::Store;
+    let mut data = cluster::ClusterData::new(spec);
+    data.phase = cluster::data::ClusterPhase::Normal;
+    for (uid, addr) in dbs {
+        data.dbs.insert(
+            (*uid).to_owned(),
+            Db {
+                keeper: (*uid).to_owned(),
+                spec: DbSpec {
+                    role: Role::Standby,
+                    ..Default::default()
+                },
+                status: DbStatus {
+                    healthy: true,
+                    address: Some(addr.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+    }
+    store
+        .put(&keys.clusterdata(), &data.to_json(), 0)
+        .await
+        .expect("write clusterdata");
+}
+
+/// Names `master` (or nobody) as the primary, by compare-and-swap, as a
+/// sentinel would. Returns the new proxy generation.
+pub async fn set_master(
+    store: &cluster::AnyStore,
+    keys: &cluster::Keys,
+    master: Option<&str>,
+) -> u64 {
+    use cluster::data::Role;
+    use cluster::{Cas, Store};
+    loop {
+        let kv = store
+            .get(&keys.clusterdata())
+            .await
+            .expect("read")
+            .expect("clusterdata exists");
+        let mut data = cluster::ClusterData::from_json(&kv.value).expect("valid");
+        for (uid, db) in data.dbs.iter_mut() {
+            db.spec.role = if Some(uid.as_str()) == master {
+                Role::Master
+            } else {
+                Role::Standby
+            };
+        }
+        data.set_proxy_master(master);
+        if let Cas::Done(_) = store
+            .put_if_revision(&keys.clusterdata(), &data.to_json(), kv.mod_revision, 0)
+            .await
+            .expect("cas")
+        {
+            return data.proxy.generation;
+        }
+    }
+}
+
+/// The port of the server a new session through `conn` lands on.
+pub async fn landing_port(conn: &str) -> Option<u16> {
+    let c = try_connect(conn).await.ok()?;
+    let p: i32 = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .ok()?
+        .get(0);
+    u16::try_from(p).ok()
+}
