@@ -14,136 +14,18 @@
 //! - COPY OUT throughput and the proxy's CPU seconds per GB.
 
 use std::collections::BTreeMap;
+
+use keelson_benches::harness::{
+    as_postgres, build_keelson, chown, cpu_us, free_port, pg_bindir, rss_kib, start_postgres,
+    wait_port, which, Proc,
+};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-
-struct Proc {
-    name: &'static str,
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        eprintln!("{} had to be killed", self.name);
-    }
-}
-
-fn postgres_ids() -> Option<(u32, u32)> {
-    // SAFETY: no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        return None;
-    }
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    let f: Vec<&str> = passwd
-        .lines()
-        .find(|l| l.starts_with("postgres:"))?
-        .split(':')
-        .collect();
-    Some((f[2].parse().ok()?, f[3].parse().ok()?))
-}
-
-fn as_postgres(mut c: Command) -> Command {
-    if let Some((uid, gid)) = postgres_ids() {
-        c.uid(uid).gid(gid).env("HOME", "/tmp");
-    }
-    c
-}
-
-fn chown(p: &Path) {
-    if let Some((uid, gid)) = postgres_ids() {
-        let _ = std::os::unix::fs::chown(p, Some(uid), Some(gid));
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
-fn which(name: &str, apt: &str) -> Result<PathBuf> {
-    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"] {
-        let p = Path::new(dir).join(name);
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    // SAFETY: no preconditions.
-    if unsafe { libc::getuid() } == 0 {
-        eprintln!("installing {apt}...");
-        let ok = Command::new("sh")
-            .args(["-c", &format!("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {apt} >/dev/null")])
-            .status()?
-            .success();
-        if ok {
-            return which(name, apt);
-        }
-    }
-    bail!("{name} not found; install it with: apt-get install {apt}")
-}
-
-fn pg_bindir() -> Result<PathBuf> {
-    let out = Command::new("pg_config")
-        .arg("--bindir")
-        .output()
-        .context("pg_config not found")?;
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
-fn wait_port(port: u16, what: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("{what} did not start listening on {port}")
-}
-
-/// utime+stime of a process and all its threads, in microseconds.
-fn cpu_us(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the comm.
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    ticks * 1_000_000 / hz.max(1)
-}
-
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 struct Target {
     name: &'static str,
@@ -326,52 +208,11 @@ fn main() -> Result<()> {
     let pgbouncer = which("pgbouncer", "pgbouncer")?;
     which("strace", "strace")?;
 
-    // Build keelson in release mode.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "-p", "keelson", "--bin", "keelson"])
-        .current_dir(&root)
-        .status()?;
-    if !status.success() {
-        bail!("building keelson failed");
-    }
-    let keelson = root.join("target/release/keelson");
-
+    let keelson = build_keelson()?;
     let dir = tempfile::Builder::new()
         .prefix("keelson-compare-")
         .tempdir()?;
-    chown(dir.path());
-    let data = dir.path().join("data");
-    let st = as_postgres(Command::new(bindir.join("initdb")))
-        .args(["-U", "postgres", "-A", "trust", "--no-sync", "-D"])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .status()?;
-    if !st.success() {
-        bail!("initdb failed");
-    }
-    let pg_port = free_port();
-    let _pg = Proc {
-        name: "postgres",
-        child: as_postgres(Command::new(bindir.join("postgres")))
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &pg_port.to_string(), "-k"])
-            .arg(dir.path())
-            .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "max_connections=2300",
-                "-c",
-                "shared_buffers=256MB",
-            ])
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-            .stderr(Stdio::null())
-            .spawn()?,
-    };
-    wait_port(pg_port, "postgres")?;
-    std::thread::sleep(Duration::from_millis(500));
+    let (_pg, pg_port) = start_postgres(dir.path(), "data", 2300)?;
     let psql = |port: u16, sql: &str| -> Result<()> {
         let st = Command::new(bindir.join("psql"))
             .args([

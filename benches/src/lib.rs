@@ -1,0 +1,3 @@
+//! Shared code of keelson's benchmark harnesses.
+
+pub mod harness;
