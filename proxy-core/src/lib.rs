@@ -28,5 +28,5 @@ pub mod view;
 pub use backend::SocketOptions;
 pub use error::{ErrorKind, SessionError};
 pub use fence::FenceReason;
-pub use proxy::{Proxy, ProxyConfig};
+pub use proxy::{Proxy, ProxyConfig, FENCED_BACKEND_LINGER};
 pub use view::{Backend, View, ViewHandle};

@@ -94,15 +94,21 @@ async fn switch_primary(store: AnyStore) {
         fenced_after < Duration::from_secs(2),
         "fencing took {fenced_after:?}"
     );
-    // A's sessions are gone on the server side too.
-    let on_a: i64 = a
-        .superuser()
-        .await
-        .query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(on_a, 0, "sessions left on the demoted primary");
+    // A's server sessions end too, once their linger is over.
+    let direct_a = a.superuser().await;
+    crate::assert_eventually!(
+        direct_a
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0,
+        proxy_core::FENCED_BACKEND_LINGER + Duration::from_secs(3),
+        "sessions left on the demoted primary"
+    );
     // The proxy acknowledged the generation it applied, under its lease.
     crate::assert_eventually!(
         store
