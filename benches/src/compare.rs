@@ -201,7 +201,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
-    let rounds = if quick { 1 } else { 3 };
+    let rounds = if quick { 1 } else { 5 };
     let idle_n = if quick { 500 } else { 2000 };
     let bindir = pg_bindir()?;
     let haproxy = which("haproxy", "haproxy")?;
@@ -263,21 +263,28 @@ fn main() -> Result<()> {
         &format!("CREATE TABLE bulk AS SELECT g AS id, repeat(md5(g::text), 3) AS v FROM generate_series(1, {copy_rows}) g"),
     )?;
 
-    // keelson
-    let k_port = free_port();
-    let keelson_proc = Proc {
-        name: "keelson",
-        child: Command::new(&keelson)
+    // keelson, with its default worker count and with one worker.
+    let start_keelson = |port: u16, workers: Option<&str>| -> Result<Proc> {
+        let mut c = Command::new(&keelson);
+        c.args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
             .args([
-                "proxy",
-                "--listen",
-                &format!("127.0.0.1:{k_port}"),
                 "--backend",
                 &format!("127.0.0.1:{pg_port}"),
-            ])
-            .args(["--log", "warn"])
-            .spawn()?,
+                "--log",
+                "warn",
+            ]);
+        if let Some(w) = workers {
+            c.args(["--workers", w]);
+        }
+        Ok(Proc {
+            name: "keelson",
+            child: c.spawn()?,
+        })
     };
+    let k_port = free_port();
+    let keelson_proc = start_keelson(k_port, None)?;
+    let k1_port = free_port();
+    let keelson1_proc = start_keelson(k1_port, Some("1"))?;
     // HAProxy
     let h_port = free_port();
     let hcfg = dir.path().join("haproxy.cfg");
@@ -325,6 +332,7 @@ fn main() -> Result<()> {
     };
     for (p, n) in [
         (k_port, "keelson"),
+        (k1_port, "keelson-1w"),
         (h_port, "haproxy"),
         (b_port, "pgbouncer"),
     ] {
@@ -340,6 +348,11 @@ fn main() -> Result<()> {
             name: "keelson",
             port: k_port,
             pid: Some(keelson_proc.child.id()),
+        },
+        Target {
+            name: "keelson-1w",
+            port: k1_port,
+            pid: Some(keelson1_proc.child.id()),
         },
         Target {
             name: "haproxy",
@@ -366,13 +379,16 @@ fn main() -> Result<()> {
             "round {}/{rounds}: pgbench -S, 16 clients and 1 client",
             round + 1
         );
-        for t in &targets {
+        // Rotate the order so that no target always runs first.
+        let n = targets.len();
+        for k in 0..n {
+            let t = &targets[(k + round) % n];
             let r = pgbench(&bindir, t, 16, per_client)?;
             tps.entry(t.name).or_default().push(r.tps);
             if let Some(c) = r.cpu_us_per_tx {
                 cpu.entry(t.name).or_default().push(c);
             }
-            let r1 = pgbench(&bindir, t, 1, per_client)?;
+            let r1 = pgbench(&bindir, t, 1, per_client / 2)?;
             lat.entry(t.name).or_default().push(r1.latency_ms);
         }
     }
@@ -380,7 +396,7 @@ fn main() -> Result<()> {
     let mut sys = BTreeMap::new();
     for t in targets
         .iter()
-        .filter(|t| t.name == "keelson" || t.name == "haproxy")
+        .filter(|t| t.name.starts_with("keelson") || t.name == "haproxy")
     {
         sys.insert(t.name, syscalls_per_tx(&bindir, t, dir.path())?);
     }
@@ -417,7 +433,15 @@ fn main() -> Result<()> {
 
     let direct_tps = median(tps["direct"].clone());
     let direct_lat = median(lat["direct"].clone());
-    let hap_cpu = median(cpu.get("haproxy").cloned().unwrap_or_default());
+    let hap_cpu = cpu.get("haproxy").cloned().unwrap_or_default();
+    // CPU ratios are taken round by round (adjacent runs see the same
+    // machine), then the median is reported.
+    let cpu_ratio = |name: &str| -> Option<f64> {
+        let mine = cpu.get(name)?;
+        Some(median(
+            mine.iter().zip(&hap_cpu).map(|(m, h)| m / h).collect(),
+        ))
+    };
     println!();
     println!("keelson comparison, {rounds} round(s), medians; PostgreSQL on 127.0.0.1:{pg_port}");
     println!(
@@ -445,7 +469,7 @@ fn main() -> Result<()> {
             tp,
             tp / direct_tps,
             fmt_opt(c, 2),
-            fmt_opt(c.map(|c| c / hap_cpu), 3),
+            fmt_opt(cpu_ratio(t.name), 3),
             (l - direct_lat) * 1000.0,
             fmt_opt(sys.get(t.name).copied(), 2),
             fmt_opt(idle.get(t.name).map(|i| i.0), 0),
@@ -454,5 +478,15 @@ fn main() -> Result<()> {
         );
     }
     println!("(tps: pgbench -S -c 16 -t {per_client}; latency: -c 1; idle: {idle_n} sessions after startup; copy: {copy_rows} rows)");
+    for name in ["keelson", "keelson-1w", "pgbouncer"] {
+        if let Some(mine) = cpu.get(name) {
+            let per_round: Vec<String> = mine
+                .iter()
+                .zip(&hap_cpu)
+                .map(|(m, h)| format!("{:.3}", m / h))
+                .collect();
+            println!("cpu vs haproxy per round, {name}: {}", per_round.join(" "));
+        }
+    }
     Ok(())
 }

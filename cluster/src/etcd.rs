@@ -2,10 +2,14 @@
 //!
 //! Every request has a deadline ([`REQUEST_TIMEOUT`]) so that a stopped or
 //! partitioned etcd shows up as `Unavailable` quickly instead of hanging the
-//! caller. The client spreads requests over all listed endpoints and moves
-//! on when one fails. Watches resume from the revision after the last event
+//! caller. There is one client per listed endpoint: requests go to the last
+//! endpoint that answered and move on to the next when it cannot be reached
+//! (a balanced gRPC channel was tried first, but it sends requests to dead
+//! endpoints too). Watches resume from the revision after the last event
 //! they delivered when their stream breaks.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
@@ -22,7 +26,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// The etcd store. Cheap to clone.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    clients: Arc<Vec<Client>>,
+    /// Index of the endpoint that answered last.
+    current: Arc<AtomicUsize>,
     endpoints: Vec<String>,
 }
 
@@ -38,14 +44,73 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("etcd: {e}"))
 }
 
+/// A failed attempt on one endpoint: worth trying the next endpoint, or not.
+enum Fail {
+    Retry(String),
+    Final(StoreError),
+}
+
+impl Fail {
+    fn into_error(self) -> StoreError {
+        match self {
+            Fail::Retry(m) => unavailable(m),
+            Fail::Final(e) => e,
+        }
+    }
+}
+
 async fn deadline<T>(
     f: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
-) -> Result<T> {
+) -> std::result::Result<T, Fail> {
+    use etcd_client::Error as E;
     match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(unavailable(e)),
-        Err(_) => Err(unavailable(format!("no answer within {REQUEST_TIMEOUT:?}"))),
+        Ok(Err(E::TransportError(e))) => Err(Fail::Retry(e.to_string())),
+        Ok(Err(E::GRpcStatus(s)))
+            if matches!(
+                s.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Unknown
+                    | tonic::Code::Cancelled
+            ) =>
+        {
+            Err(Fail::Retry(s.to_string()))
+        }
+        Ok(Err(e)) => Err(Fail::Final(unavailable(e))),
+        Err(_) => Err(Fail::Retry(format!("no answer within {REQUEST_TIMEOUT:?}"))),
     }
+}
+
+/// Runs one request against the endpoints in turn, starting with the one
+/// that answered last, until one answers.
+macro_rules! call {
+    ($self:ident, |$c:ident| $req:expr) => {{
+        let n = $self.clients.len();
+        let start = $self.current.load(Ordering::Relaxed);
+        let mut result = Err(StoreError::Unavailable("etcd: no endpoint".into()));
+        for i in 0..n {
+            let idx = (start + i) % n;
+            #[allow(unused_mut)]
+            let mut $c = $self.clients[idx].clone();
+            match deadline($req).await {
+                Ok(v) => {
+                    $self.current.store(idx, Ordering::Relaxed);
+                    result = Ok(v);
+                    break;
+                }
+                Err(Fail::Retry(m)) => {
+                    tracing::debug!(endpoint = %$self.endpoints[idx], error = %m, "etcd endpoint failed; trying the next");
+                    result = Err(Fail::Retry(format!("{}: {m}", $self.endpoints[idx])).into_error());
+                }
+                Err(f) => {
+                    result = Err(f.into_error());
+                    break;
+                }
+            }
+        }
+        result
+    }};
 }
 
 fn to_kv(kv: &etcd_client::KeyValue) -> KeyValue {
@@ -66,18 +131,38 @@ impl EtcdStore {
                 "an etcd store URL needs at least one host:port".into(),
             ));
         }
-        let urls: Vec<String> = endpoints.iter().map(|e| format!("http://{e}")).collect();
         let opts = ConnectOptions::new()
             .with_connect_timeout(REQUEST_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), REQUEST_TIMEOUT)
             .with_keep_alive_while_idle(true);
-        let client = deadline(Client::connect(urls, Some(opts))).await?;
-        Ok(EtcdStore { client, endpoints })
+        let mut clients = Vec::new();
+        for e in &endpoints {
+            // Connecting is lazy: nothing is dialled until the first request.
+            let c = Client::connect([format!("http://{e}")], Some(opts.clone()))
+                .await
+                .map_err(|err| StoreError::Invalid(format!("bad etcd endpoint {e:?}: {err}")))?;
+            clients.push(c);
+        }
+        Ok(EtcdStore {
+            clients: Arc::new(clients),
+            current: Arc::new(AtomicUsize::new(0)),
+            endpoints,
+        })
     }
+}
 
-    fn client(&self) -> Client {
-        self.client.clone()
+impl EtcdStore {
+    async fn open_watch(
+        &self,
+        prefix: &str,
+        revision: i64,
+    ) -> Result<(etcd_client::Watcher, etcd_client::WatchStream)> {
+        let mut opts = WatchOptions::new().with_prefix();
+        if revision > 0 {
+            opts = opts.with_start_revision(revision);
+        }
+        call!(self, |c| c.watch(prefix, Some(opts.clone())))
     }
 }
 
@@ -89,14 +174,13 @@ impl From<etcd_client::Error> for StoreError {
 
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        let mut c = self.client();
-        let r = deadline(c.get(key, None)).await?;
+        let r = call!(self, |c| c.get(key, None))?;
         Ok(r.kvs().first().map(to_kv))
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64)> {
-        let mut c = self.client();
-        let r = deadline(c.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
+        let r = call!(self, |c| c
+            .get(prefix, Some(GetOptions::new().with_prefix())))?;
         let rev = r.header().map_or(0, |h| h.revision());
         Ok((r.kvs().iter().map(to_kv).collect(), rev))
     }
@@ -118,8 +202,7 @@ impl Store for EtcdStore {
             .when(vec![cmp])
             .and_then(vec![TxnOp::put(key, value, opts)])
             .or_else(vec![TxnOp::get(key, None)]);
-        let mut c = self.client();
-        let r = deadline(c.txn(txn)).await?;
+        let r = call!(self, |c| c.txn(txn.clone()))?;
         if r.succeeded() {
             return Ok(Cas::Done(r.header().map_or(0, |h| h.revision())));
         }
@@ -132,29 +215,24 @@ impl Store for EtcdStore {
 
     async fn put(&self, key: &str, value: &str, lease: LeaseId) -> Result<i64> {
         let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
-        let mut c = self.client();
-        let r = deadline(c.put(key, value, opts))
-            .await
-            .map_err(|e| match e {
-                StoreError::Unavailable(m) if m.contains("requested lease not found") => {
-                    StoreError::LeaseExpired(lease)
-                }
-                e => e,
-            })?;
+        let r = call!(self, |c| c.put(key, value, opts.clone())).map_err(|e| match e {
+            StoreError::Unavailable(m) if m.contains("requested lease not found") => {
+                StoreError::LeaseExpired(lease)
+            }
+            e => e,
+        })?;
         Ok(r.header().map_or(0, |h| h.revision()))
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        let mut c = self.client();
-        Ok(deadline(c.delete(key, None)).await?.deleted() > 0)
+        Ok(call!(self, |c| c.delete(key, None))?.deleted() > 0)
     }
 
     async fn delete_if_revision(&self, key: &str, expected: i64) -> Result<bool> {
         let txn = Txn::new()
             .when(vec![Compare::mod_revision(key, CompareOp::Equal, expected)])
             .and_then(vec![TxnOp::delete(key, None)]);
-        let mut c = self.client();
-        Ok(deadline(c.txn(txn)).await?.succeeded())
+        Ok(call!(self, |c| c.txn(txn.clone()))?.succeeded())
     }
 
     async fn watch(&self, prefix: &str, revision: i64) -> Result<Watch> {
@@ -162,35 +240,23 @@ impl Store for EtcdStore {
         let store = self.clone();
         let prefix = prefix.to_owned();
         // Fail fast if etcd cannot be reached at all.
-        let mut c = store.client();
-        let mut opts = WatchOptions::new().with_prefix();
-        if revision > 0 {
-            opts = opts.with_start_revision(revision);
-        }
-        let first = deadline(c.watch(prefix.as_str(), Some(opts))).await?;
+        let first = store.open_watch(&prefix, revision).await?;
         tokio::spawn(async move {
             let mut next = revision;
             let mut current = Some(first);
             loop {
                 let (watcher, mut stream) = match current.take() {
                     Some(w) => w,
-                    None => {
-                        let mut c = store.client();
-                        let mut opts = WatchOptions::new().with_prefix();
-                        if next > 0 {
-                            opts = opts.with_start_revision(next);
-                        }
-                        match deadline(c.watch(prefix.as_str(), Some(opts))).await {
-                            Ok(w) => w,
-                            Err(e) => {
-                                if tx.send(Err(e)).await.is_err() {
-                                    return;
-                                }
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                                continue;
+                    None => match store.open_watch(&prefix, next).await {
+                        Ok(w) => w,
+                        Err(e) => {
+                            if tx.send(Err(e)).await.is_err() {
+                                return;
                             }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
                         }
-                    }
+                    },
                 };
                 loop {
                     let msg = tokio::select! {
@@ -237,18 +303,16 @@ impl Store for EtcdStore {
 
     async fn grant(&self, ttl: Duration) -> Result<LeaseId> {
         let secs = ttl.as_secs().max(1) as i64;
-        let mut c = self.client();
-        Ok(deadline(c.lease_grant(secs, None)).await?.id())
+        Ok(call!(self, |c| c.lease_grant(secs, None))?.id())
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
-        let mut c = self.client();
-        let r = async {
-            let (mut keeper, mut stream) = deadline(c.lease_keep_alive(lease)).await?;
-            deadline(keeper.keep_alive()).await?;
-            deadline(stream.message()).await
-        };
-        match r.await {
+        let r = call!(self, |c| async move {
+            let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            stream.message().await
+        });
+        match r {
             Ok(Some(r)) if r.ttl() > 0 => Ok(()),
             Ok(_) => Err(StoreError::LeaseExpired(lease)),
             Err(StoreError::Unavailable(m)) if m.contains("lease not found") => {
@@ -262,8 +326,7 @@ impl Store for EtcdStore {
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<()> {
-        let mut c = self.client();
-        match deadline(c.lease_revoke(lease)).await {
+        match call!(self, |c| c.lease_revoke(lease)) {
             Ok(_) => Ok(()),
             Err(StoreError::Unavailable(m)) if m.contains("not found") => Ok(()),
             Err(e) => Err(e),

@@ -228,3 +228,21 @@ async fn bad_store_urls_are_explained() {
         .to_string();
     assert!(e.contains("absolute path"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_fails_over_between_listed_endpoints() {
+    let etcd = EtcdServer::start().await;
+    let dead = crate::support::free_port();
+    // The first endpoint has nothing listening; every request must still
+    // succeed through the second.
+    let url = format!("etcd://127.0.0.1:{dead},127.0.0.1:{}", etcd.port);
+    let s = cluster::open(&url).await.unwrap();
+    for i in 0..20 {
+        let key = format!("/t/failover/{i}");
+        s.put(&key, "v", 0).await.unwrap();
+        assert_eq!(s.get(&key).await.unwrap().unwrap().value, "v");
+    }
+    let mut w = s.watch("/t/failover/", 0).await.unwrap();
+    s.put("/t/failover/w", "x", 0).await.unwrap();
+    assert_eq!(next_event(&mut w).await.key(), "/t/failover/w");
+}
