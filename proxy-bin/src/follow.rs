@@ -269,15 +269,20 @@ fn accept(value: Option<&str>, status: &FollowStatus) -> bool {
             return false;
         }
     };
-    if data.is_none() {
-        tracing::warn!("the cluster has no clusterdata yet; run `keelson ctl init`");
+    let mut current = status.data.lock().unwrap_or_else(|e| e.into_inner());
+    if data.is_none() && current.is_some() {
+        tracing::warn!("clusterdata was deleted from the store");
     }
-    *status.data.lock().unwrap_or_else(|e| e.into_inner()) = data;
+    *current = data;
+    drop(current);
     status.confirm();
     true
 }
 
 async fn follow(store: AnyStore, keys: Keys, status: Arc<FollowStatus>) {
+    if let Ok(None) = store.get(&keys.clusterdata()).await {
+        tracing::warn!(cluster = keys.base(), "the cluster has no clusterdata yet; create it with `keelson ctl init`");
+    }
     let mut reg = Registration {
         lease: 0,
         generation: None,
