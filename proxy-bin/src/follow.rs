@@ -281,7 +281,10 @@ fn accept(value: Option<&str>, status: &FollowStatus) -> bool {
 
 async fn follow(store: AnyStore, keys: Keys, status: Arc<FollowStatus>) {
     if let Ok(None) = store.get(&keys.clusterdata()).await {
-        tracing::warn!(cluster = keys.base(), "the cluster has no clusterdata yet; create it with `keelson ctl init`");
+        tracing::warn!(
+            cluster = keys.base(),
+            "the cluster has no clusterdata yet; create it with `keelson ctl init`"
+        );
     }
     let mut reg = Registration {
         lease: 0,

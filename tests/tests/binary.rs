@@ -7,7 +7,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{free_port, keelson_bin, sqlstate, try_connect, PgServer};
+use crate::support::{
+    connect_watched, ended_with, free_port, keelson_bin, sqlstate, try_connect, PgServer,
+};
 
 struct Proc(Child);
 
@@ -71,10 +73,7 @@ async fn binary_config_layers_admin_endpoints_and_sigterm() {
         Duration::from_secs(60),
         "the proxy never accepted a session"
     );
-    let (a, a_conn) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let a_conn = tokio::spawn(a_conn);
+    let (a, a_conn) = connect_watched(&conn).await;
     let b = try_connect(&conn)
         .await
         .expect("env max_connections=10 beats the file's 1");
@@ -114,11 +113,12 @@ async fn binary_config_layers_admin_endpoints_and_sigterm() {
     a.simple_query("SELECT 1")
         .await
         .expect("open session works during the grace period");
-    let err = tokio::time::timeout(Duration::from_secs(10), a_conn)
-        .await
-        .expect("ended after the grace period")
-        .unwrap()
-        .expect_err("ended with an error");
+    let err = ended_with(
+        a_conn,
+        Duration::from_secs(10),
+        "ended after the grace period",
+    )
+    .await;
     assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err}");
     let status = tokio::task::spawn_blocking(move || proc.0.wait())
         .await

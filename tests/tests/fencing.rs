@@ -10,8 +10,8 @@ use cluster::{AnyStore, ClusterSpec, Keys, Store};
 use proxy_core::{ProxyConfig, View, ViewHandle};
 
 use crate::support::{
-    connect, db_message, init_cluster, keelson_bin, landing_port, must_fail, set_master, sqlstate,
-    try_connect, EtcdServer, PgServer, TestProxy,
+    connect, connect_watched, db_message, ended_with, init_cluster, keelson_bin, landing_port,
+    must_fail, set_master, sqlstate, try_connect, EtcdServer, PgServer, TestProxy,
 };
 
 async fn file_store() -> (AnyStore, tempfile::TempDir) {
@@ -57,15 +57,9 @@ async fn switch_primary(store: AnyStore) {
         "sessions never reached primary A"
     );
     // An idle session, and one idle in a transaction, both on A.
-    let (idle, idle_conn) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let idle_conn = tokio::spawn(idle_conn);
+    let (idle, idle_conn) = connect_watched(&conn).await;
     idle.simple_query("SELECT 1").await.unwrap();
-    let (txn, txn_conn) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let txn_conn = tokio::spawn(txn_conn);
+    let (txn, txn_conn) = connect_watched(&conn).await;
     txn.batch_execute("BEGIN; CREATE TEMP TABLE t (x int); INSERT INTO t VALUES (1)")
         .await
         .unwrap();
@@ -73,11 +67,12 @@ async fn switch_primary(store: AnyStore) {
     let switched = Instant::now();
     let generation = set_master(&store, &keys, Some("b")).await;
     for (name, c) in [("idle", idle_conn), ("idle in transaction", txn_conn)] {
-        let err = tokio::time::timeout(Duration::from_secs(3), c)
-            .await
-            .unwrap_or_else(|_| panic!("the {name} session on the old primary was not ended"))
-            .unwrap()
-            .expect_err("ended with an error");
+        let err = ended_with(
+            c,
+            Duration::from_secs(3),
+            &format!("the {name} session on the old primary"),
+        )
+        .await;
         assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{name}: {err:?}");
         assert!(
             db_message(&err).contains("primary changed"),
@@ -219,10 +214,7 @@ async fn etcd_outage_stops_routing_after_proxy_timeout_and_recovers() {
         Duration::from_secs(10),
         "never routed"
     );
-    let (s1, s1_conn) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let s1_conn = tokio::spawn(s1_conn);
+    let (s1, s1_conn) = connect_watched(&conn).await;
 
     // SIGSTOP: etcd hangs. A short outage is tolerated...
     etcd.pause();
@@ -243,11 +235,7 @@ async fn etcd_outage_stops_routing_after_proxy_timeout_and_recovers() {
         noticed >= Duration::from_millis(2900),
         "went stale too early: {noticed:?}"
     );
-    let err = tokio::time::timeout(Duration::from_secs(3), s1_conn)
-        .await
-        .expect("primary session ended")
-        .unwrap()
-        .expect_err("with an error");
+    let err = ended_with(s1_conn, Duration::from_secs(3), "primary session ended").await;
     assert_eq!(sqlstate(&err).as_deref(), Some("57P01"));
     assert!(db_message(&err).contains("cluster store"), "{err:?}");
     let e = must_fail(try_connect(&conn).await, "no routing while stale");

@@ -4,7 +4,8 @@ use proxy_core::ProxyConfig;
 use tokio::net::TcpStream;
 
 use crate::support::{
-    connect, db_message, free_port, must_fail, sqlstate, try_connect, PgServer, TestProxy,
+    connect, connect_watched, db_message, free_port, must_fail, sqlstate, try_connect, PgServer,
+    TestProxy,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,10 +127,7 @@ async fn graceful_shutdown_lets_work_finish_then_ends_the_rest() {
     let pg = PgServer::start().await;
     let proxy = TestProxy::start(&pg.addr(), ProxyConfig::default()).await;
     // One session that is idle for ever, one that is busy for a while.
-    let (idle, idle_conn) = tokio_postgres::connect(&proxy.conn("postgres"), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let idle_conn = tokio::spawn(idle_conn);
+    let (idle, idle_conn) = connect_watched(&proxy.conn("postgres")).await;
     idle.simple_query("SELECT 1").await.unwrap();
     let busy = connect(&proxy.conn("postgres")).await;
     let busy_query = tokio::spawn(async move {

@@ -659,3 +659,34 @@ pub async fn landing_port(conn: &str) -> Option<u16> {
         .get(0);
     u16::try_from(p).ok()
 }
+
+/// Connects and drives the connection on a task whose result is returned:
+/// an error the server sends outside a query (a FATAL on an idle session)
+/// shows up there.
+pub async fn connect_watched(
+    conn: &str,
+) -> (
+    Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, connection) = tokio_postgres::connect(conn, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {conn}: {e}"));
+    (client, tokio::spawn(connection))
+}
+
+/// Waits for a watched connection to be ended by the server and returns the
+/// error it ended with.
+pub async fn ended_with(
+    conn: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    within: Duration,
+    what: &str,
+) -> tokio_postgres::Error {
+    match tokio::time::timeout(within, conn).await {
+        Err(_) => panic!("{what}: not ended within {within:?}"),
+        Ok(r) => match r.expect("connection task") {
+            Ok(()) => panic!("{what}: ended without an error"),
+            Err(e) => e,
+        },
+    }
+}
