@@ -129,6 +129,9 @@ impl Negotiation {
 /// the first ReadyForQuery or ErrorResponse. `startup` is written to the
 /// backend first. With `negotiation`, the client gets exactly one
 /// NegotiateProtocolVersion before anything else.
+///
+/// Not cancel-safe: a dropped future leaves both connections mid-exchange;
+/// the caller closes them. The deadline is applied inside, per read.
 pub async fn authenticate<C, B>(
     client: &mut C,
     backend: &mut B,

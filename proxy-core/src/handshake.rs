@@ -26,6 +26,9 @@ pub enum Startup {
 
 /// Reads the startup phase. On error nothing has been written to the client
 /// about it yet; the caller sends the ErrorResponse.
+///
+/// Not cancel-safe: bytes read so far live in a local buffer and are lost if
+/// the future is dropped. Timeouts are therefore applied inside, per read.
 pub async fn read_startup(
     stream: &mut ClientStream,
     tls: Option<&TlsAcceptor>,
