@@ -183,6 +183,12 @@ pub struct DbStatus {
     pub in_recovery: bool,
     /// The generation of this database's spec the keeper has applied.
     pub applied_generation: u64,
+    /// Standbys PostgreSQL reports as synchronous (`pg_stat_replication`).
+    pub synchronous_standbys: Vec<String>,
+    /// Wall-clock milliseconds since which the database has looked
+    /// unhealthy, as the sentinel saw it. Kept in the store so that a new
+    /// sentinel leader does not restart failure timers from zero.
+    pub unhealthy_since_ms: Option<u64>,
 }
 
 /// One PostgreSQL instance, managed by one keeper.
@@ -194,6 +200,47 @@ pub struct Db {
     pub generation: u64,
     pub spec: DbSpec,
     pub status: DbStatus,
+}
+
+/// What a keeper reports about its database, under its lease at
+/// `keepers/<uid>`. A missing report means the keeper is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct KeeperReport {
+    pub uid: String,
+    /// Whether PostgreSQL is running and answering queries.
+    pub healthy: bool,
+    /// `host:port` of its PostgreSQL.
+    pub address: Option<String>,
+    /// `pg_is_in_recovery()`.
+    pub in_recovery: bool,
+    /// The current WAL position: write LSN on a primary, last received (or
+    /// replayed, whichever is higher) on a standby.
+    pub lsn: u64,
+    pub timeline: u32,
+    pub system_id: Option<String>,
+    /// The database spec generation the keeper has applied.
+    pub applied_generation: u64,
+    /// Standbys reported as synchronous by `pg_stat_replication`.
+    pub synchronous_standbys: Vec<String>,
+    /// Keeper settings, taken into the cluster data when it joins.
+    pub priority: i32,
+    pub never_primary: bool,
+}
+
+/// A failover in progress: the fencing handshake and the promotion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Failover {
+    /// The database that was primary.
+    pub from: String,
+    /// The proxy generation that named no primary; every live proxy must
+    /// acknowledge it before a new primary is named.
+    pub fence_generation: u64,
+    /// The database chosen to be promoted, once chosen.
+    pub to: Option<String>,
+    /// Why: "failover" or "switchover".
+    pub reason: String,
 }
 
 /// What proxies route by.
@@ -219,6 +266,9 @@ pub struct ClusterData {
     pub dbs: BTreeMap<String, Db>,
     #[serde(default)]
     pub proxy: ProxySection,
+    /// A failover or switchover in progress.
+    #[serde(default)]
+    pub failover: Option<Failover>,
 }
 
 /// Why stored cluster data could not be used.
@@ -254,6 +304,7 @@ impl ClusterData {
             keepers: BTreeMap::new(),
             dbs: BTreeMap::new(),
             proxy: ProxySection::default(),
+            failover: None,
         }
     }
 
