@@ -17,6 +17,8 @@ mod clients;
 mod copy;
 /// The proxy following a cluster store: routing, fencing, holding, outages.
 mod fencing;
+/// The keeper's PostgreSQL primitives: initdb, basebackup, reports, promotion.
+mod keeper;
 /// Connection limits, backend failures, concurrency and idle connections.
 mod limits;
 /// The store conformance suite, against the file store and etcd.

@@ -1,0 +1,454 @@
+//! One local PostgreSQL instance: its binaries, its data directory, the
+//! configuration keelson manages, the supervised `postgres` process, and the
+//! queries that tell what it is doing.
+//!
+//! PostgreSQL refuses to run as root. When the keeper runs as root, every
+//! PostgreSQL program runs as the `postgres` account (setuid/setgid on the
+//! child) and the data directory belongs to that account.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use cluster::data::KeeperReport;
+use tokio::process::{Child, Command};
+use tokio_postgres::{Client, NoTls};
+
+/// Why an operation on PostgreSQL failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("PostgreSQL binaries not found: {0}")]
+    Binaries(String),
+    #[error("{program} failed: {detail}")]
+    Program { program: String, detail: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("PostgreSQL did not accept connections within {0:?}; see its log at {1}")]
+    NotReady(Duration, String),
+    #[error("query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+pub type Result<T> = std::result::Result<T, PgError>;
+
+/// Where PostgreSQL's programs are.
+#[derive(Debug, Clone)]
+pub struct PgBin {
+    dir: Option<PathBuf>,
+}
+
+impl PgBin {
+    /// `dir` if given; else `pg_config --bindir` when it holds `initdb`;
+    /// else the programs on PATH.
+    pub fn find(dir: Option<PathBuf>) -> Result<Self> {
+        if let Some(d) = dir {
+            if !d.join("postgres").exists() {
+                return Err(PgError::Binaries(format!("no postgres in {}", d.display())));
+            }
+            return Ok(PgBin { dir: Some(d) });
+        }
+        if let Ok(out) = std::process::Command::new("pg_config")
+            .arg("--bindir")
+            .output()
+        {
+            let d = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if d.join("initdb").exists() {
+                return Ok(PgBin { dir: Some(d) });
+            }
+        }
+        Ok(PgBin { dir: None })
+    }
+
+    fn program(&self, name: &str) -> PathBuf {
+        match &self.dir {
+            Some(d) => d.join(name),
+            None => PathBuf::from(name),
+        }
+    }
+}
+
+/// The `postgres` account's uid and gid when running as root.
+pub fn unprivileged_ids() -> Option<(u32, u32)> {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    let f: Vec<&str> = passwd
+        .lines()
+        .find(|l| l.starts_with("postgres:"))?
+        .split(':')
+        .collect();
+    Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?))
+}
+
+/// One PostgreSQL instance managed by a keeper.
+#[derive(Debug)]
+pub struct Instance {
+    bin: PgBin,
+    /// The keeper's directory: `pgdata/`, the socket and the log live here.
+    dir: PathBuf,
+    pub host: String,
+    pub port: u16,
+    run_as: Option<(u32, u32)>,
+    child: Option<Child>,
+}
+
+/// Name of the file with keelson's managed parameters, included from
+/// postgresql.conf; keelson's own parameters win over user ones.
+const MANAGED_CONF: &str = "keelson.conf";
+
+impl Instance {
+    pub fn new(bin: PgBin, dir: impl Into<PathBuf>, host: &str, port: u16) -> Self {
+        Instance {
+            bin,
+            dir: dir.into(),
+            host: host.to_owned(),
+            port,
+            run_as: unprivileged_ids(),
+            child: None,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("pgdata")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("postgres.log")
+    }
+
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    pub fn is_initialized(&self) -> bool {
+        self.data_dir().join("PG_VERSION").exists()
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(self.bin.program(program));
+        if let Some((uid, gid)) = self.run_as {
+            c.uid(uid).gid(gid);
+            c.env("HOME", &self.dir);
+        }
+        c.kill_on_drop(true);
+        c
+    }
+
+    fn chown(&self, path: &Path) -> Result<()> {
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+        }
+        Ok(())
+    }
+
+    async fn run(&self, program: &str, args: &[&str]) -> Result<()> {
+        let out = self
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await?;
+        if !out.status.success() {
+            return Err(PgError::Program {
+                program: program.to_owned(),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn prepare_dir(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        self.chown(&self.dir)?;
+        Ok(())
+    }
+
+    /// Creates a new primary's data directory (`initdb`), with the
+    /// superuser `postgres` trusted on the local socket only.
+    pub async fn initdb(&self) -> Result<()> {
+        self.prepare_dir()?;
+        let data = self.data_dir();
+        let data = data.to_string_lossy();
+        self.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+        )
+        .await
+    }
+
+    /// Creates a standby's data directory with `pg_basebackup` from
+    /// `primary` (`host:port`), as `repl_user`.
+    pub async fn basebackup(&self, primary: &str, repl_user: &str) -> Result<()> {
+        self.prepare_dir()?;
+        let (host, port) = primary.rsplit_once(':').unwrap_or((primary, "5432"));
+        let data = self.data_dir();
+        let data = data.to_string_lossy();
+        self.run(
+            "pg_basebackup",
+            &[
+                "-D",
+                &data,
+                "-h",
+                host,
+                "-p",
+                port,
+                "-U",
+                repl_user,
+                "-X",
+                "stream",
+                "--no-sync",
+                "-c",
+                "fast",
+            ],
+        )
+        .await
+    }
+
+    /// Writes keelson's managed parameters (merged over `user`, keelson
+    /// wins) and makes postgresql.conf include them; writes pg_hba.conf.
+    pub fn write_config(
+        &self,
+        user: &BTreeMap<String, String>,
+        primary_conninfo: Option<&str>,
+        synchronous_standbys: &[String],
+    ) -> Result<()> {
+        let mut p = user.clone();
+        let managed = [
+            ("listen_addresses", format!("'{}'", self.host)),
+            ("port", self.port.to_string()),
+            (
+                "unix_socket_directories",
+                format!("'{}'", self.dir.display()),
+            ),
+            ("wal_level", "replica".into()),
+            ("hot_standby", "on".into()),
+            ("max_wal_senders", "10".into()),
+            ("max_replication_slots", "10".into()),
+            ("wal_log_hints", "on".into()),
+            ("password_encryption", "'scram-sha-256'".into()),
+        ];
+        for (k, v) in managed {
+            p.insert(k.to_owned(), v);
+        }
+        if let Some(ci) = primary_conninfo {
+            p.insert(
+                "primary_conninfo".into(),
+                format!("'{}'", ci.replace('\'', "''")),
+            );
+            p.insert("recovery_target_timeline".into(), "'latest'".into());
+        }
+        let names = if synchronous_standbys.is_empty() {
+            String::new()
+        } else {
+            // Every listed standby must confirm: any of them can then be
+            // promoted without losing an acknowledged commit.
+            format!(
+                "FIRST {} ({})",
+                synchronous_standbys.len(),
+                synchronous_standbys.join(", ")
+            )
+        };
+        p.insert("synchronous_standby_names".into(), format!("'{names}'"));
+        let text: String = p.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+        let data = self.data_dir();
+        std::fs::write(
+            data.join(MANAGED_CONF),
+            format!("# Managed by keelson; edits are overwritten.\n{text}"),
+        )?;
+        let conf = data.join("postgresql.conf");
+        let current = std::fs::read_to_string(&conf)?;
+        let include = format!("include_if_exists = '{MANAGED_CONF}'");
+        if !current.contains(&include) {
+            std::fs::write(&conf, format!("{current}\n{include}\n"))?;
+        }
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "# Managed by keelson.\n\
+             local all postgres trust\n\
+             host replication all 127.0.0.1/32 trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\n\
+             host all all ::1/128 scram-sha-256\n",
+        )?;
+        let signal = data.join("standby.signal");
+        if primary_conninfo.is_some() {
+            std::fs::write(&signal, "")?;
+        } else if signal.exists() {
+            std::fs::remove_file(&signal)?;
+        }
+        for f in [
+            MANAGED_CONF,
+            "postgresql.conf",
+            "pg_hba.conf",
+            "standby.signal",
+        ] {
+            if data.join(f).exists() {
+                self.chown(&data.join(f))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts `postgres` as a supervised child and waits until it accepts
+    /// connections.
+    pub async fn start(&mut self, limit: Duration) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        self.chown(&self.log_path())?;
+        let data = self.data_dir();
+        let child = self
+            .command("postgres")
+            .arg("-D")
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return Err(PgError::Program {
+                        program: "postgres".into(),
+                        detail: format!("exited with {status}; see {}", self.log_path().display()),
+                    });
+                }
+            }
+            if let Ok(c) = self.connect().await {
+                if c.simple_query("SELECT 1").await.is_ok() {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(PgError::NotReady(
+            limit,
+            self.log_path().display().to_string(),
+        ))
+    }
+
+    /// Stops PostgreSQL with a fast shutdown (SIGINT), killing it if it has
+    /// not stopped within `limit`.
+    pub async fn stop(&mut self, limit: Duration) {
+        if let Some(mut c) = self.child.take() {
+            if let Some(pid) = c.id() {
+                // SAFETY: signalling our own child by pid.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGINT);
+                }
+            }
+            if tokio::time::timeout(limit, c.wait()).await.is_err() {
+                let _ = c.kill().await;
+            }
+        }
+    }
+
+    /// The pid of the supervised `postgres`, if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// A superuser connection over the local socket.
+    pub async fn connect(&self) -> std::result::Result<Client, tokio_postgres::Error> {
+        let conn = format!(
+            "host={} port={} user=postgres dbname=postgres connect_timeout=2",
+            self.dir.display(),
+            self.port
+        );
+        let (client, connection) = tokio_postgres::connect(&conn, NoTls).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// Makes a running PostgreSQL re-read its configuration.
+    pub async fn reload(&self) -> Result<()> {
+        self.connect()
+            .await?
+            .execute("SELECT pg_reload_conf()", &[])
+            .await?;
+        Ok(())
+    }
+
+    /// Promotes a standby and waits for it to leave recovery.
+    pub async fn promote(&self) -> Result<()> {
+        let c = self.connect().await?;
+        c.execute("SELECT pg_promote(true, 60)", &[]).await?;
+        Ok(())
+    }
+
+    /// What the sentinel needs to know about this instance. An instance
+    /// that does not answer is reported unhealthy.
+    pub async fn report(&self, uid: &str, applied_generation: u64) -> KeeperReport {
+        let mut r = KeeperReport {
+            uid: uid.to_owned(),
+            address: Some(self.address()),
+            applied_generation,
+            ..Default::default()
+        };
+        let Ok(c) = self.connect().await else {
+            return r;
+        };
+        let q = "SELECT pg_is_in_recovery(), \
+                 (CASE WHEN pg_is_in_recovery() \
+                       THEN greatest(coalesce(pg_last_wal_receive_lsn(), '0/0'), coalesce(pg_last_wal_replay_lsn(), '0/0')) \
+                       ELSE pg_current_wal_lsn() END - '0/0')::text, \
+                 (SELECT timeline_id FROM pg_control_checkpoint())::int, \
+                 (SELECT system_identifier FROM pg_control_system())::text, \
+                 coalesce((SELECT array_agg(application_name::text ORDER BY application_name) FROM pg_stat_replication WHERE sync_state = 'sync'), '{}')";
+        match c.query_one(q, &[]).await {
+            Ok(row) => {
+                r.healthy = true;
+                r.in_recovery = row.get(0);
+                r.lsn = row.get::<_, String>(1).parse().unwrap_or(0);
+                r.timeline = row.get::<_, i32>(2).max(0) as u32;
+                r.system_id = Some(row.get(3));
+                r.synchronous_standbys = row.get(4);
+                if r.in_recovery {
+                    // The checkpoint's timeline lags behind on a standby
+                    // that has followed a promotion; the received one is
+                    // current.
+                    if let Ok(row) = c
+                        .query_one("SELECT received_tli FROM pg_stat_wal_receiver", &[])
+                        .await
+                    {
+                        if let Some(tli) = row.get::<_, Option<i32>>(0) {
+                            r.timeline = r.timeline.max(tli.max(0) as u32);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "status query failed"),
+        }
+        r
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if let Some(pid) = c.id() {
+                // SAFETY: signalling our own child; an immediate shutdown.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGQUIT);
+                }
+            }
+        }
+    }
+}

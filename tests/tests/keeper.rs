@@ -1,0 +1,95 @@
+//! The keeper's PostgreSQL primitives against real PostgreSQL: a primary
+//! from initdb, a streaming standby from pg_basebackup, the reports the
+//! sentinel decides by, synchronous replication, and promotion.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use keeper::{Instance, PgBin};
+
+use crate::support::free_port;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_standby_reports_sync_and_promotion() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = PgBin::find(None).unwrap();
+    let mut a = Instance::new(bin.clone(), dir.path().join("a"), "127.0.0.1", free_port());
+    a.initdb().await.unwrap();
+    a.write_config(&BTreeMap::new(), None, &[]).unwrap();
+    a.start(Duration::from_secs(30)).await.unwrap();
+    let ra = a.report("a", 1).await;
+    assert!(ra.healthy && !ra.in_recovery, "{ra:?}");
+    assert_eq!(ra.timeline, 1);
+    assert!(ra.lsn > 0);
+
+    let mut b = Instance::new(bin, dir.path().join("b"), "127.0.0.1", free_port());
+    b.basebackup(&a.address(), "postgres").await.unwrap();
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres application_name=b",
+        a.port
+    );
+    b.write_config(&BTreeMap::new(), Some(&conninfo), &[])
+        .unwrap();
+    b.start(Duration::from_secs(30)).await.unwrap();
+
+    // Streaming replication: a row written on the primary shows on the standby.
+    let ca = a.connect().await.unwrap();
+    ca.batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (42)")
+        .await
+        .unwrap();
+    let cb = b.connect().await.unwrap();
+    crate::assert_eventually!(
+        cb.query_opt("SELECT x FROM t", &[])
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.get::<_, i32>(0) == 42),
+        Duration::from_secs(10),
+        "the row never reached the standby"
+    );
+    let rb = b.report("b", 1).await;
+    assert!(rb.healthy && rb.in_recovery, "{rb:?}");
+    assert_eq!(rb.system_id, ra.system_id, "same system");
+    assert_eq!(rb.timeline, 1);
+    let ra = a.report("a", 1).await;
+    assert!(
+        rb.lsn > 0 && rb.lsn <= ra.lsn,
+        "standby {} primary {}",
+        rb.lsn,
+        ra.lsn
+    );
+
+    // Synchronous replication: the primary reports b as synchronous.
+    a.write_config(&BTreeMap::new(), None, &["b".to_owned()])
+        .unwrap();
+    a.reload().await.unwrap();
+    crate::assert_eventually!(
+        a.report("a", 2).await.synchronous_standbys == vec!["b".to_string()],
+        Duration::from_secs(10),
+        "b never became synchronous"
+    );
+    ca.execute("INSERT INTO t VALUES (43)", &[]).await.unwrap();
+
+    // Promotion: b leaves recovery on timeline 2 with every committed row.
+    b.promote().await.unwrap();
+    crate::assert_eventually!(
+        {
+            let r = b.report("b", 2).await;
+            r.healthy && !r.in_recovery && r.timeline == 2
+        },
+        Duration::from_secs(15),
+        "b was not promoted"
+    );
+    let n: i64 = cb
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "the synchronously committed row survived promotion");
+    b.stop(Duration::from_secs(10)).await;
+    a.stop(Duration::from_secs(10)).await;
+    assert!(
+        !a.report("a", 2).await.healthy,
+        "a stopped instance reports unhealthy"
+    );
+}
