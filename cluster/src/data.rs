@@ -223,6 +223,8 @@ pub struct KeeperReport {
     pub applied_generation: u64,
     /// Standbys reported as synchronous by `pg_stat_replication`.
     pub synchronous_standbys: Vec<String>,
+    /// When the keeper made this report (wall-clock ms; 0 = unknown).
+    pub reported_at_ms: u64,
     /// Keeper settings, taken into the cluster data when it joins.
     pub priority: i32,
     pub never_primary: bool,

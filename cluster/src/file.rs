@@ -28,7 +28,7 @@ use crate::store::{Cas, KeyValue, LeaseId, Result, Store, StoreError, Watch, Wat
 /// How often watchers look for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
 /// Events kept for watches that resume from an older revision.
-pub const EVENT_HISTORY: usize = 10_000;
+pub const EVENT_HISTORY: usize = 1_000;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Entry {

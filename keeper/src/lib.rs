@@ -4,5 +4,6 @@
 //! reconcile loop around them comes with the failover work.
 
 pub mod pg;
+pub mod run;
 
 pub use pg::{Instance, PgBin, PgError};

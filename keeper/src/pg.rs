@@ -218,6 +218,26 @@ impl Instance {
         .await
     }
 
+    /// Rewinds this (stopped) former primary onto `source` (`host:port`)
+    /// with pg_rewind, which first runs crash recovery if needed.
+    pub async fn rewind(&self, source: &str) -> Result<()> {
+        let (host, port) = source.rsplit_once(':').unwrap_or((source, "5432"));
+        let data = self.data_dir();
+        let data = data.to_string_lossy();
+        let src = format!("host={host} port={port} user=postgres dbname=postgres");
+        self.run("pg_rewind", &["-D", &data, "--source-server", &src])
+            .await
+    }
+
+    /// Deletes the data directory (before a fresh base backup).
+    pub fn remove_data(&self) -> Result<()> {
+        let d = self.data_dir();
+        if d.exists() {
+            std::fs::remove_dir_all(&d)?;
+        }
+        Ok(())
+    }
+
     /// Writes keelson's managed parameters (merged over `user`, keelson
     /// wins) and makes postgresql.conf include them; writes pg_hba.conf.
     pub fn write_config(
@@ -275,19 +295,25 @@ impl Instance {
         if !current.contains(&include) {
             std::fs::write(&conf, format!("{current}\n{include}\n"))?;
         }
+        // An instance listening on loopback only (a one-host cluster, the
+        // demo) trusts local TCP clients; any other requires SCRAM.
+        let loopback = self.host == "localhost" || self.host.starts_with("127.");
+        let clients = if loopback { "trust" } else { "scram-sha-256" };
         std::fs::write(
             data.join("pg_hba.conf"),
-            "# Managed by keelson.\n\
-             local all postgres trust\n\
-             host replication all 127.0.0.1/32 trust\n\
-             host all all 127.0.0.1/32 scram-sha-256\n\
-             host all all ::1/128 scram-sha-256\n",
+            format!(
+                "# Managed by keelson.\n\
+                 local all postgres trust\n\
+                 host replication all 127.0.0.1/32 trust\n\
+                 host all all 127.0.0.1/32 {clients}\n\
+                 host all all ::1/128 {clients}\n"
+            ),
         )?;
-        let signal = data.join("standby.signal");
+        // standby.signal makes a starting PostgreSQL a standby. It is never
+        // removed here: promotion removes it, and removing it under a
+        // running standby makes the promotion fail.
         if primary_conninfo.is_some() {
-            std::fs::write(&signal, "")?;
-        } else if signal.exists() {
-            std::fs::remove_file(&signal)?;
+            std::fs::write(data.join("standby.signal"), "")?;
         }
         for f in [
             MANAGED_CONF,
@@ -355,6 +381,19 @@ impl Instance {
             if tokio::time::timeout(limit, c.wait()).await.is_err() {
                 let _ = c.kill().await;
             }
+        }
+    }
+
+    /// Whether the supervised `postgres` is still running (reaps it if it
+    /// exited).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => true,
+            Some(_) => {
+                self.child = None;
+                false
+            }
+            None => false,
         }
     }
 

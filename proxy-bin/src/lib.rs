@@ -5,6 +5,7 @@ pub mod admin;
 pub mod config;
 pub mod ctl;
 pub mod follow;
+pub mod roles;
 pub mod serve;
 
 use anyhow::Result;
@@ -29,6 +30,12 @@ pub enum Command {
     Proxy(config::ProxyArgs),
     /// Create and inspect a cluster in the store.
     Ctl(ctl::CtlArgs),
+    /// Run a keeper: manage one local PostgreSQL.
+    Keeper(roles::KeeperArgs),
+    /// Run a sentinel: elect the primary and fail over.
+    Sentinel(roles::SentinelArgs),
+    /// Run a whole local cluster (sentinel, keepers, proxy) on the file store.
+    Demo(roles::DemoArgs),
 }
 
 /// Starts logging to stderr.
@@ -49,6 +56,9 @@ pub fn run(cli: Cli) -> Result<()> {
             .enable_all()
             .build()?
             .block_on(ctl::run(args)),
+        Command::Keeper(args) => roles::keeper(args),
+        Command::Sentinel(args) => roles::sentinel(args),
+        Command::Demo(args) => roles::demo(args),
     }
 }
 

@@ -38,6 +38,10 @@ pub struct Observations {
     pub keepers: BTreeMap<String, KeeperReport>,
     /// Live proxies and the generation each has applied (`proxies/<uid>`).
     pub proxies: BTreeMap<String, u64>,
+    /// When this sentinel last saw each keeper report a healthy database
+    /// (wall-clock ms). A failure timer starts there rather than when the
+    /// report vanished, a lease TTL later. Empty after a leader change.
+    pub last_healthy_ms: BTreeMap<String, u64>,
 }
 
 /// Computes the next cluster data. Pure: same inputs, same output.
@@ -132,7 +136,12 @@ fn update_status(d: &mut ClusterData, obs: &Observations, now_ms: u64) {
         if s.healthy {
             s.unhealthy_since_ms = None;
         } else if s.unhealthy_since_ms.is_none() {
-            s.unhealthy_since_ms = Some(now_ms);
+            let last = obs
+                .last_healthy_ms
+                .get(&db.keeper)
+                .copied()
+                .unwrap_or(now_ms);
+            s.unhealthy_since_ms = Some(last.min(now_ms));
         }
     }
 }

@@ -502,6 +502,20 @@ fn cases() -> Vec<Case> {
             },
         },
         Case {
+            name: "the failure timer starts when the primary was last seen healthy",
+            run: || {
+                let d = cluster("m", &["s1"]);
+                let mut o = observe(&d, &["m"]);
+                o.last_healthy_ms.insert("m".into(), T0 - 3 * SEC);
+                let d = decide(&d, &o, T0);
+                decide(&d, &o, T0 + 2 * SEC)
+            },
+            check: |d| {
+                assert_eq!(d.dbs["m"].status.unhealthy_since_ms, Some(T0 - 3 * SEC));
+                assert!(d.failover.is_some(), "5 s after the last healthy report");
+            },
+        },
+        Case {
             name: "a standby whose keeper vanished is marked unhealthy",
             run: || {
                 let d = cluster("m", &["s1", "s2"]);

@@ -1,7 +1,8 @@
-//! keelson's sentinel. This crate holds the decision function; the leader
-//! election and the reconcile loop around it come with the failover work.
+//! keelson's sentinel: leader election through the store, the pure
+//! decision function, and the loop that applies it.
 
 pub mod decide;
+pub mod run;
 
 #[cfg(test)]
 mod decide_tests;

@@ -1,0 +1,269 @@
+//! `keelson keeper`, `keelson sentinel` and `keelson demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use cluster::{Cas, ClusterData, ClusterSpec, Keys, Store};
+
+/// Where a role finds its cluster.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterArgs {
+    /// Cluster store: file:///dir or etcd://host:2379[,host:2379...].
+    #[arg(long, env = "KEELSON_STORE")]
+    pub store: String,
+    /// Name of the cluster.
+    #[arg(long, env = "KEELSON_CLUSTER")]
+    pub cluster: String,
+    /// Key prefix in the store.
+    #[arg(long, env = "KEELSON_PREFIX", default_value = cluster::store::DEFAULT_PREFIX)]
+    pub prefix: String,
+}
+
+impl ClusterArgs {
+    fn keys(&self) -> Keys {
+        Keys::new(&self.prefix, &self.cluster)
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct KeeperArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// This keeper's name, unique in the cluster.
+    #[arg(long, env = "KEELSON_UID")]
+    pub uid: String,
+    /// Directory for PostgreSQL's data and the keeper's state.
+    #[arg(long, env = "KEELSON_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Address PostgreSQL listens on, as HOST:PORT.
+    #[arg(long, env = "KEELSON_PG_LISTEN")]
+    pub pg_listen: String,
+    /// Directory of PostgreSQL's programs [default: pg_config --bindir, else PATH].
+    #[arg(long, env = "KEELSON_PG_BIN_DIR")]
+    pub pg_bin_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SentinelArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// This sentinel's name [default: sentinel-<hostname>-<pid>].
+    #[arg(long, env = "KEELSON_UID")]
+    pub uid: Option<String>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Directory for the demo's store and data [default: a new temporary directory].
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Number of keepers (PostgreSQL instances).
+    #[arg(long, default_value_t = 2)]
+    pub keepers: usize,
+    /// Address of the proxy.
+    #[arg(long, default_value = "127.0.0.1:6432")]
+    pub listen: SocketAddr,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+pub fn keeper(args: KeeperArgs) -> Result<()> {
+    let (host, port) = args
+        .pg_listen
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+        .with_context(|| {
+            format!(
+                "--pg-listen {:?} must be HOST:PORT, such as 127.0.0.1:5433",
+                args.pg_listen
+            )
+        })?;
+    let cfg = keeper::run::KeeperConfig {
+        uid: args.uid,
+        dir: args.data_dir,
+        host,
+        port,
+        pg_bin_dir: args.pg_bin_dir,
+    };
+    runtime()?.block_on(async {
+        let store = cluster::open(&args.cluster.store).await?;
+        tokio::select! {
+            r = keeper::run::run(cfg, store, args.cluster.keys()) => r?,
+            s = crate::shutdown_signal() => tracing::info!(signal = s?, "keeper stopping; PostgreSQL stops with it"),
+        }
+        anyhow::Ok(())
+    })
+}
+
+pub fn sentinel(args: SentinelArgs) -> Result<()> {
+    let uid = args
+        .uid
+        .unwrap_or_else(|| crate::config::default_uid().replacen("proxy", "sentinel", 1));
+    runtime()?.block_on(async {
+        let store = cluster::open(&args.cluster.store).await?;
+        tokio::select! {
+            _ = sentinel::run::run(store, args.cluster.keys(), uid) => {}
+            s = crate::shutdown_signal() => tracing::info!(signal = s?, "sentinel stopping"),
+        }
+        anyhow::Ok(())
+    })
+}
+
+struct Children(Vec<(String, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, c) in &self.0 {
+            // SAFETY: signalling our own children.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+        }
+        for (name, c) in &mut self.0 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    eprintln!("demo: {name} did not stop; killing it");
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A whole local cluster on the file store: one sentinel, N keepers and one
+/// proxy, each a child process of this binary so that each can be killed
+/// alone.
+pub fn demo(args: DemoArgs) -> Result<()> {
+    if args.keepers == 0 {
+        bail!("--keepers must be at least 1");
+    }
+    let dir = match args.dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("keelson-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
+        // PostgreSQL runs as `postgres`; it must reach its directories.
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+    }
+    let store_url = format!("file://{}", dir.join("store").display());
+    let exe = std::env::current_exe()?;
+    let rt = runtime()?;
+    let keys = Keys::new(cluster::store::DEFAULT_PREFIX, "demo");
+    let store = rt.block_on(cluster::open(&store_url))?;
+    let created = rt.block_on(store.put_if_revision(
+        &keys.clusterdata(),
+        &ClusterData::new(ClusterSpec::default()).to_json(),
+        0,
+        0,
+    ))?;
+    println!("keelson demo in {}", dir.display());
+    if let Cas::Conflict(_) = created {
+        println!("  reusing the existing cluster");
+    }
+    let log = |name: &str| -> Result<Stdio> {
+        Ok(std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{name}.log")))?
+            .into())
+    };
+    let common = ["--store", &store_url, "--cluster", "demo"];
+    let mut children = Children(Vec::new());
+    let spawn = |name: &str, args: &[&str], children: &mut Children| -> Result<()> {
+        let c = Command::new(&exe)
+            .args(args)
+            .stdout(log(name)?)
+            .stderr(log(name)?)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        println!(
+            "  started {name} (pid {}, log {}/{name}.log)",
+            c.id(),
+            dir.display()
+        );
+        children.0.push((name.to_owned(), c));
+        Ok(())
+    };
+    let mut sargs = vec!["sentinel", "--uid", "sentinel-1"];
+    sargs.extend(common);
+    spawn("sentinel", &sargs, &mut children)?;
+    for i in 1..=args.keepers {
+        let uid = format!("keeper{i}");
+        let port = free_port()?.to_string();
+        let data = dir.join(&uid).display().to_string();
+        let listen = format!("127.0.0.1:{port}");
+        let mut kargs = vec![
+            "keeper",
+            "--uid",
+            &uid,
+            "--data-dir",
+            &data,
+            "--pg-listen",
+            &listen,
+        ];
+        kargs.extend(common);
+        spawn(&uid, &kargs, &mut children)?;
+    }
+    let listen = args.listen.to_string();
+    let mut pargs = vec!["proxy", "--listen", &listen, "--uid", "proxy-1"];
+    pargs.extend(common);
+    spawn("proxy", &pargs, &mut children)?;
+
+    println!("waiting for the cluster to elect its first primary...");
+    let status = rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(s) = crate::ctl::status_json(&store, &keys).await {
+                let standbys_ready = s["keepers"].as_array().is_some_and(|k| {
+                    k.iter().filter(|k| k["healthy"] == true).count() >= args.keepers
+                });
+                if !s["master"].is_null() && standbys_ready {
+                    return Ok(s);
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "the cluster did not come up within 2 minutes; see the logs in {}",
+                    dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })?;
+    println!();
+    println!("{}", serde_json::to_string_pretty(&status)?);
+    println!();
+    println!("The cluster is up. Connect through the proxy:");
+    println!(
+        "  psql 'host={} port={} user=postgres dbname=postgres'",
+        args.listen.ip(),
+        args.listen.port()
+    );
+    println!("Status: keelson ctl --store {store_url} --cluster demo status");
+    println!("Press Ctrl-C to stop everything.");
+    let signal = rt.block_on(crate::shutdown_signal())?;
+    println!("{signal}: stopping the demo...");
+    drop(children);
+    Ok(())
+}
