@@ -127,6 +127,13 @@ impl Instance {
         self.data_dir().join("PG_VERSION").exists()
     }
 
+    /// Whether the data directory is set up as a standby. An initialized
+    /// directory without it has been a primary, and may hold WAL that a new
+    /// primary never saw.
+    pub fn has_standby_signal(&self) -> bool {
+        self.data_dir().join("standby.signal").exists()
+    }
+
     fn command(&self, program: &str) -> Command {
         let mut c = Command::new(self.bin.program(program));
         if let Some((uid, gid)) = self.run_as {
@@ -157,6 +164,12 @@ impl Instance {
                 detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             });
         }
+        tracing::info!(
+            program,
+            output = %String::from_utf8_lossy(&out.stdout).trim(),
+            messages = %String::from_utf8_lossy(&out.stderr).trim(),
+            "done"
+        );
         Ok(())
     }
 
@@ -225,6 +238,14 @@ impl Instance {
         let data = self.data_dir();
         let data = data.to_string_lossy();
         let src = format!("host={host} port={port} user=postgres dbname=postgres");
+        // A just-promoted primary records its new timeline in its control
+        // file only at its next checkpoint; before that pg_rewind sees "the
+        // same timeline" and rewinds nothing.
+        let (c, conn) = tokio_postgres::connect(&format!("{src} connect_timeout=5"), NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        c.batch_execute("CHECKPOINT").await?;
         self.run("pg_rewind", &["-D", &data, "--source-server", &src])
             .await
     }

@@ -158,6 +158,8 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
             interval = data.spec.keeper_report_interval;
             if let Some(desired) = desired_of(data, &cfg.uid) {
                 obs.running = pg.is_running();
+                obs.initialized = pg.is_initialized();
+                obs.was_primary = obs.initialized && !pg.has_standby_signal();
                 if obs.running {
                     obs.in_recovery = pg.report(&cfg.uid, applied).await.in_recovery;
                 }
@@ -298,11 +300,6 @@ async fn act(
                 pg.promote().await?;
                 o.in_recovery = false;
             }
-        }
-        if d.role == Role::Master
-            && matches!(step, Action::Start | Action::Promote | Action::InitDb)
-        {
-            o.was_primary = true;
         }
     }
     Ok(())

@@ -52,7 +52,7 @@ pub fn decide(current: &ClusterData, obs: &Observations, now_ms: u64) -> Cluster
     if d.phase == ClusterPhase::Initializing {
         initialize(&mut d, obs);
     }
-    rejoin(&mut d);
+    rejoin(&mut d, obs);
     failover(&mut d, obs, now_ms);
     name_primary(&mut d);
     if d.spec.synchronous_replication {
@@ -176,11 +176,12 @@ fn initialize(d: &mut ClusterData, obs: &Observations) {
 }
 
 /// Databases left without a role (a failed primary, a new keeper before a
-/// primary existed) follow the primary once their keeper reports again.
-fn rejoin(d: &mut ClusterData) {
+/// primary existed) follow the primary once their keeper reports again,
+/// whether or not its PostgreSQL runs: the keeper starts it as a standby.
+fn rejoin(d: &mut ClusterData, obs: &Observations) {
     let Some(m) = master(d) else { return };
     for (uid, db) in d.dbs.iter_mut() {
-        if *uid != m && db.spec.role == Role::None && db.status.healthy {
+        if *uid != m && db.spec.role == Role::None && obs.keepers.contains_key(&db.keeper) {
             set_spec(db, follower(&m));
         }
     }

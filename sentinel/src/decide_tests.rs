@@ -459,8 +459,8 @@ fn cases() -> Vec<Case> {
             run: || {
                 let d = cluster("m", &["s1"]);
                 let d = fail_master(&d, "m", |o| o);
-                let o = observe(&d, &[]);
-                let o = with(o, "m", |r| r.healthy = true);
+                // Its keeper reports again; its PostgreSQL is not running yet.
+                let o = with(observe(&d, &[]), "m", |r| r.healthy = false);
                 decide(&d, &o, T0 + 20 * SEC)
             },
             check: |d| {

@@ -64,17 +64,16 @@ pub async fn step(
     let now = now_ms();
     // A report outlives its keeper by up to a lease TTL. Judge it by when
     // it was made: older than two report intervals means the keeper is not
-    // reporting, whatever the report says.
+    // reporting, as if there were no report.
     let stale_ms = 2 * data.spec.keeper_report_interval.as_millis() as u64;
-    for (uid, r) in obs.keepers.iter_mut() {
+    obs.keepers
+        .retain(|_, r| r.reported_at_ms == 0 || now.saturating_sub(r.reported_at_ms) <= stale_ms);
+    for (uid, r) in &obs.keepers {
         let made = if r.reported_at_ms > 0 {
             r.reported_at_ms.min(now)
         } else {
             now
         };
-        if now.saturating_sub(made) > stale_ms {
-            r.healthy = false;
-        }
         if r.healthy {
             let seen = last_healthy.entry(uid.clone()).or_insert(made);
             *seen = (*seen).max(made);

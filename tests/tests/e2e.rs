@@ -15,6 +15,8 @@ mod cancel;
 mod clients;
 /// COPY of 100 MB each way, byte-exact.
 mod copy;
+/// Automatic failover with real keepers and a sentinel.
+mod failover;
 /// The proxy following a cluster store: routing, fencing, holding, outages.
 mod fencing;
 /// The keeper's PostgreSQL primitives: initdb, basebackup, reports, promotion.
