@@ -87,7 +87,7 @@ async fn failover_after_sigkill(url: &str, store: AnyStore) {
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
         spawn(&a, &dir.path().join(format!("keeper{i}.log")))
     };
-    let mut keepers = vec![Some(start_keeper(1)), Some(start_keeper(2))];
+    let mut keepers = [Some(start_keeper(1)), Some(start_keeper(2))];
 
     let proxy =
         TestProxy::with_view(ViewHandle::new(View::default()), ProxyConfig::default()).await;
