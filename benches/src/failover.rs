@@ -17,33 +17,59 @@ use keelson_benches::harness::{build_keelson, chown, free_port, pg_bindir, wait_
 fn psql(bindir: &Path, port: u16, sql: &str) -> Option<String> {
     let out = Command::new(bindir.join("psql"))
         .args(["-X", "-qtA", "-c", sql])
-        .arg(format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2"))
+        .arg(format!(
+            "host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2"
+        ))
         .stderr(Stdio::null())
         .output()
         .ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 fn one_run(keelson: &Path, bindir: &Path, etcd_url: Option<&str>) -> Result<(f64, i64)> {
-    let dir = tempfile::Builder::new().prefix("keelson-failover-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("keelson-failover-")
+        .tempdir()?;
     chown(dir.path());
     let url = match etcd_url {
         Some(u) => u.to_owned(),
         None => format!("file://{}", dir.path().join("store").display()),
     };
     let cluster_name = format!("f{}", free_port());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let store = rt.block_on(cluster::open(&url))?;
     let keys = Keys::new("keelson", &cluster_name);
-    rt.block_on(store.put(&keys.clusterdata(), &ClusterData::new(ClusterSpec::default()).to_json(), 0))?;
-    let common = ["--store", url.as_str(), "--cluster", cluster_name.as_str(), "--log", "warn"];
+    rt.block_on(store.put(
+        &keys.clusterdata(),
+        &ClusterData::new(ClusterSpec::default()).to_json(),
+        0,
+    ))?;
+    let common = [
+        "--store",
+        url.as_str(),
+        "--cluster",
+        cluster_name.as_str(),
+        "--log",
+        "warn",
+    ];
     let spawn = |name: &'static str, args: Vec<String>| -> Result<Proc> {
         Ok(Proc {
             name,
-            child: Command::new(keelson).args(args).args(common).stderr(Stdio::null()).spawn()?,
+            child: Command::new(keelson)
+                .args(args)
+                .args(common)
+                .stderr(Stdio::null())
+                .spawn()?,
         })
     };
-    let _sentinel = spawn("sentinel", vec!["sentinel".into(), "--uid".into(), "s1".into()])?;
+    let _sentinel = spawn(
+        "sentinel",
+        vec!["sentinel".into(), "--uid".into(), "s1".into()],
+    )?;
     let ports = [free_port(), free_port()];
     let mut keepers = Vec::new();
     for (i, port) in ports.iter().enumerate() {
@@ -64,7 +90,13 @@ fn one_run(keelson: &Path, bindir: &Path, etcd_url: Option<&str>) -> Result<(f64
     let proxy_port = free_port();
     let _proxy = spawn(
         "proxy",
-        vec!["proxy".into(), "--listen".into(), format!("127.0.0.1:{proxy_port}"), "--uid".into(), "p1".into()],
+        vec![
+            "proxy".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{proxy_port}"),
+            "--uid".into(),
+            "p1".into(),
+        ],
     )?;
     wait_port(proxy_port, "proxy")?;
     // Wait until both databases are healthy and the primary is named.
@@ -95,7 +127,11 @@ fn one_run(keelson: &Path, bindir: &Path, etcd_url: Option<&str>) -> Result<(f64
         }
     }
     let pid_file = dir.path().join(format!("{master}/pgdata/postmaster.pid"));
-    let pgpid: i32 = std::fs::read_to_string(pid_file)?.lines().next().unwrap_or("0").parse()?;
+    let pgpid: i32 = std::fs::read_to_string(pid_file)?
+        .lines()
+        .next()
+        .unwrap_or("0")
+        .parse()?;
     let killed = Instant::now();
     if let Some(mut k) = keepers[mi].take() {
         let _ = k.child.kill();
@@ -145,7 +181,12 @@ fn main() -> Result<()> {
                     .args(["--name", "default", "--data-dir"])
                     .arg(dir.path().join("etcd"))
                     .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-                    .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
+                    .args([
+                        "--listen-peer-urls",
+                        &p,
+                        "--initial-advertise-peer-urls",
+                        &p,
+                    ])
                     .args(["--initial-cluster", &format!("default={p}")])
                     .stderr(Stdio::null())
                     .spawn()
@@ -163,12 +204,19 @@ fn main() -> Result<()> {
     let mut lost = 0;
     for r in 0..runs {
         let (secs, l) = one_run(&keelson, &bindir, etcd_url.as_deref())?;
-        eprintln!("run {}: writes resumed {secs:.2} s after SIGKILL; acknowledged writes lost: {l}", r + 1);
+        eprintln!(
+            "run {}: writes resumed {secs:.2} s after SIGKILL; acknowledged writes lost: {l}",
+            r + 1
+        );
         times.push(secs);
         lost += l;
     }
     times.sort_by(|a, b| a.total_cmp(b));
-    let store = if etcd_url.is_some() { "etcd" } else { "file store" };
+    let store = if etcd_url.is_some() {
+        "etcd"
+    } else {
+        "file store"
+    };
     println!(
         "failover ({store}, defaults, {runs} runs): min {:.2} s  median {:.2} s  max {:.2} s  acknowledged writes lost: {lost}",
         times[0],

@@ -49,99 +49,152 @@ async fn status(store: &AnyStore, keys: &Keys) -> Option<ClusterData> {
     ClusterData::from_json(&kv.value).ok()
 }
 
-async fn failover_after_sigkill(url: &str, store: AnyStore) {
-    let dir = tempfile::tempdir().unwrap();
-    if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
-        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
-    }
-    let keys = Keys::new("keelson", "f");
-    store
-        .put(
-            &keys.clusterdata(),
-            &ClusterData::new(ClusterSpec::default()).to_json(),
-            0,
-        )
-        .await
-        .unwrap();
-    let common = ["--store", url, "--cluster", "f"];
-    let _sentinel = spawn(
-        &[&["sentinel", "--uid", "s1"][..], &common].concat(),
-        &dir.path().join("sentinel.log"),
-    );
-    let ports = [free_port(), free_port()];
-    let keeper_args = |i: usize| -> Vec<String> {
-        let mut v: Vec<String> = vec![
-            "keeper".into(),
-            "--uid".into(),
-            format!("k{i}"),
-            "--data-dir".into(),
-            dir.path().join(format!("k{i}")).display().to_string(),
-            "--pg-listen".into(),
-            format!("127.0.0.1:{}", ports[i - 1]),
-        ];
-        v.extend(common.iter().map(|s| s.to_string()));
-        v
-    };
-    let start_keeper = |i: usize| {
-        let a = keeper_args(i);
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        spawn(&a, &dir.path().join(format!("keeper{i}.log")))
-    };
-    let mut keepers = [Some(start_keeper(1)), Some(start_keeper(2))];
+/// A sentinel and two keepers as child processes, a proxy following the
+/// store in this process, and a table `w` created through the proxy.
+struct LocalCluster {
+    dir: tempfile::TempDir,
+    url: String,
+    store: AnyStore,
+    keys: Keys,
+    ports: [u16; 2],
+    keepers: [Option<Role>; 2],
+    _sentinel: Role,
+    _proxy: TestProxy,
+    conn: String,
+    /// 1-based index of the keeper whose database is primary.
+    master: usize,
+}
 
-    let proxy =
-        TestProxy::with_view(ViewHandle::new(View::default()), ProxyConfig::default()).await;
-    let _follow = keelson::follow::spawn(
-        store.clone(),
-        keys.clone(),
-        "p1".into(),
-        proxy.proxy.clone(),
-    );
-    let conn = proxy.conn("postgres");
-    crate::assert_eventually!(
-        status(&store, &keys)
+impl LocalCluster {
+    fn keeper_role(&self, i: usize) -> Role {
+        let data = self.dir.path().join(format!("k{i}")).display().to_string();
+        let listen = format!("127.0.0.1:{}", self.ports[i - 1]);
+        let uid = format!("k{i}");
+        spawn(
+            &[
+                "keeper",
+                "--uid",
+                &uid,
+                "--data-dir",
+                &data,
+                "--pg-listen",
+                &listen,
+                "--store",
+                &self.url,
+                "--cluster",
+                "f",
+            ],
+            &self.dir.path().join(format!("keeper{i}.log")),
+        )
+    }
+
+    async fn up(url: &str, store: AnyStore) -> LocalCluster {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        }
+        let keys = Keys::new("keelson", "f");
+        store
+            .put(
+                &keys.clusterdata(),
+                &ClusterData::new(ClusterSpec::default()).to_json(),
+                0,
+            )
             .await
-            .is_some_and(|d| d.proxy.master_db.is_some()
-                && d.dbs.values().filter(|db| db.status.healthy).count() == 2),
-        Duration::from_secs(120),
-        "the cluster never came up: {:?}",
-        status(&store, &keys).await
-    );
-    let data = status(&store, &keys).await.unwrap();
-    let master = data.proxy.master_db.clone().unwrap();
-    let (mi, other) = if master == "k1" { (1, 2) } else { (2, 1) };
-    crate::assert_eventually!(
-        landing_port(&conn).await == Some(ports[mi - 1]),
-        Duration::from_secs(10),
-        "the proxy never routed to the primary"
-    );
-    let c = try_connect(&conn).await.unwrap();
-    c.batch_execute("CREATE TABLE w (x int)").await.unwrap();
-    // Replication works: the standby has the table.
-    let standby = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres",
-        ports[other - 1]
-    );
-    crate::assert_eventually!(
-        match try_connect(&standby).await {
-            Ok(s) => s.query_one("SELECT count(*) FROM w", &[]).await.is_ok(),
-            Err(_) => false,
-        },
-        Duration::from_secs(10),
-        "the table never reached the standby"
+            .unwrap();
+        let sentinel = spawn(
+            &["sentinel", "--uid", "s1", "--store", url, "--cluster", "f"],
+            &dir.path().join("sentinel.log"),
+        );
+        let proxy =
+            TestProxy::with_view(ViewHandle::new(View::default()), ProxyConfig::default()).await;
+        let _ = keelson::follow::spawn(
+            store.clone(),
+            keys.clone(),
+            "p1".into(),
+            proxy.proxy.clone(),
+        );
+        let conn = proxy.conn("postgres");
+        let mut c = LocalCluster {
+            dir,
+            url: url.to_owned(),
+            store,
+            keys,
+            ports: [free_port(), free_port()],
+            keepers: [None, None],
+            _sentinel: sentinel,
+            _proxy: proxy,
+            conn,
+            master: 0,
+        };
+        c.keepers = [Some(c.keeper_role(1)), Some(c.keeper_role(2))];
+        crate::assert_eventually!(
+            status(&c.store, &c.keys)
+                .await
+                .is_some_and(|d| d.proxy.master_db.is_some()
+                    && d.dbs.values().filter(|db| db.status.healthy).count() == 2),
+            Duration::from_secs(120),
+            "the cluster never came up: {:?}",
+            status(&c.store, &c.keys).await
+        );
+        let data = status(&c.store, &c.keys).await.unwrap();
+        c.master = if data.proxy.master_db.as_deref() == Some("k1") {
+            1
+        } else {
+            2
+        };
+        crate::assert_eventually!(
+            landing_port(&c.conn).await == Some(c.ports[c.master - 1]),
+            Duration::from_secs(10),
+            "the proxy never routed to the primary"
+        );
+        let client = try_connect(&c.conn).await.unwrap();
+        client
+            .batch_execute("CREATE TABLE w (x int)")
+            .await
+            .unwrap();
+        // Replication works: the standby has the table.
+        let standby = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            c.ports[c.other() - 1]
+        );
+        crate::assert_eventually!(
+            match try_connect(&standby).await {
+                Ok(s) => s.query_one("SELECT count(*) FROM w", &[]).await.is_ok(),
+                Err(_) => false,
+            },
+            Duration::from_secs(10),
+            "the table never reached the standby"
+        );
+        c
+    }
+
+    fn other(&self) -> usize {
+        3 - self.master
+    }
+}
+
+async fn failover_after_sigkill(url: &str, store: AnyStore) {
+    let mut c = LocalCluster::up(url, store).await;
+    let (mi, other) = (c.master, c.other());
+    let (dir, ports, conn, keys, store) = (
+        c.dir.path().to_owned(),
+        c.ports,
+        c.conn.clone(),
+        c.keys.clone(),
+        c.store.clone(),
     );
 
     // SIGKILL the primary's keeper and its PostgreSQL.
-    let pgpid: i32 =
-        std::fs::read_to_string(dir.path().join(format!("k{mi}/pgdata/postmaster.pid")))
-            .unwrap()
-            .lines()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+    let pgpid: i32 = std::fs::read_to_string(dir.join(format!("k{mi}/pgdata/postmaster.pid")))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     let killed = Instant::now();
-    if let Some(mut k) = keepers[mi - 1].take() {
+    if let Some(mut k) = c.keepers[mi - 1].take() {
         let _ = k.0.kill();
         let _ = k.0.wait();
         std::mem::forget(k);
@@ -178,7 +231,7 @@ async fn failover_after_sigkill(url: &str, store: AnyStore) {
     );
 
     // The old primary comes back and rejoins as a standby of the new one.
-    keepers[mi - 1] = Some(start_keeper(mi));
+    c.keepers[mi - 1] = Some(c.keeper_role(mi));
     let old = format!("k{mi}");
     crate::assert_eventually!(
         status(&store, &keys).await.is_some_and(|d| {
@@ -205,8 +258,8 @@ async fn failover_after_sigkill(url: &str, store: AnyStore) {
         },
         Duration::from_secs(20),
         "the rejoined standby does not replicate from the new primary: {}\n{}",
-        std::fs::read_to_string(dir.path().join(format!("k{mi}/postgres.log"))).unwrap_or_default(),
-        std::fs::read_to_string(dir.path().join(format!("keeper{mi}.log"))).unwrap_or_default()
+        std::fs::read_to_string(dir.join(format!("k{mi}/postgres.log"))).unwrap_or_default(),
+        std::fs::read_to_string(dir.join(format!("keeper{mi}.log"))).unwrap_or_default()
     );
 }
 
@@ -223,4 +276,35 @@ async fn failover_after_sigkill_etcd() {
     let etcd = EtcdServer::start().await;
     let store = cluster::open(&etcd.url()).await.unwrap();
     failover_after_sigkill(&etcd.url(), store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_unavailable_for_3s_changes_nothing() {
+    let etcd = EtcdServer::start().await;
+    let store = cluster::open(&etcd.url()).await.unwrap();
+    let c = LocalCluster::up(&etcd.url(), store).await;
+    let before = status(&c.store, &c.keys).await.unwrap();
+    let (session, session_conn) = crate::support::connect_watched(&c.conn).await;
+    session.simple_query("SELECT 1").await.unwrap();
+    etcd.pause();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    etcd.resume();
+    // Well past fail_interval and proxy_timeout after the outage began.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let after = status(&c.store, &c.keys).await.unwrap();
+    assert_eq!(
+        after.proxy, before.proxy,
+        "no failover, no fencing generation"
+    );
+    assert!(after.failover.is_none());
+    assert!(
+        !session_conn.is_finished(),
+        "the primary session was not fenced"
+    );
+    let port: i32 = session
+        .query_one("INSERT INTO w VALUES (7) RETURNING inet_server_port()", &[])
+        .await
+        .expect("the session still writes")
+        .get(0);
+    assert_eq!(port, i32::from(c.ports[c.master - 1]));
 }
