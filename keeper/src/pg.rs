@@ -95,6 +95,9 @@ pub struct Instance {
     child: Option<Child>,
 }
 
+/// How long the status queries of one report may take.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Name of the file with keelson's managed parameters, included from
 /// postgresql.conf; keelson's own parameters win over user ones.
 const MANAGED_CONF: &str = "keelson.conf";
@@ -456,6 +459,20 @@ impl Instance {
     /// What the sentinel needs to know about this instance. An instance
     /// that does not answer is reported unhealthy.
     pub async fn report(&self, uid: &str, applied_generation: u64) -> KeeperReport {
+        let unhealthy = KeeperReport {
+            uid: uid.to_owned(),
+            address: Some(self.address()),
+            applied_generation,
+            ..Default::default()
+        };
+        // A hung PostgreSQL (SIGSTOP, stuck I/O) must read as unhealthy, not
+        // stop the keeper from reporting.
+        tokio::time::timeout(REPORT_TIMEOUT, self.query_report(uid, applied_generation))
+            .await
+            .unwrap_or(unhealthy)
+    }
+
+    async fn query_report(&self, uid: &str, applied_generation: u64) -> KeeperReport {
         let mut r = KeeperReport {
             uid: uid.to_owned(),
             address: Some(self.address()),

@@ -78,6 +78,8 @@ pub enum SessionError {
     BackendIo { addr: String, source: io::Error },
     #[error("the proxy is shutting down")]
     ShuttingDown,
+    #[error("the primary changed while this session was connecting")]
+    FencedWhileConnecting,
 }
 
 impl SessionError {
@@ -87,9 +89,11 @@ impl SessionError {
         match self {
             Protocol(_) | SslInjection | RepeatedRequest(_) | StartupTimeout(_) | ClientTls(_)
             | ClientGone | ClientIo(_) => ErrorKind::Client,
-            TooManyConnections(_) | NoPrimary | NoPrimaryAfter(_) | ShuttingDown => {
-                ErrorKind::Policy
-            }
+            TooManyConnections(_)
+            | NoPrimary
+            | NoPrimaryAfter(_)
+            | ShuttingDown
+            | FencedWhileConnecting => ErrorKind::Policy,
             BackendConnect { .. }
             | BackendConnectTimeout { .. }
             | AuthTimeout { .. }
@@ -110,6 +114,7 @@ impl SessionError {
             BackendConnect { .. } | BackendConnectTimeout { .. } => "backend_unavailable",
             AuthTimeout { .. } | BackendIo { .. } => "backend_error",
             ShuttingDown => "shutdown",
+            FencedWhileConnecting => "fenced",
         }
     }
 
@@ -127,7 +132,7 @@ impl SessionError {
             | BackendConnectTimeout { .. }
             | AuthTimeout { .. }
             | BackendIo { .. } => Some(CONNECTION_FAILURE),
-            ShuttingDown => Some(CANNOT_CONNECT_NOW),
+            ShuttingDown | FencedWhileConnecting => Some(CANNOT_CONNECT_NOW),
         }
     }
 
@@ -139,6 +144,7 @@ impl SessionError {
                 Some("Close idle connections or raise the proxy's max_connections.")
             }
             NoPrimary | NoPrimaryAfter(_) | ShuttingDown => Some("Retry in a few seconds."),
+            FencedWhileConnecting => Some("Retry: new sessions go to the new primary."),
             BackendConnect { .. } | BackendConnectTimeout { .. } => Some(
                 "Check that PostgreSQL is running and reachable from the proxy; retrying is safe.",
             ),
@@ -154,6 +160,7 @@ impl SessionError {
                 | SessionError::NoPrimary
                 | SessionError::NoPrimaryAfter(_)
                 | SessionError::ShuttingDown
+                | SessionError::FencedWhileConnecting
                 | SessionError::BackendConnect { .. }
                 | SessionError::BackendConnectTimeout { .. }
         )

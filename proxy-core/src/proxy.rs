@@ -390,6 +390,23 @@ fn linger_then_close(server: TcpStream) {
     });
 }
 
+/// Runs `work` unless and until `fence` fires.
+async fn until_fenced<T>(
+    fence: &Fence,
+    work: impl std::future::Future<Output = Result<T, SessionError>>,
+) -> Result<T, SessionError> {
+    let notified = fence.notified();
+    let mut notified = std::pin::pin!(notified);
+    notified.as_mut().enable();
+    if fence.is_fired() {
+        return Err(SessionError::FencedWhileConnecting);
+    }
+    tokio::select! {
+        r = work => r,
+        _ = notified => Err(SessionError::FencedWhileConnecting),
+    }
+}
+
 /// Picks the primary from the current view, holding the client for up to
 /// the hold timeout while there is none. Returns the backend and its fence,
 /// taken so that a fence fired from now on ends the session.
@@ -448,30 +465,34 @@ async fn run_session(
     tracing::Span::current().record("backend.addr", backend.addr());
 
     let (startup, negotiation) = negotiate(&message);
-    let t0 = Instant::now();
-    let mut server = backend::connect(
-        backend.addr(),
-        shared.cfg.connect_timeout,
-        &shared.cfg.socket,
-    )
-    .await?;
-    m::backend_connect(t0.elapsed().as_secs_f64());
-
-    let mut first = BytesMut::with_capacity(startup.len() + pipelined.len());
-    first.extend_from_slice(&startup);
-    first.extend_from_slice(&pipelined);
-    let auth_limit = shared.cfg.auth_timeout;
-    let auth = backend::authenticate(
-        client,
-        &mut server,
-        backend.addr(),
-        &first,
-        negotiation,
-        Instant::now() + auth_limit,
-        auth_limit,
-    )
-    .await?;
-    drop(first);
+    // Connecting and authenticating can hang on a server that is hung
+    // itself; a fence (the primary changed) ends the wait at once.
+    let setup = async {
+        let t0 = Instant::now();
+        let mut server = backend::connect(
+            backend.addr(),
+            shared.cfg.connect_timeout,
+            &shared.cfg.socket,
+        )
+        .await?;
+        m::backend_connect(t0.elapsed().as_secs_f64());
+        let mut first = BytesMut::with_capacity(startup.len() + pipelined.len());
+        first.extend_from_slice(&startup);
+        first.extend_from_slice(&pipelined);
+        let auth_limit = shared.cfg.auth_timeout;
+        let auth = backend::authenticate(
+            &mut *client,
+            &mut server,
+            backend.addr(),
+            &first,
+            negotiation,
+            Instant::now() + auth_limit,
+            auth_limit,
+        )
+        .await?;
+        Ok((server, auth))
+    };
+    let (mut server, auth) = until_fenced(&fence, setup).await?;
     let mut est = match auth {
         AuthResult::Ready(est) => est,
         AuthResult::Refused => {

@@ -308,3 +308,92 @@ async fn etcd_unavailable_for_3s_changes_nothing() {
         .get(0);
     assert_eq!(port, i32::from(c.ports[c.master - 1]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_primary_is_failed_over_and_never_written_again_through_the_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let store = cluster::open(&url).await.unwrap();
+    let c = LocalCluster::up(&url, store).await;
+    let (old, new) = (c.master, c.other());
+    let pid_file = c.dir.path().join(format!("k{old}/pgdata/postmaster.pid"));
+    let pgpid: i32 = std::fs::read_to_string(pid_file)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // SAFETY: pausing (then resuming) the primary's postmaster by pid.
+    unsafe {
+        libc::kill(pgpid, libc::SIGSTOP);
+    }
+    let hung = Instant::now();
+    let port = loop {
+        // A session connecting to the hung server when the primary
+        // changes is refused at once (57P03), so attempts stay short; the
+        // bound only guards the test.
+        let attempt = tokio::time::timeout(Duration::from_secs(15), async {
+            let cl = try_connect(&c.conn).await.ok()?;
+            let r = cl
+                .query_one("INSERT INTO w VALUES (1) RETURNING inet_server_port()", &[])
+                .await
+                .ok()?;
+            Some(r.get::<_, i32>(0))
+        });
+        if let Ok(Some(p)) = attempt.await {
+            break p;
+        }
+        assert!(
+            hung.elapsed() < Duration::from_secs(60),
+            "no failover from a hung primary"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        port,
+        i32::from(c.ports[new - 1]),
+        "writes moved to the standby"
+    );
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pgpid, libc::SIGCONT);
+    }
+    // The old instance wakes up still thinking it is a primary. Through the
+    // proxy no write ever reaches it, and it is turned into a standby.
+    let old_port = i32::from(c.ports[old - 1]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let old_uid = format!("k{old}");
+    loop {
+        let cl = try_connect(&c.conn).await.unwrap();
+        let p: i32 = cl
+            .query_one("INSERT INTO w VALUES (2) RETURNING inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_ne!(
+            p, old_port,
+            "a write through the proxy reached the old primary"
+        );
+        let d = status(&c.store, &c.keys).await.unwrap();
+        let db = &d.dbs[&old_uid];
+        if db.spec.role == cluster::data::Role::Standby
+            && db.status.healthy
+            && db.status.in_recovery
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old primary never became a standby: {db:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let direct = format!("host=127.0.0.1 port={old_port} user=postgres dbname=postgres");
+    let e = try_connect(&direct)
+        .await
+        .unwrap()
+        .execute("INSERT INTO w VALUES (3)", &[])
+        .await;
+    assert!(e.is_err(), "the old primary is read-only now");
+}
