@@ -58,7 +58,8 @@ struct LocalCluster {
     keys: Keys,
     ports: [u16; 2],
     keepers: [Option<Role>; 2],
-    _sentinel: Role,
+    /// Sentinels s1, s2, ...; `None` once killed.
+    sentinels: Vec<Option<Role>>,
     _proxy: TestProxy,
     conn: String,
     /// 1-based index of the keeper whose database is primary.
@@ -89,23 +90,33 @@ impl LocalCluster {
     }
 
     async fn up(url: &str, store: AnyStore) -> LocalCluster {
+        Self::up_with(url, store, ClusterSpec::default(), 1).await
+    }
+
+    async fn up_with(
+        url: &str,
+        store: AnyStore,
+        spec: ClusterSpec,
+        sentinels: usize,
+    ) -> LocalCluster {
         let dir = tempfile::tempdir().unwrap();
         if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
         }
         let keys = Keys::new("keelson", "f");
         store
-            .put(
-                &keys.clusterdata(),
-                &ClusterData::new(ClusterSpec::default()).to_json(),
-                0,
-            )
+            .put(&keys.clusterdata(), &ClusterData::new(spec).to_json(), 0)
             .await
             .unwrap();
-        let sentinel = spawn(
-            &["sentinel", "--uid", "s1", "--store", url, "--cluster", "f"],
-            &dir.path().join("sentinel.log"),
-        );
+        let sentinels = (1..=sentinels)
+            .map(|i| {
+                let uid = format!("s{i}");
+                Some(spawn(
+                    &["sentinel", "--uid", &uid, "--store", url, "--cluster", "f"],
+                    &dir.path().join(format!("sentinel{i}.log")),
+                ))
+            })
+            .collect();
         let proxy =
             TestProxy::with_view(ViewHandle::new(View::default()), ProxyConfig::default()).await;
         let _ = keelson::follow::spawn(
@@ -122,7 +133,7 @@ impl LocalCluster {
             keys,
             ports: [free_port(), free_port()],
             keepers: [None, None],
-            _sentinel: sentinel,
+            sentinels,
             _proxy: proxy,
             conn,
             master: 0,
@@ -171,6 +182,48 @@ impl LocalCluster {
 
     fn other(&self) -> usize {
         3 - self.master
+    }
+
+    /// SIGKILLs the primary's keeper and its PostgreSQL.
+    fn kill_primary(&mut self) {
+        let pid_file = self
+            .dir
+            .path()
+            .join(format!("k{}/pgdata/postmaster.pid", self.master));
+        let pgpid: i32 = std::fs::read_to_string(pid_file)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        if let Some(mut k) = self.keepers[self.master - 1].take() {
+            let _ = k.0.kill();
+            let _ = k.0.wait();
+            std::mem::forget(k);
+        }
+        // SAFETY: killing the orphaned postmaster by pid.
+        unsafe {
+            libc::kill(pgpid, libc::SIGKILL);
+        }
+    }
+
+    /// Inserts through the proxy until a write succeeds; returns the port
+    /// it landed on and how long it took.
+    async fn next_write(&self, sql: &str, limit: Duration) -> (u16, Duration) {
+        let t = Instant::now();
+        loop {
+            let attempt = tokio::time::timeout(Duration::from_secs(15), async {
+                let cl = try_connect(&self.conn).await.ok()?;
+                let r = cl.query_one(sql, &[]).await.ok()?;
+                Some(r.get::<_, i32>(0))
+            });
+            if let Ok(Some(p)) = attempt.await {
+                return (p as u16, t.elapsed());
+            }
+            assert!(t.elapsed() < limit, "no write succeeded within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
@@ -396,4 +449,113 @@ async fn hung_primary_is_failed_over_and_never_written_again_through_the_proxy()
         .execute("INSERT INTO w VALUES (3)", &[])
         .await;
     assert!(e.is_err(), "the old primary is read-only now");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_still_happens_after_the_sentinel_leader_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let store = cluster::open(&url).await.unwrap();
+    let mut c = LocalCluster::up_with(&url, store, ClusterSpec::default(), 2).await;
+    let leader = c
+        .store
+        .get(&c.keys.leader())
+        .await
+        .unwrap()
+        .expect("a leader")
+        .value;
+    let li: usize = leader.trim_start_matches('s').parse().unwrap();
+    if let Some(mut s) = c.sentinels[li - 1].take() {
+        let _ = s.0.kill();
+        let _ = s.0.wait();
+        std::mem::forget(s);
+    }
+    c.kill_primary();
+    let (port, took) = c
+        .next_write(
+            "INSERT INTO w VALUES (1) RETURNING inet_server_port()",
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(port, c.ports[c.other() - 1]);
+    let new_leader = c
+        .store
+        .get(&c.keys.leader())
+        .await
+        .unwrap()
+        .expect("a leader")
+        .value;
+    assert_ne!(new_leader, leader, "another sentinel took over");
+    eprintln!("failover with a new sentinel leader took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_mode_loses_no_acknowledged_commit() {
+    let etcd = EtcdServer::start().await;
+    let store = cluster::open(&etcd.url()).await.unwrap();
+    let spec = ClusterSpec {
+        synchronous_replication: true,
+        ..Default::default()
+    };
+    let mut c = LocalCluster::up_with(&etcd.url(), store, spec, 1).await;
+    let standby = format!("k{}", c.other());
+    crate::assert_eventually!(
+        status(&c.store, &c.keys)
+            .await
+            .is_some_and(
+                |d| d.dbs[&format!("k{}", c.master)].status.synchronous_standbys
+                    == vec![standby.clone()]
+            ),
+        Duration::from_secs(30),
+        "the standby never became synchronous"
+    );
+    // A writer commits rows as fast as it can; every acknowledged id is kept.
+    let conn = c.conn.clone();
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let a2 = acked.clone();
+    let writer = tokio::spawn(async move {
+        let cl = try_connect(&conn).await.unwrap();
+        for i in 0..100_000i32 {
+            if cl
+                .execute("INSERT INTO w VALUES ($1)", &[&i])
+                .await
+                .is_err()
+            {
+                break;
+            }
+            a2.lock().unwrap().push(i);
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.kill_primary();
+    let _ = writer.await;
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 10,
+        "the writer committed {} rows",
+        acked.len()
+    );
+    let (port, _) = c
+        .next_write(
+            "INSERT INTO w VALUES (-1) RETURNING inet_server_port()",
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(port, c.ports[c.other() - 1]);
+    let cl = try_connect(&c.conn).await.unwrap();
+    let present: Vec<i32> = cl
+        .query("SELECT x FROM w WHERE x >= 0", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let present: std::collections::HashSet<i32> = present.into_iter().collect();
+    let lost: Vec<&i32> = acked.iter().filter(|i| !present.contains(i)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged commits lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
 }
