@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cluster::{ClusterData, ClusterSpec, Keys, Store};
-use keelson_benches::harness::{build_keelson, chown, free_port, pg_bindir, wait_port, Proc};
+use keelson_benches::harness::{
+    build_keelson, chown, free_port, pg_bindir, start_etcd, wait_port, Proc,
+};
 
 fn psql(bindir: &Path, port: u16, sql: &str) -> Option<String> {
     let out = Command::new(bindir.join("psql"))
@@ -170,33 +172,10 @@ fn main() -> Result<()> {
     let bindir = pg_bindir()?;
     let mut _etcd = None;
     let etcd_url = if args.iter().any(|a| a == "--etcd") {
-        let (cp, pp) = (free_port(), free_port());
         let dir = tempfile::tempdir()?;
-        let c = format!("http://127.0.0.1:{cp}");
-        let p = format!("http://127.0.0.1:{pp}");
-        _etcd = Some((
-            Proc {
-                name: "etcd",
-                child: Command::new("etcd")
-                    .args(["--name", "default", "--data-dir"])
-                    .arg(dir.path().join("etcd"))
-                    .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-                    .args([
-                        "--listen-peer-urls",
-                        &p,
-                        "--initial-advertise-peer-urls",
-                        &p,
-                    ])
-                    .args(["--initial-cluster", &format!("default={p}")])
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .context("etcd not found")?,
-            },
-            dir,
-        ));
-        wait_port(cp, "etcd")?;
-        std::thread::sleep(Duration::from_secs(1));
-        Some(format!("etcd://127.0.0.1:{cp}"))
+        let (proc, url) = start_etcd(dir.path())?;
+        _etcd = Some((proc, dir));
+        Some(url)
     } else {
         None
     };

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use cluster::data::{Db, DbSpec, DbStatus, Role};
 use cluster::{Cas, ClusterData, ClusterSpec, Keys, Store};
-use keelson_benches::harness::{build_keelson, free_port, start_postgres, wait_port, Proc};
+use keelson_benches::harness::{
+    build_keelson, free_port, start_etcd, start_postgres, wait_port, Proc,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -142,28 +144,9 @@ async fn main() -> Result<()> {
 
     let mut _etcd = None;
     let url = if use_etcd {
-        let (cp, pp) = (free_port(), free_port());
-        let c = format!("http://127.0.0.1:{cp}");
-        let p = format!("http://127.0.0.1:{pp}");
-        _etcd = Some(Proc {
-            name: "etcd",
-            child: std::process::Command::new("etcd")
-                .args(["--name", "default", "--data-dir"])
-                .arg(dir.path().join("etcd"))
-                .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-                .args([
-                    "--listen-peer-urls",
-                    &p,
-                    "--initial-advertise-peer-urls",
-                    &p,
-                ])
-                .args(["--initial-cluster", &format!("default={p}")])
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .context("etcd not found (apt-get install etcd-server)")?,
-        });
-        wait_port(cp, "etcd")?;
-        format!("etcd://127.0.0.1:{cp}")
+        let (proc, url) = start_etcd(dir.path())?;
+        _etcd = Some(proc);
+        url
     } else {
         format!("file://{}", dir.path().join("store").display())
     };

@@ -36,17 +36,7 @@ impl Drop for Proc {
 }
 
 pub fn postgres_ids() -> Option<(u32, u32)> {
-    // SAFETY: no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        return None;
-    }
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    let f: Vec<&str> = passwd
-        .lines()
-        .find(|l| l.starts_with("postgres:"))?
-        .split(':')
-        .collect();
-    Some((f[2].parse().ok()?, f[3].parse().ok()?))
+    keeper::pg::unprivileged_ids()
 }
 
 pub fn as_postgres(mut c: Command) -> Command {
@@ -189,4 +179,32 @@ pub fn start_postgres(dir: &Path, name: &str, max_connections: u32) -> Result<(P
     // The port opens before PostgreSQL accepts sessions.
     std::thread::sleep(Duration::from_millis(500));
     Ok((proc, port))
+}
+
+/// Starts a single-member etcd on free loopback ports with its data in
+/// `dir`; returns the process and the store URL.
+pub fn start_etcd(dir: &Path) -> Result<(Proc, String)> {
+    let (cp, pp) = (free_port(), free_port());
+    let c = format!("http://127.0.0.1:{cp}");
+    let p = format!("http://127.0.0.1:{pp}");
+    let proc = Proc {
+        name: "etcd",
+        child: Command::new("etcd")
+            .args(["--name", "default", "--data-dir"])
+            .arg(dir.join("etcd"))
+            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+            .args([
+                "--listen-peer-urls",
+                &p,
+                "--initial-advertise-peer-urls",
+                &p,
+            ])
+            .args(["--initial-cluster", &format!("default={p}")])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("etcd not found (apt-get install etcd-server)")?,
+    };
+    wait_port(cp, "etcd")?;
+    std::thread::sleep(Duration::from_secs(1));
+    Ok((proc, format!("etcd://127.0.0.1:{cp}")))
 }

@@ -8,15 +8,8 @@ use cluster::{AnyStore, Cas, ClusterData, ClusterSpec, Keys, Store};
 /// Options shared by every `ctl` command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CtlArgs {
-    /// Cluster store: file:///dir or etcd://host:2379[,host:2379...].
-    #[arg(long, env = "KEELSON_STORE")]
-    pub store: String,
-    /// Name of the cluster.
-    #[arg(long, env = "KEELSON_CLUSTER")]
-    pub cluster: String,
-    /// Key prefix in the store.
-    #[arg(long, env = "KEELSON_PREFIX", default_value = cluster::store::DEFAULT_PREFIX)]
-    pub prefix: String,
+    #[command(flatten)]
+    pub cluster: crate::roles::ClusterArgs,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -88,8 +81,8 @@ pub async fn status_json(store: &AnyStore, keys: &Keys) -> Result<serde_json::Va
 }
 
 pub async fn run(args: CtlArgs) -> Result<()> {
-    let store = cluster::open(&args.store).await?;
-    let keys = Keys::new(&args.prefix, &args.cluster);
+    let store = cluster::open(&args.cluster.store).await?;
+    let keys = args.cluster.keys();
     match args.command {
         CtlCommand::Init { spec } => {
             let spec: ClusterSpec = match spec {
@@ -108,11 +101,14 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 .put_if_revision(&keys.clusterdata(), &data.to_json(), 0, 0)
                 .await?
             {
-                Cas::Done(_) => println!("cluster {:?} created in {}", args.cluster, args.store),
+                Cas::Done(_) => println!(
+                    "cluster {:?} created in {}",
+                    args.cluster.cluster, args.cluster.store
+                ),
                 Cas::Conflict(_) => bail!(
                     "cluster {:?} already exists in {}; `keelson ctl status` shows it",
-                    args.cluster,
-                    args.store
+                    args.cluster.cluster,
+                    args.cluster.store
                 ),
             }
         }

@@ -23,7 +23,7 @@ pub struct ClusterArgs {
 }
 
 impl ClusterArgs {
-    fn keys(&self) -> Keys {
+    pub fn keys(&self) -> Keys {
         Keys::new(&self.prefix, &self.cluster)
     }
 }

@@ -97,17 +97,7 @@ fn pg_command(name: &str) -> Command {
 
 /// The `postgres` account's uid and gid when running as root.
 pub fn unprivileged() -> Option<(u32, u32)> {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        return None;
-    }
-    let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
-    let line = passwd
-        .lines()
-        .find(|l| l.starts_with("postgres:"))
-        .expect("running as root needs a `postgres` account to run PostgreSQL");
-    let f: Vec<&str> = line.split(':').collect();
-    Some((f[2].parse().expect("uid"), f[3].parse().expect("gid")))
+    keeper::pg::unprivileged_ids()
 }
 
 fn chown_tree(path: &Path) {
