@@ -243,7 +243,12 @@ pub struct Failover {
     pub to: Option<String>,
     /// Why: "failover" or "switchover".
     pub reason: String,
+    /// For a switchover: the standby the operator asked for, if any.
+    pub requested: Option<String>,
 }
+
+/// Reason of a planned switchover in [`Failover::reason`].
+pub const SWITCHOVER: &str = "switchover";
 
 /// What proxies route by.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

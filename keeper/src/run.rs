@@ -57,7 +57,13 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
     use Action::*;
     let mut a = Vec::new();
     match d.role {
-        Role::None => {}
+        // Not (or no longer) a member with a role: a former primary is
+        // stopped, so that nobody writes to it.
+        Role::None => {
+            if o.running {
+                a.push(Stop);
+            }
+        }
         Role::Master => {
             if !o.initialized {
                 a.extend([InitDb, WriteConfig, Start]);
@@ -394,9 +400,15 @@ mod tests {
                 vec![WriteConfig, Reload],
             ),
             (
-                "no role: leave it",
+                "no role: stop it",
                 desired(Role::None, None),
                 running_primary,
+                vec![Stop],
+            ),
+            (
+                "no role and stopped: nothing",
+                desired(Role::None, None),
+                fresh.clone(),
                 vec![],
             ),
         ];

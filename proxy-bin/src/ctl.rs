@@ -30,6 +30,13 @@ pub enum CtlCommand {
     },
     /// Print the cluster spec as JSON.
     Spec,
+    /// Planned switchover: hold new clients, stop the primary, promote a
+    /// standby once it has everything, release the clients to it.
+    Switchover {
+        /// The standby to promote [default: the most advanced eligible one].
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 async fn read(store: &AnyStore, keys: &Keys) -> Result<(ClusterData, i64)> {
@@ -112,6 +119,44 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 ),
             }
         }
+        CtlCommand::Switchover { to } => loop {
+            let kv = store.get(&keys.clusterdata()).await?.context(
+                "the cluster has no data in the store; create it with `keelson ctl init`",
+            )?;
+            let mut data = ClusterData::from_json(&kv.value)?;
+            let Some(from) = data.proxy.master_db.clone() else {
+                bail!("the cluster has no primary to switch over from");
+            };
+            if data.failover.is_some() {
+                bail!("a failover or switchover is already in progress; `keelson ctl status` shows it");
+            }
+            if let Some(t) = &to {
+                match data.dbs.get(t) {
+                    Some(db)
+                        if db.spec.role == cluster::data::Role::Standby && db.status.healthy => {}
+                    Some(_) => bail!("{t} is not a healthy standby"),
+                    None => bail!("the cluster has no keeper {t}"),
+                }
+            }
+            if sentinel::decide::choose_candidate(&data, &from).is_none() {
+                bail!("no standby is eligible to take over from {from}");
+            }
+            data.set_proxy_master(None);
+            data.failover = Some(cluster::data::Failover {
+                from: from.clone(),
+                fence_generation: data.proxy.generation,
+                to: None,
+                reason: cluster::data::SWITCHOVER.into(),
+                requested: to.clone(),
+            });
+            if let Cas::Done(_) = store
+                .put_if_revision(&keys.clusterdata(), &data.to_json(), kv.mod_revision, 0)
+                .await?
+            {
+                println!("switchover from {from} started; new clients are held until the new primary takes them");
+                break;
+            }
+        },
         CtlCommand::Spec => {
             let (data, _) = read(&store, &keys).await?;
             println!("{}", serde_json::to_string_pretty(&data.spec)?);

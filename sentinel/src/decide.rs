@@ -28,7 +28,7 @@
 
 use std::collections::BTreeMap;
 
-use cluster::data::{ClusterPhase, Db, DbSpec, Failover, Keeper, KeeperReport, Role};
+use cluster::data::{ClusterPhase, Db, DbSpec, Failover, Keeper, KeeperReport, Role, SWITCHOVER};
 use cluster::ClusterData;
 
 /// What the sentinel saw in the store this round.
@@ -195,6 +195,14 @@ fn proxies_acked(obs: &Observations, generation: u64) -> bool {
 
 /// The standby to promote in place of `from`, if one is eligible.
 pub fn choose_candidate(d: &ClusterData, from: &str) -> Option<String> {
+    choose_candidate_among(d, from, |_| true)
+}
+
+fn choose_candidate_among(
+    d: &ClusterData,
+    from: &str,
+    only: impl Fn(&str) -> bool,
+) -> Option<String> {
     let old = d.dbs.get(from)?;
     let sync_set = &old.status.synchronous_standbys;
     d.dbs
@@ -202,6 +210,7 @@ pub fn choose_candidate(d: &ClusterData, from: &str) -> Option<String> {
         .filter(|(uid, db)| {
             let keeper = d.keepers.get(&db.keeper);
             *uid != from
+                && only(uid)
                 && db.spec.role == Role::Standby
                 && db.status.healthy
                 && db.status.in_recovery
@@ -234,6 +243,10 @@ fn failover(d: &mut ClusterData, obs: &Observations, now_ms: u64) {
         if !proxies_acked(obs, f.fence_generation) {
             return;
         }
+        if f.reason == SWITCHOVER {
+            switchover(d, obs, &f);
+            return;
+        }
         match choose_candidate(d, &f.from) {
             Some(to) => promote(d, &f.from, &to),
             None if d.dbs.get(&f.from).is_some_and(|db| db.status.healthy) => {
@@ -261,7 +274,64 @@ fn failover(d: &mut ClusterData, obs: &Observations, now_ms: u64) {
         fence_generation: d.proxy.generation,
         to: None,
         reason: "failover".into(),
+        requested: None,
     });
+}
+
+/// A planned switchover, once the proxies hold new clients: stop the old
+/// primary (a clean shutdown sends every WAL record to the streaming
+/// standbys), wait until the target has received all the old primary had,
+/// then promote it.
+fn switchover(d: &mut ClusterData, obs: &Observations, f: &Failover) {
+    let target = f
+        .requested
+        .clone()
+        .filter(|t| eligible(d, &f.from, t))
+        .or_else(|| choose_candidate(d, &f.from));
+    let Some(target) = target else {
+        // No standby can take over: give the primary back.
+        if let Some(db) = d.dbs.get_mut(&f.from) {
+            set_spec(
+                db,
+                DbSpec {
+                    role: Role::Master,
+                    ..db.spec.clone()
+                },
+            );
+        }
+        d.failover = None;
+        return;
+    };
+    let Some(old) = d.dbs.get(&f.from) else {
+        return;
+    };
+    if old.spec.role == Role::Master {
+        let spec = DbSpec {
+            role: Role::None,
+            ..Default::default()
+        };
+        if let Some(db) = d.dbs.get_mut(&f.from) {
+            set_spec(db, spec);
+        }
+        return;
+    }
+    let stopped = obs
+        .keepers
+        .get(&old.keeper)
+        .is_some_and(|r| !r.healthy && r.applied_generation >= old.generation);
+    let caught_up = d
+        .dbs
+        .get(&target)
+        .is_some_and(|t| t.status.lsn >= old.status.lsn);
+    if stopped && caught_up {
+        let from = f.from.clone();
+        promote(d, &from, &target);
+    }
+}
+
+/// Whether `uid` may replace the primary `from`.
+fn eligible(d: &ClusterData, from: &str, uid: &str) -> bool {
+    choose_candidate_among(d, from, |u| u == uid).is_some()
 }
 
 fn promote(d: &mut ClusterData, from: &str, to: &str) {

@@ -110,6 +110,19 @@ fn fail_master(
     decide(&d2, &o, T0 + 5 * SEC + 1)
 }
 
+/// What `keelson ctl switchover` writes.
+fn switchover_requested(mut d: ClusterData, to: Option<&str>) -> ClusterData {
+    d.set_proxy_master(None);
+    d.failover = Some(cluster::data::Failover {
+        from: "m".into(),
+        fence_generation: d.proxy.generation,
+        to: None,
+        reason: cluster::data::SWITCHOVER.into(),
+        requested: to.map(str::to_owned),
+    });
+    d
+}
+
 type Check = fn(&ClusterData);
 
 struct Case {
@@ -542,6 +555,76 @@ fn cases() -> Vec<Case> {
                 assert_eq!(d.proxy.master_db.as_deref(), Some("m"));
                 assert_eq!(d.proxy.generation, 3, "named again at a new generation");
             },
+        },
+        Case {
+            name: "switchover: once proxies hold clients, the primary is stopped",
+            run: || {
+                let d = switchover_requested(cluster("m", &["s1", "s2"]), None);
+                decide(&d, &observe(&d, &[]), T0)
+            },
+            check: |d| {
+                assert_eq!(d.dbs["m"].spec.role, Role::None, "told to stop");
+                assert_eq!(master(d), None);
+                assert_eq!(d.proxy.master_db, None);
+            },
+        },
+        Case {
+            name:
+                "switchover: the target is promoted after the old primary stopped and it caught up",
+            run: || {
+                let d = switchover_requested(cluster("m", &["s1", "s2"]), None);
+                let d = decide(&d, &observe(&d, &[]), T0);
+                let gen = d.dbs["m"].generation;
+                let stopped = with(observe(&d, &[]), "m", |r| {
+                    r.healthy = false;
+                    r.applied_generation = gen;
+                });
+                decide(&d, &stopped, T0 + SEC)
+            },
+            check: |d| {
+                let m = master(d).expect("promoted");
+                assert!(m == "s1" || m == "s2");
+                assert_eq!(
+                    d.failover.as_ref().and_then(|f| f.to.as_deref()),
+                    Some(m.as_str())
+                );
+            },
+        },
+        Case {
+            name: "switchover: a target behind the old primary is not promoted yet",
+            run: || {
+                let d = switchover_requested(cluster("m", &["s1"]), None);
+                let d = decide(&d, &observe(&d, &[]), T0);
+                let gen = d.dbs["m"].generation;
+                let o = with(
+                    with(observe(&d, &[]), "m", |r| {
+                        r.healthy = false;
+                        r.applied_generation = gen;
+                        r.lsn = 500;
+                    }),
+                    "s1",
+                    |r| r.lsn = 400,
+                );
+                decide(&d, &o, T0 + SEC)
+            },
+            check: |d| assert_eq!(master(d), None, "waiting for s1 to receive everything"),
+        },
+        Case {
+            name: "switchover: the requested standby is promoted, not the most advanced",
+            run: || {
+                let mut d = switchover_requested(cluster("m", &["s1", "s2"]), Some("s1"));
+                if let Some(db) = d.dbs.get_mut("s2") {
+                    db.status.lsn = 150;
+                }
+                let d = decide(&d, &observe(&d, &[]), T0);
+                let gen = d.dbs["m"].generation;
+                let o = with(observe(&d, &[]), "m", |r| {
+                    r.healthy = false;
+                    r.applied_generation = gen;
+                });
+                decide(&d, &o, T0 + SEC)
+            },
+            check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
         },
         Case {
             name: "sync mode, one standby: it becomes synchronous",

@@ -504,3 +504,109 @@ async fn synchronous_mode_loses_no_acknowledged_commit() {
         &lost[..lost.len().min(10)]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_under_write_load_loses_nothing_and_refuses_no_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let store = cluster::open(&url).await.unwrap();
+    let c = LocalCluster::up(&url, store).await;
+    let (old, new) = (c.master, c.other());
+    let conn = c.conn.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let refused = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (s2, a2, r2) = (stop.clone(), acked.clone(), refused.clone());
+    let writer = tokio::spawn(async move {
+        let mut i = 0i32;
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            match try_connect(&conn).await {
+                Ok(cl) => {
+                    while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                        i += 1;
+                        if cl
+                            .execute("INSERT INTO w VALUES ($1)", &[&i])
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                        a2.lock().unwrap().push(i);
+                    }
+                }
+                Err(e) => r2.lock().unwrap().push(format!("{e:?}")),
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let out = Command::new(keelson_bin())
+        .args([
+            "ctl",
+            "--store",
+            &url,
+            "--cluster",
+            "f",
+            "switchover",
+            "--to",
+            &format!("k{new}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let started = Instant::now();
+    crate::assert_eventually!(
+        status(&c.store, &c.keys)
+            .await
+            .is_some_and(|d| d.proxy.master_db.as_deref() == Some(&*format!("k{new}"))),
+        Duration::from_secs(30),
+        "the switchover did not complete"
+    );
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    eprintln!("switchover named the new primary after {took:?}");
+    let refused = refused.lock().unwrap().clone();
+    assert!(
+        refused.is_empty(),
+        "connections refused during the switchover: {refused:?}"
+    );
+    let acked = acked.lock().unwrap().clone();
+    let cl = try_connect(&c.conn).await.unwrap();
+    let port: i32 = cl
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port, i32::from(c.ports[new - 1]));
+    let present: std::collections::HashSet<i32> = cl
+        .query("SELECT x FROM w", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let lost: Vec<&i32> = acked.iter().filter(|i| !present.contains(i)).collect();
+    assert!(lost.is_empty(), "{} acknowledged commits lost", lost.len());
+    assert!(
+        acked.len() > 10,
+        "the writer committed {} rows",
+        acked.len()
+    );
+    // The old primary rejoins as a standby of the new one.
+    let old_uid = format!("k{old}");
+    crate::assert_eventually!(
+        status(&c.store, &c.keys).await.is_some_and(|d| {
+            let db = &d.dbs[&old_uid];
+            db.spec.role == cluster::data::Role::Standby
+                && db.status.healthy
+                && db.status.in_recovery
+        }),
+        Duration::from_secs(60),
+        "the old primary did not rejoin as a standby"
+    );
+}
