@@ -6,6 +6,8 @@
 //! gathers its inputs and carries out its actions.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cluster::data::Role;
@@ -149,6 +151,8 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
     };
     let mut applied = 0u64;
     let mut lease: LeaseId = 0;
+    let fence = Arc::new(SelfFence::default());
+    let _watchdog = AbortOnDrop(tokio::spawn(fence.clone().watch()));
     let mut interval = Duration::from_secs(1);
     let mut watch: Option<cluster::Watch> = None;
     loop {
@@ -162,6 +166,15 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
         };
         if let Some(data) = &data {
             interval = data.spec.keeper_report_interval;
+            fence.timeout_ms.store(
+                data.spec.fence_timeout.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+        }
+        // While the lease cannot be renewed the keeper changes nothing: it
+        // may no longer be what the cluster data says.
+        let fenced = fence.expired();
+        if let (Some(data), false) = (&data, fenced) {
             if let Some(desired) = desired_of(data, &cfg.uid) {
                 obs.running = pg.is_running();
                 obs.initialized = pg.is_initialized();
@@ -177,6 +190,11 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
                     Ok(()) => applied = desired.generation,
                     Err(e) => tracing::error!(error = %e, "could not reconcile PostgreSQL"),
                 }
+                let primary = desired.role == Role::Master && pg.is_running();
+                fence.primary_pid.store(
+                    if primary { pg.pid().unwrap_or(0) } else { 0 },
+                    Ordering::Relaxed,
+                );
             }
         }
         let mut report = pg.report(&cfg.uid, applied).await;
@@ -186,14 +204,22 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
             .unwrap_or(0);
         if lease == 0 {
             match store.grant(interval * 3).await {
-                Ok(l) => lease = l,
+                Ok(l) => {
+                    lease = l;
+                    fence.renewed();
+                }
                 Err(e) => tracing::warn!(error = %e, "cannot get a lease"),
             }
-        } else if let Err(e) = store.keep_alive(lease).await {
-            if matches!(e, StoreError::LeaseExpired(_)) {
-                lease = 0;
+        } else {
+            match store.keep_alive(lease).await {
+                Ok(()) => fence.renewed(),
+                Err(e) => {
+                    if matches!(e, StoreError::LeaseExpired(_)) {
+                        lease = 0;
+                    }
+                    tracing::warn!(error = %e, "cannot renew the lease");
+                }
             }
-            tracing::warn!(error = %e, "cannot renew the lease");
         }
         if lease != 0 {
             let json = serde_json_report(&report);
@@ -215,6 +241,79 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
             }
             None => tokio::time::sleep(interval).await,
         }
+    }
+}
+
+/// Self-fencing: a keeper whose database is primary and which cannot renew
+/// its lease for `fence_timeout` stops its PostgreSQL (a fast shutdown ends
+/// every session), so that clients connecting directly cannot write to a
+/// primary the cluster may already have replaced. A watchdog task checks
+/// every 100 ms, independently of the reconcile loop, which can itself be
+/// stuck on an unreachable store.
+#[derive(Debug)]
+struct SelfFence {
+    started: std::time::Instant,
+    renewed_ms: AtomicU64,
+    timeout_ms: AtomicU64,
+    /// The postmaster's pid while the database is primary; 0 otherwise.
+    primary_pid: AtomicU32,
+}
+
+impl Default for SelfFence {
+    fn default() -> Self {
+        SelfFence {
+            started: std::time::Instant::now(),
+            renewed_ms: AtomicU64::new(0),
+            timeout_ms: AtomicU64::new(
+                cluster::ClusterSpec::default().fence_timeout.as_millis() as u64
+            ),
+            primary_pid: AtomicU32::new(0),
+        }
+    }
+}
+
+impl SelfFence {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn renewed(&self) {
+        self.renewed_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn expired(&self) -> bool {
+        self.now_ms()
+            .saturating_sub(self.renewed_ms.load(Ordering::Relaxed))
+            > self.timeout_ms.load(Ordering::Relaxed)
+    }
+
+    async fn watch(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let pid = self.primary_pid.load(Ordering::Relaxed);
+            if pid != 0 && self.expired() {
+                tracing::error!(
+                    pid,
+                    timeout_ms = self.timeout_ms.load(Ordering::Relaxed),
+                    "cannot renew the lease: stopping the primary PostgreSQL (self-fencing)"
+                );
+                // SAFETY: signalling the postmaster this keeper started.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGINT);
+                }
+                self.primary_pid.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -610,3 +610,47 @@ async fn switchover_under_write_load_loses_nothing_and_refuses_no_one() {
         "the old primary did not rejoin as a standby"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_keeper_fences_itself_when_it_cannot_renew_its_lease() {
+    let etcd = EtcdServer::start().await;
+    let store = cluster::open(&etcd.url()).await.unwrap();
+    let c = LocalCluster::up(&etcd.url(), store).await;
+    let direct = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=2",
+        c.ports[c.master - 1]
+    );
+    try_connect(&direct)
+        .await
+        .unwrap()
+        .execute("INSERT INTO w VALUES (1)", &[])
+        .await
+        .unwrap();
+    etcd.pause();
+    let paused = Instant::now();
+    // Within fence_timeout (5 s) plus a report interval, the orphaned
+    // primary stops taking connections, so direct clients cannot write.
+    crate::assert_eventually!(
+        match tokio::time::timeout(Duration::from_secs(3), try_connect(&direct)).await {
+            Ok(Ok(cl)) => cl.execute("INSERT INTO w VALUES (2)", &[]).await.is_err(),
+            _ => true,
+        },
+        Duration::from_secs(12),
+        "the primary still takes writes with its keeper cut off from the store"
+    );
+    let fenced_after = paused.elapsed();
+    assert!(
+        fenced_after >= Duration::from_secs(3),
+        "fenced too early: {fenced_after:?}"
+    );
+    eprintln!("the primary fenced itself {fenced_after:?} after the store became unreachable");
+    etcd.resume();
+    // Once the store is back, writes through the proxy work again.
+    let (_, took) = c
+        .next_write(
+            "INSERT INTO w VALUES (3) RETURNING inet_server_port()",
+            Duration::from_secs(60),
+        )
+        .await;
+    eprintln!("writes through the proxy resumed {took:?} after etcd came back");
+}
