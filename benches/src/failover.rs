@@ -4,7 +4,7 @@
 //! first successful write through the proxy. Repeats on a fresh cluster and
 //! prints min, median and max, and the acknowledged writes lost.
 //!
-//! Run: `cargo run --release -p keelson-benches --bin failover [-- --runs N] [--etcd]`
+//! Run: `cargo run --release -p keelson-benches --bin failover [-- --runs N] [--etcd] [--fail-interval 2s]`
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -30,7 +30,12 @@ fn psql(bindir: &Path, port: u16, sql: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn one_run(keelson: &Path, bindir: &Path, etcd_url: Option<&str>) -> Result<(f64, i64)> {
+fn one_run(
+    keelson: &Path,
+    bindir: &Path,
+    etcd_url: Option<&str>,
+    spec: &ClusterSpec,
+) -> Result<(f64, i64)> {
     let dir = tempfile::Builder::new()
         .prefix("keelson-failover-")
         .tempdir()?;
@@ -168,6 +173,15 @@ fn main() -> Result<()> {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
+    let mut spec = ClusterSpec::default();
+    if let Some(v) = args
+        .iter()
+        .position(|a| a == "--fail-interval")
+        .and_then(|i| args.get(i + 1))
+    {
+        spec.fail_interval =
+            humantime::parse_duration(v).context("--fail-interval takes a duration like 2s")?;
+    }
     let keelson = build_keelson()?;
     let bindir = pg_bindir()?;
     let mut _etcd = None;
@@ -182,7 +196,7 @@ fn main() -> Result<()> {
     let mut times = Vec::new();
     let mut lost = 0;
     for r in 0..runs {
-        let (secs, l) = one_run(&keelson, &bindir, etcd_url.as_deref())?;
+        let (secs, l) = one_run(&keelson, &bindir, etcd_url.as_deref(), &spec)?;
         eprintln!(
             "run {}: writes resumed {secs:.2} s after SIGKILL; acknowledged writes lost: {l}",
             r + 1
@@ -197,7 +211,8 @@ fn main() -> Result<()> {
         "file store"
     };
     println!(
-        "failover ({store}, defaults, {runs} runs): min {:.2} s  median {:.2} s  max {:.2} s  acknowledged writes lost: {lost}",
+        "failover ({store}, fail_interval {}, {runs} runs): min {:.2} s  median {:.2} s  max {:.2} s  acknowledged writes lost: {lost}",
+        humantime::format_duration(spec.fail_interval),
         times[0],
         times[times.len() / 2],
         times[times.len() - 1]

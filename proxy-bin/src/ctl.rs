@@ -28,8 +28,14 @@ pub enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print the cluster spec as JSON.
-    Spec,
+    /// Show or change the cluster spec.
+    #[command(subcommand)]
+    Spec(SpecCommand),
+    /// Remove a keeper that is not the primary from the cluster.
+    Removekeeper {
+        /// The keeper's uid.
+        uid: String,
+    },
     /// Planned switchover: hold new clients, stop the primary, promote a
     /// standby once it has everything, release the clients to it.
     Switchover {
@@ -37,6 +43,37 @@ pub enum CtlCommand {
         #[arg(long)]
         to: Option<String>,
     },
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum SpecCommand {
+    /// Print the spec as JSON, defaults filled in.
+    Show,
+    /// Replace the spec with the one in FILE (JSON; missing fields take
+    /// their defaults), by compare-and-swap.
+    Update {
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
+/// Reads, changes and writes clusterdata by compare-and-swap, retrying on
+/// conflicts with concurrent writers (the sentinel).
+async fn update(
+    store: &AnyStore,
+    keys: &Keys,
+    f: impl Fn(&mut ClusterData) -> Result<()>,
+) -> Result<()> {
+    loop {
+        let (mut data, rev) = read(store, keys).await?;
+        f(&mut data)?;
+        if let Cas::Done(_) = store
+            .put_if_revision(&keys.clusterdata(), &data.to_json(), rev, 0)
+            .await?
+        {
+            return Ok(());
+        }
+    }
 }
 
 async fn read(store: &AnyStore, keys: &Keys) -> Result<(ClusterData, i64)> {
@@ -67,6 +104,7 @@ pub async fn status_json(store: &AnyStore, keys: &Keys) -> Result<serde_json::Va
                 "healthy": db.status.healthy,
                 "address": db.status.address,
                 "lsn": lsn(db.status.lsn),
+                "lag_bytes": master.map(|m| m.status.lsn.saturating_sub(db.status.lsn)),
                 "timeline": db.status.timeline,
             })
         })
@@ -157,9 +195,47 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 break;
             }
         },
-        CtlCommand::Spec => {
+        CtlCommand::Spec(SpecCommand::Show) => {
             let (data, _) = read(&store, &keys).await?;
             println!("{}", serde_json::to_string_pretty(&data.spec)?);
+        }
+        CtlCommand::Spec(SpecCommand::Update { file }) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("could not read the spec file {}", file.display()))?;
+            let spec: ClusterSpec = serde_json::from_str(&text)
+                .with_context(|| format!("invalid spec in {}", file.display()))?;
+            spec.validate()?;
+            update(&store, &keys, |d| {
+                d.spec = spec.clone();
+                Ok(())
+            })
+            .await?;
+            println!("spec updated");
+        }
+        CtlCommand::Removekeeper { uid } => {
+            update(&store, &keys, |d| {
+                if !d.keepers.contains_key(&uid) && !d.dbs.contains_key(&uid) {
+                    bail!("the cluster has no keeper {uid}");
+                }
+                if d.proxy.master_db.as_deref() == Some(uid.as_str())
+                    || d.dbs
+                        .get(&uid)
+                        .is_some_and(|db| db.spec.role == cluster::data::Role::Master)
+                {
+                    bail!("{uid} is the primary; run `keelson ctl switchover` first");
+                }
+                d.keepers.remove(&uid);
+                d.dbs.remove(&uid);
+                for db in d.dbs.values_mut() {
+                    if db.spec.synchronous_standbys.contains(&uid) {
+                        db.spec.synchronous_standbys.retain(|s| s != &uid);
+                        db.generation += 1;
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+            println!("keeper {uid} removed; stop its process, or it joins again as a new standby");
         }
         CtlCommand::Status { json } => {
             let s = status_json(&store, &keys).await?;
@@ -192,17 +268,18 @@ fn print_table(s: &serde_json::Value) {
     }
     println!();
     println!(
-        "{:<16} {:<8} {:<8} {:<22} {:<12} {:>8}",
-        "KEEPER", "ROLE", "HEALTHY", "ADDRESS", "LSN", "TIMELINE"
+        "{:<16} {:<8} {:<8} {:<22} {:<12} {:>10} {:>8}",
+        "KEEPER", "ROLE", "HEALTHY", "ADDRESS", "LSN", "LAG", "TIMELINE"
     );
     for k in s["keepers"].as_array().into_iter().flatten() {
         println!(
-            "{:<16} {:<8} {:<8} {:<22} {:<12} {:>8}",
+            "{:<16} {:<8} {:<8} {:<22} {:<12} {:>10} {:>8}",
             text(&k["uid"]),
             text(&k["role"]),
             k["healthy"],
             text(&k["address"]),
             text(&k["lsn"]),
+            k["lag_bytes"],
             k["timeline"]
         );
     }

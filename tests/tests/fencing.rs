@@ -334,7 +334,7 @@ async fn ctl_init_and_status() {
     let again = ctl(&["init"]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
-    let out = ctl(&["spec"]);
+    let out = ctl(&["spec", "show"]);
     let spec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(spec["fail_interval"], "3s");
     assert_eq!(spec["proxy_timeout"], "5s", "defaults fill the rest");
@@ -344,6 +344,20 @@ async fn ctl_init_and_status() {
     assert!(status["master"].is_null());
     assert!(status["keepers"].as_array().unwrap().is_empty());
     assert!(status["proxies"].as_array().unwrap().is_empty());
+    let newspec = dir.path().join("new.json");
+    std::fs::write(&newspec, r#"{"fail_interval": "2s"}"#).unwrap();
+    let out = ctl(&["spec", "update", "--file", newspec.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ctl(&["spec", "show"]);
+    let spec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(spec["fail_interval"], "2s");
+    let out = ctl(&["removekeeper", "nobody"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no keeper nobody"));
     let out = ctl(&["status"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("primary:    none"));
     let bad = dir.path().join("bad.json");
