@@ -52,7 +52,7 @@ fn one_run(
     let keys = Keys::new("keelson", &cluster_name);
     rt.block_on(store.put(
         &keys.clusterdata(),
-        &ClusterData::new(ClusterSpec::default()).to_json(),
+        &ClusterData::new(spec.clone()).to_json(),
         0,
     ))?;
     let common = [
