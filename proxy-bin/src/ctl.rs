@@ -276,16 +276,16 @@ fn print_table(s: &serde_json::Value) {
             "{:<16} {:<8} {:<8} {:<22} {:<12} {:>10} {:>8}",
             text(&k["uid"]),
             text(&k["role"]),
-            k["healthy"],
+            text(&k["healthy"]),
             text(&k["address"]),
             text(&k["lsn"]),
-            k["lag_bytes"],
-            k["timeline"]
+            text(&k["lag_bytes"]),
+            text(&k["timeline"])
         );
     }
     println!();
     println!("{:<32} {:>10}", "PROXY", "GENERATION");
     for p in s["proxies"].as_array().into_iter().flatten() {
-        println!("{:<32} {:>10}", text(&p["uid"]), p["generation"]);
+        println!("{:<32} {:>10}", text(&p["uid"]), text(&p["generation"]));
     }
 }
