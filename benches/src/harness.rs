@@ -18,20 +18,9 @@ pub struct Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        if !keeper::process::terminate(&mut self.child, libc::SIGTERM, Duration::from_secs(5)) {
+            eprintln!("{} had to be killed", self.name);
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        eprintln!("{} had to be killed", self.name);
     }
 }
 

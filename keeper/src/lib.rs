@@ -4,6 +4,7 @@
 //! reconcile loop around them comes with the failover work.
 
 pub mod pg;
+pub mod process;
 pub mod run;
 
 pub use pg::{Instance, PgBin, PgError};

@@ -120,6 +120,7 @@ struct Children(Vec<(String, Child)>);
 
 impl Drop for Children {
     fn drop(&mut self) {
+        // Signal all first so they stop in parallel, then wait for each.
         for (_, c) in &self.0 {
             // SAFETY: signalling our own children.
             unsafe {
@@ -127,18 +128,8 @@ impl Drop for Children {
             }
         }
         for (name, c) in &mut self.0 {
-            let deadline = std::time::Instant::now() + Duration::from_secs(15);
-            loop {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                if std::time::Instant::now() > deadline {
-                    eprintln!("demo: {name} did not stop; killing it");
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+            if !keeper::process::terminate(c, libc::SIGTERM, Duration::from_secs(15)) {
+                eprintln!("demo: {name} did not stop in time and was killed");
             }
         }
     }

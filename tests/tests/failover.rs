@@ -16,19 +16,8 @@ struct Role(Child);
 
 impl Drop for Role {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child; the keeper stops its PostgreSQL.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        // SIGTERM: the keeper stops its PostgreSQL on the way out.
+        keeper::process::terminate(&mut self.0, libc::SIGTERM, Duration::from_secs(15));
     }
 }
 
@@ -184,6 +173,28 @@ impl LocalCluster {
         3 - self.master
     }
 
+    /// Whether keeper `i`'s database is a healthy standby by the cluster data.
+    async fn is_standby(&self, i: usize) -> bool {
+        status(&self.store, &self.keys).await.is_some_and(|d| {
+            let db = &d.dbs[&format!("k{i}")];
+            db.spec.role == cluster::data::Role::Standby
+                && db.status.healthy
+                && db.status.in_recovery
+        })
+    }
+
+    /// Waits until keeper `i`'s database has rejoined as a standby.
+    async fn wait_standby(&self, i: usize) {
+        crate::assert_eventually!(
+            self.is_standby(i).await,
+            Duration::from_secs(60),
+            "k{i} did not rejoin as a standby: {:?}",
+            status(&self.store, &self.keys)
+                .await
+                .map(|d| d.dbs[&format!("k{i}")].clone())
+        );
+    }
+
     /// The pid of the primary's postmaster.
     fn primary_pid(&self) -> i32 {
         let pid_file = self
@@ -235,12 +246,7 @@ impl LocalCluster {
 async fn failover_after_sigkill(url: &str, store: AnyStore) {
     let mut c = LocalCluster::up(url, store).await;
     let (mi, other) = (c.master, c.other());
-    let (dir, ports, keys, store) = (
-        c.dir.path().to_owned(),
-        c.ports,
-        c.keys.clone(),
-        c.store.clone(),
-    );
+    let (dir, ports) = (c.dir.path().to_owned(), c.ports);
 
     c.kill_primary();
     let (port, took) = c
@@ -255,18 +261,7 @@ async fn failover_after_sigkill(url: &str, store: AnyStore) {
 
     // The old primary comes back and rejoins as a standby of the new one.
     c.keepers[mi - 1] = Some(c.keeper_role(mi));
-    let old = format!("k{mi}");
-    crate::assert_eventually!(
-        status(&store, &keys).await.is_some_and(|d| {
-            let db = &d.dbs[&old];
-            db.spec.role == cluster::data::Role::Standby
-                && db.status.healthy
-                && db.status.in_recovery
-        }),
-        Duration::from_secs(60),
-        "the old primary did not rejoin as a standby: {:?}",
-        status(&store, &keys).await.map(|d| d.dbs[&old].clone())
-    );
+    c.wait_standby(mi).await;
     let rejoined = format!(
         "host=127.0.0.1 port={} user=postgres dbname=postgres",
         ports[mi - 1]
@@ -361,7 +356,6 @@ async fn hung_primary_is_failed_over_and_never_written_again_through_the_proxy()
     // proxy no write ever reaches it, and it is turned into a standby.
     let old_port = i32::from(c.ports[old - 1]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    let old_uid = format!("k{old}");
     loop {
         let cl = try_connect(&c.conn).await.unwrap();
         let p: i32 = cl
@@ -373,17 +367,12 @@ async fn hung_primary_is_failed_over_and_never_written_again_through_the_proxy()
             p, old_port,
             "a write through the proxy reached the old primary"
         );
-        let d = status(&c.store, &c.keys).await.unwrap();
-        let db = &d.dbs[&old_uid];
-        if db.spec.role == cluster::data::Role::Standby
-            && db.status.healthy
-            && db.status.in_recovery
-        {
+        if c.is_standby(old).await {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the old primary never became a standby: {db:?}"
+            "the old primary never became a standby"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -598,17 +587,7 @@ async fn switchover_under_write_load_loses_nothing_and_refuses_no_one() {
         acked.len()
     );
     // The old primary rejoins as a standby of the new one.
-    let old_uid = format!("k{old}");
-    crate::assert_eventually!(
-        status(&c.store, &c.keys).await.is_some_and(|d| {
-            let db = &d.dbs[&old_uid];
-            db.spec.role == cluster::data::Role::Standby
-                && db.status.healthy
-                && db.status.in_recovery
-        }),
-        Duration::from_secs(60),
-        "the old primary did not rejoin as a standby"
-    );
+    c.wait_standby(old).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
