@@ -222,7 +222,7 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
             }
         }
         if lease != 0 {
-            let json = serde_json_report(&report);
+            let json = serde_json::to_string(&report).unwrap_or_default();
             if let Err(e) = store.put(&keys.keeper(&cfg.uid), &json, lease).await {
                 tracing::warn!(error = %e, "cannot report");
             }
@@ -315,10 +315,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-fn serde_json_report(r: &cluster::data::KeeperReport) -> String {
-    serde_json::to_string(r).unwrap_or_default()
 }
 
 fn desired_of(data: &ClusterData, uid: &str) -> Option<Desired> {

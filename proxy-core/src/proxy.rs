@@ -411,9 +411,10 @@ async fn until_fenced<T>(
 /// the hold timeout while there is none. Returns the backend and its fence,
 /// taken so that a fence fired from now on ends the session.
 async fn route_primary(shared: &Shared) -> Result<(Backend, Arc<Fence>), SessionError> {
-    let mut changes = shared.view.subscribe();
+    // Only a held client needs to hear about view changes; the common path
+    // (a primary exists) takes no subscription.
+    let mut changes = None;
     let mut held_since: Option<Instant> = None;
-    let hold = Duration::from_millis(shared.hold_timeout_ms.load(Ordering::Relaxed));
     loop {
         let primary = shared.view.load().primary.clone();
         if let Some(backend) = primary {
@@ -433,10 +434,12 @@ async fn route_primary(shared: &Shared) -> Result<(Backend, Arc<Fence>), Session
         if shared.terminating.load(Ordering::Acquire) {
             return Err(SessionError::ShuttingDown);
         }
+        let hold = Duration::from_millis(shared.hold_timeout_ms.load(Ordering::Relaxed));
         let since = *held_since.get_or_insert_with(|| {
             tracing::debug!(hold = ?hold, "no primary; holding the client");
             Instant::now()
         });
+        let changes = changes.get_or_insert_with(|| shared.view.subscribe());
         changes.borrow_and_update();
         if shared.view.load().primary.is_some() {
             continue;
