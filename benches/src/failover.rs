@@ -91,6 +91,8 @@ fn one_run(
                 dir.path().join(&uid).display().to_string(),
                 "--pg-listen".into(),
                 format!("127.0.0.1:{port}"),
+                "--pg-repl-password".into(),
+                "bench-secret".into(),
             ],
         )?));
     }

@@ -137,6 +137,11 @@ pub struct Keeper {
     pub priority: i32,
     /// Never elect this keeper's database as primary.
     pub never_primary: bool,
+    /// Set by `keelson ctl failkeeper`: the sentinel treats this keeper's
+    /// database as failed (past `fail_interval`) for one decision, then
+    /// clears the flag.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub failed: bool,
 }
 
 /// The role a database should have.

@@ -83,10 +83,72 @@ pub fn unprivileged_ids() -> Option<(u32, u32)> {
     Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?))
 }
 
+/// The account standbys stream WAL as, and pg_rewind reads a new primary
+/// as. It is created on a new primary with SCRAM authentication; the
+/// superuser is never reachable over TCP for replication.
+#[derive(Clone)]
+pub struct Replication {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Replication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replication")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Where a standby streams from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `host:port` of the database followed.
+    pub address: String,
+    /// Shown as `application_name` in the primary's `pg_stat_replication`,
+    /// and named in `synchronous_standby_names`.
+    pub application_name: String,
+    /// The replication slot the primary keeps for this standby.
+    pub slot: Option<String>,
+}
+
+/// The replication slot a primary keeps for the standby of keeper `uid`:
+/// `keelson_` and the uid in lower case, other characters as `_`.
+pub fn slot_name(uid: &str) -> String {
+    let mut s = String::from(SLOT_PREFIX);
+    s.extend(uid.chars().map(|c| {
+        if c.is_ascii_alphanumeric() {
+            c.to_ascii_lowercase()
+        } else {
+            '_'
+        }
+    }));
+    s.truncate(63);
+    s
+}
+
+/// Slots named so are keelson's; others are left alone.
+const SLOT_PREFIX: &str = "keelson_";
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// One value of a libpq connection string, quoted.
+fn conninfo_value(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
 /// One PostgreSQL instance managed by a keeper.
 #[derive(Debug)]
 pub struct Instance {
     bin: PgBin,
+    repl: Replication,
     /// The keeper's directory: `pgdata/`, the socket and the log live here.
     dir: PathBuf,
     pub host: String,
@@ -103,9 +165,16 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
 const MANAGED_CONF: &str = "keelson.conf";
 
 impl Instance {
-    pub fn new(bin: PgBin, dir: impl Into<PathBuf>, host: &str, port: u16) -> Self {
+    pub fn new(
+        bin: PgBin,
+        dir: impl Into<PathBuf>,
+        host: &str,
+        port: u16,
+        repl: Replication,
+    ) -> Self {
         Instance {
             bin,
+            repl,
             dir: dir.into(),
             host: host.to_owned(),
             port,
@@ -152,6 +221,40 @@ impl Instance {
             std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
         }
         Ok(())
+    }
+
+    /// The replication account's password file (mode 0600), written on
+    /// every use so that a changed password takes effect.
+    fn passfile(&self) -> Result<PathBuf> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.join("pgpass");
+        let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
+        let line = format!(
+            "*:*:*:{}:{}\n",
+            esc(&self.repl.user),
+            esc(&self.repl.password)
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        std::io::Write::write_all(&mut f, line.as_bytes())?;
+        self.chown(&path)?;
+        Ok(path)
+    }
+
+    /// A libpq connection string to `address` as the replication account.
+    fn repl_conninfo(&self, address: &str) -> Result<String> {
+        let (host, port) = address.rsplit_once(':').unwrap_or((address, "5432"));
+        Ok(format!(
+            "host={} port={} user={} passfile={}",
+            conninfo_value(host),
+            conninfo_value(port),
+            conninfo_value(&self.repl.user),
+            conninfo_value(&self.passfile()?.to_string_lossy()),
+        ))
     }
 
     async fn run(&self, program: &str, args: &[&str]) -> Result<()> {
@@ -207,48 +310,67 @@ impl Instance {
     }
 
     /// Creates a standby's data directory with `pg_basebackup` from
-    /// `primary` (`host:port`), as `repl_user`.
-    pub async fn basebackup(&self, primary: &str, repl_user: &str) -> Result<()> {
+    /// `primary` (`host:port`) as the replication account, streaming WAL
+    /// through `slot` (which the primary's keeper creates) when given.
+    pub async fn basebackup(&self, primary: &str, slot: Option<&str>) -> Result<()> {
         self.prepare_dir()?;
-        let (host, port) = primary.rsplit_once(':').unwrap_or((primary, "5432"));
         let data = self.data_dir();
         let data = data.to_string_lossy();
-        self.run(
-            "pg_basebackup",
-            &[
-                "-D",
-                &data,
-                "-h",
-                host,
-                "-p",
-                port,
-                "-U",
-                repl_user,
-                "-X",
-                "stream",
-                "--no-sync",
-                "-c",
-                "fast",
-            ],
-        )
-        .await
+        let conninfo = self.repl_conninfo(primary)?;
+        let mut args = vec![
+            "-D",
+            &data,
+            "-d",
+            &conninfo,
+            "-w",
+            "-X",
+            "stream",
+            "--no-sync",
+            "-c",
+            "fast",
+        ];
+        if let Some(slot) = slot {
+            args.extend(["-S", slot]);
+        }
+        let r = self.run("pg_basebackup", &args).await;
+        if r.is_err() {
+            // A half-copied directory must not look initialized.
+            let _ = self.remove_data();
+        }
+        r
     }
 
-    /// Rewinds this (stopped) former primary onto `source` (`host:port`)
-    /// with pg_rewind, which first runs crash recovery if needed.
-    pub async fn rewind(&self, source: &str) -> Result<()> {
-        let (host, port) = source.rsplit_once(':').unwrap_or((source, "5432"));
-        let data = self.data_dir();
-        let data = data.to_string_lossy();
-        let src = format!("host={host} port={port} user=postgres dbname=postgres");
-        // A just-promoted primary records its new timeline in its control
-        // file only at its next checkpoint; before that pg_rewind sees "the
-        // same timeline" and rewinds nothing.
-        let (c, conn) = tokio_postgres::connect(&format!("{src} connect_timeout=5"), NoTls).await?;
+    /// Whether `address` answers as a primary (out of recovery), asked as
+    /// the replication account.
+    pub async fn is_primary(&self, address: &str) -> Result<bool> {
+        let (host, port) = address.rsplit_once(':').unwrap_or((address, "5432"));
+        let (c, conn) = tokio_postgres::Config::new()
+            .host(host)
+            .port(port.parse().unwrap_or(5432))
+            .user(&self.repl.user)
+            .password(&self.repl.password)
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(5))
+            .connect(NoTls)
+            .await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        c.batch_execute("CHECKPOINT").await?;
+        let in_recovery: bool = c.query_one("SELECT pg_is_in_recovery()", &[]).await?.get(0);
+        Ok(!in_recovery)
+    }
+
+    /// Rewinds this (stopped) former primary onto `source` (`host:port`)
+    /// with pg_rewind, which first runs crash recovery if needed. It reads
+    /// the source as the replication account, which the new primary's
+    /// keeper granted the functions pg_rewind needs.
+    pub async fn rewind(&self, source: &str) -> Result<()> {
+        let data = self.data_dir();
+        let data = data.to_string_lossy();
+        let src = format!(
+            "{} dbname=postgres connect_timeout=5",
+            self.repl_conninfo(source)?
+        );
         self.run("pg_rewind", &["-D", &data, "--source-server", &src])
             .await
     }
@@ -267,7 +389,7 @@ impl Instance {
     pub fn write_config(
         &self,
         user: &BTreeMap<String, String>,
-        primary_conninfo: Option<&str>,
+        upstream: Option<&Upstream>,
         synchronous_standbys: &[String],
     ) -> Result<()> {
         let mut p = user.clone();
@@ -284,16 +406,24 @@ impl Instance {
             ("max_replication_slots", "10".into()),
             ("wal_log_hints", "on".into()),
             ("password_encryption", "'scram-sha-256'".into()),
+            // Only the keeper (root or the owner) uses the socket, where
+            // the superuser is trusted.
+            ("unix_socket_permissions", "0700".into()),
         ];
         for (k, v) in managed {
             p.insert(k.to_owned(), v);
         }
-        if let Some(ci) = primary_conninfo {
-            p.insert(
-                "primary_conninfo".into(),
-                format!("'{}'", ci.replace('\'', "''")),
+        if let Some(up) = upstream {
+            let ci = format!(
+                "{} application_name={}",
+                self.repl_conninfo(&up.address)?,
+                conninfo_value(&up.application_name)
             );
+            p.insert("primary_conninfo".into(), quote_literal(&ci));
             p.insert("recovery_target_timeline".into(), "'latest'".into());
+            if let Some(slot) = &up.slot {
+                p.insert("primary_slot_name".into(), quote_literal(slot));
+            }
         }
         let names = if synchronous_standbys.is_empty() {
             String::new()
@@ -321,22 +451,27 @@ impl Instance {
         }
         // An instance listening on loopback only (a one-host cluster, the
         // demo) trusts local TCP clients; any other requires SCRAM.
+        // Replication always requires the replication account's password.
         let loopback = self.host == "localhost" || self.host.starts_with("127.");
-        let clients = if loopback { "trust" } else { "scram-sha-256" };
+        let local_clients = if loopback { "trust" } else { "scram-sha-256" };
+        let repl = quote_ident(&self.repl.user);
         std::fs::write(
             data.join("pg_hba.conf"),
             format!(
-                "# Managed by keelson.\n\
+                "# Managed by keelson; edits are overwritten.\n\
                  local all postgres trust\n\
-                 host replication all 127.0.0.1/32 trust\n\
-                 host all all 127.0.0.1/32 {clients}\n\
-                 host all all ::1/128 {clients}\n"
+                 host replication {repl} 0.0.0.0/0 scram-sha-256\n\
+                 host replication {repl} ::/0 scram-sha-256\n\
+                 host all all 127.0.0.1/32 {local_clients}\n\
+                 host all all ::1/128 {local_clients}\n\
+                 host all all 0.0.0.0/0 scram-sha-256\n\
+                 host all all ::/0 scram-sha-256\n"
             ),
         )?;
         // standby.signal makes a starting PostgreSQL a standby. It is never
         // removed here: promotion removes it, and removing it under a
         // running standby makes the promotion fail.
-        if primary_conninfo.is_some() {
+        if upstream.is_some() {
             std::fs::write(data.join("standby.signal"), "")?;
         }
         for f in [
@@ -395,11 +530,21 @@ impl Instance {
     /// Stops PostgreSQL with a fast shutdown (SIGINT), killing it if it has
     /// not stopped within `limit`.
     pub async fn stop(&mut self, limit: Duration) {
+        self.stop_with(libc::SIGINT, limit).await
+    }
+
+    /// Stops PostgreSQL with an immediate shutdown (SIGQUIT): no
+    /// checkpoint, crash recovery at the next start.
+    pub async fn stop_now(&mut self, limit: Duration) {
+        self.stop_with(libc::SIGQUIT, limit).await
+    }
+
+    async fn stop_with(&mut self, signal: i32, limit: Duration) {
         if let Some(mut c) = self.child.take() {
             if let Some(pid) = c.id() {
                 // SAFETY: signalling our own child by pid.
                 unsafe {
-                    libc::kill(pid as i32, libc::SIGINT);
+                    libc::kill(pid as i32, signal);
                 }
             }
             if tokio::time::timeout(limit, c.wait()).await.is_err() {
@@ -449,10 +594,77 @@ impl Instance {
         Ok(())
     }
 
-    /// Promotes a standby and waits for it to leave recovery.
+    /// Promotes a standby, waits for it to leave recovery, and checkpoints:
+    /// a new primary records its timeline in its control file only at its
+    /// next checkpoint, and until then pg_rewind sees "the same timeline"
+    /// in a former primary and rewinds nothing.
     pub async fn promote(&self) -> Result<()> {
         let c = self.connect().await?;
         c.execute("SELECT pg_promote(true, 60)", &[]).await?;
+        c.batch_execute("CHECKPOINT").await?;
+        Ok(())
+    }
+
+    /// On a primary: creates the replication account, or sets its
+    /// password, and grants it what pg_rewind reads.
+    pub async fn ensure_replication_account(&self) -> Result<()> {
+        let c = self.connect().await?;
+        let exists = c
+            .query_opt(
+                "SELECT 1 FROM pg_roles WHERE rolname = $1",
+                &[&self.repl.user],
+            )
+            .await?
+            .is_some();
+        let (user, password) = (
+            quote_ident(&self.repl.user),
+            quote_literal(&self.repl.password),
+        );
+        let verb = if exists { "ALTER" } else { "CREATE" };
+        let mut sql = format!("{verb} ROLE {user} WITH LOGIN REPLICATION PASSWORD {password};");
+        for f in [
+            "pg_ls_dir(text, boolean, boolean)",
+            "pg_stat_file(text, boolean)",
+            "pg_read_binary_file(text)",
+            "pg_read_binary_file(text, bigint, bigint, boolean)",
+        ] {
+            sql.push_str(&format!(
+                "GRANT EXECUTE ON FUNCTION pg_catalog.{f} TO {user};"
+            ));
+        }
+        c.batch_execute(&sql).await?;
+        Ok(())
+    }
+
+    /// On a primary: makes keelson's replication slots exactly `wanted`,
+    /// creating missing ones (reserving WAL at once) and dropping those of
+    /// standbys that left the cluster. Slots in use are not dropped.
+    pub async fn sync_slots(&self, wanted: &[String]) -> Result<()> {
+        let c = self.connect().await?;
+        let have: Vec<(String, bool)> = c
+            .query(
+                "SELECT slot_name::text, active FROM pg_replication_slots \
+                 WHERE slot_type = 'physical' AND starts_with(slot_name::text, $1)",
+                &[&SLOT_PREFIX],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        for w in wanted {
+            if !have.iter().any(|(h, _)| h == w) {
+                c.execute("SELECT pg_create_physical_replication_slot($1, true)", &[w])
+                    .await?;
+                tracing::info!(slot = %w, "created replication slot");
+            }
+        }
+        for (h, active) in &have {
+            if !wanted.contains(h) && !active {
+                c.execute("SELECT pg_drop_replication_slot($1)", &[h])
+                    .await?;
+                tracing::info!(slot = %h, "dropped replication slot");
+            }
+        }
         Ok(())
     }
 

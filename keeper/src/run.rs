@@ -13,7 +13,7 @@ use std::time::Duration;
 use cluster::data::Role;
 use cluster::{AnyStore, ClusterData, Keys, LeaseId, Store, StoreError};
 
-use crate::pg::{Instance, PgBin, PgError};
+use crate::pg::{slot_name, Instance, PgBin, PgError, Replication, Upstream};
 
 /// What the cluster data asks of this keeper's database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +23,11 @@ pub struct Desired {
     pub upstream: Option<String>,
     pub synchronous_standbys: Vec<String>,
     pub generation: u64,
+    /// A primary losing its role in a planned switchover stops cleanly, so
+    /// that its standbys receive every WAL record. In a failover it stops
+    /// at once (an immediate shutdown, crash-safe): a shutdown checkpoint
+    /// would remove the WAL that pg_rewind needs to rejoin it later.
+    pub switchover: bool,
 }
 
 /// What the keeper sees locally.
@@ -44,11 +49,17 @@ pub struct Observed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     InitDb,
-    BaseBackup { from: String },
-    Rewind { from: String },
+    BaseBackup {
+        from: String,
+    },
+    Rewind {
+        from: String,
+    },
     WriteConfig,
     Start,
     Stop,
+    /// Immediate shutdown (SIGQUIT): no checkpoint, no waiting for clients.
+    StopNow,
     Restart,
     Reload,
     Promote,
@@ -63,7 +74,11 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
         // stopped, so that nobody writes to it.
         Role::None => {
             if o.running {
-                a.push(Stop);
+                a.push(if o.in_recovery || d.switchover {
+                    Stop
+                } else {
+                    StopNow
+                });
             }
         }
         Role::Master => {
@@ -110,6 +125,7 @@ pub struct KeeperConfig {
     pub host: String,
     pub port: u16,
     pub pg_bin_dir: Option<PathBuf>,
+    pub replication: Replication,
 }
 
 /// Errors that stop a keeper.
@@ -144,7 +160,10 @@ fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, KeeperError> {
 pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), KeeperError> {
     let _lock = lock_dir(&cfg.dir)?;
     let bin = PgBin::find(cfg.pg_bin_dir.clone())?;
-    let mut pg = Instance::new(bin, &cfg.dir, &cfg.host, cfg.port);
+    let mut pg = Instance::new(bin, &cfg.dir, &cfg.host, cfg.port, cfg.replication.clone());
+    // Set once the replication account is known to match this keeper's
+    // settings on the primary.
+    let mut account_ready = false;
     let mut obs = Observed {
         initialized: pg.is_initialized(),
         ..Default::default()
@@ -191,6 +210,11 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
                     Err(e) => tracing::error!(error = %e, "could not reconcile PostgreSQL"),
                 }
                 let primary = desired.role == Role::Master && pg.is_running();
+                if primary && !obs.in_recovery {
+                    if let Err(e) = serve_standbys(&pg, data, &cfg.uid, &mut account_ready).await {
+                        tracing::warn!(error = %e, "cannot set up replication for the standbys");
+                    }
+                }
                 fence.primary_pid.store(
                     if primary { pg.pid().unwrap_or(0) } else { 0 },
                     Ordering::Relaxed,
@@ -308,6 +332,28 @@ impl SelfFence {
     }
 }
 
+/// On the primary: the replication account exists with this keeper's
+/// password, and there is one replication slot per other database in the
+/// cluster (and none for databases that left it).
+async fn serve_standbys(
+    pg: &Instance,
+    data: &ClusterData,
+    uid: &str,
+    account_ready: &mut bool,
+) -> Result<(), PgError> {
+    if !*account_ready {
+        pg.ensure_replication_account().await?;
+        *account_ready = true;
+    }
+    let wanted: Vec<String> = data
+        .dbs
+        .keys()
+        .filter(|u| *u != uid)
+        .map(|u| slot_name(u))
+        .collect();
+    pg.sync_slots(&wanted).await
+}
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -330,6 +376,10 @@ fn desired_of(data: &ClusterData, uid: &str) -> Option<Desired> {
         upstream,
         synchronous_standbys: db.spec.synchronous_standbys.clone(),
         generation: db.generation,
+        switchover: data
+            .failover
+            .as_ref()
+            .is_some_and(|f| f.from == uid && f.reason == cluster::data::SWITCHOVER),
     })
 }
 
@@ -349,32 +399,39 @@ async fn act(
                 o.initialized = true;
             }
             Action::BaseBackup { from } => {
-                pg.basebackup(from, "postgres").await?;
+                pg.basebackup(from, Some(&slot_name(&cfg.uid))).await?;
                 o.initialized = true;
                 o.was_primary = false;
             }
             Action::Rewind { from } => {
-                if pg.rewind(from).await.is_err() {
-                    tracing::warn!("pg_rewind failed; taking a fresh base backup");
+                // Rewinding onto a server still in recovery finds "the same
+                // timeline" and keeps this server's diverged WAL; and an
+                // unreachable source is no reason to drop this data.
+                if !pg.is_primary(from).await? {
+                    return Err(PgError::Program {
+                        program: "pg_rewind".into(),
+                        detail: format!("the source {from} is not a primary yet; waiting"),
+                    });
+                }
+                if let Err(e) = pg.rewind(from).await {
+                    tracing::warn!(error = %e, "pg_rewind failed; taking a fresh base backup");
                     pg.remove_data()?;
-                    pg.basebackup(from, "postgres").await?;
+                    pg.basebackup(from, Some(&slot_name(&cfg.uid))).await?;
                 }
                 o.was_primary = false;
             }
             Action::WriteConfig => {
-                let conninfo = match (d.role, &d.upstream) {
-                    (Role::Standby, Some(up)) => {
-                        let (h, p) = up.rsplit_once(':').unwrap_or((up, "5432"));
-                        Some(format!(
-                            "host={h} port={p} user=postgres application_name={}",
-                            cfg.uid
-                        ))
-                    }
+                let upstream = match (d.role, &d.upstream) {
+                    (Role::Standby, Some(up)) => Some(Upstream {
+                        address: up.clone(),
+                        application_name: cfg.uid.clone(),
+                        slot: Some(slot_name(&cfg.uid)),
+                    }),
                     _ => None,
                 };
                 pg.write_config(
                     &data.spec.pg_parameters,
-                    conninfo.as_deref(),
+                    upstream.as_ref(),
                     &d.synchronous_standbys,
                 )?;
                 o.configured_upstream = if d.role == Role::Standby {
@@ -390,6 +447,10 @@ async fn act(
             }
             Action::Stop => {
                 pg.stop(START).await;
+                o.running = false;
+            }
+            Action::StopNow => {
+                pg.stop_now(START).await;
                 o.running = false;
             }
             Action::Restart => {
@@ -417,6 +478,7 @@ mod tests {
             upstream: upstream.map(str::to_owned),
             synchronous_standbys: vec![],
             generation: 1,
+            switchover: false,
         }
     }
 
@@ -495,8 +557,17 @@ mod tests {
                 vec![WriteConfig, Reload],
             ),
             (
-                "no role: stop it",
+                "failed over while running: stop at once, keeping WAL for pg_rewind",
                 desired(Role::None, None),
+                running_primary.clone(),
+                vec![StopNow],
+            ),
+            (
+                "switched over: stop cleanly, so that standbys get every record",
+                Desired {
+                    switchover: true,
+                    ..desired(Role::None, None)
+                },
                 running_primary,
                 vec![Stop],
             ),

@@ -31,6 +31,13 @@ pub enum CtlCommand {
     /// Show or change the cluster spec.
     #[command(subcommand)]
     Spec(SpecCommand),
+    /// Mark a keeper failed: if its database is the primary, the sentinel
+    /// fails over at once to the most advanced eligible standby (with the
+    /// usual fencing); the old primary then rejoins as a standby.
+    Failkeeper {
+        /// The keeper's uid.
+        uid: String,
+    },
     /// Remove a keeper that is not the primary from the cluster.
     Removekeeper {
         /// The keeper's uid.
@@ -62,7 +69,7 @@ pub enum SpecCommand {
 async fn update(
     store: &AnyStore,
     keys: &Keys,
-    f: impl Fn(&mut ClusterData) -> Result<()>,
+    mut f: impl FnMut(&mut ClusterData) -> Result<()>,
 ) -> Result<()> {
     loop {
         let (mut data, rev) = read(store, keys).await?;
@@ -123,6 +130,45 @@ pub async fn status_json(store: &AnyStore, keys: &Keys) -> Result<serde_json::Va
         "keepers": keepers,
         "proxies": proxies,
     }))
+}
+
+/// Marks `uid` failed and reports what the sentinel did about it.
+async fn failkeeper(store: &AnyStore, keys: &Keys, uid: &str) -> Result<()> {
+    let mut was_master = false;
+    update(store, keys, |d| {
+        if !d.keepers.contains_key(uid) {
+            bail!("the cluster has no keeper {uid:?}");
+        }
+        was_master = d.proxy.master_db.as_deref() == Some(uid);
+        if let Some(k) = d.keepers.get_mut(uid) {
+            k.failed = true;
+        }
+        Ok(())
+    })
+    .await?;
+    println!("keeper {uid} marked failed");
+    // The sentinel leader clears the mark at its next decision.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (d, _) = read(store, keys).await?;
+        if !d.keepers.get(uid).is_some_and(|k| k.failed) {
+            match &d.failover {
+                Some(f) if f.from == uid => {
+                    println!("failover from {uid} started; `keelson ctl status` shows its progress")
+                }
+                _ if was_master && d.proxy.master_db.as_deref() == Some(uid) => {
+                    println!("{uid} is still the primary: no standby is eligible to take over")
+                }
+                _ if was_master => println!("{uid} is no longer the primary"),
+                _ => println!("{uid} is not the primary; nothing to fail over"),
+            }
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("no sentinel acted on the mark within 10 s; is a sentinel running?");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 pub async fn run(args: CtlArgs) -> Result<()> {
@@ -195,6 +241,7 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 break;
             }
         },
+        CtlCommand::Failkeeper { uid } => failkeeper(&store, &keys, &uid).await?,
         CtlCommand::Spec(SpecCommand::Show) => {
             let (data, _) = read(&store, &keys).await?;
             println!("{}", serde_json::to_string_pretty(&data.spec)?);

@@ -38,12 +38,15 @@ pub enum Command {
     Demo(roles::DemoArgs),
 }
 
-/// Starts logging to stderr.
+/// Starts logging to stderr, in colour only on a terminal (the demo and
+/// service managers send it to files).
 pub fn init_tracing(filter: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }

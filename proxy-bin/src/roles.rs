@@ -44,6 +44,51 @@ pub struct KeeperArgs {
     /// Directory of PostgreSQL's programs [default: pg_config --bindir, else PATH].
     #[arg(long, env = "KEELSON_PG_BIN_DIR")]
     pub pg_bin_dir: Option<PathBuf>,
+    /// Account standbys replicate as; created with SCRAM on a new primary.
+    #[arg(long, env = "KEELSON_PG_REPL_USERNAME", default_value = "keelson_repl")]
+    pub pg_repl_username: String,
+    /// Its password (prefer --pg-repl-password-file or the environment:
+    /// arguments are visible to every local user).
+    #[arg(long, env = "KEELSON_PG_REPL_PASSWORD", hide_env_values = true)]
+    pub pg_repl_password: Option<String>,
+    /// File holding its password (the first line is used).
+    #[arg(
+        long,
+        env = "KEELSON_PG_REPL_PASSWORD_FILE",
+        conflicts_with = "pg_repl_password"
+    )]
+    pub pg_repl_password_file: Option<PathBuf>,
+}
+
+impl KeeperArgs {
+    fn replication(&self) -> Result<keeper::Replication> {
+        let password = match (&self.pg_repl_password, &self.pg_repl_password_file) {
+            (Some(p), _) => p.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read --pg-repl-password-file {}", f.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            (None, None) => bail!(
+                "the replication account needs a password: set --pg-repl-password-file FILE \
+                 or KEELSON_PG_REPL_PASSWORD, the same on every keeper of the cluster"
+            ),
+        };
+        if password.is_empty() {
+            bail!("the replication password is empty");
+        }
+        if self.pg_repl_username.is_empty() || self.pg_repl_username == "postgres" {
+            bail!(
+                "--pg-repl-username must name a dedicated account, not {:?}",
+                self.pg_repl_username
+            );
+        }
+        Ok(keeper::Replication {
+            user: self.pg_repl_username.clone(),
+            password,
+        })
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -85,7 +130,9 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
                 args.pg_listen
             )
         })?;
+    let replication = args.replication()?;
     let cfg = keeper::run::KeeperConfig {
+        replication,
         uid: args.uid,
         dir: args.data_dir,
         host,
@@ -135,6 +182,26 @@ impl Drop for Children {
     }
 }
 
+/// The demo's replication password: random, kept in `DIR/repl-password`
+/// (mode 0600) so that a restarted demo reuses it.
+fn demo_password(dir: &std::path::Path) -> Result<String> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("repl-password");
+    if !path.exists() {
+        let mut bytes = [0u8; 18];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)?
+            .write_all(format!("{hex}\n").as_bytes())?;
+    }
+    Ok(path.display().to_string())
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -158,6 +225,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
     }
     let store_url = format!("file://{}", dir.join("store").display());
+    let password_file = demo_password(&dir)?;
     let exe = std::env::current_exe()?;
     let rt = runtime()?;
     let keys = Keys::new(cluster::store::DEFAULT_PREFIX, "demo");
@@ -212,6 +280,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             &data,
             "--pg-listen",
             &listen,
+            "--pg-repl-password-file",
+            &password_file,
         ];
         kargs.extend(common);
         spawn(&uid, &kargs, &mut children)?;

@@ -20,7 +20,11 @@
 //!    then highest LSN, then priority) promoted;
 //! 5. a promoted database is named to proxies once it reports it has left
 //!    recovery at the generation it was given;
-//! 6. in synchronous mode the primary's synchronous standbys are kept
+//! 6. a keeper an operator marked failed (`ctl failkeeper`) counts as
+//!    failed past `fail_interval` for one decision, so its primary is
+//!    failed over at once if a standby is eligible; the mark is then
+//!    cleared;
+//! 7. in synchronous mode the primary's synchronous standbys are kept
 //!    between `min_sync` and `max_sync`, growing through the union of old
 //!    and new sets and never dropping below `min_sync` (commits block
 //!    rather than be lost); only a standby the primary reported as
@@ -57,6 +61,9 @@ pub fn decide(current: &ClusterData, obs: &Observations, now_ms: u64) -> Cluster
     name_primary(&mut d);
     if d.spec.synchronous_replication {
         manage_sync(&mut d);
+    }
+    for k in d.keepers.values_mut() {
+        k.failed = false;
     }
     d
 }
@@ -95,6 +102,7 @@ fn join_keepers(d: &mut ClusterData, obs: &Observations) {
             Keeper {
                 priority: r.priority,
                 never_primary: r.never_primary,
+                failed: false,
             },
         );
         let spec = match &m {
@@ -116,6 +124,11 @@ fn join_keepers(d: &mut ClusterData, obs: &Observations) {
 fn update_status(d: &mut ClusterData, obs: &Observations, now_ms: u64) {
     for db in d.dbs.values_mut() {
         let s = &mut db.status;
+        if d.keepers.get(&db.keeper).is_some_and(|k| k.failed) {
+            s.healthy = false;
+            s.unhealthy_since_ms = Some(0);
+            continue;
+        }
         match obs.keepers.get(&db.keeper) {
             Some(r) => {
                 s.healthy = r.healthy;
@@ -178,8 +191,14 @@ fn initialize(d: &mut ClusterData, obs: &Observations) {
 /// Databases left without a role (a failed primary, a new keeper before a
 /// primary existed) follow the primary once their keeper reports again,
 /// whether or not its PostgreSQL runs: the keeper starts it as a standby.
+/// Not before the primary has left recovery: a former primary rewound onto
+/// a standby that is still being promoted would find "the same timeline",
+/// keep its diverged WAL, and never be able to follow.
 fn rejoin(d: &mut ClusterData, obs: &Observations) {
     let Some(m) = master(d) else { return };
+    if !is_ready(&d.dbs[&m]) {
+        return;
+    }
     for (uid, db) in d.dbs.iter_mut() {
         if *uid != m && db.spec.role == Role::None && obs.keepers.contains_key(&db.keeper) {
             set_spec(db, follower(&m));
@@ -354,15 +373,17 @@ fn promote(d: &mut ClusterData, from: &str, to: &str) {
     }
 }
 
+/// Whether a database given the primary role runs as one.
+fn is_ready(db: &Db) -> bool {
+    db.status.healthy && !db.status.in_recovery && db.status.applied_generation >= db.generation
+}
+
 fn name_primary(d: &mut ClusterData) {
     if d.failover.as_ref().is_some_and(|f| f.to.is_none()) {
         return;
     }
     let Some(m) = master(d) else { return };
-    let db = &d.dbs[&m];
-    let ready = db.status.healthy
-        && !db.status.in_recovery
-        && db.status.applied_generation >= db.generation;
+    let ready = is_ready(&d.dbs[&m]);
     if ready && d.proxy.master_db.as_deref() != Some(m.as_str()) {
         d.set_proxy_master(Some(&m));
     }

@@ -472,13 +472,36 @@ fn cases() -> Vec<Case> {
             run: || {
                 let d = cluster("m", &["s1"]);
                 let d = fail_master(&d, "m", |o| o);
-                // Its keeper reports again; its PostgreSQL is not running yet.
+                // Its keeper reports again; its PostgreSQL is not running
+                // yet. s1 has been promoted.
+                let gen = d.dbs["s1"].generation;
                 let o = with(observe(&d, &[]), "m", |r| r.healthy = false);
+                let o = with(o, "s1", |r| {
+                    r.in_recovery = false;
+                    r.applied_generation = gen;
+                });
                 decide(&d, &o, T0 + 20 * SEC)
             },
             check: |d| {
                 assert_eq!(d.dbs["m"].spec.role, Role::Standby);
                 assert_eq!(d.dbs["m"].spec.follow.as_deref(), Some("s1"));
+            },
+        },
+        Case {
+            name: "the old primary does not rejoin before the new one has left recovery",
+            run: || {
+                let d = cluster("m", &["s1"]);
+                let d = fail_master(&d, "m", |o| o);
+                // Both report; s1 is still promoting.
+                decide(&d, &observe(&d, &[]), T0 + 20 * SEC)
+            },
+            check: |d| {
+                assert_eq!(master(d).as_deref(), Some("s1"));
+                assert_eq!(
+                    d.dbs["m"].spec.role,
+                    Role::None,
+                    "a rewind onto a standby finds the same timeline and keeps diverged WAL"
+                );
             },
         },
         Case {
@@ -720,6 +743,43 @@ fn cases() -> Vec<Case> {
                 fail_master(&d, "m", |o| with(o, "s2", |r| r.lsn = 999))
             },
             check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
+        },
+        Case {
+            name: "failkeeper on a healthy primary: fenced failover at once, mark cleared",
+            run: || {
+                let mut d = cluster("m", &["s1", "s2"]);
+                if let Some(db) = d.dbs.get_mut("s2") {
+                    db.status.lsn = 150;
+                }
+                d.keepers.get_mut("m").unwrap().failed = true;
+                let o = observe(&d, &[]);
+                let fenced = decide(&d, &o, T0);
+                assert_eq!(fenced.proxy.master_db, None, "fenced first");
+                assert!(!fenced.keepers["m"].failed, "the mark lasts one decision");
+                // The old primary still reports healthy: the failover goes on.
+                decide(&fenced, &o, T0 + 1)
+            },
+            check: |d| {
+                assert_eq!(master(d).as_deref(), Some("s2"), "most advanced standby");
+                assert_eq!(d.dbs["m"].spec.role, Role::None);
+            },
+        },
+        Case {
+            name: "failkeeper with no eligible standby changes nothing but the mark",
+            run: || {
+                let mut d = cluster("m", &["s1"]);
+                d.keepers.get_mut("s1").unwrap().never_primary = true;
+                d.keepers.get_mut("m").unwrap().failed = true;
+                // The keepers go on reporting healthy databases.
+                let o = observe(&d, &[]);
+                let once = decide(&d, &o, T0);
+                decide(&once, &o, T0 + SEC)
+            },
+            check: |d| {
+                assert!(d.failover.is_none());
+                assert_eq!(d.proxy.master_db.as_deref(), Some("m"));
+                assert!(d.dbs["m"].status.healthy && !d.keepers["m"].failed);
+            },
         },
         Case {
             name: "sync mode: no synchronous standby, no failover",

@@ -45,8 +45,8 @@ struct LocalCluster {
     url: String,
     store: AnyStore,
     keys: Keys,
-    ports: [u16; 2],
-    keepers: [Option<Role>; 2],
+    ports: Vec<u16>,
+    keepers: Vec<Option<Role>>,
     /// Sentinels s1, s2, ...; `None` once killed.
     sentinels: Vec<Option<Role>>,
     _proxy: TestProxy,
@@ -69,6 +69,8 @@ impl LocalCluster {
                 &data,
                 "--pg-listen",
                 &listen,
+                "--pg-repl-password",
+                "test-secret",
                 "--store",
                 &self.url,
                 "--cluster",
@@ -79,7 +81,7 @@ impl LocalCluster {
     }
 
     async fn up(url: &str, store: AnyStore) -> LocalCluster {
-        Self::up_with(url, store, ClusterSpec::default(), 1).await
+        Self::up_with(url, store, ClusterSpec::default(), 1, 2).await
     }
 
     async fn up_with(
@@ -87,6 +89,7 @@ impl LocalCluster {
         store: AnyStore,
         spec: ClusterSpec,
         sentinels: usize,
+        keepers: usize,
     ) -> LocalCluster {
         let dir = tempfile::tempdir().unwrap();
         if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
@@ -120,29 +123,25 @@ impl LocalCluster {
             url: url.to_owned(),
             store,
             keys,
-            ports: [free_port(), free_port()],
-            keepers: [None, None],
+            ports: (0..keepers).map(|_| free_port()).collect(),
+            keepers: Vec::new(),
             sentinels,
             _proxy: proxy,
             conn,
             master: 0,
         };
-        c.keepers = [Some(c.keeper_role(1)), Some(c.keeper_role(2))];
+        c.keepers = (1..=keepers).map(|i| Some(c.keeper_role(i))).collect();
         crate::assert_eventually!(
             status(&c.store, &c.keys)
                 .await
                 .is_some_and(|d| d.proxy.master_db.is_some()
-                    && d.dbs.values().filter(|db| db.status.healthy).count() == 2),
+                    && d.dbs.values().filter(|db| db.status.healthy).count() == keepers),
             Duration::from_secs(120),
             "the cluster never came up: {:?}",
             status(&c.store, &c.keys).await
         );
         let data = status(&c.store, &c.keys).await.unwrap();
-        c.master = if data.proxy.master_db.as_deref() == Some("k1") {
-            1
-        } else {
-            2
-        };
+        c.master = data.proxy.master_db.unwrap()[1..].parse().unwrap();
         crate::assert_eventually!(
             landing_port(&c.conn).await == Some(c.ports[c.master - 1]),
             Duration::from_secs(10),
@@ -153,24 +152,47 @@ impl LocalCluster {
             .batch_execute("CREATE TABLE w (x int)")
             .await
             .unwrap();
-        // Replication works: the standby has the table.
-        let standby = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            c.ports[c.other() - 1]
-        );
-        crate::assert_eventually!(
-            match try_connect(&standby).await {
-                Ok(s) => s.query_one("SELECT count(*) FROM w", &[]).await.is_ok(),
-                Err(_) => false,
-            },
-            Duration::from_secs(10),
-            "the table never reached the standby"
-        );
+        // Replication works: every standby has the table.
+        for i in c.standbys() {
+            crate::assert_eventually!(
+                c.direct(i, "SELECT count(*) FROM w").await.is_some(),
+                Duration::from_secs(10),
+                "the table never reached standby k{i}"
+            );
+        }
         c
     }
 
+    /// The 1-based indexes of the keepers that are not the primary.
+    fn standbys(&self) -> Vec<usize> {
+        (1..=self.keepers.len())
+            .filter(|i| *i != self.master)
+            .collect()
+    }
+
+    /// The first keeper that is not the primary.
     fn other(&self) -> usize {
-        3 - self.master
+        self.standbys()[0]
+    }
+
+    /// Runs a one-value count query directly on keeper `i`'s PostgreSQL.
+    async fn direct(&self, i: usize, sql: &str) -> Option<i64> {
+        let conn = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.ports[i - 1]
+        );
+        let client = try_connect(&conn).await.ok()?;
+        client.query_one(sql, &[]).await.ok().map(|r| r.get(0))
+    }
+
+    /// Asserts that keeper `i` rejoined with pg_rewind, not a new copy.
+    fn assert_rewound(&self, i: usize) {
+        let log = std::fs::read_to_string(self.dir.path().join(format!("keeper{i}.log")))
+            .unwrap_or_default();
+        assert!(
+            log.contains("pg_rewind: Done!") && !log.contains("pg_rewind failed"),
+            "k{i} did not rejoin through pg_rewind:\n{log}"
+        );
     }
 
     /// Whether keeper `i`'s database is a healthy standby by the cluster data.
@@ -246,7 +268,7 @@ impl LocalCluster {
 async fn failover_after_sigkill(url: &str, store: AnyStore) {
     let mut c = LocalCluster::up(url, store).await;
     let (mi, other) = (c.master, c.other());
-    let (dir, ports) = (c.dir.path().to_owned(), c.ports);
+    let (dir, ports) = (c.dir.path().to_owned(), c.ports.clone());
 
     c.kill_primary();
     let (port, took) = c
@@ -279,6 +301,7 @@ async fn failover_after_sigkill(url: &str, store: AnyStore) {
         std::fs::read_to_string(dir.join(format!("k{mi}/postgres.log"))).unwrap_or_default(),
         std::fs::read_to_string(dir.join(format!("keeper{mi}.log"))).unwrap_or_default()
     );
+    c.assert_rewound(mi);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,7 +413,7 @@ async fn failover_still_happens_after_the_sentinel_leader_dies() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
     let store = cluster::open(&url).await.unwrap();
-    let mut c = LocalCluster::up_with(&url, store, ClusterSpec::default(), 2).await;
+    let mut c = LocalCluster::up_with(&url, store, ClusterSpec::default(), 2, 2).await;
     let leader = c
         .store
         .get(&c.keys.leader())
@@ -431,7 +454,7 @@ async fn synchronous_mode_loses_no_acknowledged_commit() {
         synchronous_replication: true,
         ..Default::default()
     };
-    let mut c = LocalCluster::up_with(&etcd.url(), store, spec, 1).await;
+    let mut c = LocalCluster::up_with(&etcd.url(), store, spec, 1, 2).await;
     let standby = format!("k{}", c.other());
     crate::assert_eventually!(
         status(&c.store, &c.keys)
@@ -632,4 +655,93 @@ async fn primary_keeper_fences_itself_when_it_cannot_renew_its_lease() {
         )
         .await;
     eprintln!("writes through the proxy resumed {took:?} after etcd came back");
+}
+
+impl LocalCluster {
+    /// `keelson ctl ARGS` against this cluster; stdout, or the failure.
+    fn ctl(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(keelson_bin())
+            .args(["ctl", "--store", &self.url, "--cluster", "f"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
+    /// Waits until the primary streams to every other database, as the
+    /// replication account, each through its own replication slot.
+    async fn assert_streams_to_all(&self) {
+        let want = self.standbys().len() as i64;
+        let sql = "SELECT count(*) FROM pg_stat_replication r \
+                   JOIN pg_replication_slots s ON s.active_pid = r.pid \
+                   WHERE r.usename = 'keelson_repl' AND r.state = 'streaming' \
+                   AND s.slot_name = 'keelson_' || r.application_name";
+        crate::assert_eventually!(
+            self.direct(self.master, sql).await == Some(want),
+            Duration::from_secs(30),
+            "k{} does not stream to its {want} standbys through their slots",
+            self.master
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_keepers_replicate_and_failkeeper_moves_the_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let store = cluster::open(&url).await.unwrap();
+    let mut c = LocalCluster::up_with(&url, store, ClusterSpec::default(), 1, 3).await;
+    c.assert_streams_to_all().await;
+    // A row written through the proxy reaches both standbys.
+    let client = try_connect(&c.conn).await.unwrap();
+    client
+        .batch_execute("INSERT INTO w VALUES (7)")
+        .await
+        .unwrap();
+    for i in c.standbys() {
+        crate::assert_eventually!(
+            c.direct(i, "SELECT count(*) FROM w WHERE x = 7").await == Some(1),
+            Duration::from_secs(10),
+            "the row never reached standby k{i}"
+        );
+    }
+
+    // Bad input is explained.
+    let err = c.ctl(&["failkeeper", "nobody"]).unwrap_err();
+    assert!(err.contains("no keeper \"nobody\""), "{err}");
+
+    // failkeeper on the (healthy) primary moves it to a standby at once.
+    let old = c.master;
+    let t = Instant::now();
+    let out = c.ctl(&["failkeeper", &format!("k{old}")]).unwrap();
+    assert!(out.contains("failover from"), "{out}");
+    let (port, _) = c
+        .next_write(
+            "INSERT INTO w VALUES (8) RETURNING inet_server_port()",
+            Duration::from_secs(30),
+        )
+        .await;
+    eprintln!("failkeeper moved writes in {:?}", t.elapsed());
+    let new = c.ports.iter().position(|p| *p == port).unwrap() + 1;
+    assert_ne!(new, old, "writes moved off k{old}");
+    c.master = new;
+    // The old primary, still running, rejoins through pg_rewind; the other
+    // standby follows the new primary; each streams through its slot.
+    c.wait_standby(old).await;
+    c.assert_rewound(old);
+    c.assert_streams_to_all().await;
+    for i in c.standbys() {
+        crate::assert_eventually!(
+            c.direct(i, "SELECT count(*) FROM w WHERE x = 8").await == Some(1),
+            Duration::from_secs(10),
+            "k{i} does not follow the new primary"
+        );
+    }
+    drop(client);
+    c.keepers.clear();
 }

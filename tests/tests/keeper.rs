@@ -1,11 +1,19 @@
 //! The keeper's PostgreSQL primitives against real PostgreSQL: a primary
 //! from initdb, a streaming standby from pg_basebackup, the reports the
-//! sentinel decides by, synchronous replication, and promotion.
+//! sentinel decides by, the replication account and slots, synchronous
+//! replication, and promotion.
+
+fn repl() -> Replication {
+    Replication {
+        user: "keelson_repl".into(),
+        password: "s3cret:with'quote".into(),
+    }
+}
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use keeper::{Instance, PgBin};
+use keeper::{slot_name, Instance, PgBin, Replication, Upstream};
 
 use crate::support::free_port;
 
@@ -13,7 +21,13 @@ use crate::support::free_port;
 async fn primary_standby_reports_sync_and_promotion() {
     let dir = tempfile::tempdir().unwrap();
     let bin = PgBin::find(None).unwrap();
-    let mut a = Instance::new(bin.clone(), dir.path().join("a"), "127.0.0.1", free_port());
+    let mut a = Instance::new(
+        bin.clone(),
+        dir.path().join("a"),
+        "127.0.0.1",
+        free_port(),
+        repl(),
+    );
     a.initdb().await.unwrap();
     a.write_config(&BTreeMap::new(), None, &[]).unwrap();
     a.start(Duration::from_secs(30)).await.unwrap();
@@ -22,13 +36,48 @@ async fn primary_standby_reports_sync_and_promotion() {
     assert_eq!(ra.timeline, 1);
     assert!(ra.lsn > 0);
 
-    let mut b = Instance::new(bin, dir.path().join("b"), "127.0.0.1", free_port());
-    b.basebackup(&a.address(), "postgres").await.unwrap();
-    let conninfo = format!(
-        "host=127.0.0.1 port={} user=postgres application_name=b",
-        a.port
+    // The superuser cannot replicate over TCP; without its account and
+    // slot a base backup fails.
+    let mut b = Instance::new(bin, dir.path().join("b"), "127.0.0.1", free_port(), repl());
+    let err = b
+        .basebackup(&a.address(), Some(&slot_name("b")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pg_basebackup failed"), "{err}");
+    assert!(!b.is_initialized(), "a failed base backup leaves no data");
+    let superuser = std::process::Command::new("pg_basebackup")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &a.port.to_string(),
+            "-U",
+            "postgres",
+            "-w",
+        ])
+        .args(["-D", &dir.path().join("x").display().to_string()])
+        .output()
+        .unwrap();
+    let msg = String::from_utf8_lossy(&superuser.stderr);
+    assert!(
+        !superuser.status.success() && msg.contains("no pg_hba.conf entry for replication"),
+        "{msg}"
     );
-    b.write_config(&BTreeMap::new(), Some(&conninfo), &[])
+
+    a.ensure_replication_account().await.unwrap();
+    a.sync_slots(&[slot_name("b"), slot_name("Gone-1")])
+        .await
+        .unwrap();
+    b.basebackup(&a.address(), Some(&slot_name("b")))
+        .await
+        .unwrap();
+    let upstream = Upstream {
+        address: a.address(),
+        application_name: "b".into(),
+        slot: Some(slot_name("b")),
+    };
+    b.write_config(&BTreeMap::new(), Some(&upstream), &[])
         .unwrap();
     b.start(Duration::from_secs(30)).await.unwrap();
 
@@ -49,6 +98,27 @@ async fn primary_standby_reports_sync_and_promotion() {
     );
     let rb = b.report("b", 1).await;
     assert!(rb.healthy && rb.in_recovery, "{rb:?}");
+    // b streams as the replication account through its own slot.
+    let who = ca
+        .query_one(
+            "SELECT r.usename::text, s.slot_name::text FROM pg_stat_replication r \
+             JOIN pg_replication_slots s ON s.active_pid = r.pid",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(who.get::<_, String>(0), "keelson_repl");
+    assert_eq!(who.get::<_, String>(1), "keelson_b");
+    // A standby that left the cluster loses its slot; b's, in use, stays.
+    a.sync_slots(&[slot_name("b")]).await.unwrap();
+    let slots: Vec<String> = ca
+        .query("SELECT slot_name::text FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(slots, vec!["keelson_b".to_string()]);
     assert_eq!(rb.system_id, ra.system_id, "same system");
     assert_eq!(rb.timeline, 1);
     let ra = a.report("a", 1).await;
