@@ -190,6 +190,13 @@ pub struct DbStatus {
     pub applied_generation: u64,
     /// Standbys PostgreSQL reports as synchronous (`pg_stat_replication`).
     pub synchronous_standbys: Vec<String>,
+    /// On a standby: the last replayed LSN (what its queries see).
+    pub replay_lsn: u64,
+    /// On a standby: time since the last replayed transaction while replay
+    /// is behind what was received; 0 when caught up; `None` if unknown.
+    pub replay_lag_ms: Option<u64>,
+    /// On a standby: whether its WAL receiver is streaming.
+    pub streaming: bool,
     /// Wall-clock milliseconds since which the database has looked
     /// unhealthy, as the sentinel saw it. Kept in the store so that a new
     /// sentinel leader does not restart failure timers from zero.
@@ -228,6 +235,13 @@ pub struct KeeperReport {
     pub applied_generation: u64,
     /// Standbys reported as synchronous by `pg_stat_replication`.
     pub synchronous_standbys: Vec<String>,
+    /// On a standby: the last replayed LSN.
+    pub replay_lsn: u64,
+    /// On a standby: time since the last replayed transaction while replay
+    /// is behind; 0 when caught up; `None` if unknown.
+    pub replay_lag_ms: Option<u64>,
+    /// On a standby: whether its WAL receiver is streaming.
+    pub streaming: bool,
     /// When the keeper made this report (wall-clock ms; 0 = unknown).
     pub reported_at_ms: u64,
     /// Keeper settings, taken into the cluster data when it joins.
@@ -302,8 +316,18 @@ pub struct ProxyView {
     pub generation: u64,
     /// Address of the primary, if one is named and has an address.
     pub primary: Option<String>,
-    /// Addresses of healthy standbys.
-    pub replicas: Vec<String>,
+    /// Healthy standbys, with their lag.
+    pub replicas: Vec<ReplicaView>,
+}
+
+/// A standby as proxies see it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReplicaView {
+    pub address: String,
+    /// The primary's last reported LSN minus this standby's replayed LSN.
+    pub lag_bytes: u64,
+    pub lag_ms: Option<u64>,
+    pub streaming: bool,
 }
 
 impl ClusterData {
@@ -348,6 +372,12 @@ impl ClusterData {
             .as_ref()
             .and_then(|m| self.dbs.get(m))
             .and_then(|db| db.status.address.clone());
+        let master_lsn = self
+            .proxy
+            .master_db
+            .as_ref()
+            .and_then(|m| self.dbs.get(m))
+            .map(|db| db.status.lsn);
         let replicas = self
             .dbs
             .iter()
@@ -355,8 +385,17 @@ impl ClusterData {
                 Some(*uid) != self.proxy.master_db.as_ref()
                     && db.spec.role == Role::Standby
                     && db.status.healthy
+                    && db.status.in_recovery
             })
-            .filter_map(|(_, db)| db.status.address.clone())
+            .filter_map(|(_, db)| {
+                Some(ReplicaView {
+                    address: db.status.address.clone()?,
+                    // Without a primary there is nothing to lag behind.
+                    lag_bytes: master_lsn.map_or(0, |m| m.saturating_sub(db.status.replay_lsn)),
+                    lag_ms: db.status.replay_lag_ms,
+                    streaming: db.status.streaming,
+                })
+            })
             .collect();
         ProxyView {
             generation: self.proxy.generation,
@@ -427,6 +466,10 @@ mod tests {
                     status: DbStatus {
                         healthy,
                         address: Some(format!("h:{port}")),
+                        in_recovery: role == Role::Standby,
+                        lsn: 1000,
+                        replay_lsn: 900,
+                        streaming: true,
                         ..Default::default()
                     },
                     ..Default::default()
@@ -438,7 +481,15 @@ mod tests {
         let v = d.proxy_view();
         assert_eq!(v.generation, 1);
         assert_eq!(v.primary.as_deref(), Some("h:1"));
-        assert_eq!(v.replicas, vec!["h:2".to_owned()]);
+        assert_eq!(
+            v.replicas,
+            vec![ReplicaView {
+                address: "h:2".to_owned(),
+                lag_bytes: 100,
+                lag_ms: None,
+                streaming: true,
+            }]
+        );
         let mut bad = d.clone();
         bad.proxy.master_db = Some("zz".into());
         assert!(matches!(

@@ -713,13 +713,18 @@ impl Instance {
                     // The checkpoint's timeline lags behind on a standby
                     // that has followed a promotion; the received one is
                     // current.
-                    if let Ok(row) = c
-                        .query_one("SELECT received_tli FROM pg_stat_wal_receiver", &[])
-                        .await
-                    {
+                    let q = "SELECT (SELECT received_tli FROM pg_stat_wal_receiver), \
+                             coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false), \
+                             (coalesce(pg_last_wal_replay_lsn(), '0/0') - '0/0')::text, \
+                             CASE WHEN coalesce(pg_last_wal_receive_lsn(), '0/0') <= coalesce(pg_last_wal_replay_lsn(), '0/0') THEN 0 \
+                                  ELSE (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END";
+                    if let Ok(row) = c.query_one(q, &[]).await {
                         if let Some(tli) = row.get::<_, Option<i32>>(0) {
                             r.timeline = r.timeline.max(tli.max(0) as u32);
                         }
+                        r.streaming = row.get(1);
+                        r.replay_lsn = row.get::<_, String>(2).parse().unwrap_or(0);
+                        r.replay_lag_ms = row.get::<_, Option<i64>>(3).map(|ms| ms.max(0) as u64);
                     }
                 }
             }

@@ -79,6 +79,28 @@ pub struct ProxyArgs {
     /// [default: the number of CPUs].
     #[arg(long, env = "KEELSON_WORKERS")]
     pub workers: Option<usize>,
+    /// A second address whose sessions go to replicas by default.
+    #[arg(long, env = "KEELSON_REPLICA_LISTEN")]
+    pub replica_listen: Option<String>,
+    /// Static mode: standbys for replica routes, as HOST:PORT,HOST:PORT
+    /// (no lag information; follow a store for lag limits).
+    #[arg(long, env = "KEELSON_REPLICAS", value_delimiter = ',')]
+    pub replicas: Option<Vec<String>>,
+    /// Replicas further behind the primary than this many WAL bytes get no
+    /// new sessions [default: 16MiB, written as bytes].
+    #[arg(long, env = "KEELSON_MAX_REPLICA_LAG_BYTES")]
+    pub max_replica_lag_bytes: Option<u64>,
+    /// Replicas whose replay is behind by more than this time get no new
+    /// sessions [default: 10s].
+    #[arg(long, env = "KEELSON_MAX_REPLICA_LAG")]
+    pub max_replica_lag: Option<String>,
+    /// Also end the sessions of a replica that falls beyond the lag limits.
+    #[arg(long, env = "KEELSON_REPLICA_LAG_FENCE")]
+    pub replica_lag_fence: Option<bool>,
+    /// Accept PROXY protocol v2 headers from these networks (comma
+    /// separated CIDRs), and require them from there; off unless set.
+    #[arg(long, env = "KEELSON_PROXY_PROTOCOL_TRUSTED", value_delimiter = ',')]
+    pub proxy_protocol_trusted: Option<Vec<String>>,
 }
 
 /// The same settings, from a TOML file.
@@ -103,6 +125,60 @@ pub struct FileConfig {
     pub keepalive_interval: Option<String>,
     pub cancel_rate: Option<u32>,
     pub workers: Option<usize>,
+    pub replica_listen: Option<String>,
+    pub replicas: Option<Vec<String>>,
+    pub max_replica_lag_bytes: Option<u64>,
+    pub max_replica_lag: Option<String>,
+    pub replica_lag_fence: Option<bool>,
+    pub proxy_protocol_trusted: Option<Vec<String>>,
+    /// More listeners, each with its own default route.
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    /// Routing rules, first match wins.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+    /// SNI routing: TLS server name -> name of a cluster in the same store.
+    #[serde(default)]
+    pub sni: std::collections::BTreeMap<String, String>,
+}
+
+/// `[[listeners]]` in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub listen: String,
+    #[serde(default)]
+    pub route: Option<String>,
+    /// Whether PROXY protocol applies here (when trusted networks are set)
+    /// [default: true].
+    #[serde(default)]
+    pub proxy_protocol: Option<bool>,
+}
+
+/// `[[rules]]` in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub database: Option<String>,
+    pub user: Option<String>,
+    pub application_name: Option<String>,
+    /// Client network, such as 10.0.0.0/8.
+    pub source: Option<String>,
+    pub route: String,
+}
+
+/// One validated listening address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub route: proxy_core::Route,
+    pub proxy_protocol: bool,
+}
+
+fn parse_route(where_: &str, s: &str) -> Result<proxy_core::Route> {
+    proxy_core::Route::parse(s).with_context(|| {
+        format!("{where_}: route {s:?} is not one of primary, replica, prefer-replica, any")
+    })
 }
 
 impl FileConfig {
@@ -120,8 +196,8 @@ impl FileConfig {
 /// Where the proxy learns which server is the primary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    /// A fixed backend, `host:port`.
-    Static(String),
+    /// A fixed backend, `host:port`, and fixed replicas.
+    Static(String, Vec<String>),
     /// Follow a cluster in a store.
     Store {
         url: String,
@@ -146,6 +222,15 @@ pub struct ProxySettings {
     pub keepalive: Option<(Duration, Duration)>,
     pub cancel_rate_per_second: u32,
     pub workers: usize,
+    /// Every listener; the first is `listen` (primary route).
+    pub listeners: Vec<Listener>,
+    pub rules: Vec<proxy_core::Rule>,
+    pub replica_lag: proxy_core::LagLimit,
+    pub replica_lag_fence: bool,
+    /// Networks trusted to send PROXY protocol headers; empty = off.
+    pub proxy_protocol_trusted: Vec<ipnet::IpNet>,
+    /// SNI routing: server name -> cluster name (store mode).
+    pub sni: std::collections::BTreeMap<String, String>,
 }
 
 /// A name for this proxy that is unique on the host.
@@ -181,13 +266,25 @@ impl ProxySettings {
                 "no backend given: pass --backend HOST:PORT for a fixed server, or --store URL --cluster NAME to follow a cluster (or set them in the environment or the config file)"
             ),
             (Some(backend), None) => {
-                match backend.rsplit_once(':') {
-                    Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-                    _ => bail!("backend = {backend:?} must be HOST:PORT, such as 127.0.0.1:5432"),
+                let host_port = |name: &str, a: &str| -> Result<()> {
+                    match a.rsplit_once(':') {
+                        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                            Ok(())
+                        }
+                        _ => bail!("{name} = {a:?} must be HOST:PORT, such as 127.0.0.1:5432"),
+                    }
+                };
+                host_port("backend", &backend)?;
+                let replicas = args.replicas.clone().or(file.replicas.clone()).unwrap_or_default();
+                for r in &replicas {
+                    host_port("replicas", r)?;
                 }
-                Source::Static(backend)
+                Source::Static(backend, replicas)
             }
             (None, Some(url)) => {
+                if args.replicas.is_some() || file.replicas.is_some() {
+                    bail!("replicas are for static mode; in store mode the cluster names them");
+                }
                 let Some(cluster) = args.cluster.or(file.cluster) else {
                     bail!("--store needs --cluster NAME: the name of the cluster to follow");
                 };
@@ -240,7 +337,102 @@ impl ProxySettings {
         if workers == 0 {
             bail!("workers must be at least 1");
         }
+        let mut listeners = vec![Listener {
+            addr: listen,
+            route: proxy_core::Route::Primary,
+            proxy_protocol: true,
+        }];
+        if let Some(r) = args.replica_listen.or(file.replica_listen) {
+            listeners.push(Listener {
+                addr: socket_addr("replica_listen", &r)?,
+                route: proxy_core::Route::Replica,
+                proxy_protocol: true,
+            });
+        }
+        for (i, l) in file.listeners.iter().enumerate() {
+            let name = format!("listeners[{i}]");
+            listeners.push(Listener {
+                addr: socket_addr(&name, &l.listen)?,
+                route: match &l.route {
+                    Some(r) => parse_route(&name, r)?,
+                    None => proxy_core::Route::Primary,
+                },
+                proxy_protocol: l.proxy_protocol.unwrap_or(true),
+            });
+        }
+        for (i, a) in listeners.iter().enumerate() {
+            if listeners[..i]
+                .iter()
+                .any(|b| b.addr == a.addr && a.addr.port() != 0)
+            {
+                bail!("{} is listed twice among the listen addresses", a.addr);
+            }
+        }
+        let rules = file
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let name = format!("rules[{i}]");
+                Ok(proxy_core::Rule {
+                    database: r.database.clone(),
+                    user: r.user.clone(),
+                    application_name: r.application_name.clone(),
+                    source: r
+                        .source
+                        .as_deref()
+                        .map(|s| {
+                            s.parse().with_context(|| {
+                                format!("{name}: source {s:?} is not a network such as 10.0.0.0/8")
+                            })
+                        })
+                        .transpose()?,
+                    route: parse_route(&name, &r.route)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let default_lag = proxy_core::LagLimit::default();
+        let replica_lag = proxy_core::LagLimit {
+            bytes: args
+                .max_replica_lag_bytes
+                .or(file.max_replica_lag_bytes)
+                .unwrap_or(default_lag.bytes),
+            time: duration(
+                "max_replica_lag",
+                args.max_replica_lag.or(file.max_replica_lag),
+                "10s",
+            )?,
+        };
+        let proxy_protocol_trusted = args
+            .proxy_protocol_trusted
+            .or(file.proxy_protocol_trusted)
+            .unwrap_or_default()
+            .iter()
+            .map(|s| {
+                let s = s.trim();
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .with_context(|| {
+                        format!("proxy_protocol_trusted: {s:?} is not a network such as 10.0.0.0/8")
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if !file.sni.is_empty() && !matches!(source, Source::Store { .. }) {
+            bail!("sni routing needs store mode: each server name names a cluster in the store");
+        }
+        if !file.sni.is_empty() && tls.is_none() {
+            bail!("sni routing needs TLS (tls_cert and tls_key)");
+        }
         Ok(ProxySettings {
+            listeners,
+            rules,
+            replica_lag,
+            replica_lag_fence: args
+                .replica_lag_fence
+                .or(file.replica_lag_fence)
+                .unwrap_or(false),
+            proxy_protocol_trusted,
+            sni: file.sni,
             listen,
             source,
             admin_listen,
@@ -303,11 +495,69 @@ mod tests {
         };
         let s = ProxySettings::resolve(args, file).unwrap();
         assert_eq!(s.listen.to_string(), "127.0.0.1:7001");
-        assert_eq!(s.source, Source::Static("db:5432".into()));
+        assert_eq!(s.source, Source::Static("db:5432".into(), vec![]));
         assert_eq!(s.startup_timeout, Duration::from_secs(3));
         assert_eq!(s.max_connections, 5);
         assert_eq!(s.connect_timeout, Duration::from_secs(5));
         assert_eq!(s.shutdown_grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn routing_settings() {
+        let file = FileConfig::parse(
+            r#"
+            store = "file:///x"
+            cluster = "main"
+            listen = "127.0.0.1:7000"
+            replica_listen = "127.0.0.1:7001"
+            max_replica_lag = "2s"
+            proxy_protocol_trusted = ["10.0.0.0/8", "192.0.2.1"]
+            tls_cert = "c.pem"
+            tls_key = "k.pem"
+            [[listeners]]
+            listen = "127.0.0.1:7002"
+            route = "prefer-replica"
+            proxy_protocol = false
+            [[rules]]
+            application_name = "report"
+            source = "10.1.0.0/16"
+            route = "any"
+            [sni]
+            "b.example.com" = "b"
+            "#,
+        )
+        .unwrap();
+        let s = ProxySettings::resolve(ProxyArgs::default(), file).unwrap();
+        let routes: Vec<_> = s
+            .listeners
+            .iter()
+            .map(|l| (l.addr.port(), l.route))
+            .collect();
+        assert_eq!(
+            routes,
+            vec![
+                (7000, proxy_core::Route::Primary),
+                (7001, proxy_core::Route::Replica),
+                (7002, proxy_core::Route::PreferReplica)
+            ]
+        );
+        assert!(!s.listeners[2].proxy_protocol);
+        assert_eq!(s.replica_lag.time, Duration::from_secs(2));
+        assert_eq!(s.replica_lag.bytes, 16 * 1024 * 1024);
+        assert_eq!(s.proxy_protocol_trusted.len(), 2);
+        assert_eq!(s.rules[0].route, proxy_core::Route::Any);
+        assert_eq!(s.sni["b.example.com"], "b");
+        let bad = |toml: &str| {
+            let f = FileConfig::parse(&format!("backend = \"h:1\"\n{toml}")).unwrap();
+            format!(
+                "{:#}",
+                ProxySettings::resolve(ProxyArgs::default(), f).unwrap_err()
+            )
+        };
+        assert!(bad("[[rules]]\nroute = \"sideways\"").contains("rules[0]: route \"sideways\""));
+        assert!(bad("[[rules]]\nsource = \"nope\"\nroute = \"any\"").contains("not a network"));
+        assert!(bad("proxy_protocol_trusted = [\"x\"]").contains("proxy_protocol_trusted"));
+        assert!(bad("[sni]\n\"a\" = \"b\"").contains("store mode"));
     }
 
     #[test]

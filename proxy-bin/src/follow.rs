@@ -19,7 +19,7 @@ use std::time::Duration;
 use cluster::{AnyStore, ClusterData, Keys, LeaseId, Store, StoreError, WatchEvent};
 use metrics::{counter, gauge, histogram};
 use proxy_core::fence::Fence;
-use proxy_core::{Backend, FenceReason, Proxy, View};
+use proxy_core::{Backend, FenceReason, Proxy, Replica, View, ViewHandle};
 use tokio::time::Instant;
 
 use crate::admin::AdminState;
@@ -32,6 +32,8 @@ const ADMIN_SHUTDOWN: &str = "57P01";
 #[derive(Debug)]
 pub struct FollowStatus {
     proxy: Proxy,
+    /// The view this follower feeds: the proxy's own, or one SNI cluster's.
+    view: ViewHandle,
     started: Instant,
     /// Milliseconds after `started` of the last confirmation; 0 = never.
     confirmed_ms: AtomicU64,
@@ -87,7 +89,16 @@ impl FollowStatus {
                 let view = View {
                     generation: pv.generation,
                     primary: pv.primary.map(Backend::new),
-                    replicas: pv.replicas.into_iter().map(Backend::new).collect(),
+                    replicas: pv
+                        .replicas
+                        .into_iter()
+                        .map(|r| Replica {
+                            backend: Backend::new(r.address),
+                            lag_bytes: r.lag_bytes,
+                            lag: r.lag_ms.map(Duration::from_millis),
+                            streaming: r.streaming,
+                        })
+                        .collect(),
                 };
                 (view, Some(d.spec.clone()))
             }
@@ -102,7 +113,7 @@ impl FollowStatus {
             next.primary = None;
         }
         let generation = next.generation;
-        let current = self.proxy.view().load();
+        let current = self.view.load();
         if *current == next {
             return generation;
         }
@@ -115,7 +126,8 @@ impl FollowStatus {
             fresh,
             "applying cluster view"
         );
-        self.proxy.view().store(next.clone());
+        self.view.store(next.clone());
+        self.proxy.apply_replica_lag(&current, &next);
         counter!("keelson_view_changes_total").increment(1);
         gauge!("keelson_view_generation").set(generation as f64);
         if let (true, Some(old)) = (changed_primary, old_primary) {
@@ -145,17 +157,17 @@ impl FollowStatus {
 
 impl AdminState for FollowStatus {
     fn ready(&self) -> bool {
-        self.is_fresh() && self.proxy.view().load().primary.is_some()
+        self.is_fresh() && self.view.load().primary.is_some()
     }
 
     fn view_json(&self) -> String {
-        let v = self.proxy.view().load();
+        let v = self.view.load();
         serde_json::json!({
             "mode": "store",
             "uid": self.uid,
             "generation": v.generation,
             "primary": v.primary.as_ref().map(|b| b.addr()),
-            "replicas": v.replicas.iter().map(|b| b.addr()).collect::<Vec<_>>(),
+            "replicas": crate::serve::replicas_json(&v),
             "fresh": self.is_fresh(),
             "age_seconds": self.age().map(|a| a.as_secs_f64()),
         })
@@ -170,8 +182,22 @@ fn store_error(op: &'static str, e: &StoreError) {
 
 /// Starts following `cluster` on the current runtime; returns the status.
 pub fn spawn(store: AnyStore, keys: Keys, uid: String, proxy: Proxy) -> Arc<FollowStatus> {
+    let view = proxy.view().clone();
+    spawn_for(store, keys, uid, proxy, view)
+}
+
+/// Starts following `cluster` into `view` (for SNI routing, a view other
+/// than the proxy's own); returns the status.
+pub fn spawn_for(
+    store: AnyStore,
+    keys: Keys,
+    uid: String,
+    proxy: Proxy,
+    view: ViewHandle,
+) -> Arc<FollowStatus> {
     let status = Arc::new(FollowStatus {
         proxy,
+        view,
         started: Instant::now(),
         confirmed_ms: AtomicU64::new(0),
         fresh: AtomicBool::new(false),

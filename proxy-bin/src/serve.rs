@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use proxy_core::{Backend, Proxy, ProxyConfig, SocketOptions, View, ViewHandle};
+use proxy_core::{Backend, ListenerOptions, Proxy, ProxyConfig, SocketOptions, View, ViewHandle};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +37,10 @@ pub fn proxy_config(s: &ProxySettings) -> Result<ProxyConfig> {
         tls,
         cancel_rate_per_second: s.cancel_rate_per_second,
         hold_timeout: cluster::ClusterSpec::default().hold_timeout,
+        rules: s.rules.clone(),
+        replica_lag: s.replica_lag,
+        replica_lag_fence: s.replica_lag_fence,
+        server_names: Default::default(),
     })
 }
 
@@ -68,7 +72,7 @@ impl AdminState for StaticState {
         serde_json::json!({
             "generation": v.generation,
             "primary": v.primary.as_ref().map(|b| b.addr()),
-            "replicas": v.replicas.iter().map(|b| b.addr()).collect::<Vec<_>>(),
+            "replicas": replicas_json(&v),
             "mode": "static",
         })
         .to_string()
@@ -77,24 +81,62 @@ impl AdminState for StaticState {
 
 /// Runs the proxy until SIGTERM or SIGINT, then shuts down gracefully.
 pub fn run(settings: ProxySettings) -> Result<()> {
-    let cfg = proxy_config(&settings)?;
+    let mut cfg = proxy_config(&settings)?;
     let view = match &settings.source {
-        Source::Static(backend) => ViewHandle::new(View::fixed(Backend::new(backend.clone()))),
+        Source::Static(backend, replicas) => ViewHandle::new(View {
+            replicas: replicas
+                .iter()
+                .map(|r| proxy_core::Replica::fresh(Backend::new(r.clone())))
+                .collect(),
+            ..View::fixed(Backend::new(backend.clone()))
+        }),
         // Nothing is routed until the store has been read.
         Source::Store { .. } => ViewHandle::new(View::default()),
     };
+    // SNI routing: one view per named cluster, each followed below.
+    let sni_views: Vec<(String, String, ViewHandle)> = settings
+        .sni
+        .iter()
+        .map(|(name, cluster)| {
+            (
+                name.clone(),
+                cluster.clone(),
+                ViewHandle::new(View::default()),
+            )
+        })
+        .collect();
+    cfg.server_names = sni_views
+        .iter()
+        .map(|(name, _, v)| (name.clone(), v.clone()))
+        .collect();
     let proxy = Proxy::new(cfg, view.clone());
     let metrics = admin::install_metrics()?;
 
-    let first = reuseport_listener(settings.listen)?;
-    let bound = first.local_addr()?;
-    let mut sockets = vec![first];
-    for _ in 1..settings.workers {
-        sockets.push(reuseport_listener(bound)?);
+    // Each listener gets one SO_REUSEPORT socket per worker.
+    let trusted: Option<Arc<[ipnet::IpNet]>> = if settings.proxy_protocol_trusted.is_empty() {
+        None
+    } else {
+        Some(settings.proxy_protocol_trusted.clone().into())
+    };
+    let mut per_worker: Vec<Vec<(std::net::TcpListener, ListenerOptions)>> =
+        (0..settings.workers).map(|_| Vec::new()).collect();
+    let mut bound_addrs = Vec::new();
+    for l in &settings.listeners {
+        let first = reuseport_listener(l.addr)?;
+        let bound = first.local_addr()?;
+        bound_addrs.push(format!("{bound} ({})", l.route));
+        let opts = ListenerOptions {
+            route: l.route,
+            proxy_protocol: trusted.clone().filter(|_| l.proxy_protocol),
+        };
+        per_worker[0].push((first, opts.clone()));
+        for w in per_worker.iter_mut().skip(1) {
+            w.push((reuseport_listener(bound)?, opts.clone()));
+        }
     }
     let done = CancellationToken::new();
     let mut threads = Vec::new();
-    for (i, socket) in sockets.into_iter().enumerate() {
+    for (i, sockets) in per_worker.into_iter().enumerate() {
         let proxy = proxy.clone();
         let done = done.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -106,15 +148,24 @@ pub fn run(settings: ProxySettings) -> Result<()> {
                 .name(format!("keelson-worker-{i}"))
                 .spawn(move || {
                     rt.block_on(async move {
-                        match TcpListener::from_std(socket) {
-                            Ok(l) => {
-                                if let Err(e) = proxy.serve(l).await {
-                                    tracing::error!(error = %e, "listener failed");
+                        let mut serving = Vec::new();
+                        for (socket, opts) in sockets {
+                            match TcpListener::from_std(socket) {
+                                Ok(l) => {
+                                    let proxy = proxy.clone();
+                                    serving.push(tokio::spawn(async move {
+                                        if let Err(e) = proxy.serve_with(l, opts).await {
+                                            tracing::error!(error = %e, "listener failed");
+                                        }
+                                    }));
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "could not register the listener")
                                 }
                             }
-                            Err(e) => {
-                                tracing::error!(error = %e, "could not register the listener")
-                            }
+                        }
+                        for s in serving {
+                            let _ = s.await;
                         }
                         // Sessions on this runtime keep running until the
                         // shutdown is complete.
@@ -123,14 +174,14 @@ pub fn run(settings: ProxySettings) -> Result<()> {
                 })?,
         );
     }
-    tracing::info!(listen = %bound, source = ?settings.source, workers = settings.workers, tls = settings.tls.is_some(), "keelson proxy started");
+    tracing::info!(listen = ?bound_addrs, source = ?settings.source, workers = settings.workers, tls = settings.tls.is_some(), "keelson proxy started");
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let result = rt.block_on(async {
         let state: Arc<dyn AdminState> = match &settings.source {
-            Source::Static(_) => Arc::new(StaticState { view: view.clone() }),
+            Source::Static(..) => Arc::new(StaticState { view: view.clone() }),
             Source::Store {
                 url,
                 cluster,
@@ -138,6 +189,16 @@ pub fn run(settings: ProxySettings) -> Result<()> {
                 uid,
             } => {
                 let store = cluster::open(url).await?;
+                for (name, other, handle) in &sni_views {
+                    tracing::info!(server_name = %name, cluster = %other, "following a cluster for SNI routing");
+                    follow::spawn_for(
+                        store.clone(),
+                        Keys::new(prefix, other),
+                        uid.clone(),
+                        proxy.clone(),
+                        handle.clone(),
+                    );
+                }
                 let keys = Keys::new(prefix, cluster);
                 follow::spawn(store, keys, uid.clone(), proxy.clone())
             }
@@ -163,4 +224,20 @@ pub fn run(settings: ProxySettings) -> Result<()> {
         let _ = t.join();
     }
     result
+}
+
+/// The replicas of a view for `/view`: address, lag, and whether they take
+/// new sessions.
+pub fn replicas_json(v: &proxy_core::View) -> serde_json::Value {
+    v.replicas
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "address": r.backend.addr(),
+                "lag_bytes": r.lag_bytes,
+                "lag_seconds": r.lag.map(|l| l.as_secs_f64()),
+                "streaming": r.streaming,
+            })
+        })
+        .collect()
 }

@@ -125,10 +125,25 @@ impl Negotiation {
     }
 }
 
+/// What the session owes the client and needs of the server.
+#[derive(Debug, Clone, Default)]
+pub struct Expect {
+    /// A protocol negotiation owed to the client.
+    pub negotiation: Option<Negotiation>,
+    /// The server must be a standby (`true`) or the primary (`false`).
+    pub want_standby: Option<bool>,
+}
+
 /// Relays the authentication exchange between `client` and `backend` until
 /// the first ReadyForQuery or ErrorResponse. `startup` is written to the
-/// backend first. With `negotiation`, the client gets exactly one
+/// backend first. With a `negotiation`, the client gets exactly one
 /// NegotiateProtocolVersion before anything else.
+///
+/// With `want_standby`, the server must be a standby (`true`) or a primary
+/// (`false`), whatever the view said: it is checked at the first
+/// ReadyForQuery, from the `in_hot_standby` ParameterStatus (PostgreSQL 14
+/// and later) or else with `SELECT pg_is_in_recovery()`, before anything
+/// after authentication reaches the client.
 ///
 /// Not cancel-safe: a dropped future leaves both connections mid-exchange;
 /// the caller closes them. The deadline is applied inside, per read.
@@ -137,7 +152,7 @@ pub async fn authenticate<C, B>(
     backend: &mut B,
     addr: &str,
     startup: &[u8],
-    mut negotiation: Option<Negotiation>,
+    expect: Expect,
     deadline: Instant,
     limit: Duration,
 ) -> Result<AuthResult, SessionError>
@@ -153,12 +168,17 @@ where
         addr: addr.to_owned(),
         timeout: limit,
     };
+    let Expect {
+        mut negotiation,
+        want_standby,
+    } = expect;
     backend.write_all(startup).await.map_err(backend_err)?;
 
     let mut from_backend = BytesMut::with_capacity(1024);
     let mut to_client = BytesMut::with_capacity(1024);
     let mut from_client = BytesMut::new();
     let mut cancel_key = None;
+    let mut hot_standby: Option<bool> = None;
     loop {
         while let Some((tag, body)) = parse_message(
             &mut from_backend,
@@ -196,6 +216,9 @@ where
                         _ => {}
                     }
                 }
+                b'S' if body.starts_with(b"in_hot_standby\0") => {
+                    hot_standby = Some(&body[b"in_hot_standby\0".len()..] == b"on\0");
+                }
                 b'K' if body.len() >= 8 && body.len() <= 4 + MAX_CANCEL_KEY_LENGTH => {
                     let pid = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
                     cancel_key = Some((pid, Bytes::copy_from_slice(&body[4..])));
@@ -209,6 +232,28 @@ where
                     return Ok(AuthResult::Refused);
                 }
                 b'Z' => {
+                    if let Some(want) = want_standby {
+                        let is_standby = match hot_standby {
+                            Some(s) => s,
+                            None => query_in_recovery(
+                                backend,
+                                &mut from_backend,
+                                &mut to_client,
+                                deadline,
+                            )
+                            .await
+                            .map_err(|e| match e {
+                                Some(source) => backend_err(source),
+                                None => timed_out(),
+                            })?,
+                        };
+                        if is_standby != want {
+                            return Err(SessionError::WrongServerRole {
+                                addr: addr.to_owned(),
+                                is_standby,
+                            });
+                        }
+                    }
                     // Anything the server sent after ReadyForQuery belongs to
                     // the forwarded stream; the tracker must see it.
                     let mut tracker = MessageTracker::default();
@@ -236,6 +281,54 @@ where
                 io::ErrorKind::UnexpectedEof,
                 "the server closed the connection during authentication",
             )));
+        }
+    }
+}
+
+/// Asks a server without the `in_hot_standby` parameter (before
+/// PostgreSQL 14) whether it is in recovery, right after its first
+/// ReadyForQuery. Messages the server sent unasked meanwhile go to the
+/// client; the query's own replies do not. `Err(None)` is a timeout.
+async fn query_in_recovery<B>(
+    backend: &mut B,
+    from_backend: &mut BytesMut,
+    to_client: &mut BytesMut,
+    deadline: Instant,
+) -> Result<bool, Option<io::Error>>
+where
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    const SQL: &[u8] = b"SELECT pg_catalog.pg_is_in_recovery()\0";
+    let mut q = BytesMut::with_capacity(5 + SQL.len());
+    q.put_u8(b'Q');
+    q.put_u32(4 + SQL.len() as u32);
+    q.put_slice(SQL);
+    backend.write_all(&q).await.map_err(Some)?;
+    let bad = |what: &str| Some(io::Error::new(io::ErrorKind::InvalidData, what.to_owned()));
+    let mut answer = None;
+    loop {
+        while let Some((tag, body)) =
+            parse_message(from_backend, MAX_BACKEND_STARTUP_MESSAGE, Side::Backend)
+                .map_err(|e| bad(&e.to_string()))?
+        {
+            match tag {
+                b'T' | b'C' => {}
+                // DataRow: 1 column, its length, "t" or "f".
+                b'D' => answer = Some(body.len() == 7 && body[6] == b't'),
+                b'E' => return Err(bad("the server refused SELECT pg_is_in_recovery()")),
+                b'Z' => return answer.ok_or_else(|| bad("no answer to pg_is_in_recovery()")),
+                _ => {
+                    to_client.put_u8(tag);
+                    to_client.put_u32(body.len() as u32 + 4);
+                    to_client.put_slice(&body);
+                }
+            }
+        }
+        match timeout_at(deadline, backend.read_buf(from_backend)).await {
+            Err(_) => return Err(None),
+            Ok(Err(e)) => return Err(Some(e)),
+            Ok(Ok(0)) => return Err(bad("the server closed the connection")),
+            Ok(Ok(_)) => {}
         }
     }
 }

@@ -183,7 +183,10 @@ mod tests {
         let view = View {
             generation: 1,
             primary: Some(Backend::new("a:1")),
-            replicas: vec![Backend::new("b:1"), Backend::new("a:1")],
+            replicas: vec![
+                crate::view::Replica::fresh(Backend::new("b:1")),
+                crate::view::Replica::fresh(Backend::new("a:1")),
+            ],
         };
         let guard = reg.register(7, Bytes::from_static(b"abcd"), Backend::new("b:1"));
         assert_eq!(
@@ -195,6 +198,28 @@ mod tests {
         assert_eq!(to, vec![Backend::new("a:1"), Backend::new("b:1")]);
         drop(guard);
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn protocol_3_2_keys_route_like_3_0_keys() {
+        let reg = Arc::new(CancelRegistry::new(100));
+        let view = View {
+            generation: 1,
+            primary: Some(Backend::new("p:1")),
+            replicas: vec![crate::view::Replica::fresh(Backend::new("standby:1"))],
+        };
+        for len in [32usize, 256] {
+            let key: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let _g = reg.register(9, Bytes::from(key.clone()), Backend::new("standby:1"));
+            assert_eq!(
+                reg.route(&req(9, &key), &view),
+                (CancelRoute::Known, vec![Backend::new("standby:1")]),
+                "{len}-byte key"
+            );
+            let mut wrong = key.clone();
+            wrong[len - 1] ^= 1;
+            assert_eq!(reg.route(&req(9, &wrong), &view).0, CancelRoute::Broadcast);
+        }
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub const TOO_MANY_CONNECTIONS: &str = "53300";
 pub const ADMIN_SHUTDOWN: &str = "57P01";
 /// SQLSTATE `08001` sqlclient_unable_to_establish_sqlconnection.
 pub const UNABLE_TO_CONNECT: &str = "08001";
+/// SQLSTATE `22023` invalid_parameter_value.
+pub const INVALID_PARAMETER_VALUE: &str = "22023";
 
 /// Why a session could not start or had to end.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,18 @@ pub enum SessionError {
     ShuttingDown,
     #[error("the primary changed while this session was connecting")]
     FencedWhileConnecting,
+    #[error("{0}")]
+    BadRoute(#[from] crate::route::BadRoute),
+    #[error("no replica within the lag limit became available within {0:?}")]
+    NoReplicaAfter(Duration),
+    #[error("server {addr} is {}, but this session's route needs {}; the cluster is changing", if *.is_standby { "a standby" } else { "a primary" }, if *.is_standby { "the primary" } else { "a standby" })]
+    WrongServerRole { addr: String, is_standby: bool },
+    #[error("{0}")]
+    ProxyHeader(String),
+    #[error(
+        "the client sent a TLS handshake without ALPN \"postgresql\" (direct TLS requires it)"
+    )]
+    DirectTlsWithoutAlpn,
 }
 
 impl SessionError {
@@ -93,7 +107,10 @@ impl SessionError {
             | NoPrimary
             | NoPrimaryAfter(_)
             | ShuttingDown
-            | FencedWhileConnecting => ErrorKind::Policy,
+            | FencedWhileConnecting
+            | NoReplicaAfter(_)
+            | WrongServerRole { .. } => ErrorKind::Policy,
+            BadRoute(_) | ProxyHeader(_) | DirectTlsWithoutAlpn => ErrorKind::Client,
             BackendConnect { .. }
             | BackendConnectTimeout { .. }
             | AuthTimeout { .. }
@@ -115,6 +132,11 @@ impl SessionError {
             AuthTimeout { .. } | BackendIo { .. } => "backend_error",
             ShuttingDown => "shutdown",
             FencedWhileConnecting => "fenced",
+            BadRoute(_) => "bad_route",
+            NoReplicaAfter(_) => "no_replica",
+            WrongServerRole { .. } => "wrong_server_role",
+            ProxyHeader(_) => "proxy_protocol",
+            DirectTlsWithoutAlpn => "tls",
         }
     }
 
@@ -133,6 +155,9 @@ impl SessionError {
             | AuthTimeout { .. }
             | BackendIo { .. } => Some(CONNECTION_FAILURE),
             ShuttingDown | FencedWhileConnecting => Some(CANNOT_CONNECT_NOW),
+            BadRoute(_) => Some(INVALID_PARAMETER_VALUE),
+            NoReplicaAfter(_) | WrongServerRole { .. } => Some(CANNOT_CONNECT_NOW),
+            ProxyHeader(_) | DirectTlsWithoutAlpn => Some(PROTOCOL_VIOLATION),
         }
     }
 
@@ -145,6 +170,10 @@ impl SessionError {
             }
             NoPrimary | NoPrimaryAfter(_) | ShuttingDown => Some("Retry in a few seconds."),
             FencedWhileConnecting => Some("Retry: new sessions go to the new primary."),
+            NoReplicaAfter(_) => Some(
+                "Retry later, or use keelson.route=prefer-replica to fall back to the primary.",
+            ),
+            WrongServerRole { .. } => Some("Retry: nothing was run on that server."),
             BackendConnect { .. } | BackendConnectTimeout { .. } => Some(
                 "Check that PostgreSQL is running and reachable from the proxy; retrying is safe.",
             ),
@@ -161,6 +190,8 @@ impl SessionError {
                 | SessionError::NoPrimaryAfter(_)
                 | SessionError::ShuttingDown
                 | SessionError::FencedWhileConnecting
+                | SessionError::NoReplicaAfter(_)
+                | SessionError::WrongServerRole { .. }
                 | SessionError::BackendConnect { .. }
                 | SessionError::BackendConnectTimeout { .. }
         )

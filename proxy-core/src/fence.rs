@@ -88,6 +88,13 @@ impl Fences {
         map.entry(backend.clone()).or_default().clone()
     }
 
+    /// Sessions routed to `backend` that are still open.
+    pub fn sessions(&self, backend: &Backend) -> usize {
+        let map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(backend)
+            .map_or(0, |f| Arc::strong_count(f).saturating_sub(1))
+    }
+
     /// Ends every session routed to `backend` so far. Returns the fired
     /// fence, if any session had been routed there.
     pub fn fence_backend(&self, backend: &Backend, reason: FenceReason) -> Option<Arc<Fence>> {

@@ -11,6 +11,9 @@ use crate::error::SessionError;
 use crate::protocol::{parse_startup, CancelRequest, ProtocolError, StartupMessage, StartupPacket};
 use crate::stream::ClientStream;
 
+/// The first byte of a TLS handshake record (ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
 /// What the client wants once the startup phase is over.
 #[derive(Debug)]
 pub enum Startup {
@@ -38,6 +41,31 @@ pub async fn read_startup(
     let mut buf = BytesMut::with_capacity(512);
     let mut gss_answered = false;
     let mut ssl_answered = false;
+    if let (ClientStream::Plain(tcp), Some(acceptor)) = (&*stream, tls) {
+        // Direct TLS (PostgreSQL 17, `sslnegotiation=direct`): a TLS
+        // handshake record instead of SSLRequest. A startup packet's first
+        // byte is 0 (lengths are below 10000), so 0x16 cannot be one.
+        let mut first = [0u8; 1];
+        let n = timeout_at(deadline, tcp.peek(&mut first))
+            .await
+            .map_err(|_| SessionError::StartupTimeout(limit))?
+            .map_err(SessionError::ClientIo)?;
+        if n == 0 {
+            return Err(SessionError::ClientGone);
+        }
+        if first[0] == TLS_HANDSHAKE {
+            timeout_at(deadline, stream.upgrade(acceptor))
+                .await
+                .map_err(|_| SessionError::StartupTimeout(limit))?
+                .map_err(SessionError::ClientTls)?;
+            // As PostgreSQL does: ALPN proves the client meant to speak
+            // PostgreSQL over this TLS connection.
+            if stream.alpn() != Some(b"postgresql".as_slice()) {
+                return Err(SessionError::DirectTlsWithoutAlpn);
+            }
+            ssl_answered = true;
+        }
+    }
     loop {
         let packet = loop {
             if let Some(p) = parse_startup(&mut buf)? {

@@ -18,6 +18,10 @@ pub const BACKEND_CONNECT_SECONDS: &str = "keelson_backend_connect_seconds";
 pub const HANDSHAKE_SECONDS: &str = "keelson_handshake_seconds";
 pub const CANCEL_REQUESTS: &str = "keelson_cancel_requests_total";
 pub const HOLD_SECONDS: &str = "keelson_hold_seconds";
+pub const SESSIONS_ROUTED: &str = "keelson_sessions_routed_total";
+pub const ROUTE_REFUSED: &str = "keelson_route_refused_total";
+pub const REPLICA_LAG_BYTES: &str = "keelson_replica_lag_bytes";
+pub const REPLICA_SESSIONS_ALLOWED: &str = "keelson_replica_admitted";
 
 /// Registers help texts. Call once after installing a recorder.
 pub fn describe() {
@@ -51,6 +55,28 @@ pub fn describe() {
     describe_counter!(
         CANCEL_REQUESTS,
         "Cancel requests received, by how they were routed."
+    );
+    describe_histogram!(
+        HOLD_SECONDS,
+        Unit::Seconds,
+        "Time new clients were held waiting for a server, by route and outcome."
+    );
+    describe_counter!(
+        SESSIONS_ROUTED,
+        "Sessions routed, by route and the kind of server chosen (primary or standby)."
+    );
+    describe_counter!(
+        ROUTE_REFUSED,
+        "Sessions refused after their route was known, by route and reason."
+    );
+    describe_gauge!(
+        REPLICA_LAG_BYTES,
+        Unit::Bytes,
+        "Replay lag of each standby as the proxy's view reports it."
+    );
+    describe_gauge!(
+        REPLICA_SESSIONS_ALLOWED,
+        "1 if the standby is within the lag limit and takes new sessions, else 0."
     );
 }
 
@@ -103,6 +129,27 @@ pub(crate) fn cancel(route: &'static str) {
     counter!(CANCEL_REQUESTS, "route" => route).increment(1);
 }
 
-pub(crate) fn held(secs: f64, outcome: &'static str) {
-    histogram!(HOLD_SECONDS, "outcome" => outcome).record(secs);
+pub(crate) fn held(secs: f64, outcome: &'static str, route: &'static str) {
+    histogram!(HOLD_SECONDS, "outcome" => outcome, "route" => route).record(secs);
+}
+
+pub(crate) fn routed(route: &'static str, standby: bool) {
+    let server = if standby { "standby" } else { "primary" };
+    counter!(SESSIONS_ROUTED, "route" => route, "server" => server).increment(1);
+}
+
+pub(crate) fn route_refused(route: &'static str, reason: &'static str) {
+    counter!(ROUTE_REFUSED, "route" => route, "reason" => reason).increment(1);
+}
+
+/// Publishes the replicas of a new view: their lag and whether they take
+/// new sessions. Label values are backend addresses, bounded by the
+/// cluster's size.
+pub fn replicas(view: &crate::view::View, limit: &crate::route::LagLimit) {
+    for r in &view.replicas {
+        let addr = r.backend.addr().to_owned();
+        gauge!(REPLICA_LAG_BYTES, "backend" => addr.clone()).set(r.lag_bytes as f64);
+        let ok = if limit.admits(r) { 1.0 } else { 0.0 };
+        gauge!(REPLICA_SESSIONS_ALLOWED, "backend" => addr).set(ok);
+    }
 }

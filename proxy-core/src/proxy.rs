@@ -30,6 +30,7 @@ use crate::forward::{forward, Outcome};
 use crate::handshake::{read_startup, Startup};
 use crate::metrics::{self as m, SessionCounters};
 use crate::protocol::{self, Severity, StartupMessage, PROTOCOL_NEWEST_MINOR};
+use crate::route::{self, LagLimit, Route, Rule};
 use crate::stream::ClientStream;
 use crate::view::{Backend, ViewHandle};
 
@@ -54,6 +55,27 @@ pub struct ProxyConfig {
     /// before it is refused with 57P03. Can be changed at run time with
     /// [`Proxy::set_hold_timeout`].
     pub hold_timeout: Duration,
+    /// Rules that pick a route by database, user, application name or
+    /// client network; the first match wins over the listener's default.
+    pub rules: Vec<Rule>,
+    /// How far behind a replica may be and still take new sessions.
+    pub replica_lag: LagLimit,
+    /// End the sessions of a replica that falls beyond `replica_lag`
+    /// (applied by whoever stores new views, see [`Proxy::apply_replica_lag`]).
+    pub replica_lag_fence: bool,
+    /// SNI routing: TLS sessions whose server name is a key here route by
+    /// that cluster's view instead of the proxy's own.
+    pub server_names: std::collections::HashMap<String, ViewHandle>,
+}
+
+/// Options of one listening socket.
+#[derive(Debug, Clone, Default)]
+pub struct ListenerOptions {
+    /// The route of sessions that neither choose one nor match a rule.
+    pub route: Route,
+    /// PROXY protocol v2: `Some(networks)` requires the header from these
+    /// networks and refuses it from any other; `None` (the default) is off.
+    pub proxy_protocol: Option<Arc<[ipnet::IpNet]>>,
 }
 
 impl Default for ProxyConfig {
@@ -69,6 +91,10 @@ impl Default for ProxyConfig {
             tls: None,
             cancel_rate_per_second: 100,
             hold_timeout: Duration::from_secs(10),
+            rules: Vec::new(),
+            replica_lag: LagLimit::default(),
+            replica_lag_fence: false,
+            server_names: Default::default(),
         }
     }
 }
@@ -169,6 +195,42 @@ impl Proxy {
         self.shared.fences.fence_backend(backend, reason)
     }
 
+    /// The data-path configuration.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.shared.cfg
+    }
+
+    /// Called after a new view was stored in place of `old`: publishes the
+    /// replicas' lag, and with `replica_lag_fence` ends the sessions of
+    /// replicas that fell beyond the lag limit.
+    pub fn apply_replica_lag(&self, old: &crate::View, new: &crate::View) {
+        let limit = &self.shared.cfg.replica_lag;
+        m::replicas(new, limit);
+        if !self.shared.cfg.replica_lag_fence {
+            return;
+        }
+        for r in &new.replicas {
+            let was_ok = old
+                .replicas
+                .iter()
+                .any(|o| o.backend == r.backend && limit.admits(o));
+            if was_ok && !limit.admits(r) && new.primary.as_ref() != Some(&r.backend) {
+                tracing::info!(backend = %r.backend, lag_bytes = r.lag_bytes, "replica fell behind; ending its sessions");
+                self.fence_backend(
+                    &r.backend,
+                    FenceReason {
+                        sqlstate: ADMIN_SHUTDOWN,
+                        message: format!(
+                            "terminating connection because the replica fell behind the primary ({} bytes); reconnect to reach a fresh one",
+                            r.lag_bytes
+                        ),
+                        label: "replica_lag",
+                    },
+                );
+            }
+        }
+    }
+
     /// Changes how long clients wait for a primary.
     pub fn set_hold_timeout(&self, d: Duration) {
         self.shared
@@ -177,8 +239,19 @@ impl Proxy {
     }
 
     /// Accepts clients on `listener` until [`Proxy::stop_accepting`] is
-    /// called. Each session runs as a task on the current runtime.
+    /// called. Each session runs as a task on the current runtime. Sessions
+    /// go to the primary unless they choose otherwise.
     pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
+        self.serve_with(listener, ListenerOptions::default()).await
+    }
+
+    /// [`Proxy::serve`] with a default route and PROXY protocol settings.
+    pub async fn serve_with(
+        &self,
+        listener: TcpListener,
+        opts: ListenerOptions,
+    ) -> std::io::Result<()> {
+        let opts = Arc::new(opts);
         let stop = self.shared.stop_accepting.clone();
         loop {
             let accepted = tokio::select! {
@@ -196,11 +269,11 @@ impl Proxy {
                     continue;
                 }
             };
-            self.admit(tcp, peer);
+            self.admit(tcp, peer, &opts);
         }
     }
 
-    fn admit(&self, tcp: TcpStream, peer: SocketAddr) {
+    fn admit(&self, tcp: TcpStream, peer: SocketAddr, opts: &Arc<ListenerOptions>) {
         m::accepted();
         let shared = &self.shared;
         let prev = shared.active.fetch_add(1, Ordering::AcqRel);
@@ -224,11 +297,11 @@ impl Proxy {
             "session",
             client.addr = %peer,
             backend.addr = field::Empty,
-            route = "primary",
+            route = field::Empty,
             user = field::Empty,
             database = field::Empty,
         );
-        tokio::spawn(session(shared.clone(), tcp, guard).instrument(span));
+        tokio::spawn(session(shared.clone(), tcp, peer, opts.clone(), guard).instrument(span));
     }
 
     /// Stops every `serve` loop; open sessions continue.
@@ -285,13 +358,31 @@ async fn refuse_over_limit(shared: &Shared, tcp: TcpStream) {
     }
 }
 
-async fn session(shared: Arc<Shared>, tcp: TcpStream, _guard: ActiveGuard) {
+async fn session(
+    shared: Arc<Shared>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    opts: Arc<ListenerOptions>,
+    _guard: ActiveGuard,
+) {
     let accepted_at = Instant::now();
     if let Err(e) = shared.cfg.socket.apply(&tcp) {
         tracing::debug!(error = %e, "could not set client socket options");
     }
-    let mut client = ClientStream::Plain(tcp);
     let limit = shared.cfg.startup_timeout;
+    let client_addr = match &opts.proxy_protocol {
+        None => peer,
+        Some(trusted) => {
+            match crate::proxy_protocol::read(&mut tcp, peer, trusted, accepted_at + limit).await {
+                Ok(addr) => {
+                    tracing::Span::current().record("client.addr", field::display(addr));
+                    addr
+                }
+                Err(e) => return refuse(&mut ClientStream::Plain(tcp), e).await,
+            }
+        }
+    };
+    let mut client = ClientStream::Plain(tcp);
     let startup = read_startup(&mut client, shared.tls.as_ref(), accepted_at + limit, limit).await;
     let (message, pipelined) = match startup {
         Ok(Startup::Session { message, pipelined }) => (message, pipelined),
@@ -307,10 +398,34 @@ async fn session(shared: Arc<Shared>, tcp: TcpStream, _guard: ActiveGuard) {
         }
         Err(e) => return refuse(&mut client, e).await,
     };
+    let (explicit, message) = match route::take_route_setting(&message.params) {
+        Ok(None) => (None, message),
+        Ok(Some((r, params))) => {
+            let mut raw = BytesMut::new();
+            protocol::encode_startup(&mut raw, message.minor, &params, |_| false);
+            let message = StartupMessage {
+                params,
+                raw: raw.freeze(),
+                ..message
+            };
+            (Some(r), message)
+        }
+        Err(e) => return refuse(&mut client, e.into()).await,
+    };
+    let route = route::resolve(
+        explicit,
+        &shared.cfg.rules,
+        &message,
+        Some(client_addr.ip()),
+        opts.route,
+    );
     let span = tracing::Span::current();
     span.record("user", message.user().unwrap_or(""));
     span.record("database", message.database().unwrap_or(""));
-    if let Err(e) = run_session(&shared, &mut client, message, pipelined, accepted_at).await {
+    span.record("route", route.as_str());
+    let r = run_session(&shared, &mut client, message, pipelined, accepted_at, route).await;
+    if let Err(e) = r {
+        m::route_refused(route.as_str(), e.reason());
         refuse(&mut client, e).await;
     }
 }
@@ -407,27 +522,45 @@ async fn until_fenced<T>(
     }
 }
 
-/// Picks the primary from the current view, holding the client for up to
-/// the hold timeout while there is none. Returns the backend and its fence,
-/// taken so that a fence fired from now on ends the session.
-async fn route_primary(shared: &Shared) -> Result<(Backend, Arc<Fence>), SessionError> {
+/// Picks a backend for `route` from the current view, holding the client
+/// for up to the hold timeout while there is none. Returns the backend and
+/// its fence, taken so that a fence fired from now on ends the session, and
+/// whether the server must turn out to be a standby or a primary.
+async fn route_session(
+    shared: &Shared,
+    view: &ViewHandle,
+    route: Route,
+) -> Result<(Backend, Arc<Fence>, Option<bool>), SessionError> {
+    let limit = &shared.cfg.replica_lag;
+    let sessions = |b: &Backend| shared.fences.sessions(b);
     // Only a held client needs to hear about view changes; the common path
-    // (a primary exists) takes no subscription.
+    // takes no subscription.
     let mut changes = None;
     let mut held_since: Option<Instant> = None;
     loop {
-        let primary = shared.view.load().primary.clone();
-        if let Some(backend) = primary {
+        let current = view.load();
+        let chosen =
+            route::pick(&current, route, limit, sessions).map(|p| (p.backend.clone(), p.standby));
+        if let Some((backend, standby)) = chosen {
             let fence = shared.fences.for_backend(&backend);
             // The view may have changed between the load and taking the
             // fence; a fence fired in between would be missed. Whoever
             // changes the view stores it before fencing, so re-reading it
             // settles the race.
-            if shared.view.load().primary.as_ref() == Some(&backend) {
+            let now = view.load();
+            let still = if standby {
+                now.replicas
+                    .iter()
+                    .any(|r| r.backend == backend && limit.admits(r))
+            } else {
+                now.primary.as_ref() == Some(&backend)
+            };
+            if still {
                 if let Some(t) = held_since {
-                    m::held(t.elapsed().as_secs_f64(), "released");
+                    m::held(t.elapsed().as_secs_f64(), "released", route.as_str());
                 }
-                return Ok((backend, fence));
+                m::routed(route.as_str(), standby);
+                return Ok((backend, fence, route.wants_standby()));
             }
             continue;
         }
@@ -436,20 +569,23 @@ async fn route_primary(shared: &Shared) -> Result<(Backend, Arc<Fence>), Session
         }
         let hold = Duration::from_millis(shared.hold_timeout_ms.load(Ordering::Relaxed));
         let since = *held_since.get_or_insert_with(|| {
-            tracing::debug!(hold = ?hold, "no primary; holding the client");
+            tracing::debug!(hold = ?hold, "no server for the route; holding the client");
             Instant::now()
         });
-        let changes = changes.get_or_insert_with(|| shared.view.subscribe());
+        let changes = changes.get_or_insert_with(|| view.subscribe());
         changes.borrow_and_update();
-        if shared.view.load().primary.is_some() {
+        if route::pick(&view.load(), route, limit, sessions).is_some() {
             continue;
         }
         if tokio::time::timeout_at(since + hold, changes.changed())
             .await
             .is_err()
         {
-            m::held(since.elapsed().as_secs_f64(), "timed_out");
-            return Err(SessionError::NoPrimaryAfter(hold));
+            m::held(since.elapsed().as_secs_f64(), "timed_out", route.as_str());
+            return Err(match route {
+                Route::Replica => SessionError::NoReplicaAfter(hold),
+                _ => SessionError::NoPrimaryAfter(hold),
+            });
         }
     }
 }
@@ -460,11 +596,16 @@ async fn run_session(
     message: StartupMessage,
     pipelined: BytesMut,
     accepted_at: Instant,
+    route: Route,
 ) -> Result<(), SessionError> {
     if shared.terminating.load(Ordering::Acquire) {
         return Err(SessionError::ShuttingDown);
     }
-    let (backend, fence) = route_primary(shared).await?;
+    let view = client
+        .server_name()
+        .and_then(|n| shared.cfg.server_names.get(n))
+        .unwrap_or(&shared.view);
+    let (backend, fence, want_standby) = route_session(shared, view, route).await?;
     tracing::Span::current().record("backend.addr", backend.addr());
 
     let (startup, negotiation) = negotiate(&message);
@@ -488,7 +629,10 @@ async fn run_session(
             &mut server,
             backend.addr(),
             &first,
-            negotiation,
+            backend::Expect {
+                negotiation,
+                want_standby,
+            },
             Instant::now() + auth_limit,
             auth_limit,
         )

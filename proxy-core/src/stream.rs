@@ -38,6 +38,14 @@ impl ClientStream {
         }
     }
 
+    /// The ALPN protocol agreed in the TLS handshake, if any.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            ClientStream::Tls(t) => t.get_ref().1.alpn_protocol(),
+            _ => None,
+        }
+    }
+
     /// The SNI server name the client sent, if any.
     pub fn server_name(&self) -> Option<&str> {
         match self {

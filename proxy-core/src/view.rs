@@ -40,6 +40,32 @@ impl fmt::Display for Backend {
     }
 }
 
+/// A standby that may take read-only sessions, with how far behind the
+/// primary it was last reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    pub backend: Backend,
+    /// WAL bytes the primary has written that this standby has not replayed.
+    pub lag_bytes: u64,
+    /// Time since its last replayed transaction while it is behind; `None`
+    /// when unknown.
+    pub lag: Option<std::time::Duration>,
+    /// Whether it is streaming from its upstream.
+    pub streaming: bool,
+}
+
+impl Replica {
+    /// A streaming standby with no known lag (static configuration).
+    pub fn fresh(backend: Backend) -> Self {
+        Replica {
+            backend,
+            lag_bytes: 0,
+            lag: None,
+            streaming: true,
+        }
+    }
+}
+
 /// One immutable snapshot of the cluster, as the proxy routes by it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct View {
@@ -48,7 +74,7 @@ pub struct View {
     /// Where primary traffic goes. `None` while there is no confirmed primary.
     pub primary: Option<Backend>,
     /// Standbys that may take read-only traffic.
-    pub replicas: Vec<Backend>,
+    pub replicas: Vec<Replica>,
 }
 
 impl View {
@@ -67,6 +93,7 @@ impl View {
         primary.chain(
             self.replicas
                 .iter()
+                .map(|r| &r.backend)
                 .filter(move |r| Some(*r) != self.primary.as_ref()),
         )
     }

@@ -141,6 +141,9 @@ fn update_status(d: &mut ClusterData, obs: &Observations, now_ms: u64) {
                 }
                 s.applied_generation = r.applied_generation;
                 s.synchronous_standbys = r.synchronous_standbys.clone();
+                s.replay_lsn = r.replay_lsn;
+                s.replay_lag_ms = r.replay_lag_ms;
+                s.streaming = r.streaming;
             }
             // Keep the last known LSN, timeline and sync set: they decide
             // who may take over from a dead primary.

@@ -23,5 +23,8 @@ mod fencing;
 mod keeper;
 /// Connection limits, backend failures, concurrency and idle connections.
 mod limits;
+/// L7 routing: replica routes, lag limits, role checks, direct TLS, PROXY
+/// protocol, SNI.
+mod routing;
 /// The store conformance suite, against the file store and etcd.
 mod store;

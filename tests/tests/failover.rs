@@ -12,7 +12,7 @@ use proxy_core::{ProxyConfig, View, ViewHandle};
 
 use crate::support::{free_port, keelson_bin, landing_port, try_connect, EtcdServer, TestProxy};
 
-struct Role(Child);
+pub(crate) struct Role(Child);
 
 impl Drop for Role {
     fn drop(&mut self) {
@@ -40,23 +40,23 @@ async fn status(store: &AnyStore, keys: &Keys) -> Option<ClusterData> {
 
 /// A sentinel and two keepers as child processes, a proxy following the
 /// store in this process, and a table `w` created through the proxy.
-struct LocalCluster {
-    dir: tempfile::TempDir,
-    url: String,
-    store: AnyStore,
-    keys: Keys,
-    ports: Vec<u16>,
-    keepers: Vec<Option<Role>>,
+pub(crate) struct LocalCluster {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) url: String,
+    pub(crate) store: AnyStore,
+    pub(crate) keys: Keys,
+    pub(crate) ports: Vec<u16>,
+    pub(crate) keepers: Vec<Option<Role>>,
     /// Sentinels s1, s2, ...; `None` once killed.
-    sentinels: Vec<Option<Role>>,
-    _proxy: TestProxy,
-    conn: String,
+    pub(crate) sentinels: Vec<Option<Role>>,
+    pub(crate) proxy: TestProxy,
+    pub(crate) conn: String,
     /// 1-based index of the keeper whose database is primary.
-    master: usize,
+    pub(crate) master: usize,
 }
 
 impl LocalCluster {
-    fn keeper_role(&self, i: usize) -> Role {
+    pub(crate) fn keeper_role(&self, i: usize) -> Role {
         let data = self.dir.path().join(format!("k{i}")).display().to_string();
         let listen = format!("127.0.0.1:{}", self.ports[i - 1]);
         let uid = format!("k{i}");
@@ -80,11 +80,11 @@ impl LocalCluster {
         )
     }
 
-    async fn up(url: &str, store: AnyStore) -> LocalCluster {
+    pub(crate) async fn up(url: &str, store: AnyStore) -> LocalCluster {
         Self::up_with(url, store, ClusterSpec::default(), 1, 2).await
     }
 
-    async fn up_with(
+    pub(crate) async fn up_with(
         url: &str,
         store: AnyStore,
         spec: ClusterSpec,
@@ -109,8 +109,15 @@ impl LocalCluster {
                 ))
             })
             .collect();
-        let proxy =
-            TestProxy::with_view(ViewHandle::new(View::default()), ProxyConfig::default()).await;
+        // Routing tests use a replica listener and a 1 MiB lag limit.
+        let cfg = ProxyConfig {
+            replica_lag: proxy_core::LagLimit {
+                bytes: 1 << 20,
+                time: Duration::from_secs(30),
+            },
+            ..Default::default()
+        };
+        let proxy = TestProxy::with_view(ViewHandle::new(View::default()), cfg).await;
         let _ = keelson::follow::spawn(
             store.clone(),
             keys.clone(),
@@ -126,7 +133,7 @@ impl LocalCluster {
             ports: (0..keepers).map(|_| free_port()).collect(),
             keepers: Vec::new(),
             sentinels,
-            _proxy: proxy,
+            proxy,
             conn,
             master: 0,
         };
@@ -164,19 +171,19 @@ impl LocalCluster {
     }
 
     /// The 1-based indexes of the keepers that are not the primary.
-    fn standbys(&self) -> Vec<usize> {
+    pub(crate) fn standbys(&self) -> Vec<usize> {
         (1..=self.keepers.len())
             .filter(|i| *i != self.master)
             .collect()
     }
 
     /// The first keeper that is not the primary.
-    fn other(&self) -> usize {
+    pub(crate) fn other(&self) -> usize {
         self.standbys()[0]
     }
 
     /// Runs a one-value count query directly on keeper `i`'s PostgreSQL.
-    async fn direct(&self, i: usize, sql: &str) -> Option<i64> {
+    pub(crate) async fn direct(&self, i: usize, sql: &str) -> Option<i64> {
         let conn = format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",
             self.ports[i - 1]
@@ -186,7 +193,7 @@ impl LocalCluster {
     }
 
     /// Asserts that keeper `i` rejoined with pg_rewind, not a new copy.
-    fn assert_rewound(&self, i: usize) {
+    pub(crate) fn assert_rewound(&self, i: usize) {
         let log = std::fs::read_to_string(self.dir.path().join(format!("keeper{i}.log")))
             .unwrap_or_default();
         assert!(
@@ -196,7 +203,7 @@ impl LocalCluster {
     }
 
     /// Whether keeper `i`'s database is a healthy standby by the cluster data.
-    async fn is_standby(&self, i: usize) -> bool {
+    pub(crate) async fn is_standby(&self, i: usize) -> bool {
         status(&self.store, &self.keys).await.is_some_and(|d| {
             let db = &d.dbs[&format!("k{i}")];
             db.spec.role == cluster::data::Role::Standby
@@ -206,7 +213,7 @@ impl LocalCluster {
     }
 
     /// Waits until keeper `i`'s database has rejoined as a standby.
-    async fn wait_standby(&self, i: usize) {
+    pub(crate) async fn wait_standby(&self, i: usize) {
         crate::assert_eventually!(
             self.is_standby(i).await,
             Duration::from_secs(60),
@@ -218,7 +225,7 @@ impl LocalCluster {
     }
 
     /// The pid of the primary's postmaster.
-    fn primary_pid(&self) -> i32 {
+    pub(crate) fn primary_pid(&self) -> i32 {
         let pid_file = self
             .dir
             .path()
@@ -233,7 +240,7 @@ impl LocalCluster {
     }
 
     /// SIGKILLs the primary's keeper and its PostgreSQL.
-    fn kill_primary(&mut self) {
+    pub(crate) fn kill_primary(&mut self) {
         let pgpid = self.primary_pid();
         if let Some(mut k) = self.keepers[self.master - 1].take() {
             let _ = k.0.kill();
@@ -248,7 +255,7 @@ impl LocalCluster {
 
     /// Inserts through the proxy until a write succeeds; returns the port
     /// it landed on and how long it took.
-    async fn next_write(&self, sql: &str, limit: Duration) -> (u16, Duration) {
+    pub(crate) async fn next_write(&self, sql: &str, limit: Duration) -> (u16, Duration) {
         let t = Instant::now();
         loop {
             let attempt = tokio::time::timeout(Duration::from_secs(15), async {
@@ -659,7 +666,7 @@ async fn primary_keeper_fences_itself_when_it_cannot_renew_its_lease() {
 
 impl LocalCluster {
     /// `keelson ctl ARGS` against this cluster; stdout, or the failure.
-    fn ctl(&self, args: &[&str]) -> Result<String, String> {
+    pub(crate) fn ctl(&self, args: &[&str]) -> Result<String, String> {
         let out = Command::new(keelson_bin())
             .args(["ctl", "--store", &self.url, "--cluster", "f"])
             .args(args)
@@ -675,7 +682,7 @@ impl LocalCluster {
 
     /// Waits until the primary streams to every other database, as the
     /// replication account, each through its own replication slot.
-    async fn assert_streams_to_all(&self) {
+    pub(crate) async fn assert_streams_to_all(&self) {
         let want = self.standbys().len() as i64;
         let sql = "SELECT count(*) FROM pg_stat_replication r \
                    JOIN pg_replication_slots s ON s.active_pid = r.pid \

@@ -303,6 +303,15 @@ impl TestProxy {
         self.addr.port()
     }
 
+    /// Another listener on the same proxy, with its own options.
+    pub async fn listen(&self, opts: proxy_core::ListenerOptions) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let p = self.proxy.clone();
+        tokio::spawn(async move { p.serve_with(listener, opts).await });
+        addr
+    }
+
     /// A libpq-style connection string through the proxy.
     pub fn conn(&self, user: &str) -> String {
         format!(
@@ -405,14 +414,7 @@ pub fn startup_packet(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
 /// Writes a self-signed certificate for `localhost` and its key; returns
 /// their paths.
 pub fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .expect("params")
-        .self_signed(&key)
-        .expect("sign");
-    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&c, cert.pem()).expect("write cert");
-    std::fs::write(&k, key.serialize_pem()).expect("write key");
+    let (c, k, _) = self_signed_for(dir, &["localhost"]);
     (c, k)
 }
 
@@ -664,4 +666,21 @@ pub async fn ended_with(
             Err(e) => e,
         },
     }
+}
+
+/// A self-signed certificate for `names`, written as PEM files into `dir`;
+/// returns the certificate and key paths and the certificate in DER.
+pub fn self_signed_for(
+    dir: &Path,
+    names: &[&str],
+) -> (PathBuf, PathBuf, rustls::pki_types::CertificateDer<'static>) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .expect("params");
+    let cert = params.self_signed(&key).expect("cert");
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert.pem()).expect("write cert");
+    std::fs::write(&k, key.serialize_pem()).expect("write key");
+    (c, k, cert.der().clone())
 }
