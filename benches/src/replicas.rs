@@ -79,7 +79,9 @@ fn start_standby(dir: &Path, name: &str, primary_port: u16) -> Result<(Proc, u16
             .arg(&data)
             .args(["-p", &port.to_string(), "-k"])
             .arg(dir)
+            // A hot standby needs max_connections at least the primary's.
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "hot_standby=on"])
+            .args(["-c", "max_connections=200", "-c", "shared_buffers=256MB"])
             .stderr(Stdio::null())
             .spawn()?,
     };

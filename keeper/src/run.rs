@@ -269,8 +269,8 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
 }
 
 /// Self-fencing: a keeper whose database is primary and which cannot renew
-/// its lease for `fence_timeout` stops its PostgreSQL (a fast shutdown ends
-/// every session), so that clients connecting directly cannot write to a
+/// its lease for `fence_timeout` stops its PostgreSQL (an immediate
+/// shutdown ends every session), so that clients connecting directly cannot write to a
 /// primary the cluster may already have replaced. A watchdog task checks
 /// every 100 ms, independently of the reconcile loop, which can itself be
 /// stuck on an unreachable store.
@@ -322,9 +322,12 @@ impl SelfFence {
                     timeout_ms = self.timeout_ms.load(Ordering::Relaxed),
                     "cannot renew the lease: stopping the primary PostgreSQL (self-fencing)"
                 );
+                // An immediate shutdown: it ends every session at once,
+                // and writes no shutdown checkpoint, which would recycle WAL
+                // that pg_rewind needs if the cluster failed over meanwhile.
                 // SAFETY: signalling the postmaster this keeper started.
                 unsafe {
-                    libc::kill(pid as i32, libc::SIGINT);
+                    libc::kill(pid as i32, libc::SIGQUIT);
                 }
                 self.primary_pid.store(0, Ordering::Relaxed);
             }
