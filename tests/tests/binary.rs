@@ -154,3 +154,55 @@ async fn binary_reports_bad_configuration_clearly() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_routes_two_clusters_by_sni_in_store_mode() {
+    use crate::support::{init_cluster, self_signed_for, set_master};
+    let (a, b) = tokio::join!(PgServer::start(), PgServer::start());
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    let store = cluster::open(&url).await.unwrap();
+    for (name, pg) in [("main", &a), ("other", &b)] {
+        let keys = cluster::Keys::new("keelson", name);
+        init_cluster(&store, &keys, Default::default(), &[("db", pg.addr())]).await;
+        set_master(&store, &keys, Some("db")).await;
+    }
+    let (cert, key, _) = self_signed_for(dir.path(), &["main.test", "other.test"]);
+    let listen = free_port();
+    let config = dir.path().join("keelson.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{listen}\"\nstore = \"{url}\"\ncluster = \"main\"\n\
+             tls_cert = \"{}\"\ntls_key = \"{}\"\n[sni]\n\"other.test\" = \"other\"\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(keelson_bin())
+        .args(["proxy", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _proc = Proc(child);
+    let port_via = |name: &str| {
+        let out = Command::new("psql")
+            .arg(format!(
+                "host={name} hostaddr=127.0.0.1 port={listen} user=postgres dbname=postgres sslmode=require connect_timeout=5"
+            ))
+            .args(["-XAtc", "SELECT inet_server_port()"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    crate::assert_eventually!(
+        port_via("other.test") == b.port.to_string(),
+        Duration::from_secs(15),
+        "other.test did not reach the other cluster"
+    );
+    // A server name without an entry uses the main cluster.
+    assert_eq!(port_via("main.test"), a.port.to_string());
+}
