@@ -160,14 +160,19 @@ impl LocalCluster {
             .await
             .unwrap();
         // Replication works: every standby has the table.
-        for i in c.standbys() {
+        c.wait_standbys_see("SELECT count(*) FROM w", 0).await;
+        c
+    }
+
+    /// Waits until `sql` (a count) gives `want` on every standby.
+    pub(crate) async fn wait_standbys_see(&self, sql: &str, want: i64) {
+        for i in self.standbys() {
             crate::assert_eventually!(
-                c.direct(i, "SELECT count(*) FROM w").await.is_some(),
+                self.direct(i, sql).await == Some(want),
                 Duration::from_secs(10),
-                "the table never reached standby k{i}"
+                "standby k{i} never saw {sql} = {want}"
             );
         }
-        c
     }
 
     /// The 1-based indexes of the keepers that are not the primary.
@@ -710,13 +715,8 @@ async fn three_keepers_replicate_and_failkeeper_moves_the_primary() {
         .batch_execute("INSERT INTO w VALUES (7)")
         .await
         .unwrap();
-    for i in c.standbys() {
-        crate::assert_eventually!(
-            c.direct(i, "SELECT count(*) FROM w WHERE x = 7").await == Some(1),
-            Duration::from_secs(10),
-            "the row never reached standby k{i}"
-        );
-    }
+    c.wait_standbys_see("SELECT count(*) FROM w WHERE x = 7", 1)
+        .await;
 
     // Bad input is explained.
     let err = c.ctl(&["failkeeper", "nobody"]).unwrap_err();
@@ -742,13 +742,9 @@ async fn three_keepers_replicate_and_failkeeper_moves_the_primary() {
     c.wait_standby(old).await;
     c.assert_rewound(old);
     c.assert_streams_to_all().await;
-    for i in c.standbys() {
-        crate::assert_eventually!(
-            c.direct(i, "SELECT count(*) FROM w WHERE x = 8").await == Some(1),
-            Duration::from_secs(10),
-            "k{i} does not follow the new primary"
-        );
-    }
+    // The other standby follows the new primary.
+    c.wait_standbys_see("SELECT count(*) FROM w WHERE x = 8", 1)
+        .await;
     drop(client);
     c.keepers.clear();
 }
