@@ -128,18 +128,22 @@ pub async fn read(
             s => break s,
         }
     };
+    let refuse = |tcp: &mut TcpStream, msg: String| {
+        discard_pending(tcp);
+        Err(SessionError::ProxyHeader(msg))
+    };
     match (start, trusted) {
         (Start::Direct, false) => Ok(peer),
-        (Start::Direct, true) => Err(SessionError::ProxyHeader(format!(
+        (Start::Direct, true) => refuse(tcp, format!(
             "expected a PROXY protocol v2 header from {peer}, a trusted proxy address"
-        ))),
-        (_, false) => Err(SessionError::ProxyHeader(format!(
+        )),
+        (_, false) => refuse(tcp, format!(
             "a PROXY protocol header came from {peer}, which is not a trusted proxy; \
              connect directly, or add its network to proxy_protocol_trusted"
-        ))),
-        (Start::V1, true) => Err(SessionError::ProxyHeader(
-            "PROXY protocol version 1 (text) is not supported; configure the load balancer to send version 2".into(),
         )),
+        (Start::V1, true) => refuse(tcp,
+            "PROXY protocol version 1 (text) is not supported; configure the load balancer to send version 2".into(),
+        ),
         (Start::V2 { len }, true) => {
             if len > MAX_BODY {
                 return Err(SessionError::ProxyHeader(format!(
@@ -154,6 +158,20 @@ pub async fn read(
             Ok(parse_v2(&h).map_err(SessionError::ProxyHeader)?.unwrap_or(peer))
         }
         (Start::Unknown, true) => unreachable!("the loop ends only on a decided start"),
+    }
+}
+
+/// Reads and drops what the client has sent so far (only peeked at), so
+/// that closing the socket after the error sends FIN, not RST: with unread
+/// data the kernel resets the connection, and the client may lose the
+/// ErrorResponse.
+fn discard_pending(tcp: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        match tcp.try_read(&mut buf) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
     }
 }
 

@@ -109,12 +109,14 @@ impl LocalCluster {
                 ))
             })
             .collect();
-        // Routing tests use a replica listener and a 1 MiB lag limit.
+        // Routing tests use a replica listener, a 1 MiB lag limit, and end
+        // the sessions of a replica that falls behind it.
         let cfg = ProxyConfig {
             replica_lag: proxy_core::LagLimit {
                 bytes: 1 << 20,
                 time: Duration::from_secs(30),
             },
+            replica_lag_fence: true,
             ..Default::default()
         };
         let proxy = TestProxy::with_view(ViewHandle::new(View::default()), cfg).await;

@@ -15,7 +15,10 @@ use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
 
 use crate::failover::LocalCluster;
-use crate::support::{db_message, self_signed_for, sqlstate, try_connect, PgServer, TestProxy};
+use crate::support::{
+    connect_watched, db_message, ended_with, self_signed_for, sqlstate, try_connect, PgServer,
+    TestProxy,
+};
 
 /// Where a session through `conn` lands: its server port and whether that
 /// server is a standby.
@@ -107,6 +110,7 @@ async fn replica_routes_follow_roles_lag_and_session_settings() {
     // Replay paused while the primary writes: the standby falls beyond the
     // 1 MiB limit and gets no new replica sessions; prefer-replica goes to
     // the primary.
+    let (_held, held_conn) = connect_watched(&replica_conn).await;
     let standby_conn = format!("host=127.0.0.1 port={standby_port} user=postgres dbname=postgres");
     let sc = try_connect(&standby_conn).await.unwrap();
     sc.batch_execute("SELECT pg_wal_replay_pause()")
@@ -123,6 +127,15 @@ async fn replica_routes_follow_roles_lag_and_session_settings() {
         "the proxy never saw the lag: {:?}",
         c.proxy.proxy.view().load()
     );
+    // replica_lag_fence: its open replica session ends with a clean FATAL.
+    let e = ended_with(
+        held_conn,
+        Duration::from_secs(5),
+        "session on the lagging standby",
+    )
+    .await;
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e}");
+    assert!(db_message(&e).contains("fell behind"), "{e}");
     let refused = try_connect(&replica_conn).await.unwrap_err();
     assert_eq!(sqlstate(&refused).as_deref(), Some("57P03"), "{refused}");
     assert!(db_message(&refused).contains("lag limit"), "{refused}");
