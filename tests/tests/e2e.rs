@@ -28,3 +28,5 @@ mod limits;
 mod routing;
 /// The store conformance suite, against the file store and etcd.
 mod store;
+/// PostgreSQL 13 to 18 and a libpq 18 client (fetched by scripts/pg-versions).
+mod versions;

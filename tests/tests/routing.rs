@@ -170,19 +170,23 @@ async fn replica_routes_follow_roles_lag_and_session_settings() {
 }
 
 /// A primary and a streaming standby, started with the keeper's primitives.
-struct Pair {
+pub(crate) struct Pair {
     _dir: tempfile::TempDir,
-    primary: keeper::Instance,
-    standby: keeper::Instance,
+    pub(crate) primary: keeper::Instance,
+    pub(crate) standby: keeper::Instance,
 }
 
 impl Pair {
+    /// With this machine's PostgreSQL.
     async fn start() -> Pair {
+        Self::start_with(keeper::PgBin::find(None).unwrap()).await
+    }
+
+    pub(crate) async fn start_with(bin: keeper::PgBin) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
         }
-        let bin = keeper::PgBin::find(None).unwrap();
         let repl = keeper::Replication {
             user: "keelson_repl".into(),
             password: "pw".into(),
@@ -223,7 +227,12 @@ impl Pair {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_role_is_checked_whatever_the_view_says() {
-    let pair = Pair::start().await;
+    check_server_roles(&Pair::start().await).await;
+}
+
+/// A stale view is caught by the server's own word; the right one works,
+/// and sessions through it are clean.
+pub(crate) async fn check_server_roles(pair: &Pair) {
     let (a, b) = (pair.primary.address(), pair.standby.address());
     // A stale view: it names the standby as primary and the primary as a
     // replica.
@@ -264,6 +273,33 @@ async fn server_role_is_checked_whatever_the_view_says() {
         landing(&replica_conn).await.unwrap(),
         (pair.standby.port, true)
     );
+    // Nothing of the proxy's own checks reaches the client: a simple and an
+    // extended query give exactly their results.
+    for conn in [proxy.conn("postgres"), replica_conn] {
+        let c = try_connect(&conn).await.unwrap();
+        let msgs = c.simple_query("SELECT 41 + 1").await.unwrap();
+        let rows: Vec<_> = msgs
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_owned)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rows, vec![Some("42".to_owned())], "{conn}");
+        assert!(
+            matches!(
+                msgs.last(),
+                Some(tokio_postgres::SimpleQueryMessage::CommandComplete(1))
+            ),
+            "{conn}"
+        );
+        let n: i32 = c
+            .query_one("SELECT $1::int", &[&7i32])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 7);
+    }
 }
 
 /// A rustls client that trusts `cert`, offering `alpn`.
