@@ -22,6 +22,7 @@ pub const SESSIONS_ROUTED: &str = "keelson_sessions_routed_total";
 pub const ROUTE_REFUSED: &str = "keelson_route_refused_total";
 pub const REPLICA_LAG_BYTES: &str = "keelson_replica_lag_bytes";
 pub const REPLICA_SESSIONS_ALLOWED: &str = "keelson_replica_admitted";
+pub const PROXY_HEADERS: &str = "keelson_proxy_protocol_headers_total";
 
 /// Registers help texts. Call once after installing a recorder.
 pub fn describe() {
@@ -73,6 +74,10 @@ pub fn describe() {
         REPLICA_LAG_BYTES,
         Unit::Bytes,
         "Replay lag of each standby as the proxy's view reports it."
+    );
+    describe_counter!(
+        PROXY_HEADERS,
+        "PROXY protocol headers accepted from trusted proxies (refusals count in connections_rejected_total{reason=\"proxy_protocol\"})."
     );
     describe_gauge!(
         REPLICA_SESSIONS_ALLOWED,
@@ -131,6 +136,10 @@ pub(crate) fn cancel(route: &'static str) {
 
 pub(crate) fn held(secs: f64, outcome: &'static str, route: &'static str) {
     histogram!(HOLD_SECONDS, "outcome" => outcome, "route" => route).record(secs);
+}
+
+pub(crate) fn proxy_header_accepted() {
+    counter!(PROXY_HEADERS).increment(1);
 }
 
 pub(crate) fn routed(route: &'static str, standby: bool) {

@@ -375,6 +375,9 @@ async fn session(
         Some(trusted) => {
             match crate::proxy_protocol::read(&mut tcp, peer, trusted, accepted_at + limit).await {
                 Ok(addr) => {
+                    if addr != peer {
+                        m::proxy_header_accepted();
+                    }
                     tracing::Span::current().record("client.addr", field::display(addr));
                     addr
                 }
@@ -522,15 +525,27 @@ async fn until_fenced<T>(
     }
 }
 
-/// Picks a backend for `route` from the current view, holding the client
-/// for up to the hold timeout while there is none. Returns the backend and
-/// its fence, taken so that a fence fired from now on ends the session, and
-/// whether the server must turn out to be a standby or a primary.
+/// Where a session was routed.
+struct Routed {
+    backend: Backend,
+    /// Taken before connecting, so a fence fired from now on ends the session.
+    fence: Arc<Fence>,
+    /// Whether the server must turn out to be a standby or a primary.
+    want_standby: Option<bool>,
+    /// Chosen among the replicas.
+    standby: bool,
+}
+
+/// Picks a backend for `route` from the current view, skipping replicas in
+/// `unreachable`. While there is none it holds the client for up to the
+/// hold timeout, unless replicas were skipped: then `None` (the caller
+/// reports why they were unreachable).
 async fn route_session(
     shared: &Shared,
     view: &ViewHandle,
     route: Route,
-) -> Result<(Backend, Arc<Fence>, Option<bool>), SessionError> {
+    unreachable: &[Backend],
+) -> Result<Option<Routed>, SessionError> {
     let limit = &shared.cfg.replica_lag;
     let sessions = |b: &Backend| shared.fences.sessions(b);
     // Only a held client needs to hear about view changes; the common path
@@ -539,8 +554,8 @@ async fn route_session(
     let mut held_since: Option<Instant> = None;
     loop {
         let current = view.load();
-        let chosen =
-            route::pick(&current, route, limit, sessions).map(|p| (p.backend.clone(), p.standby));
+        let chosen = route::pick(&current, route, limit, sessions, unreachable)
+            .map(|p| (p.backend.clone(), p.standby));
         if let Some((backend, standby)) = chosen {
             let fence = shared.fences.for_backend(&backend);
             // The view may have changed between the load and taking the
@@ -560,9 +575,17 @@ async fn route_session(
                     m::held(t.elapsed().as_secs_f64(), "released", route.as_str());
                 }
                 m::routed(route.as_str(), standby);
-                return Ok((backend, fence, route.wants_standby()));
+                return Ok(Some(Routed {
+                    backend,
+                    fence,
+                    want_standby: route.wants_standby(),
+                    standby,
+                }));
             }
             continue;
+        }
+        if !unreachable.is_empty() {
+            return Ok(None);
         }
         if shared.terminating.load(Ordering::Acquire) {
             return Err(SessionError::ShuttingDown);
@@ -574,7 +597,7 @@ async fn route_session(
         });
         let changes = changes.get_or_insert_with(|| view.subscribe());
         changes.borrow_and_update();
-        if route::pick(&view.load(), route, limit, sessions).is_some() {
+        if route::pick(&view.load(), route, limit, sessions, unreachable).is_some() {
             continue;
         }
         if tokio::time::timeout_at(since + hold, changes.changed())
@@ -605,21 +628,50 @@ async fn run_session(
         .server_name()
         .and_then(|n| shared.cfg.server_names.get(n))
         .unwrap_or(&shared.view);
-    let (backend, fence, want_standby) = route_session(shared, view, route).await?;
+    // A replica that cannot be reached is skipped for the next one (or the
+    // primary, for prefer-replica and any): nothing has been sent yet.
+    let mut unreachable = Vec::new();
+    let mut last_error = None;
+    let (routed, mut server) = loop {
+        let Some(r) = route_session(shared, view, route, &unreachable).await? else {
+            return Err(last_error.unwrap_or(SessionError::NoReplicaAfter(Duration::ZERO)));
+        };
+        // Connecting can hang on a server that is hung itself; a fence
+        // (the primary changed) ends the wait at once.
+        let connect = async {
+            let t0 = Instant::now();
+            let s = backend::connect(
+                r.backend.addr(),
+                shared.cfg.connect_timeout,
+                &shared.cfg.socket,
+            )
+            .await?;
+            m::backend_connect(t0.elapsed().as_secs_f64());
+            Ok(s)
+        };
+        match until_fenced(&r.fence, connect).await {
+            Ok(s) => break (r, s),
+            Err(
+                e @ (SessionError::BackendConnect { .. }
+                | SessionError::BackendConnectTimeout { .. }),
+            ) if r.standby => {
+                tracing::info!(backend = %r.backend, error = %e, "replica unreachable; trying another server");
+                unreachable.push(r.backend);
+                last_error = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let Routed {
+        backend,
+        fence,
+        want_standby,
+        ..
+    } = routed;
     tracing::Span::current().record("backend.addr", backend.addr());
 
     let (startup, negotiation) = negotiate(&message);
-    // Connecting and authenticating can hang on a server that is hung
-    // itself; a fence (the primary changed) ends the wait at once.
     let setup = async {
-        let t0 = Instant::now();
-        let mut server = backend::connect(
-            backend.addr(),
-            shared.cfg.connect_timeout,
-            &shared.cfg.socket,
-        )
-        .await?;
-        m::backend_connect(t0.elapsed().as_secs_f64());
         let mut first = BytesMut::with_capacity(startup.len() + pipelined.len());
         first.extend_from_slice(&startup);
         first.extend_from_slice(&pipelined);
@@ -637,9 +689,9 @@ async fn run_session(
             auth_limit,
         )
         .await?;
-        Ok((server, auth))
+        Ok(auth)
     };
-    let (mut server, auth) = until_fenced(&fence, setup).await?;
+    let auth = until_fenced(&fence, setup).await?;
     let mut est = match auth {
         AuthResult::Ready(est) => est,
         AuthResult::Refused => {

@@ -250,17 +250,23 @@ pub fn resolve(
 }
 
 /// Where a route sends a new session in `view`, if anywhere.
-/// `sessions(addr)` counts the sessions a backend has now.
+/// `sessions(addr)` counts the sessions a backend has now; replicas in
+/// `unreachable` (this session could not connect to them) are skipped.
 pub fn pick<'v>(
     view: &'v View,
     route: Route,
     limit: &LagLimit,
     sessions: impl Fn(&crate::view::Backend) -> usize,
+    unreachable: &[crate::view::Backend],
 ) -> Option<Pick<'v>> {
     let replica = || {
         view.replicas
             .iter()
-            .filter(|r| limit.admits(r) && Some(&r.backend) != view.primary.as_ref())
+            .filter(|r| {
+                limit.admits(r)
+                    && Some(&r.backend) != view.primary.as_ref()
+                    && !unreachable.contains(&r.backend)
+            })
             .min_by_key(|r| sessions(&r.backend))
     };
     let primary = view.primary.as_ref().map(|b| Pick {
@@ -381,24 +387,24 @@ mod tests {
         };
         let addr = |p: Option<Pick>| p.map(|p| p.backend.addr().to_owned());
         assert_eq!(
-            addr(pick(&view, Route::Primary, &limit, load)),
+            addr(pick(&view, Route::Primary, &limit, load, &[])),
             Some("p:1".into())
         );
         assert_eq!(
-            addr(pick(&view, Route::Replica, &limit, load)),
+            addr(pick(&view, Route::Replica, &limit, load, &[])),
             Some("r2:1".into())
         );
         assert_eq!(
-            addr(pick(&view, Route::Any, &limit, load)),
+            addr(pick(&view, Route::Any, &limit, load, &[])),
             Some("p:1".into())
         );
         let no_fresh = View {
             replicas: vec![replica("lagging:1", 1 << 30, true)],
             ..view.clone()
         };
-        assert_eq!(pick(&no_fresh, Route::Replica, &limit, load), None);
+        assert_eq!(pick(&no_fresh, Route::Replica, &limit, load, &[]), None);
         assert_eq!(
-            addr(pick(&no_fresh, Route::PreferReplica, &limit, load)),
+            addr(pick(&no_fresh, Route::PreferReplica, &limit, load, &[])),
             Some("p:1".into())
         );
         let slow = View {
@@ -408,7 +414,7 @@ mod tests {
             }],
             ..view
         };
-        assert_eq!(pick(&slow, Route::Replica, &limit, load), None);
+        assert_eq!(pick(&slow, Route::Replica, &limit, load, &[]), None);
     }
 
     #[test]

@@ -490,3 +490,50 @@ async fn sni_routes_two_clusters_through_one_proxy() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_replicas_are_skipped() {
+    let pair = Pair::start().await;
+    let dead = |_| format!("127.0.0.1:{}", crate::support::free_port());
+    let (dead1, dead2) = (dead(1), dead(2));
+    let view = ViewHandle::new(View {
+        generation: 1,
+        primary: Some(Backend::new(pair.primary.address())),
+        replicas: [dead1.clone(), pair.standby.address(), dead2.clone()]
+            .into_iter()
+            .map(|a| Replica::fresh(Backend::new(a)))
+            .collect(),
+    });
+    let proxy = TestProxy::with_view(view.clone(), ProxyConfig::default()).await;
+    let replica = proxy
+        .listen(ListenerOptions {
+            route: Route::Replica,
+            ..Default::default()
+        })
+        .await;
+    let replica_conn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        replica.port()
+    );
+    // Whichever replica is tried first, every session reaches the live one.
+    for _ in 0..6 {
+        assert_eq!(
+            landing(&replica_conn).await.unwrap(),
+            (pair.standby.port, true)
+        );
+    }
+    // No live replica: replica gets the connection error, prefer-replica
+    // the primary.
+    view.store(View {
+        generation: 2,
+        primary: Some(Backend::new(pair.primary.address())),
+        replicas: vec![
+            Replica::fresh(Backend::new(dead1)),
+            Replica::fresh(Backend::new(dead2)),
+        ],
+    });
+    let e = try_connect(&replica_conn).await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("08006"), "{e}");
+    let prefer = with_options(&proxy.conn("postgres"), "-c keelson.route=prefer-replica");
+    assert_eq!(landing(&prefer).await.unwrap(), (pair.primary.port, false));
+}
