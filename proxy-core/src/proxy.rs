@@ -358,6 +358,10 @@ async fn refuse_over_limit(shared: &Shared, tcp: TcpStream) {
     }
 }
 
+/// One client connection, accept to close. The futures of the setup steps
+/// are boxed: they are done once the session forwards, and unboxed they
+/// would stay in every idle session's task (measured: the session future is
+/// 1760 bytes with them boxed, 3328 without).
 async fn session(
     shared: Arc<Shared>,
     mut tcp: TcpStream,
@@ -373,7 +377,14 @@ async fn session(
     let client_addr = match &opts.proxy_protocol {
         None => peer,
         Some(trusted) => {
-            match crate::proxy_protocol::read(&mut tcp, peer, trusted, accepted_at + limit).await {
+            match Box::pin(crate::proxy_protocol::read(
+                &mut tcp,
+                peer,
+                trusted,
+                accepted_at + limit,
+            ))
+            .await
+            {
                 Ok(addr) => {
                     if addr != peer {
                         m::proxy_header_accepted();
@@ -386,7 +397,13 @@ async fn session(
         }
     };
     let mut client = ClientStream::Plain(tcp);
-    let startup = read_startup(&mut client, shared.tls.as_ref(), accepted_at + limit, limit).await;
+    let startup = Box::pin(read_startup(
+        &mut client,
+        shared.tls.as_ref(),
+        accepted_at + limit,
+        limit,
+    ))
+    .await;
     let (message, pipelined) = match startup {
         Ok(Startup::Session { message, pipelined }) => (message, pipelined),
         Ok(Startup::Cancel(req)) => {
@@ -633,7 +650,7 @@ async fn run_session(
     let mut unreachable = Vec::new();
     let mut last_error = None;
     let (routed, mut server) = loop {
-        let Some(r) = route_session(shared, view, route, &unreachable).await? else {
+        let Some(r) = Box::pin(route_session(shared, view, route, &unreachable)).await? else {
             return Err(last_error.unwrap_or(SessionError::NoReplicaAfter(Duration::ZERO)));
         };
         // Connecting can hang on a server that is hung itself; a fence
@@ -649,7 +666,7 @@ async fn run_session(
             m::backend_connect(t0.elapsed().as_secs_f64());
             Ok(s)
         };
-        match until_fenced(&r.fence, connect).await {
+        match Box::pin(until_fenced(&r.fence, connect)).await {
             Ok(s) => break (r, s),
             Err(
                 e @ (SessionError::BackendConnect { .. }
@@ -691,7 +708,7 @@ async fn run_session(
         .await?;
         Ok(auth)
     };
-    let auth = until_fenced(&fence, setup).await?;
+    let auth = Box::pin(until_fenced(&fence, setup)).await?;
     let mut est = match auth {
         AuthResult::Ready(est) => est,
         AuthResult::Refused => {
