@@ -111,6 +111,9 @@ pub struct DemoArgs {
     /// Address of the proxy.
     #[arg(long, default_value = "127.0.0.1:6432")]
     pub listen: SocketAddr,
+    /// Address of the proxy's replica route [default: the next port].
+    #[arg(long)]
+    pub replica_listen: Option<SocketAddr>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -287,7 +290,19 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         spawn(&uid, &kargs, &mut children)?;
     }
     let listen = args.listen.to_string();
-    let mut pargs = vec!["proxy", "--listen", &listen, "--uid", "proxy-1"];
+    let replica_listen = args
+        .replica_listen
+        .unwrap_or_else(|| SocketAddr::new(args.listen.ip(), args.listen.port().wrapping_add(1)));
+    let replica = replica_listen.to_string();
+    let mut pargs = vec![
+        "proxy",
+        "--listen",
+        &listen,
+        "--replica-listen",
+        &replica,
+        "--uid",
+        "proxy-1",
+    ];
     pargs.extend(common);
     spawn("proxy", &pargs, &mut children)?;
 
@@ -321,6 +336,14 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         args.listen.ip(),
         args.listen.port()
     );
+    if args.keepers > 1 {
+        println!("Read-only sessions on a standby:");
+        println!(
+            "  psql 'host={} port={} user=postgres dbname=postgres'",
+            replica_listen.ip(),
+            replica_listen.port()
+        );
+    }
     println!("Status: keelson ctl --store {store_url} --cluster demo status");
     println!("Press Ctrl-C to stop everything.");
     let signal = rt.block_on(crate::shutdown_signal())?;
