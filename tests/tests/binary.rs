@@ -206,3 +206,34 @@ async fn binary_routes_two_clusters_by_sni_in_store_mode() {
     // A server name without an entry uses the main cluster.
     assert_eq!(port_via("main.test"), a.port.to_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_static_replicas_behind_a_replica_listener() {
+    let pair = crate::routing::Pair::start_with(keeper::PgBin::find(None).unwrap()).await;
+    let (listen, replica) = (free_port(), free_port());
+    let child = Command::new(keelson_bin())
+        .args(["proxy", "--listen", &format!("127.0.0.1:{listen}")])
+        .args(["--replica-listen", &format!("127.0.0.1:{replica}")])
+        .args(["--backend", &pair.primary.address()])
+        .args(["--replicas", &pair.standby.address()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _proc = Proc(child);
+    let on = |port: u16| format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let recovery = |conn: String| async move {
+        let c = try_connect(&conn).await.ok()?;
+        let r = c
+            .query_one("SELECT pg_is_in_recovery(), inet_server_port()", &[])
+            .await
+            .ok()?;
+        Some((r.get::<_, bool>(0), r.get::<_, i32>(1) as u16))
+    };
+    crate::assert_eventually!(
+        recovery(on(replica)).await == Some((true, pair.standby.port)),
+        Duration::from_secs(10),
+        "the replica listener did not reach the standby"
+    );
+    assert_eq!(recovery(on(listen)).await, Some((false, pair.primary.port)));
+}
