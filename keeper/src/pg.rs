@@ -139,6 +139,11 @@ fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// `host:port` split in two; the port defaults to 5432.
+fn host_port(address: &str) -> (&str, &str) {
+    address.rsplit_once(':').unwrap_or((address, "5432"))
+}
+
 /// One value of a libpq connection string, quoted.
 fn conninfo_value(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
@@ -247,7 +252,7 @@ impl Instance {
 
     /// A libpq connection string to `address` as the replication account.
     fn repl_conninfo(&self, address: &str) -> Result<String> {
-        let (host, port) = address.rsplit_once(':').unwrap_or((address, "5432"));
+        let (host, port) = host_port(address);
         Ok(format!(
             "host={} port={} user={} passfile={}",
             conninfo_value(host),
@@ -343,7 +348,7 @@ impl Instance {
     /// Whether `address` answers as a primary (out of recovery), asked as
     /// the replication account.
     pub async fn is_primary(&self, address: &str) -> Result<bool> {
-        let (host, port) = address.rsplit_once(':').unwrap_or((address, "5432"));
+        let (host, port) = host_port(address);
         let (c, conn) = tokio_postgres::Config::new()
             .host(host)
             .port(port.parse().unwrap_or(5432))

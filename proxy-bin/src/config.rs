@@ -210,7 +210,6 @@ pub enum Source {
 /// Validated settings of one proxy process.
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
-    pub listen: SocketAddr,
     pub source: Source,
     pub admin_listen: Option<SocketAddr>,
     pub tls: Option<(PathBuf, PathBuf)>,
@@ -433,7 +432,6 @@ impl ProxySettings {
                 .unwrap_or(false),
             proxy_protocol_trusted,
             sni: file.sni,
-            listen,
             source,
             admin_listen,
             tls,
@@ -494,7 +492,7 @@ mod tests {
             ..Default::default()
         };
         let s = ProxySettings::resolve(args, file).unwrap();
-        assert_eq!(s.listen.to_string(), "127.0.0.1:7001");
+        assert_eq!(s.listeners[0].addr.to_string(), "127.0.0.1:7001");
         assert_eq!(s.source, Source::Static("db:5432".into(), vec![]));
         assert_eq!(s.startup_timeout, Duration::from_secs(3));
         assert_eq!(s.max_connections, 5);

@@ -195,11 +195,6 @@ impl Proxy {
         self.shared.fences.fence_backend(backend, reason)
     }
 
-    /// The data-path configuration.
-    pub fn config(&self) -> &ProxyConfig {
-        &self.shared.cfg
-    }
-
     /// Called after a new view was stored in place of `old`: publishes the
     /// replicas' lag, and with `replica_lag_fence` ends the sessions of
     /// replicas that fell beyond the lag limit.

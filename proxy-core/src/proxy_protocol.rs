@@ -39,9 +39,10 @@ fn classify(b: &[u8]) -> Start {
     if b.starts_with(b"PROXY ") {
         return Start::V1;
     }
-    let n = b.len().min(SIGNATURE.len());
-    if b[..n] != SIGNATURE[..n] {
-        return if b"PROXY "[..b.len().min(6)] == b[..b.len().min(6)] && b.len() < 6 {
+    // A prefix of either header needs more bytes; anything else is not one.
+    let is_prefix = |of: &[u8]| of.starts_with(&b[..b.len().min(of.len())]);
+    if !is_prefix(&SIGNATURE) {
+        return if is_prefix(b"PROXY ") {
             Start::Unknown
         } else {
             Start::Direct

@@ -44,17 +44,7 @@ async fn replica_routes_follow_roles_lag_and_session_settings() {
         ..Default::default()
     };
     let mut c = LocalCluster::up_with(&url, store, spec, 1, 2).await;
-    let replica_addr = c
-        .proxy
-        .listen(ListenerOptions {
-            route: Route::Replica,
-            ..Default::default()
-        })
-        .await;
-    let replica_conn = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=10",
-        replica_addr.port()
-    );
+    let replica_conn = c.proxy.replica_conn().await;
     let (primary_port, standby) = (c.ports[c.master - 1], c.other());
     let standby_port = c.ports[standby - 1];
     crate::assert_eventually!(
@@ -243,16 +233,7 @@ pub(crate) async fn check_server_roles(pair: &Pair) {
     };
     let view = ViewHandle::new(wrong);
     let proxy = TestProxy::with_view(view.clone(), ProxyConfig::default()).await;
-    let replica = proxy
-        .listen(ListenerOptions {
-            route: Route::Replica,
-            ..Default::default()
-        })
-        .await;
-    let replica_conn = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres",
-        replica.port()
-    );
+    let replica_conn = proxy.replica_conn().await;
     let e = try_connect(&proxy.conn("postgres")).await.unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("57P03"), "{e}");
     assert!(db_message(&e).contains("is a standby"), "{e}");
@@ -505,16 +486,7 @@ async fn unreachable_replicas_are_skipped() {
             .collect(),
     });
     let proxy = TestProxy::with_view(view.clone(), ProxyConfig::default()).await;
-    let replica = proxy
-        .listen(ListenerOptions {
-            route: Route::Replica,
-            ..Default::default()
-        })
-        .await;
-    let replica_conn = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres",
-        replica.port()
-    );
+    let replica_conn = proxy.replica_conn().await;
     // Whichever replica is tried first, every session reaches the live one.
     for _ in 0..6 {
         assert_eq!(

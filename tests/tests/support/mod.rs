@@ -303,6 +303,20 @@ impl TestProxy {
         self.addr.port()
     }
 
+    /// A listener whose default route is `replica`; its connection string.
+    pub async fn replica_conn(&self) -> String {
+        let addr = self
+            .listen(proxy_core::ListenerOptions {
+                route: proxy_core::Route::Replica,
+                ..Default::default()
+            })
+            .await;
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=10",
+            addr.port()
+        )
+    }
+
     /// Another listener on the same proxy, with its own options.
     pub async fn listen(&self, opts: proxy_core::ListenerOptions) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
