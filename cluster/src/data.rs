@@ -83,6 +83,48 @@ impl Default for ClusterSpec {
     }
 }
 
+impl ClusterSpec {
+    /// How often a proxy renews its registration lease and re-reads the
+    /// cluster data: a quarter of `proxy_timeout`, between 100 ms and 1 s.
+    pub fn proxy_keepalive_period(&self) -> Duration {
+        (self.proxy_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    /// The TTL of a proxy's registration lease. A proxy stops routing to
+    /// the primary `proxy_timeout` after the keep-alive that last confirmed
+    /// its view was sent; its lease, counted by the store from when that
+    /// keep-alive arrived, must outlive that, by the keep-alive period plus
+    /// a store request's timeout. Rounded up to whole seconds (etcd leases
+    /// are whole seconds).
+    pub fn proxy_lease_ttl(&self) -> Duration {
+        ceil_secs(
+            self.proxy_timeout + self.proxy_keepalive_period() + crate::store::REQUEST_TIMEOUT,
+        )
+    }
+}
+
+/// `d` rounded up to whole seconds.
+pub fn ceil_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+}
+
+/// What a proxy registers under its lease at `proxies/<uid>`: the proxy
+/// generation it has applied, which acknowledges the fencing handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct ProxyReport {
+    pub uid: String,
+    /// A random id of the proxy process: a second proxy started with the
+    /// same uid is refused instead of silently sharing the registration.
+    pub instance: String,
+    /// The proxy generation whose view this proxy has applied.
+    pub generation: u64,
+    /// The [`ClusterData::uid`] that generation belongs to: an
+    /// acknowledgement left from an earlier incarnation of the cluster (a
+    /// `ctl init` after the store was wiped) does not count.
+    pub cluster_uid: String,
+}
+
 /// Why a spec was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid cluster spec: {0}")]
@@ -284,6 +326,9 @@ pub struct ProxySection {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterData {
     pub format_version: u32,
+    /// A random id made when the cluster data is created (`ctl init`).
+    #[serde(default)]
+    pub uid: String,
     pub phase: ClusterPhase,
     pub spec: ClusterSpec,
     #[serde(default)]
@@ -335,6 +380,7 @@ impl ClusterData {
     pub fn new(spec: ClusterSpec) -> Self {
         ClusterData {
             format_version: FORMAT_VERSION,
+            uid: crate::store::instance_id(),
             phase: ClusterPhase::Initializing,
             spec,
             keepers: BTreeMap::new(),

@@ -20,8 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::store::{Cas, KeyValue, LeaseId, Result, Store, StoreError, Watch, WatchEvent};
 
-/// Deadline of one request to etcd.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+pub use crate::store::REQUEST_TIMEOUT;
 
 /// The etcd store. Cheap to clone.
 #[derive(Clone)]
@@ -302,7 +301,10 @@ impl Store for EtcdStore {
     }
 
     async fn grant(&self, ttl: Duration) -> Result<LeaseId> {
-        let secs = ttl.as_secs().max(1) as i64;
+        // etcd leases are whole seconds: round up, never down, so that a
+        // lease never ends before the time its holder counts on.
+        let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let secs = secs.max(1) as i64;
         Ok(call!(self, |c| c.lease_grant(secs, None))?.id())
     }
 

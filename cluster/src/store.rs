@@ -208,3 +208,24 @@ impl Keys {
 
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "keelson";
+
+/// The longest one store request may take before it fails as
+/// [`StoreError::Unavailable`] (per etcd endpoint; the file store's lock
+/// wait). Timing relations in [`crate::ClusterSpec::validate`] count it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A random id for one process instance (16 hex digits), so that two
+/// processes started with the same uid can be told apart.
+pub fn instance_id() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    let ok = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if ok.is_err() {
+        // No /dev/urandom: time and pid still differ between instances.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        bytes = (t ^ (u64::from(std::process::id()) << 32)).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
