@@ -37,8 +37,13 @@ pub mod duration_str {
 }
 
 /// Cluster-wide settings. Every field has a default, so `{}` is a valid spec.
+///
+/// Fields this version does not know (written by a newer `ctl` or sentinel
+/// during a rolling upgrade) are kept in `extra` and written back as they
+/// were, so that an older component still follows failovers. `ctl` refuses
+/// unknown fields in what an operator writes ([`ClusterSpec::unknown_fields`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct ClusterSpec {
     /// How often keepers report their state.
     #[serde(with = "duration_str")]
@@ -64,6 +69,14 @@ pub struct ClusterSpec {
     pub max_standby_lag_bytes: u64,
     /// PostgreSQL parameters applied to every instance.
     pub pg_parameters: BTreeMap<String, String>,
+    /// How long a failover or switchover step may wait (a candidate that
+    /// never becomes primary, an old primary that never stops, a target that
+    /// never catches up) before the sentinel tries another way or gives up.
+    #[serde(with = "duration_str")]
+    pub convergence_timeout: Duration,
+    /// Fields from a newer keelson, kept as they are.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for ClusterSpec {
@@ -79,27 +92,9 @@ impl Default for ClusterSpec {
             max_sync: 1,
             max_standby_lag_bytes: 16 * 1024 * 1024,
             pg_parameters: BTreeMap::new(),
+            convergence_timeout: Duration::from_secs(60),
+            extra: BTreeMap::new(),
         }
-    }
-}
-
-impl ClusterSpec {
-    /// How often a proxy renews its registration lease and re-reads the
-    /// cluster data: a quarter of `proxy_timeout`, between 100 ms and 1 s.
-    pub fn proxy_keepalive_period(&self) -> Duration {
-        (self.proxy_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
-    }
-
-    /// The TTL of a proxy's registration lease. A proxy stops routing to
-    /// the primary `proxy_timeout` after the keep-alive that last confirmed
-    /// its view was sent; its lease, counted by the store from when that
-    /// keep-alive arrived, must outlive that, by the keep-alive period plus
-    /// a store request's timeout. Rounded up to whole seconds (etcd leases
-    /// are whole seconds).
-    pub fn proxy_lease_ttl(&self) -> Duration {
-        ceil_secs(
-            self.proxy_timeout + self.proxy_keepalive_period() + crate::store::REQUEST_TIMEOUT,
-        )
     }
 }
 
@@ -130,7 +125,34 @@ pub struct ProxyReport {
 #[error("invalid cluster spec: {0}")]
 pub struct SpecError(pub String);
 
+/// How much longer a keeper's lease lives than its self-fence timer:
+/// the fence watchdog's tick plus the time an immediate shutdown takes to
+/// end every session, with room to spare.
+pub const FENCE_SLACK: Duration = Duration::from_millis(500);
+
+/// The longest duration a spec accepts: longer values are mistakes, and
+/// would overflow the clocks they are added to.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 impl ClusterSpec {
+    /// Checks each setting and the timing relations that safety depends on.
+    ///
+    /// The relations (see docs/ha.md, "Guarantees"):
+    /// - a keeper's lease lives `fence_timeout + FENCE_SLACK`, and its
+    ///   self-fence fires `fence_timeout` after the keep-alive that last
+    ///   renewed it was sent: once the store has expired the lease, the
+    ///   keeper has stopped its PostgreSQL. The sentinel promotes a new
+    ///   primary only once the old one acknowledged its demotion or its lease
+    ///   is gone, so promotion never precedes the self-fence. The keeper
+    ///   renews every [`ClusterSpec::keeper_keepalive_period`]; at least
+    ///   three renewals must fit in `fence_timeout`;
+    /// - a proxy's lease lives [`ClusterSpec::proxy_lease_ttl`], longer than
+    ///   its routing freshness (`proxy_timeout` from the keep-alive that last
+    ///   confirmed it) by the keep-alive period plus a request timeout;
+    /// - a report is stale after two report intervals, so `fail_interval`
+    ///   must be at least two report intervals, or one late report looks
+    ///   like a failure;
+    /// - `convergence_timeout` must leave a promotion time to finish.
     pub fn validate(&self) -> Result<(), SpecError> {
         let positive = [
             ("keeper_report_interval", self.keeper_report_interval),
@@ -138,16 +160,40 @@ impl ClusterSpec {
             ("proxy_timeout", self.proxy_timeout),
             ("hold_timeout", self.hold_timeout),
             ("fence_timeout", self.fence_timeout),
+            ("convergence_timeout", self.convergence_timeout),
         ];
         for (name, d) in positive {
             if d.is_zero() {
                 return Err(SpecError(format!("{name} must be greater than zero")));
             }
+            if d > MAX_DURATION {
+                return Err(SpecError(format!(
+                    "{name} ({}) is longer than the limit of {}",
+                    humantime::format_duration(d),
+                    humantime::format_duration(MAX_DURATION)
+                )));
+            }
         }
-        if self.fail_interval < self.keeper_report_interval {
+        if self.fail_interval < 2 * self.keeper_report_interval {
+            return Err(SpecError(format!(
+                "fail_interval ({}) must be at least twice keeper_report_interval ({}): \
+                 a report counts as missing after two intervals, so a shorter fail_interval \
+                 fails over a primary whose report was merely late",
+                humantime::format_duration(self.fail_interval),
+                humantime::format_duration(self.keeper_report_interval)
+            )));
+        }
+        if self.fence_timeout < 3 * self.keeper_keepalive_period() {
+            return Err(SpecError(format!(
+                "fence_timeout ({}) must fit three lease renewals ({} each): \
+                 with fewer, one slow store request makes a healthy primary fence itself",
+                humantime::format_duration(self.fence_timeout),
+                humantime::format_duration(self.keeper_keepalive_period())
+            )));
+        }
+        if self.convergence_timeout < Duration::from_secs(5) {
             return Err(SpecError(
-                "fail_interval must be at least keeper_report_interval, or every late report looks like a failure"
-                    .into(),
+                "convergence_timeout must be at least 5s: a promotion needs time to finish".into(),
             ));
         }
         if self.min_sync > self.max_sync {
@@ -157,6 +203,48 @@ impl ClusterSpec {
             )));
         }
         Ok(())
+    }
+
+    /// Fields this version of keelson does not know; an operator's spec
+    /// with any is refused by `ctl` (a typo must not be silently ignored).
+    pub fn unknown_fields(&self) -> Vec<String> {
+        self.extra.keys().cloned().collect()
+    }
+
+    /// How often a keeper renews its lease: a quarter of `fence_timeout`,
+    /// between 100 ms and 1 s.
+    pub fn keeper_keepalive_period(&self) -> Duration {
+        (self.fence_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    /// The TTL of a keeper's lease: `fence_timeout` plus [`FENCE_SLACK`].
+    /// The store rounds it up where it only has whole seconds (etcd).
+    pub fn keeper_lease_ttl(&self) -> Duration {
+        self.fence_timeout + FENCE_SLACK
+    }
+
+    /// How long after its last change a keeper's report counts as missing:
+    /// two report intervals.
+    pub fn report_stale_after(&self) -> Duration {
+        2 * self.keeper_report_interval
+    }
+
+    /// How often a proxy renews its registration lease and re-reads the
+    /// cluster data: a quarter of `proxy_timeout`, between 100 ms and 1 s.
+    pub fn proxy_keepalive_period(&self) -> Duration {
+        (self.proxy_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    /// The TTL of a proxy's registration lease. A proxy stops routing to
+    /// the primary `proxy_timeout` after the keep-alive that last confirmed
+    /// its view was sent; its lease, counted by the store from when that
+    /// keep-alive arrived, must outlive that, by the keep-alive period plus
+    /// a store request's timeout. Rounded up to whole seconds (etcd leases
+    /// are whole seconds).
+    pub fn proxy_lease_ttl(&self) -> Duration {
+        ceil_secs(
+            self.proxy_timeout + self.proxy_keepalive_period() + crate::store::REQUEST_TIMEOUT,
+        )
     }
 }
 
@@ -218,20 +306,38 @@ pub struct DbSpec {
 }
 
 /// What a database was last seen doing, from its keeper's reports.
+///
+/// A report never erases what is known: a keeper whose PostgreSQL is down
+/// or hung reports `lsn`, `timeline` and the synchronous standbys as
+/// unknown, and the last known values stay here. They decide who may take
+/// over from a dead primary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(default)]
 pub struct DbStatus {
+    /// PostgreSQL runs and answers queries, and its keeper reports.
     pub healthy: bool,
+    /// The keeper reports its postmaster running (answering or not).
+    pub running: bool,
     /// `host:port` clients and proxies connect to.
     pub address: Option<String>,
+    /// The last known WAL position (see [`KeeperReport::lsn`]).
     pub lsn: u64,
+    /// The last known timeline.
     pub timeline: u32,
     pub system_id: Option<String>,
     pub in_recovery: bool,
     /// The generation of this database's spec the keeper has applied.
     pub applied_generation: u64,
-    /// Standbys PostgreSQL reports as synchronous (`pg_stat_replication`).
+    /// Standbys PostgreSQL last reported as synchronous (`pg_stat_replication`).
     pub synchronous_standbys: Vec<String>,
+    /// On a primary in synchronous mode: the standbys that hold every commit
+    /// it acknowledged. A member joins once the primary runs a spec naming
+    /// it and PostgreSQL reports it synchronous; it leaves as soon as the
+    /// spec stops naming it. Only these may replace the primary.
+    pub sync_confirmed: Vec<String>,
+    /// After a clean shutdown: the location of the shutdown checkpoint, the
+    /// last WAL record this database wrote. `None` while running or unknown.
+    pub stopped_lsn: Option<u64>,
     /// On a standby: the last replayed LSN (what its queries see).
     pub replay_lsn: u64,
     /// On a standby: time since the last replayed transaction while replay
@@ -239,10 +345,8 @@ pub struct DbStatus {
     pub replay_lag_ms: Option<u64>,
     /// On a standby: whether its WAL receiver is streaming.
     pub streaming: bool,
-    /// Wall-clock milliseconds since which the database has looked
-    /// unhealthy, as the sentinel saw it. Kept in the store so that a new
-    /// sentinel leader does not restart failure timers from zero.
-    pub unhealthy_since_ms: Option<u64>,
+    /// What is wrong, in words, when it is not healthy.
+    pub problem: Option<String>,
 }
 
 /// One PostgreSQL instance, managed by one keeper.
@@ -258,25 +362,43 @@ pub struct Db {
 
 /// What a keeper reports about its database, under its lease at
 /// `keepers/<uid>`. A missing report means the keeper is gone.
+///
+/// Values the keeper could not read this time (its PostgreSQL is down or
+/// hung) are `None`: they are unknown, not zero.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(default)]
 pub struct KeeperReport {
     pub uid: String,
+    /// A random id of the keeper process.
+    pub instance: String,
+    /// Counts this keeper process's reports. The sentinel judges whether a
+    /// keeper reports by seeing this change, on its own clock: no clocks of
+    /// different hosts are compared.
+    pub seq: u64,
     /// Whether PostgreSQL is running and answering queries.
     pub healthy: bool,
+    /// Whether the keeper's postmaster process is running.
+    pub running: bool,
     /// `host:port` of its PostgreSQL.
     pub address: Option<String>,
     /// `pg_is_in_recovery()`.
     pub in_recovery: bool,
     /// The current WAL position: write LSN on a primary, last received (or
-    /// replayed, whichever is higher) on a standby.
-    pub lsn: u64,
-    pub timeline: u32,
+    /// replayed, whichever is higher) on a standby; after a clean shutdown,
+    /// the shutdown checkpoint's location from the control file.
+    pub lsn: Option<u64>,
+    pub timeline: Option<u32>,
+    /// From the control file, so known while PostgreSQL is stopped too.
     pub system_id: Option<String>,
-    /// The database spec generation the keeper has applied.
+    /// The database spec generation the keeper has applied. On a primary in
+    /// synchronous mode, applied means `SHOW synchronous_standby_names`
+    /// returned what that generation asks for.
     pub applied_generation: u64,
     /// Standbys reported as synchronous by `pg_stat_replication`.
-    pub synchronous_standbys: Vec<String>,
+    pub synchronous_standbys: Option<Vec<String>>,
+    /// After a clean shutdown (`pg_controldata` says "shut down"): the
+    /// shutdown checkpoint's location.
+    pub stopped_lsn: Option<u64>,
     /// On a standby: the last replayed LSN.
     pub replay_lsn: u64,
     /// On a standby: time since the last replayed transaction while replay
@@ -284,8 +406,12 @@ pub struct KeeperReport {
     pub replay_lag_ms: Option<u64>,
     /// On a standby: whether its WAL receiver is streaming.
     pub streaming: bool,
-    /// When the keeper made this report (wall-clock ms; 0 = unknown).
-    pub reported_at_ms: u64,
+    /// On a standby: milliseconds since its WAL receiver was last seen
+    /// streaming (0 while it streams), by the keeper's own clock; `None`
+    /// if it has not streamed since the keeper started.
+    pub streaming_age_ms: Option<u64>,
+    /// What is wrong, in words, when it is not healthy.
+    pub problem: Option<String>,
     /// Keeper settings, taken into the cluster data when it joins.
     pub priority: i32,
     pub never_primary: bool,
@@ -297,6 +423,12 @@ pub struct KeeperReport {
 pub struct Failover {
     /// The database that was primary.
     pub from: String,
+    /// Databases that must have stopped (their keeper acknowledged the
+    /// demotion) or lost their keeper's lease before a new primary is
+    /// promoted: the old primary, and any candidate given up on.
+    pub fence: Vec<String>,
+    /// Candidates given up on (they did not become primary in time).
+    pub excluded: Vec<String>,
     /// The proxy generation that named no primary; every live proxy must
     /// acknowledge it before a new primary is named.
     pub fence_generation: u64,
@@ -340,6 +472,18 @@ pub struct ClusterData {
     /// A failover or switchover in progress.
     #[serde(default)]
     pub failover: Option<Failover>,
+    /// Set by `ctl init --existing UID`: the keeper whose existing data
+    /// becomes the first primary. Without it, a new cluster whose keepers
+    /// already hold data elects no one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_existing: Option<String>,
+    /// Why the sentinel is waiting, in words (no eligible standby, a fence
+    /// not yet acknowledged, ...); `None` when nothing is blocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
+    /// Fields from a newer keelson, kept as they are.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
 }
 
 /// Why stored cluster data could not be used.
@@ -387,6 +531,9 @@ impl ClusterData {
             dbs: BTreeMap::new(),
             proxy: ProxySection::default(),
             failover: None,
+            init_existing: None,
+            notice: None,
+            extra: BTreeMap::new(),
         }
     }
 
@@ -490,7 +637,91 @@ mod tests {
             .to_string()
             .contains("proxy_timeout"));
         assert!(serde_json::from_str::<ClusterSpec>(r#"{"fail_interval":"soon"}"#).is_err());
-        assert!(serde_json::from_str::<ClusterSpec>(r#"{"no_such":1}"#).is_err());
+        let huge = ClusterSpec {
+            hold_timeout: Duration::from_secs(300_000_000_000),
+            ..Default::default()
+        };
+        let e = huge.validate().unwrap_err().to_string();
+        assert!(e.contains("hold_timeout") && e.contains("limit"), "{e}");
+    }
+
+    #[test]
+    fn unknown_spec_fields_survive_a_round_trip() {
+        // A newer ctl wrote a field this version does not know: it is kept,
+        // so that writing the data back does not drop it, and it does not
+        // stop this version from reading the rest.
+        let json = r#"{"fail_interval":"3s","from_the_future":{"a":1}}"#;
+        let spec: ClusterSpec = serde_json::from_str(json).unwrap();
+        assert_eq!(spec.fail_interval, Duration::from_secs(3));
+        assert_eq!(spec.unknown_fields(), vec!["from_the_future".to_string()]);
+        let back = serde_json::to_string(&spec).unwrap();
+        assert!(back.contains(r#""from_the_future":{"a":1}"#), "{back}");
+        let mut d = ClusterData::new(spec);
+        d.extra.insert("later".into(), serde_json::json!(true));
+        let again = ClusterData::from_json(&d.to_json()).unwrap();
+        assert_eq!(again, d);
+    }
+
+    /// The timing relations are checked at their boundary, not far inside.
+    #[test]
+    fn timing_relations_are_enforced_at_the_boundary() {
+        let base = ClusterSpec::default();
+        // fail_interval >= 2 report intervals.
+        let ok = ClusterSpec {
+            keeper_report_interval: Duration::from_millis(1500),
+            fail_interval: Duration::from_secs(3),
+            ..base.clone()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let bad = ClusterSpec {
+            fail_interval: Duration::from_millis(2999),
+            ..ok.clone()
+        };
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("fail_interval") && e.contains("twice"), "{e}");
+        // fence_timeout fits three renewals of fence_timeout/4 (at least
+        // 100 ms each): 300 ms is the smallest.
+        let ok = ClusterSpec {
+            fence_timeout: Duration::from_millis(300),
+            ..base.clone()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let bad = ClusterSpec {
+            fence_timeout: Duration::from_millis(299),
+            ..base.clone()
+        };
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("fence_timeout") && e.contains("renewals"), "{e}");
+        // The keeper's lease outlives its self-fence.
+        for ms in [300u64, 1000, 5000, 7300] {
+            let s = ClusterSpec {
+                fence_timeout: Duration::from_millis(ms),
+                ..base.clone()
+            };
+            assert!(s.keeper_lease_ttl() >= s.fence_timeout + FENCE_SLACK);
+        }
+        // The proxy's lease outlives its freshness by the keep-alive period
+        // plus a request timeout, in whole seconds.
+        for ms in [100u64, 2500, 5000, 15_000] {
+            let s = ClusterSpec {
+                proxy_timeout: Duration::from_millis(ms),
+                ..base.clone()
+            };
+            let ttl = s.proxy_lease_ttl();
+            assert_eq!(ttl.subsec_nanos(), 0);
+            assert!(
+                ttl >= s.proxy_timeout + s.proxy_keepalive_period() + crate::store::REQUEST_TIMEOUT
+            );
+        }
+        assert_eq!(
+            ClusterSpec {
+                proxy_timeout: Duration::from_millis(2500),
+                ..base.clone()
+            }
+            .proxy_lease_ttl(),
+            Duration::from_secs(6),
+            "2.5 s + 625 ms + 2 s, rounded up"
+        );
     }
 
     #[test]

@@ -327,6 +327,25 @@ impl Store for EtcdStore {
         }
     }
 
+    async fn compact_keeping(&self, keep: i64) -> Result<()> {
+        let r = call!(self, |c| c
+            .get("/", Some(GetOptions::new().with_keys_only().with_limit(1))))?;
+        let current = r.header().map_or(0, |h| h.revision());
+        let upto = current - keep;
+        if upto <= 0 {
+            return Ok(());
+        }
+        match call!(self, |c| c.compact(upto, None)) {
+            Ok(_) => {
+                tracing::info!(revision = upto, "compacted the etcd history");
+                Ok(())
+            }
+            // Already compacted past it (another sentinel did).
+            Err(StoreError::Unavailable(m)) if m.contains("compacted") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn revoke(&self, lease: LeaseId) -> Result<()> {
         match call!(self, |c| c.lease_revoke(lease)) {
             Ok(_) => Ok(()),

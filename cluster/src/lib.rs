@@ -92,4 +92,7 @@ impl Store for AnyStore {
     async fn revoke(&self, lease: LeaseId) -> store::Result<()> {
         delegate!(self, s => s.revoke(lease).await)
     }
+    async fn compact_keeping(&self, keep: i64) -> store::Result<()> {
+        delegate!(self, s => s.compact_keeping(keep).await)
+    }
 }

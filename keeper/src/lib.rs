@@ -3,8 +3,13 @@
 //! sentinel needs from it: [`pg`] holds the PostgreSQL primitives, [`run`]
 //! the reconcile loop around them.
 
+pub mod control;
+pub mod lease;
+pub mod names;
 pub mod pg;
+pub mod postmaster;
 pub mod process;
 pub mod run;
 
-pub use pg::{slot_name, Instance, PgBin, PgError, Replication, Upstream};
+pub use names::{slot_name, validate_uid};
+pub use pg::{Instance, PgBin, PgError, Replication, Upstream};

@@ -28,7 +28,25 @@ pub enum PgError {
     NotReady(Duration, String),
     #[error("query failed: {0}")]
     Query(#[from] tokio_postgres::Error),
+    #[error("PostgreSQL did not answer {0} within {1:?}")]
+    Timeout(&'static str, Duration),
 }
+
+/// Runs `f`, failing with [`PgError::Timeout`] after `limit`: a hung
+/// PostgreSQL (stopped, stuck on I/O) must never hang the keeper, whose
+/// statement_timeout it would not enforce.
+async fn within<T>(
+    what: &'static str,
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| PgError::Timeout(what, limit))?
+}
+
+/// How long one of the keeper's own statements may take.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub type Result<T> = std::result::Result<T, PgError>;
 
@@ -113,23 +131,7 @@ pub struct Upstream {
     pub slot: Option<String>,
 }
 
-/// The replication slot a primary keeps for the standby of keeper `uid`:
-/// `keelson_` and the uid in lower case, other characters as `_`.
-pub fn slot_name(uid: &str) -> String {
-    let mut s = String::from(SLOT_PREFIX);
-    s.extend(uid.chars().map(|c| {
-        if c.is_ascii_alphanumeric() {
-            c.to_ascii_lowercase()
-        } else {
-            '_'
-        }
-    }));
-    s.truncate(63);
-    s
-}
-
-/// Slots named so are keelson's; others are left alone.
-const SLOT_PREFIX: &str = "keelson_";
+pub use crate::names::{slot_name, SLOT_PREFIX};
 
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -160,6 +162,9 @@ pub struct Instance {
     pub port: u16,
     run_as: Option<(u32, u32)>,
     child: Option<Child>,
+    /// A postmaster found running on the data directory when the keeper
+    /// started (its previous keeper died), adopted instead of started.
+    adopted: Option<u32>,
 }
 
 /// How long the status queries of one report may take.
@@ -185,7 +190,24 @@ impl Instance {
             port,
             run_as: unprivileged_ids(),
             child: None,
+            adopted: None,
         }
+    }
+
+    /// Adopts a postmaster already running on the data directory (left by
+    /// a keeper that died), so that this keeper supervises, fences and
+    /// stops it instead of starting a second one. Returns its pid.
+    pub fn adopt(&mut self) -> Option<u32> {
+        if self.child.is_some() {
+            return None;
+        }
+        let pid = crate::postmaster::running_on(&self.data_dir())?;
+        tracing::warn!(
+            pid,
+            "adopting the PostgreSQL already running on the data directory"
+        );
+        self.adopted = Some(pid);
+        Some(pid)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -211,13 +233,17 @@ impl Instance {
         self.data_dir().join("standby.signal").exists()
     }
 
+    /// A PostgreSQL program, run as the `postgres` account when the keeper
+    /// is root; killed if the keeper drops it (a hung pg_basebackup), but
+    /// see [`Instance::start`] for the server itself.
     fn command(&self, program: &str) -> Command {
         let mut c = Command::new(self.bin.program(program));
         if let Some((uid, gid)) = self.run_as {
             c.uid(uid).gid(gid);
             c.env("HOME", &self.dir);
         }
-        c.kill_on_drop(true);
+        c.env("LC_ALL", "C");
+        c.kill_on_drop(program != "postgres");
         c
     }
 
@@ -348,21 +374,24 @@ impl Instance {
     /// Whether `address` answers as a primary (out of recovery), asked as
     /// the replication account.
     pub async fn is_primary(&self, address: &str) -> Result<bool> {
-        let (host, port) = host_port(address);
-        let (c, conn) = tokio_postgres::Config::new()
-            .host(host)
-            .port(port.parse().unwrap_or(5432))
-            .user(&self.repl.user)
-            .password(&self.repl.password)
-            .dbname("postgres")
-            .connect_timeout(Duration::from_secs(5))
-            .connect(NoTls)
-            .await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let in_recovery: bool = c.query_one("SELECT pg_is_in_recovery()", &[]).await?.get(0);
-        Ok(!in_recovery)
+        within("whether it is a primary", Duration::from_secs(10), async {
+            let (host, port) = host_port(address);
+            let (c, conn) = tokio_postgres::Config::new()
+                .host(host)
+                .port(port.parse().unwrap_or(5432))
+                .user(&self.repl.user)
+                .password(&self.repl.password)
+                .dbname("postgres")
+                .connect_timeout(Duration::from_secs(5))
+                .connect(NoTls)
+                .await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let in_recovery: bool = c.query_one("SELECT pg_is_in_recovery()", &[]).await?.get(0);
+            Ok(!in_recovery)
+        })
+        .await
     }
 
     /// Rewinds this (stopped) former primary onto `source` (`host:port`)
@@ -380,9 +409,19 @@ impl Instance {
             .await
     }
 
-    /// Deletes the data directory (before a fresh base backup).
+    /// Deletes the data directory (before a fresh base backup). Never
+    /// while a postmaster runs on it.
     pub fn remove_data(&self) -> Result<()> {
         let d = self.data_dir();
+        if let Some(pid) = crate::postmaster::running_on(&d) {
+            return Err(PgError::Program {
+                program: "keeper".into(),
+                detail: format!(
+                    "refusing to delete {}: PostgreSQL (pid {pid}) runs on it",
+                    d.display()
+                ),
+            });
+        }
         if d.exists() {
             std::fs::remove_dir_all(&d)?;
         }
@@ -430,18 +469,12 @@ impl Instance {
                 p.insert("primary_slot_name".into(), quote_literal(slot));
             }
         }
-        let names = if synchronous_standbys.is_empty() {
-            String::new()
-        } else {
-            // Every listed standby must confirm: any of them can then be
-            // promoted without losing an acknowledged commit.
-            format!(
-                "FIRST {} ({})",
-                synchronous_standbys.len(),
-                synchronous_standbys.join(", ")
-            )
-        };
-        p.insert("synchronous_standby_names".into(), format!("'{names}'"));
+        p.insert(
+            "synchronous_standby_names".into(),
+            quote_literal(&crate::names::synchronous_standby_names(
+                synchronous_standbys,
+            )),
+        );
         let text: String = p.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
         let data = self.data_dir();
         std::fs::write(
@@ -495,6 +528,15 @@ impl Instance {
     /// Starts `postgres` as a supervised child and waits until it accepts
     /// connections.
     pub async fn start(&mut self, limit: Duration) -> Result<()> {
+        if self.is_running() {
+            return Ok(());
+        }
+        if let Some(pid) = crate::postmaster::running_on(&self.data_dir()) {
+            return Err(PgError::Program {
+                program: "postgres".into(),
+                detail: format!("another postmaster (pid {pid}) runs on the data directory"),
+            });
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -545,22 +587,46 @@ impl Instance {
     }
 
     async fn stop_with(&mut self, signal: i32, limit: Duration) {
-        if let Some(mut c) = self.child.take() {
-            if let Some(pid) = c.id() {
-                // SAFETY: signalling our own child by pid.
-                unsafe {
-                    libc::kill(pid as i32, signal);
+        let Some(pid) = self.pid() else {
+            self.child = None;
+            self.adopted = None;
+            return;
+        };
+        crate::postmaster::signal(pid, signal);
+        let gone = match self.child.as_mut() {
+            Some(c) => tokio::time::timeout(limit, c.wait()).await.is_ok(),
+            None => crate::postmaster::wait_gone(pid, limit).await,
+        };
+        if !gone {
+            tracing::warn!(
+                pid,
+                ?limit,
+                "PostgreSQL did not stop in time: killing it and its backends"
+            );
+            crate::postmaster::kill_tree(pid);
+            match self.child.as_mut() {
+                Some(c) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
+                }
+                None => {
+                    crate::postmaster::wait_gone(pid, Duration::from_secs(5)).await;
                 }
             }
-            if tokio::time::timeout(limit, c.wait()).await.is_err() {
-                let _ = c.kill().await;
-            }
         }
+        self.child = None;
+        self.adopted = None;
     }
 
-    /// Whether the supervised `postgres` is still running (reaps it if it
-    /// exited).
+    /// Whether the supervised (or adopted) `postgres` is still running
+    /// (reaps it if it exited).
     pub fn is_running(&mut self) -> bool {
+        if let Some(pid) = self.adopted {
+            if crate::postmaster::alive(pid) {
+                return true;
+            }
+            self.adopted = None;
+            return false;
+        }
         match self.child.as_mut().map(|c| c.try_wait()) {
             Some(Ok(None)) => true,
             Some(_) => {
@@ -571,19 +637,29 @@ impl Instance {
         }
     }
 
-    /// The pid of the supervised `postgres`, if running.
+    /// The pid of the supervised (or adopted) `postgres`, if running.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(Child::id)
+        self.adopted
+            .or_else(|| self.child.as_ref().and_then(Child::id))
     }
 
-    /// A superuser connection over the local socket.
-    pub async fn connect(&self) -> std::result::Result<Client, tokio_postgres::Error> {
+    /// A superuser connection over the local socket. The keeper's own
+    /// statements never wait for synchronous standbys (a commit of the
+    /// replication account's password must not hang on a standby that
+    /// needs that password to connect) and give up after 10 s.
+    pub async fn connect(&self) -> Result<Client> {
         let conn = format!(
-            "host={} port={} user=postgres dbname=postgres connect_timeout=2",
+            "host={} port={} user=postgres dbname=postgres connect_timeout=2 \
+             options='-c synchronous_commit=local -c statement_timeout=10s'",
             self.dir.display(),
             self.port
         );
-        let (client, connection) = tokio_postgres::connect(&conn, NoTls).await?;
+        // connect_timeout covers the socket only: a stopped postmaster
+        // accepts it and never answers the startup message.
+        let (client, connection) = within("a connection", Duration::from_secs(3), async {
+            Ok(tokio_postgres::connect(&conn, NoTls).await?)
+        })
+        .await?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -592,11 +668,14 @@ impl Instance {
 
     /// Makes a running PostgreSQL re-read its configuration.
     pub async fn reload(&self) -> Result<()> {
-        self.connect()
-            .await?
-            .execute("SELECT pg_reload_conf()", &[])
-            .await?;
-        Ok(())
+        within("a reload", STATEMENT_TIMEOUT, async {
+            self.connect()
+                .await?
+                .execute("SELECT pg_reload_conf()", &[])
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Promotes a standby, waits for it to leave recovery, and checkpoints:
@@ -604,79 +683,136 @@ impl Instance {
     /// next checkpoint, and until then pg_rewind sees "the same timeline"
     /// in a former primary and rewinds nothing.
     pub async fn promote(&self) -> Result<()> {
-        let c = self.connect().await?;
-        c.execute("SELECT pg_promote(true, 60)", &[]).await?;
-        c.batch_execute("CHECKPOINT").await?;
-        Ok(())
+        within("its promotion", Duration::from_secs(90), async {
+            let c = self.connect().await?;
+            let promoted: bool = c
+                .query_one("SELECT pg_promote(true, 60)", &[])
+                .await?
+                .try_get(0)?;
+            if !promoted {
+                return Err(PgError::Program {
+                    program: "pg_promote".into(),
+                    detail: "the standby did not finish its promotion within 60 s".into(),
+                });
+            }
+            c.batch_execute("CHECKPOINT").await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// `SHOW synchronous_standby_names`: what the server runs with, which
+    /// is not always what was written (an invalid value is ignored, and a
+    /// value written before a promotion is not loaded by it).
+    pub async fn loaded_sync_names(&self) -> Result<String> {
+        within("SHOW", STATEMENT_TIMEOUT, async {
+            let c = self.connect().await?;
+            Ok(c.query_one("SHOW synchronous_standby_names", &[])
+                .await?
+                .try_get(0)?)
+        })
+        .await
+    }
+
+    /// The control file's view of the data directory.
+    pub async fn control_data(&self) -> Result<crate::control::ControlData> {
+        let data = self.data_dir();
+        let out = self
+            .command("pg_controldata")
+            .arg("-D")
+            .arg(&data)
+            .stdin(Stdio::null())
+            .output()
+            .await?;
+        if !out.status.success() {
+            return Err(PgError::Program {
+                program: "pg_controldata".into(),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        crate::control::parse(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| {
+            PgError::Program {
+                program: "pg_controldata".into(),
+                detail: "unexpected output".into(),
+            }
+        })
     }
 
     /// On a primary: creates the replication account, or sets its
     /// password, and grants it what pg_rewind reads.
     pub async fn ensure_replication_account(&self) -> Result<()> {
-        let c = self.connect().await?;
-        let exists = c
-            .query_opt(
-                "SELECT 1 FROM pg_roles WHERE rolname = $1",
-                &[&self.repl.user],
-            )
-            .await?
-            .is_some();
-        let (user, password) = (
-            quote_ident(&self.repl.user),
-            quote_literal(&self.repl.password),
-        );
-        let verb = if exists { "ALTER" } else { "CREATE" };
-        let mut sql = format!("{verb} ROLE {user} WITH LOGIN REPLICATION PASSWORD {password};");
-        for f in [
-            "pg_ls_dir(text, boolean, boolean)",
-            "pg_stat_file(text, boolean)",
-            "pg_read_binary_file(text)",
-            "pg_read_binary_file(text, bigint, bigint, boolean)",
-        ] {
-            sql.push_str(&format!(
-                "GRANT EXECUTE ON FUNCTION pg_catalog.{f} TO {user};"
-            ));
-        }
-        c.batch_execute(&sql).await?;
-        Ok(())
+        within("the replication account", STATEMENT_TIMEOUT, async {
+            let c = self.connect().await?;
+            let exists = c
+                .query_opt(
+                    "SELECT 1 FROM pg_roles WHERE rolname = $1",
+                    &[&self.repl.user],
+                )
+                .await?
+                .is_some();
+            let (user, password) = (
+                quote_ident(&self.repl.user),
+                quote_literal(&self.repl.password),
+            );
+            let verb = if exists { "ALTER" } else { "CREATE" };
+            let mut sql = format!("{verb} ROLE {user} WITH LOGIN REPLICATION PASSWORD {password};");
+            for f in [
+                "pg_ls_dir(text, boolean, boolean)",
+                "pg_stat_file(text, boolean)",
+                "pg_read_binary_file(text)",
+                "pg_read_binary_file(text, bigint, bigint, boolean)",
+            ] {
+                sql.push_str(&format!(
+                    "GRANT EXECUTE ON FUNCTION pg_catalog.{f} TO {user};"
+                ));
+            }
+            c.batch_execute(&sql).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// On a primary: makes keelson's replication slots exactly `wanted`,
     /// creating missing ones (reserving WAL at once) and dropping those of
     /// standbys that left the cluster. Slots in use are not dropped.
     pub async fn sync_slots(&self, wanted: &[String]) -> Result<()> {
-        let c = self.connect().await?;
-        let have: Vec<(String, bool)> = c
-            .query(
-                "SELECT slot_name::text, active FROM pg_replication_slots \
-                 WHERE slot_type = 'physical' AND starts_with(slot_name::text, $1)",
-                &[&SLOT_PREFIX],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        for w in wanted {
-            if !have.iter().any(|(h, _)| h == w) {
-                c.execute("SELECT pg_create_physical_replication_slot($1, true)", &[w])
-                    .await?;
-                tracing::info!(slot = %w, "created replication slot");
+        within("the replication slots", STATEMENT_TIMEOUT, async {
+            let c = self.connect().await?;
+            let have: Vec<(String, bool)> = c
+                .query(
+                    "SELECT slot_name::text, active FROM pg_replication_slots \
+                     WHERE slot_type = 'physical' AND starts_with(slot_name::text, $1)",
+                    &[&SLOT_PREFIX],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            for w in wanted {
+                if !have.iter().any(|(h, _)| h == w) {
+                    c.execute("SELECT pg_create_physical_replication_slot($1, true)", &[w])
+                        .await?;
+                    tracing::info!(slot = %w, "created replication slot");
+                }
             }
-        }
-        for (h, active) in &have {
-            if !wanted.contains(h) && !active {
-                c.execute("SELECT pg_drop_replication_slot($1)", &[h])
-                    .await?;
-                tracing::info!(slot = %h, "dropped replication slot");
+            for (h, active) in &have {
+                if !wanted.contains(h) && !active {
+                    c.execute("SELECT pg_drop_replication_slot($1)", &[h])
+                        .await?;
+                    tracing::info!(slot = %h, "dropped replication slot");
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 
-    /// What the sentinel needs to know about this instance. An instance
-    /// that does not answer is reported unhealthy.
+    /// What the sentinel needs to know about this instance, as far as
+    /// PostgreSQL answers within [`REPORT_TIMEOUT`]. What it could not read
+    /// is `None` (unknown), and `problem` says why, so that the sentinel
+    /// keeps what it knew: a dead or hung PostgreSQL has no LSN of zero.
     pub async fn report(&self, uid: &str, applied_generation: u64) -> KeeperReport {
-        let unhealthy = KeeperReport {
+        let mut r = KeeperReport {
             uid: uid.to_owned(),
             address: Some(self.address()),
             applied_generation,
@@ -684,21 +820,39 @@ impl Instance {
         };
         // A hung PostgreSQL (SIGSTOP, stuck I/O) must read as unhealthy, not
         // stop the keeper from reporting.
-        tokio::time::timeout(REPORT_TIMEOUT, self.query_report(uid, applied_generation))
-            .await
-            .unwrap_or(unhealthy)
+        match tokio::time::timeout(REPORT_TIMEOUT, self.query_report(&mut r)).await {
+            Ok(Ok(())) => r.healthy = true,
+            Ok(Err(e)) => {
+                r = KeeperReport {
+                    problem: Some(format!("PostgreSQL does not answer: {e}")),
+                    ..r
+                }
+            }
+            Err(_) => {
+                r = KeeperReport {
+                    problem: Some(format!(
+                        "PostgreSQL does not answer within {REPORT_TIMEOUT:?}"
+                    )),
+                    ..r
+                }
+            }
+        }
+        if !r.healthy {
+            // Only what the status queries gave is taken back: an
+            // unhealthy report carries nothing half-read.
+            r = KeeperReport {
+                uid: r.uid,
+                address: r.address,
+                applied_generation: r.applied_generation,
+                problem: r.problem,
+                ..Default::default()
+            };
+        }
+        r
     }
 
-    async fn query_report(&self, uid: &str, applied_generation: u64) -> KeeperReport {
-        let mut r = KeeperReport {
-            uid: uid.to_owned(),
-            address: Some(self.address()),
-            applied_generation,
-            ..Default::default()
-        };
-        let Ok(c) = self.connect().await else {
-            return r;
-        };
+    async fn query_report(&self, r: &mut KeeperReport) -> Result<()> {
+        let c = self.connect().await?;
         let q = "SELECT pg_is_in_recovery(), \
                  (CASE WHEN pg_is_in_recovery() \
                        THEN greatest(coalesce(pg_last_wal_receive_lsn(), '0/0'), coalesce(pg_last_wal_replay_lsn(), '0/0')) \
@@ -706,48 +860,45 @@ impl Instance {
                  (SELECT timeline_id FROM pg_control_checkpoint())::int, \
                  (SELECT system_identifier FROM pg_control_system())::text, \
                  coalesce((SELECT array_agg(application_name::text ORDER BY application_name) FROM pg_stat_replication WHERE sync_state = 'sync'), '{}')";
-        match c.query_one(q, &[]).await {
-            Ok(row) => {
-                r.healthy = true;
-                r.in_recovery = row.get(0);
-                r.lsn = row.get::<_, String>(1).parse().unwrap_or(0);
-                r.timeline = row.get::<_, i32>(2).max(0) as u32;
-                r.system_id = Some(row.get(3));
-                r.synchronous_standbys = row.get(4);
-                if r.in_recovery {
-                    // The checkpoint's timeline lags behind on a standby
-                    // that has followed a promotion; the received one is
-                    // current.
-                    let q = "SELECT (SELECT received_tli FROM pg_stat_wal_receiver), \
-                             coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false), \
-                             (coalesce(pg_last_wal_replay_lsn(), '0/0') - '0/0')::text, \
-                             CASE WHEN coalesce(pg_last_wal_receive_lsn(), '0/0') <= coalesce(pg_last_wal_replay_lsn(), '0/0') THEN 0 \
-                                  ELSE (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END";
-                    if let Ok(row) = c.query_one(q, &[]).await {
-                        if let Some(tli) = row.get::<_, Option<i32>>(0) {
-                            r.timeline = r.timeline.max(tli.max(0) as u32);
-                        }
-                        r.streaming = row.get(1);
-                        r.replay_lsn = row.get::<_, String>(2).parse().unwrap_or(0);
-                        r.replay_lag_ms = row.get::<_, Option<i64>>(3).map(|ms| ms.max(0) as u64);
-                    }
-                }
+        let row = c.query_one(q, &[]).await?;
+        let number = |v: String| {
+            v.parse::<u64>().map_err(|_| PgError::Program {
+                program: "report".into(),
+                detail: format!("unexpected LSN {v:?}"),
+            })
+        };
+        r.in_recovery = row.try_get(0)?;
+        r.lsn = Some(number(row.try_get(1)?)?);
+        r.timeline = Some(row.try_get::<_, i32>(2)?.max(0) as u32);
+        r.system_id = Some(row.try_get(3)?);
+        r.synchronous_standbys = Some(row.try_get(4)?);
+        if r.in_recovery {
+            // The checkpoint's timeline lags behind on a standby that has
+            // followed a promotion; the received one is current.
+            let q = "SELECT (SELECT received_tli FROM pg_stat_wal_receiver), \
+                     coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false), \
+                     (coalesce(pg_last_wal_replay_lsn(), '0/0') - '0/0')::text, \
+                     CASE WHEN coalesce(pg_last_wal_receive_lsn(), '0/0') <= coalesce(pg_last_wal_replay_lsn(), '0/0') THEN 0 \
+                          ELSE (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END";
+            let row = c.query_one(q, &[]).await?;
+            if let Some(tli) = row.try_get::<_, Option<i32>>(0)? {
+                r.timeline = r.timeline.max(Some(tli.max(0) as u32));
             }
-            Err(e) => tracing::debug!(error = %e, "status query failed"),
+            r.streaming = row.try_get(1)?;
+            r.replay_lsn = number(row.try_get(2)?)?;
+            r.replay_lag_ms = row.try_get::<_, Option<i64>>(3)?.map(|ms| ms.max(0) as u64);
         }
-        r
+        Ok(())
     }
 }
 
 impl Drop for Instance {
+    /// An immediate shutdown of the server this keeper runs, and nothing
+    /// after it: a SIGKILL right behind it would keep the postmaster from
+    /// ending its backends.
     fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            if let Some(pid) = c.id() {
-                // SAFETY: signalling our own child; an immediate shutdown.
-                unsafe {
-                    libc::kill(pid as i32, libc::SIGQUIT);
-                }
-            }
+        if let Some(pid) = self.pid() {
+            crate::postmaster::signal(pid, libc::SIGQUIT);
         }
     }
 }

@@ -6,14 +6,14 @@
 //! gathers its inputs and carries out its actions.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use cluster::data::Role;
-use cluster::{AnyStore, ClusterData, Keys, LeaseId, Store, StoreError};
+use cluster::data::{KeeperReport, Role};
+use cluster::{AnyStore, Cas, ClusterData, Keys, LeaseId, Store, StoreError};
 
-use crate::pg::{slot_name, Instance, PgBin, PgError, Replication, Upstream};
+use crate::lease::Lease;
+use crate::names::slot_name;
+use crate::pg::{Instance, PgBin, PgError, Replication, Upstream};
 
 /// What the cluster data asks of this keeper's database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +28,9 @@ pub struct Desired {
     /// at once (an immediate shutdown, crash-safe): a shutdown checkpoint
     /// would remove the WAL that pg_rewind needs to rejoin it later.
     pub switchover: bool,
+    /// The cluster's PostgreSQL system identifier, when known (the
+    /// primary's): a data directory of another system is never replaced.
+    pub system_id: Option<String>,
 }
 
 /// What the keeper sees locally.
@@ -37,19 +40,38 @@ pub struct Observed {
     pub running: bool,
     /// `pg_is_in_recovery()` when running.
     pub in_recovery: bool,
-    /// The upstream and sync list the running configuration was written for.
+    /// The upstream the standby configuration was last written for (kept
+    /// in the keeper's directory across restarts).
     pub configured_upstream: Option<String>,
-    pub configured_sync: Vec<String>,
+    /// On a running primary: `SHOW synchronous_standby_names`.
+    pub loaded_sync: Option<String>,
     /// Whether this data directory was a primary since it was created or
     /// rewound (so it may have diverged from a new primary).
     pub was_primary: bool,
+    /// The data directory's system identifier, when known.
+    pub system_id: Option<String>,
+    /// A running standby that has not streamed from its upstream for
+    /// [`STUCK_AFTER`]: it may have replayed past the new primary's fork
+    /// point, and then can never follow it without a rewind.
+    pub stuck: bool,
 }
+
+/// How long a standby may fail to stream from its upstream before the
+/// keeper rewinds it onto that upstream (pg_rewind does nothing if it has
+/// not diverged).
+pub const STUCK_AFTER: Duration = Duration::from_secs(30);
 
 /// One step towards the desired state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     InitDb,
     BaseBackup {
+        from: String,
+    },
+    /// Waits (fails this pass) until `from` runs as a primary: a rewind
+    /// onto a server still in recovery finds "the same timeline" and keeps
+    /// this server's diverged WAL.
+    WaitPrimary {
         from: String,
     },
     Rewind {
@@ -60,15 +82,19 @@ pub enum Action {
     Stop,
     /// Immediate shutdown (SIGQUIT): no checkpoint, no waiting for clients.
     StopNow,
-    Restart,
     Reload,
     Promote,
+    /// Makes no change: the data directory must not be touched.
+    Refuse {
+        why: String,
+    },
 }
 
 /// The actions that take the local database from `o` to `d`. Pure.
 pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
     use Action::*;
     let mut a = Vec::new();
+    let sync_names = crate::names::synchronous_standby_names(&d.synchronous_standbys);
     match d.role {
         // Not (or no longer) a member with a role: a former primary is
         // stopped, so that nobody writes to it.
@@ -90,8 +116,12 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
                     a.push(Promote);
                 }
             } else if o.in_recovery {
-                a.extend([WriteConfig, Promote]);
-            } else if o.configured_sync != d.synchronous_standbys {
+                // The synchronous standbys are loaded before the promotion
+                // (pg_promote does not read the configuration), so that the
+                // first commit on the new primary already waits for them.
+                a.extend([WriteConfig, Reload, Promote]);
+            } else if o.loaded_sync.as_ref().is_some_and(|l| *l != sync_names) {
+                // (Unknown while PostgreSQL does not answer: nothing to do.)
                 a.extend([WriteConfig, Reload]);
             }
         }
@@ -99,18 +129,36 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
             let Some(up) = d.upstream.clone() else {
                 return a;
             };
+            if let (Some(mine), Some(theirs)) = (&o.system_id, &d.system_id) {
+                if o.initialized && mine != theirs {
+                    return vec![Refuse {
+                        why: format!(
+                            "the data directory holds another PostgreSQL system ({mine}) than \
+                             the cluster's ({theirs}); move it away to let this keeper join"
+                        ),
+                    }];
+                }
+            }
             if !o.initialized {
                 a.extend([BaseBackup { from: up }, WriteConfig, Start]);
-            } else if o.was_primary {
-                // A former primary may hold WAL the new primary never saw.
+            } else if o.was_primary
+                || o.stuck
+                || (o.running && o.configured_upstream.as_deref() != Some(up.as_str()))
+            {
+                // A former primary may hold WAL the new primary never saw;
+                // so may a standby that followed another upstream (it can
+                // have replayed past the new primary's fork point).
+                // pg_rewind rewinds only what diverged.
+                a.push(WaitPrimary { from: up.clone() });
                 if o.running {
-                    a.push(Stop);
+                    // A standby stops cleanly ("shut down in recovery", as
+                    // pg_rewind wants it); a primary at once, keeping the
+                    // WAL pg_rewind reads.
+                    a.push(if o.was_primary { StopNow } else { Stop });
                 }
                 a.extend([Rewind { from: up }, WriteConfig, Start]);
             } else if !o.running {
                 a.extend([WriteConfig, Start]);
-            } else if o.configured_upstream.as_deref() != Some(up.as_str()) {
-                a.extend([WriteConfig, Restart]);
             }
         }
     }
@@ -137,6 +185,8 @@ pub enum KeeperError {
     Store(#[from] StoreError),
     #[error("another keeper holds {0}; two keepers cannot share a data directory")]
     Locked(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, KeeperError> {
@@ -158,25 +208,49 @@ fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, KeeperError> {
 
 /// Runs the keeper until the task is dropped.
 pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), KeeperError> {
+    crate::names::validate_uid(&cfg.uid).map_err(KeeperError::Config)?;
     let _lock = lock_dir(&cfg.dir)?;
     let bin = PgBin::find(cfg.pg_bin_dir.clone())?;
     let mut pg = Instance::new(bin, &cfg.dir, &cfg.host, cfg.port, cfg.replication.clone());
-    // Set once the replication account is known to match this keeper's
-    // settings on the primary.
-    let mut account_ready = false;
+    let spec = cluster::ClusterSpec::default();
+    let lease = Lease::new(&spec);
+    if let Some(pid) = pg.adopt() {
+        // Until the cluster data says otherwise, a server that is not a
+        // standby is fenced like a primary.
+        if !pg.has_standby_signal() {
+            lease.set_primary_pid(pid);
+        }
+    }
+    crate::lease::spawn_fence_thread(lease.clone()).map_err(PgError::Io)?;
+    let _renewal = AbortOnDrop(tokio::spawn(crate::lease::renew(
+        store.clone(),
+        lease.clone(),
+        cfg.dir.join("keeper.lease"),
+    )));
+    let mut k = Keeper {
+        instance: cluster::store::instance_id(),
+        upstream_file: cfg.dir.join("upstream"),
+        ..Keeper::default()
+    };
     let mut obs = Observed {
         initialized: pg.is_initialized(),
+        configured_upstream: std::fs::read_to_string(&k.upstream_file)
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty()),
         ..Default::default()
     };
-    let mut applied = 0u64;
-    let mut lease: LeaseId = 0;
-    let fence = Arc::new(SelfFence::default());
-    let _watchdog = AbortOnDrop(tokio::spawn(fence.clone().watch()));
-    let mut interval = Duration::from_secs(1);
+    let mut interval = spec.keeper_report_interval;
     let mut watch: Option<cluster::Watch> = None;
     loop {
         let data = match store.get(&keys.clusterdata()).await {
-            Ok(Some(kv)) => ClusterData::from_json(&kv.value).ok(),
+            Ok(Some(kv)) => match ClusterData::from_json(&kv.value) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot use the cluster data");
+                    None
+                }
+            },
             Ok(None) => None,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the cluster data");
@@ -185,72 +259,33 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
         };
         if let Some(data) = &data {
             interval = data.spec.keeper_report_interval;
-            fence.timeout_ms.store(
-                data.spec.fence_timeout.as_millis() as u64,
-                Ordering::Relaxed,
-            );
+            lease.set_spec(&data.spec);
         }
-        // While the lease cannot be renewed the keeper changes nothing: it
-        // may no longer be what the cluster data says.
-        let fenced = fence.expired();
-        if let (Some(data), false) = (&data, fenced) {
+        // While the lease cannot be renewed, or another keeper holds this
+        // uid, the keeper changes nothing: it may no longer be what the
+        // cluster data says.
+        // A report put under a new lease before this read makes the read
+        // trustworthy even after the fence ran out: a failover the
+        // sentinel started while the lease was gone is in this data.
+        let id = lease.id();
+        let fresh = k.unconfirmed.is_some_and(|(u, _)| u == id);
+        let may_act = k.registered == id && id != 0 && (fresh || !lease.expired());
+        if let (Some(data), true) = (&data, may_act) {
             if let Some(desired) = desired_of(data, &cfg.uid) {
-                obs.running = pg.is_running();
-                obs.initialized = pg.is_initialized();
-                obs.was_primary = obs.initialized && !pg.has_standby_signal();
-                if obs.running {
-                    obs.in_recovery = pg.report(&cfg.uid, applied).await.in_recovery;
-                }
-                let steps = plan(&desired, &obs);
-                if !steps.is_empty() {
-                    tracing::info!(?steps, role = desired.role.as_str(), "reconciling");
-                }
-                match act(&mut pg, &cfg, &desired, &mut obs, &steps, data).await {
-                    Ok(()) => applied = desired.generation,
-                    Err(e) => tracing::error!(error = %e, "could not reconcile PostgreSQL"),
-                }
-                let primary = desired.role == Role::Master && pg.is_running();
-                if primary && !obs.in_recovery {
-                    if let Err(e) = serve_standbys(&pg, data, &cfg.uid, &mut account_ready).await {
-                        tracing::warn!(error = %e, "cannot set up replication for the standbys");
-                    }
-                }
-                fence.primary_pid.store(
-                    if primary { pg.pid().unwrap_or(0) } else { 0 },
-                    Ordering::Relaxed,
-                );
+                k.reconcile(&mut pg, &cfg, &desired, &mut obs, data).await;
+            }
+            if let Some((id, put_ms)) = k.unconfirmed.take() {
+                // Acted on: only now may this lease hold the fence off.
+                lease.confirm(id, put_ms);
             }
         }
-        let mut report = pg.report(&cfg.uid, applied).await;
-        report.reported_at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        if lease == 0 {
-            match store.grant(interval * 3).await {
-                Ok(l) => {
-                    lease = l;
-                    fence.renewed();
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot get a lease"),
-            }
-        } else {
-            match store.keep_alive(lease).await {
-                Ok(()) => fence.renewed(),
-                Err(e) => {
-                    if matches!(e, StoreError::LeaseExpired(_)) {
-                        lease = 0;
-                    }
-                    tracing::warn!(error = %e, "cannot renew the lease");
-                }
-            }
-        }
-        if lease != 0 {
-            let json = serde_json::to_string(&report).unwrap_or_default();
-            if let Err(e) = store.put(&keys.keeper(&cfg.uid), &json, lease).await {
-                tracing::warn!(error = %e, "cannot report");
-            }
-        }
+        let running = pg.is_running();
+        lease.set_primary_pid(match (running, obs.in_recovery, pg.pid()) {
+            (true, false, Some(pid)) => pid,
+            _ => 0,
+        });
+        let report = k.report(&pg, &cfg, running, &mut obs).await;
+        k.publish(&store, &keys, &lease, &cfg.uid, &report).await;
         // Wake at the next interval, or at once when the cluster data
         // changes (a promotion order must not wait for the next report).
         if watch.is_none() {
@@ -268,68 +303,214 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
     }
 }
 
-/// Self-fencing: a keeper whose database is primary and which cannot renew
-/// its lease for `fence_timeout` stops its PostgreSQL (an immediate
-/// shutdown ends every session), so that clients connecting directly cannot write to a
-/// primary the cluster may already have replaced. A watchdog task checks
-/// every 100 ms, independently of the reconcile loop, which can itself be
-/// stuck on an unreachable store.
-#[derive(Debug)]
-struct SelfFence {
-    started: std::time::Instant,
-    renewed_ms: AtomicU64,
-    timeout_ms: AtomicU64,
-    /// The postmaster's pid while the database is primary; 0 otherwise.
-    primary_pid: AtomicU32,
+/// The reconcile loop's own state.
+#[derive(Debug, Default)]
+struct Keeper {
+    instance: String,
+    seq: u64,
+    /// The generation of this database's spec last applied.
+    applied: u64,
+    /// Why the last reconcile failed, for the report.
+    problem: Option<String>,
+    /// The lease our registration was last written under, and the key's
+    /// revision then.
+    registered: LeaseId,
+    revision: i64,
+    /// A lease our report went under that is not confirmed yet, and when
+    /// that put was sent.
+    unconfirmed: Option<(LeaseId, u64)>,
+    /// Replication account known to match this keeper's settings.
+    account_ready: bool,
+    /// When the WAL receiver was last seen streaming, and when the keeper
+    /// began following its current upstream.
+    streamed_at: Option<Instant>,
+    following_since: Option<Instant>,
+    /// The highest timeline this data directory has reported (a standby's
+    /// checkpoint timeline lags behind the one it replays).
+    max_timeline: u32,
+    upstream_file: PathBuf,
 }
 
-impl Default for SelfFence {
-    fn default() -> Self {
-        SelfFence {
-            started: std::time::Instant::now(),
-            renewed_ms: AtomicU64::new(0),
-            timeout_ms: AtomicU64::new(
-                cluster::ClusterSpec::default().fence_timeout.as_millis() as u64
-            ),
-            primary_pid: AtomicU32::new(0),
+impl Keeper {
+    async fn reconcile(
+        &mut self,
+        pg: &mut Instance,
+        cfg: &KeeperConfig,
+        desired: &Desired,
+        obs: &mut Observed,
+        data: &ClusterData,
+    ) {
+        obs.running = pg.is_running();
+        obs.initialized = pg.is_initialized();
+        obs.was_primary = obs.initialized && !pg.has_standby_signal();
+        obs.loaded_sync = None;
+        if obs.running {
+            let r = pg.report(&cfg.uid, self.applied).await;
+            if r.healthy {
+                obs.in_recovery = r.in_recovery;
+                obs.system_id = r.system_id;
+                if !obs.in_recovery {
+                    obs.loaded_sync = pg.loaded_sync_names().await.ok();
+                }
+            }
+        } else if obs.initialized {
+            obs.system_id = pg.control_data().await.ok().map(|c| c.system_id);
+        }
+        obs.stuck = desired.role == Role::Standby
+            && obs.running
+            && obs.in_recovery
+            && obs.configured_upstream == desired.upstream
+            && [self.streamed_at, self.following_since]
+                .into_iter()
+                .flatten()
+                .max()
+                .is_some_and(|t| t.elapsed() >= STUCK_AFTER);
+        let steps = plan(desired, obs);
+        if !steps.is_empty() {
+            tracing::info!(?steps, role = desired.role.as_str(), "reconciling");
+        }
+        match act(pg, cfg, desired, obs, &steps, data).await {
+            Ok(()) => {
+                self.applied = desired.generation;
+                self.problem = None;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not reconcile PostgreSQL");
+                self.problem = Some(e.to_string());
+            }
+        }
+        if steps.iter().any(|s| matches!(s, Action::WriteConfig)) {
+            let up = obs.configured_upstream.clone().unwrap_or_default();
+            let _ = std::fs::write(&self.upstream_file, up);
+        }
+        if steps
+            .iter()
+            .any(|s| matches!(s, Action::Rewind { .. } | Action::BaseBackup { .. }))
+        {
+            self.max_timeline = 0;
+            self.following_since = Some(Instant::now());
+            self.streamed_at = None;
+        }
+        if steps.iter().any(|s| matches!(s, Action::Start)) && desired.role == Role::Standby {
+            self.following_since = Some(Instant::now());
+        }
+        let primary = desired.role == Role::Master && pg.is_running();
+        if primary && !obs.in_recovery {
+            if let Err(e) = serve_standbys(pg, data, &cfg.uid, &mut self.account_ready).await {
+                tracing::warn!(error = %e, "cannot set up replication for the standbys");
+            }
         }
     }
-}
 
-impl SelfFence {
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
-    fn renewed(&self) {
-        self.renewed_ms.store(self.now_ms(), Ordering::Relaxed);
-    }
-
-    fn expired(&self) -> bool {
-        self.now_ms()
-            .saturating_sub(self.renewed_ms.load(Ordering::Relaxed))
-            > self.timeout_ms.load(Ordering::Relaxed)
-    }
-
-    async fn watch(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            tick.tick().await;
-            let pid = self.primary_pid.load(Ordering::Relaxed);
-            if pid != 0 && self.expired() {
-                tracing::error!(
-                    pid,
-                    timeout_ms = self.timeout_ms.load(Ordering::Relaxed),
-                    "cannot renew the lease: stopping the primary PostgreSQL (self-fencing)"
-                );
-                // An immediate shutdown: it ends every session at once,
-                // and writes no shutdown checkpoint, which would recycle WAL
-                // that pg_rewind needs if the cluster failed over meanwhile.
-                // SAFETY: signalling the postmaster this keeper started.
-                unsafe {
-                    libc::kill(pid as i32, libc::SIGQUIT);
+    /// This round's report: what PostgreSQL answers, and while it is down
+    /// what the control file says.
+    async fn report(
+        &mut self,
+        pg: &Instance,
+        cfg: &KeeperConfig,
+        running: bool,
+        obs: &mut Observed,
+    ) -> KeeperReport {
+        let mut r = pg.report(&cfg.uid, self.applied).await;
+        self.seq += 1;
+        r.instance = self.instance.clone();
+        r.seq = self.seq;
+        r.running = running;
+        if r.healthy {
+            obs.in_recovery = r.in_recovery;
+        }
+        if !running {
+            match pg.control_data().await {
+                Ok(c) => {
+                    r.system_id = Some(c.system_id.clone());
+                    if c.shut_down_cleanly() {
+                        // The last record this server wrote.
+                        r.lsn = Some(c.checkpoint_lsn);
+                        r.timeline = Some(c.timeline);
+                        r.stopped_lsn = Some(c.checkpoint_lsn);
+                    }
                 }
-                self.primary_pid.store(0, Ordering::Relaxed);
+                Err(e) if pg.is_initialized() => {
+                    r.problem = Some(format!("cannot read the data directory: {e}"));
+                }
+                Err(_) => {}
+            }
+            if r.problem.is_none() {
+                r.problem = Some("PostgreSQL is not running".into());
+            }
+        }
+        if let Some(t) = r.timeline {
+            self.max_timeline = self.max_timeline.max(t);
+            r.timeline = Some(self.max_timeline);
+        }
+        if r.streaming {
+            self.streamed_at = Some(Instant::now());
+        }
+        r.streaming_age_ms = self.streamed_at.map(|t| t.elapsed().as_millis() as u64);
+        if let Some(p) = &self.problem {
+            r.problem = Some(match r.problem.take() {
+                Some(q) if r.healthy => format!("{p}; {q}"),
+                Some(q) => format!("{q}; {p}"),
+                None => p.clone(),
+            });
+        }
+        r
+    }
+
+    /// Puts the report under the lease: created only if the key is free,
+    /// then replaced only by compare-and-swap, so that two keepers started
+    /// with one uid do not take turns in one registration.
+    async fn publish(
+        &mut self,
+        store: &AnyStore,
+        keys: &Keys,
+        lease: &Lease,
+        uid: &str,
+        report: &KeeperReport,
+    ) {
+        let id = lease.id();
+        if id == 0 {
+            return;
+        }
+        if self.registered != id {
+            self.revision = 0;
+        }
+        let json = serde_json::to_string(report).unwrap_or_default();
+        for _ in 0..2 {
+            let sent = crate::lease::now_ms();
+            match store
+                .put_if_revision(&keys.keeper(uid), &json, self.revision, id)
+                .await
+            {
+                Ok(Cas::Done(rev)) => {
+                    self.revision = rev;
+                    if self.registered != id || !lease.is_confirmed() {
+                        self.unconfirmed = Some((id, sent));
+                    }
+                    self.registered = id;
+                    return;
+                }
+                // Our own key (taken back after a restart, or a put whose
+                // answer was lost): carry on from its revision.
+                Ok(Cas::Conflict(Some(kv))) if kv.lease == id => self.revision = kv.mod_revision,
+                Ok(Cas::Conflict(None)) => self.revision = 0,
+                Ok(Cas::Conflict(Some(kv))) => {
+                    let other = serde_json::from_str::<KeeperReport>(&kv.value).unwrap_or_default();
+                    tracing::error!(
+                        uid,
+                        other_instance = %other.instance,
+                        other_address = ?other.address,
+                        "another keeper is registered with this uid: each keeper needs its own \
+                         --uid; this one changes nothing until that registration ends"
+                    );
+                    self.registered = 0;
+                    return;
+                }
+                Err(StoreError::LeaseExpired(_)) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot report");
+                    return;
+                }
             }
         }
     }
@@ -374,6 +555,12 @@ fn desired_of(data: &ClusterData, uid: &str) -> Option<Desired> {
         .as_ref()
         .and_then(|f| data.dbs.get(f))
         .and_then(|f| f.status.address.clone());
+    let system_id = db
+        .spec
+        .follow
+        .as_ref()
+        .and_then(|f| data.dbs.get(f))
+        .and_then(|f| f.status.system_id.clone());
     Some(Desired {
         role: db.spec.role,
         upstream,
@@ -383,8 +570,14 @@ fn desired_of(data: &ClusterData, uid: &str) -> Option<Desired> {
             .failover
             .as_ref()
             .is_some_and(|f| f.from == uid && f.reason == cluster::data::SWITCHOVER),
+        system_id,
     })
 }
+
+/// How long a demoted primary gets to stop with an immediate shutdown
+/// before it and its backends are killed (a hung or stopped postmaster
+/// ignores SIGQUIT).
+const STOP_NOW_LIMIT: Duration = Duration::from_secs(3);
 
 async fn act(
     pg: &mut Instance,
@@ -395,8 +588,15 @@ async fn act(
     data: &ClusterData,
 ) -> Result<(), PgError> {
     const START: Duration = Duration::from_secs(60);
+    let sync_names = crate::names::synchronous_standby_names(&d.synchronous_standbys);
     for step in steps {
         match step {
+            Action::Refuse { why } => {
+                return Err(PgError::Program {
+                    program: "keeper".into(),
+                    detail: why.clone(),
+                })
+            }
             Action::InitDb => {
                 pg.initdb().await?;
                 o.initialized = true;
@@ -406,22 +606,24 @@ async fn act(
                 o.initialized = true;
                 o.was_primary = false;
             }
-            Action::Rewind { from } => {
-                // Rewinding onto a server still in recovery finds "the same
-                // timeline" and keeps this server's diverged WAL; and an
-                // unreachable source is no reason to drop this data.
+            Action::WaitPrimary { from } => {
+                // An unreachable source is no reason to stop this server
+                // or drop its data: wait.
                 if !pg.is_primary(from).await? {
                     return Err(PgError::Program {
                         program: "pg_rewind".into(),
-                        detail: format!("the source {from} is not a primary yet; waiting"),
+                        detail: format!("the new upstream {from} is not a primary yet; waiting"),
                     });
                 }
+            }
+            Action::Rewind { from } => {
                 if let Err(e) = pg.rewind(from).await {
                     tracing::warn!(error = %e, "pg_rewind failed; taking a fresh base backup");
                     pg.remove_data()?;
                     pg.basebackup(from, Some(&slot_name(&cfg.uid))).await?;
                 }
                 o.was_primary = false;
+                o.stuck = false;
             }
             Action::WriteConfig => {
                 let upstream = match (d.role, &d.upstream) {
@@ -442,7 +644,6 @@ async fn act(
                 } else {
                     None
                 };
-                o.configured_sync = d.synchronous_standbys.clone();
             }
             Action::Start => {
                 pg.start(START).await?;
@@ -453,12 +654,8 @@ async fn act(
                 o.running = false;
             }
             Action::StopNow => {
-                pg.stop_now(START).await;
+                pg.stop_now(STOP_NOW_LIMIT).await;
                 o.running = false;
-            }
-            Action::Restart => {
-                pg.stop(START).await;
-                pg.start(START).await?;
             }
             Action::Reload => pg.reload().await?,
             Action::Promote => {
@@ -467,7 +664,35 @@ async fn act(
             }
         }
     }
+    if d.role == Role::Master && o.running {
+        // What PostgreSQL runs is what counts: the generation is applied
+        // only once it runs with the synchronous standbys asked for.
+        verify_sync_names(pg, &sync_names).await?;
+        o.loaded_sync = Some(sync_names);
+    }
     Ok(())
+}
+
+/// Waits (up to 2 s) until `SHOW synchronous_standby_names` returns
+/// `want`; fails with what it returns instead.
+async fn verify_sync_names(pg: &Instance, want: &str) -> Result<(), PgError> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let have = pg.loaded_sync_names().await?;
+        if have == want {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(PgError::Program {
+                program: "postgres".into(),
+                detail: format!(
+                    "PostgreSQL runs with synchronous_standby_names = {have:?}, not {want:?} \
+                     (see its log for why it refused the value)"
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[cfg(test)]
@@ -482,6 +707,7 @@ mod tests {
             synchronous_standbys: vec![],
             generation: 1,
             switchover: false,
+            system_id: Some("sys".into()),
         }
     }
 
@@ -492,6 +718,8 @@ mod tests {
             initialized: true,
             running: true,
             was_primary: true,
+            loaded_sync: Some(String::new()),
+            system_id: Some("sys".into()),
             ..Default::default()
         };
         let running_standby = Observed {
@@ -499,7 +727,12 @@ mod tests {
             running: true,
             in_recovery: true,
             configured_upstream: Some("a:1".into()),
+            system_id: Some("sys".into()),
             ..Default::default()
+        };
+        let sync_s1 = Desired {
+            synchronous_standbys: vec!["s1".into()],
+            ..desired(Role::Master, None)
         };
         let table: Vec<(&str, Desired, Observed, Vec<Action>)> = vec![
             (
@@ -527,37 +760,101 @@ mod tests {
                 vec![],
             ),
             (
+                "a primary that does not answer (hung): nothing to reload",
+                sync_s1.clone(),
+                Observed {
+                    loaded_sync: None,
+                    ..running_primary.clone()
+                },
+                vec![],
+            ),
+            (
                 "steady standby",
                 desired(Role::Standby, Some("a:1")),
                 running_standby.clone(),
                 vec![],
             ),
             (
-                "promote a standby",
-                desired(Role::Master, None),
+                "F6a1: promote a standby: its synchronous standbys are loaded first",
+                sync_s1.clone(),
                 running_standby.clone(),
-                vec![WriteConfig, Promote],
+                vec![WriteConfig, Reload, Promote],
             ),
             (
-                "follow a new primary",
+                "F5: follow a new primary: rewind, it may have replayed past the fork",
                 desired(Role::Standby, Some("b:1")),
                 running_standby.clone(),
-                vec![WriteConfig, Restart],
+                vec![
+                    WaitPrimary { from: "b:1".into() },
+                    Stop,
+                    Rewind { from: "b:1".into() },
+                    WriteConfig,
+                    Start,
+                ],
             ),
             (
-                "old primary rejoins with pg_rewind",
+                "F5: a standby stuck on its upstream is rewound onto it",
+                desired(Role::Standby, Some("a:1")),
+                Observed {
+                    stuck: true,
+                    ..running_standby.clone()
+                },
+                vec![
+                    WaitPrimary { from: "a:1".into() },
+                    Stop,
+                    Rewind { from: "a:1".into() },
+                    WriteConfig,
+                    Start,
+                ],
+            ),
+            (
+                "old primary rejoins with pg_rewind, stopped at once to keep its WAL",
                 desired(Role::Standby, Some("b:1")),
                 running_primary.clone(),
-                vec![Stop, Rewind { from: "b:1".into() }, WriteConfig, Start],
+                vec![
+                    WaitPrimary { from: "b:1".into() },
+                    StopNow,
+                    Rewind { from: "b:1".into() },
+                    WriteConfig,
+                    Start,
+                ],
             ),
             (
-                "sync standbys change: reload",
+                "F12: a data directory of another system is never replaced",
                 Desired {
-                    synchronous_standbys: vec!["s1".into()],
-                    ..desired(Role::Master, None)
+                    system_id: Some("other".into()),
+                    ..desired(Role::Standby, Some("b:1"))
                 },
                 running_primary.clone(),
+                vec![Refuse {
+                    why: "the data directory holds another PostgreSQL system (sys) than the \
+                          cluster's (other); move it away to let this keeper join"
+                        .into(),
+                }],
+            ),
+            (
+                "F6: sync standbys change: reload",
+                sync_s1.clone(),
+                running_primary.clone(),
                 vec![WriteConfig, Reload],
+            ),
+            (
+                "F6: what PostgreSQL runs differs from the spec (it refused a value): reload",
+                desired(Role::Master, None),
+                Observed {
+                    loaded_sync: Some("FIRST 1 (s1)".into()),
+                    ..running_primary.clone()
+                },
+                vec![WriteConfig, Reload],
+            ),
+            (
+                "F6: it runs what the spec asks: nothing",
+                sync_s1.clone(),
+                Observed {
+                    loaded_sync: Some(r#"FIRST 1 ("s1")"#.into()),
+                    ..running_primary.clone()
+                },
+                vec![],
             ),
             (
                 "failed over while running: stop at once, keeping WAL for pg_rewind",

@@ -21,6 +21,12 @@ pub enum CtlCommand {
         /// JSON file with the cluster spec; every field is optional.
         #[arg(long)]
         spec: Option<PathBuf>,
+        /// The keepers already hold data (the store was lost, or it is an
+        /// existing cluster): make this keeper's data the primary's; the
+        /// others are rewound or copied from it. Without it, a cluster whose
+        /// keepers hold data elects no primary.
+        #[arg(long, value_name = "UID")]
+        existing: Option<String>,
     },
     /// Show the cluster: generation, primary, keepers and proxies.
     Status {
@@ -97,6 +103,25 @@ fn lsn(v: u64) -> String {
     format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
 }
 
+/// Reads a spec file an operator wrote: JSON, every field optional,
+/// unknown fields refused (a typo must not be silently ignored).
+fn read_spec(path: &std::path::Path) -> Result<ClusterSpec> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("could not read the spec file {}", path.display()))?;
+    let spec: ClusterSpec = serde_json::from_str(&text)
+        .with_context(|| format!("invalid spec in {}", path.display()))?;
+    let unknown = spec.unknown_fields();
+    if !unknown.is_empty() {
+        bail!(
+            "invalid spec in {}: unknown field(s) {}; `keelson ctl spec show` lists the fields",
+            path.display(),
+            unknown.join(", ")
+        );
+    }
+    spec.validate()?;
+    Ok(spec)
+}
+
 /// The `status --json` document.
 pub async fn status_json(store: &AnyStore, keys: &Keys) -> Result<serde_json::Value> {
     let (data, _) = read(store, keys).await?;
@@ -105,7 +130,7 @@ pub async fn status_json(store: &AnyStore, keys: &Keys) -> Result<serde_json::Va
         .dbs
         .values()
         .map(|db| {
-            serde_json::json!({
+            let mut k = serde_json::json!({
                 "uid": db.keeper,
                 "role": db.spec.role.as_str(),
                 "healthy": db.status.healthy,
@@ -113,20 +138,31 @@ pub async fn status_json(store: &AnyStore, keys: &Keys) -> Result<serde_json::Va
                 "lsn": lsn(db.status.lsn),
                 "lag_bytes": master.map(|m| m.status.lsn.saturating_sub(db.status.lsn)),
                 "timeline": db.status.timeline,
-            })
+                "streaming": db.status.streaming,
+                "problem": db.status.problem,
+            });
+            if db.spec.role == cluster::data::Role::Master {
+                k["synchronous_standbys"] = serde_json::json!(db.spec.synchronous_standbys);
+                k["sync_confirmed"] = serde_json::json!(db.status.sync_confirmed);
+            }
+            k
         })
         .collect();
     let (proxies, _) = store.list(&keys.proxies()).await?;
     let proxies: Vec<_> = proxies
         .iter()
-        .filter_map(|kv| serde_json::from_str::<serde_json::Value>(&kv.value).ok())
-        .map(|v| serde_json::json!({ "uid": v["uid"], "generation": v["generation"] }))
+        .filter_map(|kv| serde_json::from_str::<cluster::data::ProxyReport>(&kv.value).ok())
+        .map(|p| serde_json::json!({ "uid": p.uid, "generation": p.generation }))
         .collect();
     Ok(serde_json::json!({
         "cluster": keys.base(),
         "phase": data.phase,
         "generation": data.proxy.generation,
         "master": master.map(|m| serde_json::json!({ "keeper": m.keeper, "address": m.status.address })),
+        "failover": data.failover.as_ref().map(|f| serde_json::json!({
+            "reason": f.reason, "from": f.from, "to": f.to,
+        })),
+        "notice": data.notice,
         "keepers": keepers,
         "proxies": proxies,
     }))
@@ -175,19 +211,16 @@ pub async fn run(args: CtlArgs) -> Result<()> {
     let store = cluster::open(&args.cluster.store).await?;
     let keys = args.cluster.keys();
     match args.command {
-        CtlCommand::Init { spec } => {
+        CtlCommand::Init { spec, existing } => {
             let spec: ClusterSpec = match spec {
-                Some(path) => {
-                    let text = std::fs::read_to_string(&path).with_context(|| {
-                        format!("could not read the spec file {}", path.display())
-                    })?;
-                    serde_json::from_str(&text)
-                        .with_context(|| format!("invalid spec in {}", path.display()))?
-                }
+                Some(path) => read_spec(&path)?,
                 None => ClusterSpec::default(),
             };
-            spec.validate()?;
-            let data = ClusterData::new(spec);
+            if let Some(uid) = &existing {
+                keeper::validate_uid(uid).map_err(anyhow::Error::msg)?;
+            }
+            let mut data = ClusterData::new(spec);
+            data.init_existing = existing;
             match store
                 .put_if_revision(&keys.clusterdata(), &data.to_json(), 0, 0)
                 .await?
@@ -214,20 +247,26 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             if data.failover.is_some() {
                 bail!("a failover or switchover is already in progress; `keelson ctl status` shows it");
             }
-            if let Some(t) = &to {
-                match data.dbs.get(t) {
-                    Some(db)
-                        if db.spec.role == cluster::data::Role::Standby && db.status.healthy => {}
-                    Some(_) => bail!("{t} is not a healthy standby"),
-                    None => bail!("the cluster has no keeper {t}"),
+            let obs = sentinel::run::observe_once(&store, &keys).await?;
+            match &to {
+                Some(t) if !data.dbs.contains_key(t) => bail!("the cluster has no keeper {t}"),
+                Some(t) => {
+                    if let Some(why) = sentinel::decide::ineligible(&data, &obs, &from, t, 0) {
+                        bail!("{t} cannot take over from {from}: it {why}");
+                    }
                 }
-            }
-            if sentinel::decide::choose_candidate(&data, &from).is_none() {
-                bail!("no standby is eligible to take over from {from}");
+                None => {
+                    if let Err(why) = sentinel::decide::choose_candidate(&data, &obs, &from, &[], 0)
+                    {
+                        bail!("cannot switch over from {from}: {why}");
+                    }
+                }
             }
             data.set_proxy_master(None);
             data.failover = Some(cluster::data::Failover {
                 from: from.clone(),
+                fence: vec![from.clone()],
+                excluded: Vec::new(),
                 fence_generation: data.proxy.generation,
                 to: None,
                 reason: cluster::data::SWITCHOVER.into(),
@@ -247,13 +286,14 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&data.spec)?);
         }
         CtlCommand::Spec(SpecCommand::Update { file }) => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("could not read the spec file {}", file.display()))?;
-            let spec: ClusterSpec = serde_json::from_str(&text)
-                .with_context(|| format!("invalid spec in {}", file.display()))?;
-            spec.validate()?;
+            let spec = read_spec(&file)?;
             update(&store, &keys, |d| {
-                d.spec = spec.clone();
+                // Fields a newer keelson wrote stay as they are.
+                let extra = d.spec.extra.clone();
+                d.spec = ClusterSpec {
+                    extra,
+                    ..spec.clone()
+                };
                 Ok(())
             })
             .await?;
@@ -313,6 +353,17 @@ fn print_table(s: &serde_json::Value) {
         ),
         None => println!("primary:    none"),
     }
+    if let Some(f) = s["failover"].as_object() {
+        println!(
+            "{}: from {} to {}",
+            text(&f["reason"]),
+            text(&f["from"]),
+            f["to"].as_str().unwrap_or("(not chosen yet)")
+        );
+    }
+    if let Some(n) = s["notice"].as_str() {
+        println!("notice:     {n}");
+    }
     println!();
     println!(
         "{:<16} {:<8} {:<8} {:<22} {:<12} {:>10} {:>8}",
@@ -329,6 +380,30 @@ fn print_table(s: &serde_json::Value) {
             text(&k["lag_bytes"]),
             text(&k["timeline"])
         );
+        if let Some(p) = k["problem"].as_str() {
+            println!("    {}: {p}", text(&k["uid"]));
+        }
+        if let Some(sync) = k["synchronous_standbys"]
+            .as_array()
+            .filter(|a| !a.is_empty())
+        {
+            let names: Vec<String> = sync.iter().map(text).collect();
+            let confirmed: Vec<String> = k["sync_confirmed"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(text)
+                .collect();
+            println!(
+                "    synchronous standbys: {} (confirmed: {})",
+                names.join(", "),
+                if confirmed.is_empty() {
+                    "none".into()
+                } else {
+                    confirmed.join(", ")
+                }
+            );
+        }
     }
     println!();
     println!("{:<32} {:>10}", "PROXY", "GENERATION");

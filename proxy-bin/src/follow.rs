@@ -259,7 +259,20 @@ async fn register(
     if reg.generation == Some(generation) {
         return;
     }
-    let value = serde_json::json!({ "uid": status.uid, "generation": generation }).to_string();
+    let cluster_uid = status
+        .data
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|d| d.uid.clone())
+        .unwrap_or_default();
+    let value = serde_json::to_string(&cluster::data::ProxyReport {
+        uid: status.uid.clone(),
+        instance: String::new(),
+        generation,
+        cluster_uid,
+    })
+    .unwrap_or_default();
     match store.put(&keys.proxy(&status.uid), &value, reg.lease).await {
         Ok(_) => reg.generation = Some(generation),
         Err(StoreError::LeaseExpired(_)) => reg.lease = 0,

@@ -123,6 +123,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn keeper(args: KeeperArgs) -> Result<()> {
+    keeper::validate_uid(&args.uid).map_err(|e| anyhow::anyhow!("--uid: {e}"))?;
     let (host, port) = args
         .pg_listen
         .rsplit_once(':')
@@ -142,7 +143,13 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
         port,
         pg_bin_dir: args.pg_bin_dir,
     };
-    runtime()?.block_on(async {
+    // Two workers: the lease renewal goes on while the reconcile loop
+    // waits on (or blocks in) PostgreSQL work.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
         let store = cluster::open(&args.cluster.store).await?;
         tokio::select! {
             r = keeper::run::run(cfg, store, args.cluster.keys()) => r?,

@@ -1,7 +1,7 @@
 //! Table-driven tests of `decide`: each row is a situation and what a
 //! correct sentinel does in it.
 
-use cluster::data::{ClusterPhase, Db, DbSpec, DbStatus, Keeper, KeeperReport, Role};
+use cluster::data::{ClusterPhase, Db, DbSpec, DbStatus, Keeper, KeeperReport, ProxyReport, Role};
 use cluster::{ClusterData, ClusterSpec};
 
 use crate::decide::{choose_candidate, decide, master, Observations};
@@ -12,21 +12,43 @@ const SEC: u64 = 1000;
 fn rep(uid: &str, healthy: bool, in_recovery: bool, lsn: u64, timeline: u32) -> KeeperReport {
     KeeperReport {
         uid: uid.into(),
+        instance: "i1".into(),
+        seq: 1,
         healthy,
+        running: healthy,
         address: Some(format!("{uid}:5432")),
         in_recovery,
-        lsn,
-        timeline,
+        lsn: Some(lsn),
+        timeline: Some(timeline),
         system_id: Some("sys1".into()),
         applied_generation: 0,
+        synchronous_standbys: Some(Vec::new()),
+        streaming: healthy && in_recovery,
+        streaming_age_ms: (healthy && in_recovery).then_some(0),
         ..Default::default()
     }
 }
 
-/// A normal cluster: `m` is the named primary, the rest follow it; every
-/// database healthy at LSN 100 on timeline 1, and specs applied.
+/// What a live keeper reports when its PostgreSQL is down, hung or
+/// crash-looping: nothing it would have to read from PostgreSQL.
+fn dead_pg(uid: &str, applied: u64) -> KeeperReport {
+    KeeperReport {
+        uid: uid.into(),
+        instance: "i1".into(),
+        seq: 2,
+        address: Some(format!("{uid}:5432")),
+        applied_generation: applied,
+        system_id: Some("sys1".into()),
+        problem: Some("PostgreSQL does not answer".into()),
+        ..Default::default()
+    }
+}
+
+/// A normal cluster: `m` is the named primary, the rest follow it and
+/// stream; every database healthy at LSN 100 on timeline 1, specs applied.
 fn cluster(m: &str, standbys: &[&str]) -> ClusterData {
     let mut d = ClusterData::new(ClusterSpec::default());
+    d.uid = "c1".into();
     d.phase = ClusterPhase::Normal;
     let all: Vec<&str> = std::iter::once(m).chain(standbys.iter().copied()).collect();
     for uid in all {
@@ -51,12 +73,14 @@ fn cluster(m: &str, standbys: &[&str]) -> ClusterData {
                 spec,
                 status: DbStatus {
                     healthy: true,
+                    running: true,
                     address: Some(format!("{uid}:5432")),
                     in_recovery: uid != m,
                     lsn: 100,
                     timeline: 1,
                     system_id: Some("sys1".into()),
                     applied_generation: 1,
+                    streaming: uid != m,
                     ..Default::default()
                 },
             },
@@ -66,11 +90,32 @@ fn cluster(m: &str, standbys: &[&str]) -> ClusterData {
     d
 }
 
+/// A cluster in synchronous mode whose primary `m` runs with, and has
+/// confirmed, the synchronous standbys `sync`.
+fn sync_cluster(m: &str, standbys: &[&str], sync: &[&str]) -> ClusterData {
+    let mut d = cluster(m, standbys);
+    d.spec.synchronous_replication = true;
+    let names: Vec<String> = sync.iter().map(|s| s.to_string()).collect();
+    let db = d.dbs.get_mut(m).expect("primary");
+    db.spec.synchronous_standbys = names.clone();
+    db.status.synchronous_standbys = names.clone();
+    db.status.sync_confirmed = names;
+    d
+}
+
 /// Observations matching the cluster's current statuses, as keepers would
-/// report them; `missing` keepers do not report.
+/// report them; `missing` keepers do not report and hold no lease. This
+/// sentinel has observed since a minute before T0 and saw every healthy
+/// database healthy at T0.
 fn observe(d: &ClusterData, missing: &[&str]) -> Observations {
-    let mut o = Observations::default();
+    let mut o = Observations {
+        since_ms: T0 - 60 * SEC,
+        ..Default::default()
+    };
     for (uid, db) in &d.dbs {
+        if db.status.healthy {
+            o.last_healthy_ms.insert(uid.clone(), T0);
+        }
         if missing.contains(&uid.as_str()) {
             continue;
         }
@@ -81,10 +126,14 @@ fn observe(d: &ClusterData, missing: &[&str]) -> Observations {
             db.status.lsn,
             db.status.timeline,
         );
+        r.running = db.status.running;
         r.applied_generation = db.status.applied_generation;
         r.system_id = db.status.system_id.clone();
-        r.synchronous_standbys = db.status.synchronous_standbys.clone();
+        r.synchronous_standbys = Some(db.status.synchronous_standbys.clone());
+        r.streaming = db.status.streaming;
+        r.streaming_age_ms = db.status.streaming.then_some(0);
         o.keepers.insert(uid.clone(), r);
+        o.registered.insert(uid.clone());
     }
     o
 }
@@ -96,9 +145,31 @@ fn with(mut o: Observations, uid: &str, f: impl FnOnce(&mut KeeperReport)) -> Ob
     o
 }
 
+/// The keeper of `uid` acknowledges its demotion: PostgreSQL stopped at
+/// the database's current generation.
+fn acked(o: Observations, d: &ClusterData, uid: &str) -> Observations {
+    let gen = d.dbs[uid].generation;
+    with(o, uid, |r| {
+        r.healthy = false;
+        r.running = false;
+        r.applied_generation = gen;
+        r.lsn = None;
+        r.synchronous_standbys = None;
+    })
+}
+
+fn proxy(generation: u64) -> ProxyReport {
+    ProxyReport {
+        uid: "p".into(),
+        instance: "pi".into(),
+        generation,
+        cluster_uid: "c1".into(),
+    }
+}
+
 /// Runs decide until the master is reported dead for `fail_interval` and
 /// the proxies (none here) have acknowledged: returns the data after
-/// promotion.
+/// promotion. The primary's keeper is gone (no report, no lease).
 fn fail_master(
     d: &ClusterData,
     m: &str,
@@ -110,15 +181,26 @@ fn fail_master(
     decide(&d2, &o, T0 + 5 * SEC + 1)
 }
 
+/// Decides at each of `times` with the same observations.
+fn rounds(d: &ClusterData, o: &Observations, times: &[u64]) -> ClusterData {
+    let mut d = d.clone();
+    for t in times {
+        d = decide(&d, o, *t);
+    }
+    d
+}
+
 /// What `keelson ctl switchover` writes.
 fn switchover_requested(mut d: ClusterData, to: Option<&str>) -> ClusterData {
     d.set_proxy_master(None);
     d.failover = Some(cluster::data::Failover {
         from: "m".into(),
+        fence: vec!["m".into()],
         fence_generation: d.proxy.generation,
         to: None,
         reason: cluster::data::SWITCHOVER.into(),
         requested: to.map(str::to_owned),
+        ..Default::default()
     });
     d
 }
@@ -133,6 +215,7 @@ struct Case {
 
 fn cases() -> Vec<Case> {
     vec![
+        // ---- bring-up
         Case {
             name: "a new cluster with no keepers waits",
             run: || {
@@ -151,7 +234,7 @@ fn cases() -> Vec<Case> {
             name: "the first keeper becomes the first primary",
             run: || {
                 let mut o = Observations::default();
-                o.keepers.insert("k1".into(), rep("k1", false, false, 0, 0));
+                o.keepers.insert("k1".into(), fresh_keeper("k1"));
                 decide(&ClusterData::new(ClusterSpec::default()), &o, T0)
             },
             check: |d| {
@@ -164,8 +247,8 @@ fn cases() -> Vec<Case> {
             name: "the highest priority keeper is the first primary",
             run: || {
                 let mut o = Observations::default();
-                o.keepers.insert("a".into(), rep("a", false, false, 0, 0));
-                let mut b = rep("b", false, false, 0, 0);
+                o.keepers.insert("a".into(), fresh_keeper("a"));
+                let mut b = fresh_keeper("b");
                 b.priority = 5;
                 o.keepers.insert("b".into(), b);
                 decide(&ClusterData::new(ClusterSpec::default()), &o, T0)
@@ -180,7 +263,7 @@ fn cases() -> Vec<Case> {
             run: || {
                 let mut o = Observations::default();
                 for k in ["c", "a", "b"] {
-                    o.keepers.insert(k.into(), rep(k, false, false, 0, 0));
+                    o.keepers.insert(k.into(), fresh_keeper(k));
                 }
                 decide(&ClusterData::new(ClusterSpec::default()), &o, T0)
             },
@@ -190,10 +273,10 @@ fn cases() -> Vec<Case> {
             name: "a never-primary keeper is not the first primary",
             run: || {
                 let mut o = Observations::default();
-                let mut a = rep("a", false, false, 0, 0);
+                let mut a = fresh_keeper("a");
                 a.never_primary = true;
                 o.keepers.insert("a".into(), a);
-                o.keepers.insert("b".into(), rep("b", false, false, 0, 0));
+                o.keepers.insert("b".into(), fresh_keeper("b"));
                 decide(&ClusterData::new(ClusterSpec::default()), &o, T0)
             },
             check: |d| assert_eq!(master(d).as_deref(), Some("b")),
@@ -202,7 +285,7 @@ fn cases() -> Vec<Case> {
             name: "only never-primary keepers: no primary",
             run: || {
                 let mut o = Observations::default();
-                let mut a = rep("a", false, false, 0, 0);
+                let mut a = fresh_keeper("a");
                 a.never_primary = true;
                 o.keepers.insert("a".into(), a);
                 decide(&ClusterData::new(ClusterSpec::default()), &o, T0)
@@ -213,16 +296,72 @@ fn cases() -> Vec<Case> {
             },
         },
         Case {
+            name: "F12: keepers that already hold data: no election without --existing",
+            run: || {
+                let mut o = Observations::default();
+                o.keepers.insert("k1".into(), rep("k1", true, false, 100, 1));
+                o.keepers.insert("k2".into(), rep("k2", true, false, 900, 2));
+                decide(&ClusterData::new(ClusterSpec::default()), &o, T0)
+            },
+            check: |d| {
+                assert!(master(d).is_none(), "electing by name could discard k2's newer data");
+                let n = d.notice.as_deref().unwrap_or_default();
+                assert!(n.contains("k1, k2") && n.contains("--existing"), "{n}");
+            },
+        },
+        Case {
+            name: "F12: --existing elects the named keeper's data",
+            run: || {
+                let mut o = Observations::default();
+                o.keepers.insert("k1".into(), rep("k1", true, false, 100, 1));
+                o.keepers.insert("k2".into(), rep("k2", true, false, 900, 2));
+                let mut d = ClusterData::new(ClusterSpec::default());
+                d.init_existing = Some("k2".into());
+                decide(&d, &o, T0)
+            },
+            check: |d| {
+                assert_eq!(master(d).as_deref(), Some("k2"));
+                assert_eq!(d.dbs["k1"].spec.follow.as_deref(), Some("k2"));
+            },
+        },
+        Case {
+            name: "F12: --existing waits for the named keeper",
+            run: || {
+                let mut o = Observations::default();
+                o.keepers.insert("k1".into(), fresh_keeper("k1"));
+                let mut d = ClusterData::new(ClusterSpec::default());
+                d.init_existing = Some("k2".into());
+                decide(&d, &o, T0)
+            },
+            check: |d| {
+                assert!(master(d).is_none());
+                assert!(d.notice.as_deref().unwrap_or_default().contains("k2"));
+            },
+        },
+        Case {
+            name: "a keeper whose slot name collides with another's does not join",
+            run: || {
+                let d = cluster("m", &["k-1"]);
+                let mut o = observe(&d, &[]);
+                o.keepers.insert("k_1".into(), fresh_keeper("k_1"));
+                o.registered.insert("k_1".into());
+                decide(&d, &o, T0)
+            },
+            check: |d| {
+                assert!(!d.dbs.contains_key("k_1"));
+                assert!(d.notice.as_deref().unwrap_or_default().contains("k-1"));
+            },
+        },
+        Case {
             name: "the primary is named once it runs its generation",
             run: || {
                 let mut o = Observations::default();
-                o.keepers.insert("k1".into(), rep("k1", false, false, 0, 0));
+                o.keepers.insert("k1".into(), fresh_keeper("k1"));
                 let d = decide(&ClusterData::new(ClusterSpec::default()), &o, T0);
                 let gen = d.dbs["k1"].generation;
                 let o = with(o, "k1", |r| {
-                    r.healthy = true;
+                    *r = rep("k1", true, false, 100, 1);
                     r.applied_generation = gen;
-                    r.timeline = 1;
                 });
                 decide(&d, &o, T0 + SEC)
             },
@@ -235,8 +374,10 @@ fn cases() -> Vec<Case> {
             name: "a primary that has not applied its generation is not named",
             run: || {
                 let mut o = Observations::default();
-                o.keepers.insert("k1".into(), rep("k1", true, false, 0, 1));
-                decide(&ClusterData::new(ClusterSpec::default()), &o, T0)
+                o.keepers.insert("k1".into(), fresh_keeper("k1"));
+                let d = decide(&ClusterData::new(ClusterSpec::default()), &o, T0);
+                let o = with(o, "k1", |r| *r = rep("k1", true, false, 100, 1));
+                decide(&d, &o, T0 + SEC)
             },
             check: |d| assert_eq!(d.proxy.master_db, None),
         },
@@ -255,8 +396,7 @@ fn cases() -> Vec<Case> {
             run: || {
                 let d = cluster("m", &["s1"]);
                 let mut o = observe(&d, &[]);
-                o.keepers
-                    .insert("new".into(), rep("new", false, true, 0, 0));
+                o.keepers.insert("new".into(), fresh_keeper("new"));
                 decide(&d, &o, T0)
             },
             check: |d| {
@@ -265,29 +405,26 @@ fn cases() -> Vec<Case> {
                 assert_eq!(d.proxy.master_db.as_deref(), Some("m"));
             },
         },
+        // ---- failure detection
         Case {
             name: "a primary down for less than fail_interval is not failed over",
             run: || {
                 let d = cluster("m", &["s1"]);
                 let o = observe(&d, &["m"]);
-                let d = decide(&d, &o, T0);
-                decide(&d, &o, T0 + 4 * SEC)
+                rounds(&d, &o, &[T0, T0 + 4 * SEC])
             },
             check: |d| {
                 assert_eq!(d.proxy.master_db.as_deref(), Some("m"));
-                assert_eq!(d.dbs["m"].status.unhealthy_since_ms, Some(T0));
                 assert!(d.failover.is_none());
             },
         },
         Case {
-            name: "past fail_interval the proxies are fenced first",
+            name: "past fail_interval the proxies are fenced and the old primary told to stop",
             run: || {
                 let d = cluster("m", &["s1"]);
-                let o = observe(&d, &["m"]);
-                let d = decide(&d, &o, T0);
-                let mut o = o;
-                o.proxies.insert("p1".into(), 1);
-                decide(&d, &o, T0 + 5 * SEC)
+                let mut o = observe(&d, &["m"]);
+                o.proxies.insert("p1".into(), proxy(1));
+                rounds(&d, &o, &[T0, T0 + 5 * SEC])
             },
             check: |d| {
                 assert_eq!(d.proxy.master_db, None);
@@ -297,7 +434,9 @@ fn cases() -> Vec<Case> {
                     (f.from.as_str(), f.fence_generation, f.to.as_deref()),
                     ("m", 2, None)
                 );
-                assert_eq!(master(d).as_deref(), Some("m"), "nothing promoted yet");
+                assert_eq!(f.fence, vec!["m".to_string()]);
+                assert_eq!(d.dbs["m"].spec.role, Role::None, "told to stop");
+                assert_eq!(d.dbs["s1"].spec.role, Role::Standby, "nothing promoted yet");
             },
         },
         Case {
@@ -305,37 +444,200 @@ fn cases() -> Vec<Case> {
             run: || {
                 let d = cluster("m", &["s1"]);
                 let mut o = observe(&d, &["m"]);
-                o.proxies.insert("p1".into(), 1);
-                o.proxies.insert("p2".into(), 1);
-                let d = decide(&d, &o, T0);
-                let d = decide(&d, &o, T0 + 5 * SEC);
-                o.proxies.insert("p1".into(), 2);
+                o.proxies.insert("p1".into(), proxy(1));
+                o.proxies.insert("p2".into(), proxy(1));
+                let d = rounds(&d, &o, &[T0, T0 + 5 * SEC]);
+                o.proxies.insert("p1".into(), proxy(2));
                 decide(&d, &o, T0 + 6 * SEC)
             },
             check: |d| {
-                assert_eq!(master(d).as_deref(), Some("m"), "p2 has not acknowledged");
+                assert_eq!(master(d), None, "p2 has not acknowledged");
                 assert!(d.failover.as_ref().is_some_and(|f| f.to.is_none()));
+                assert!(d.notice.as_deref().unwrap_or_default().contains("p2"));
             },
+        },
+        Case {
+            name: "an acknowledgement from an earlier incarnation of the cluster does not count",
+            run: || {
+                let d = cluster("m", &["s1"]);
+                let mut o = observe(&d, &["m"]);
+                let mut old = proxy(99);
+                old.cluster_uid = "before-ctl-init".into();
+                o.proxies.insert("p1".into(), old);
+                rounds(&d, &o, &[T0, T0 + 5 * SEC, T0 + 6 * SEC])
+            },
+            check: |d| assert_eq!(master(d), None),
         },
         Case {
             name: "a proxy whose lease ended does not hold up the promotion",
             run: || {
                 let d = cluster("m", &["s1"]);
                 let mut o = observe(&d, &["m"]);
-                o.proxies.insert("p1".into(), 1);
-                let d = decide(&d, &o, T0);
-                let d = decide(&d, &o, T0 + 5 * SEC);
+                o.proxies.insert("p1".into(), proxy(1));
+                let d = rounds(&d, &o, &[T0, T0 + 5 * SEC]);
                 o.proxies.clear();
                 decide(&d, &o, T0 + 6 * SEC)
             },
             check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
         },
         Case {
+            name: "F2b: promotion waits until the old primary stopped or lost its lease",
+            run: || {
+                // The primary's keeper still holds its lease (it reports,
+                // PostgreSQL is dead) but has not applied the demotion yet.
+                let d = cluster("m", &["s1"]);
+                let o = observe(&d, &[]);
+                let o = with(o, "m", |r| *r = dead_pg("m", 1));
+                rounds(&d, &o, &[T0, T0 + 5 * SEC, T0 + 6 * SEC, T0 + 7 * SEC])
+            },
+            check: |d| {
+                assert_eq!(master(d), None, "promoted next to a primary that may still run");
+                assert!(d.notice.as_deref().unwrap_or_default().contains("stop PostgreSQL"));
+            },
+        },
+        Case {
+            name: "F2b: once the old primary acknowledged its stop, a standby is promoted",
+            run: || {
+                let d = cluster("m", &["s1"]);
+                let o = with(observe(&d, &[]), "m", |r| *r = dead_pg("m", 1));
+                let d = rounds(&d, &o, &[T0, T0 + 5 * SEC]);
+                let o = acked(o, &d, "m");
+                decide(&d, &o, T0 + 6 * SEC)
+            },
+            check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
+        },
+        Case {
+            name: "F2b: a registered but silent old primary holds the promotion until its lease ends",
+            run: || {
+                let d = cluster("m", &["s1"]);
+                // The keeper's report went stale, but its lease lives:
+                // it may still renew and not have fenced itself.
+                let mut o = observe(&d, &["m"]);
+                o.registered.insert("m".into());
+                let d1 = rounds(&d, &o, &[T0, T0 + 5 * SEC, T0 + 6 * SEC]);
+                assert_eq!(master(&d1), None);
+                o.registered.remove("m");
+                decide(&d1, &o, T0 + 7 * SEC)
+            },
+            check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
+        },
+        // ---- F1: a live keeper reporting a dead PostgreSQL
+        Case {
+            name: "F1: an unhealthy report keeps the last known LSN, timeline and sync set",
+            run: || {
+                let mut d = sync_cluster("m", &["s1"], &["s1"]);
+                d.dbs.get_mut("m").unwrap().status.lsn = 5000;
+                d.dbs.get_mut("m").unwrap().status.timeline = 3;
+                let o = with(observe(&d, &[]), "m", |r| *r = dead_pg("m", 1));
+                decide(&d, &o, T0)
+            },
+            check: |d| {
+                let s = &d.dbs["m"].status;
+                assert!(!s.healthy);
+                assert_eq!((s.lsn, s.timeline), (5000, 3));
+                assert_eq!(s.synchronous_standbys, vec!["s1".to_string()]);
+                assert_eq!(s.sync_confirmed, vec!["s1".to_string()]);
+                assert_eq!(s.system_id.as_deref(), Some("sys1"));
+            },
+        },
+        Case {
+            name: "F1a: a standby beyond the lag limit is not promoted when the primary's keeper reports it dead",
+            run: || {
+                let mut d = cluster("m", &["s1"]);
+                d.dbs.get_mut("m").unwrap().status.lsn = 100 + 38 * 1024 * 1024;
+                let o = with(observe(&d, &[]), "m", |r| *r = dead_pg("m", 1));
+                rounds(&d, &o, &[T0, T0 + 5 * SEC, T0 + 6 * SEC, T0 + 7 * SEC])
+            },
+            check: |d| {
+                assert!(d.failover.is_none(), "no eligible standby: no fencing");
+                assert_eq!(master(d).as_deref(), Some("m"));
+                let n = d.notice.as_deref().unwrap_or_default();
+                assert!(
+                    n.contains("s1 is 38.0 MiB behind the last known primary LSN, limit 16.0 MiB"),
+                    "{n}"
+                );
+            },
+        },
+        Case {
+            name: "F1a: a standby beyond the lag limit is not eligible (keeper gone)",
+            run: || {
+                let mut d = cluster("m", &["s1"]);
+                d.dbs.get_mut("m").unwrap().status.lsn = 100 + 64 * 1024 * 1024;
+                fail_master(&d, "m", |o| o)
+            },
+            check: |d| {
+                assert!(d.failover.is_none());
+                assert_eq!(d.proxy.master_db.as_deref(), Some("m"));
+            },
+        },
+        Case {
+            name: "F1: a standby not seen streaming since its keeper started is not eligible",
+            run: || {
+                let d = cluster("m", &["s1"]);
+                fail_master(&d, "m", |o| {
+                    with(o, "s1", |r| {
+                        r.streaming = false;
+                        r.streaming_age_ms = None;
+                    })
+                })
+            },
+            check: |d| {
+                assert!(d.failover.is_none());
+                let n = d.notice.as_deref().unwrap_or_default();
+                assert!(n.contains("has not streamed"), "{n}");
+            },
+        },
+        Case {
+            name: "F1: a standby that stopped streaming long before the primary failed is not eligible",
+            run: || {
+                let d = cluster("m", &["s1"]);
+                fail_master(&d, "m", |o| {
+                    with(o, "s1", |r| {
+                        r.streaming = false;
+                        r.streaming_age_ms = Some(3600 * SEC);
+                    })
+                })
+            },
+            check: |d| assert!(d.failover.is_none()),
+        },
+        Case {
+            name: "F1: a standby that stopped streaming when the primary died is eligible",
+            run: || {
+                let d = cluster("m", &["s1"]);
+                fail_master(&d, "m", |o| {
+                    with(o, "s1", |r| {
+                        r.streaming = false;
+                        r.streaming_age_ms = Some(5 * SEC);
+                    })
+                })
+            },
+            check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
+        },
+        Case {
+            name: "F1b: sync mode, dead PostgreSQL under a live keeper: fails over to the sync standby",
+            run: || {
+                let d = sync_cluster("m", &["s1", "s2"], &["s1"]);
+                let o = with(observe(&d, &[]), "m", |r| *r = dead_pg("m", 1));
+                // The standbys lost their upstream when it died.
+                let o = with(o, "s1", |r| {
+                    r.streaming = false;
+                    r.streaming_age_ms = Some(5 * SEC);
+                });
+                let o = with(o, "s2", |r| r.lsn = Some(999));
+                let d = rounds(&d, &o, &[T0, T0 + 5 * SEC]);
+                decide(&d, &acked(o, &d, "m"), T0 + 6 * SEC)
+            },
+            check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
+        },
+        // ---- election
+        Case {
             name: "failover elects the standby with the highest LSN",
             run: || {
                 let d = cluster("m", &["s1", "s2", "s3"]);
                 fail_master(&d, "m", |o| {
-                    with(with(o, "s2", |r| r.lsn = 150), "s3", |r| r.lsn = 120)
+                    with(with(o, "s2", |r| r.lsn = Some(150)), "s3", |r| {
+                        r.lsn = Some(120)
+                    })
                 })
             },
             check: |d| {
@@ -354,9 +656,9 @@ fn cases() -> Vec<Case> {
             run: || {
                 let d = cluster("m", &["s1", "s2"]);
                 fail_master(&d, "m", |o| {
-                    with(with(o, "s1", |r| r.lsn = 500), "s2", |r| {
-                        r.timeline = 2;
-                        r.lsn = 110
+                    with(with(o, "s1", |r| r.lsn = Some(500)), "s2", |r| {
+                        r.timeline = Some(2);
+                        r.lsn = Some(110)
                     })
                 })
             },
@@ -380,23 +682,9 @@ fn cases() -> Vec<Case> {
                 if let Some(k) = d.keepers.get_mut("s2") {
                     k.never_primary = true;
                 }
-                fail_master(&d, "m", |o| with(o, "s2", |r| r.lsn = 999))
+                fail_master(&d, "m", |o| with(o, "s2", |r| r.lsn = Some(999)))
             },
             check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
-        },
-        Case {
-            name: "a standby lagging beyond max_standby_lag is not eligible",
-            run: || {
-                let mut d = cluster("m", &["s1"]);
-                if let Some(db) = d.dbs.get_mut("m") {
-                    db.status.lsn = 100 + 64 * 1024 * 1024;
-                }
-                fail_master(&d, "m", |o| o)
-            },
-            check: |d| {
-                assert!(d.failover.is_none(), "no eligible standby: no fencing");
-                assert_eq!(d.proxy.master_db.as_deref(), Some("m"));
-            },
         },
         Case {
             name: "a standby of another system (forked) is not eligible",
@@ -405,7 +693,7 @@ fn cases() -> Vec<Case> {
                 fail_master(&d, "m", |o| {
                     with(o, "s2", |r| {
                         r.system_id = Some("other".into());
-                        r.lsn = 900
+                        r.lsn = Some(900)
                     })
                 })
             },
@@ -419,7 +707,9 @@ fn cases() -> Vec<Case> {
                     db.status.timeline = 3;
                 }
                 fail_master(&d, "m", |o| {
-                    with(with(o, "s1", |r| r.timeline = 2), "s2", |r| r.timeline = 3)
+                    with(with(o, "s1", |r| r.timeline = Some(2)), "s2", |r| {
+                        r.timeline = Some(3)
+                    })
                 })
             },
             check: |d| assert_eq!(master(d).as_deref(), Some("s2")),
@@ -429,10 +719,7 @@ fn cases() -> Vec<Case> {
             run: || {
                 let d = cluster("m", &["s1", "s2"]);
                 fail_master(&d, "m", |o| {
-                    with(o, "s2", |r| {
-                        r.healthy = false;
-                        r.lsn = 999
-                    })
+                    with(o, "s2", |r| *r = dead_pg("s2", 1))
                 })
             },
             check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
@@ -457,7 +744,7 @@ fn cases() -> Vec<Case> {
                 let o = with(observe(&d, &["m"]), "s1", |r| {
                     r.in_recovery = false;
                     r.applied_generation = gen;
-                    r.timeline = 2;
+                    r.timeline = Some(2);
                 });
                 decide(&d, &o, T0 + 7 * SEC)
             },
@@ -475,12 +762,13 @@ fn cases() -> Vec<Case> {
                 // Its keeper reports again; its PostgreSQL is not running
                 // yet. s1 has been promoted.
                 let gen = d.dbs["s1"].generation;
-                let o = with(observe(&d, &[]), "m", |r| r.healthy = false);
+                let o = with(observe(&d, &[]), "m", |r| *r = dead_pg("m", 0));
                 let o = with(o, "s1", |r| {
                     r.in_recovery = false;
                     r.applied_generation = gen;
                 });
-                decide(&d, &o, T0 + 20 * SEC)
+                let d = decide(&d, &o, T0 + 20 * SEC);
+                decide(&d, &o, T0 + 21 * SEC)
             },
             check: |d| {
                 assert_eq!(d.dbs["m"].spec.role, Role::Standby);
@@ -504,38 +792,58 @@ fn cases() -> Vec<Case> {
                 );
             },
         },
+        // ---- timers on the sentinel's own clock
         Case {
             name: "a flapping primary does not accumulate failure time",
             run: || {
                 let d = cluster("m", &["s1"]);
                 let down = observe(&d, &["m"]);
-                let up = observe(&d, &[]);
+                let mut up = observe(&d, &[]);
                 let d = decide(&d, &down, T0);
+                up.last_healthy_ms.insert("m".into(), T0 + 3 * SEC);
                 let d = decide(&d, &up, T0 + 3 * SEC);
+                let mut down = down;
+                down.last_healthy_ms.insert("m".into(), T0 + 3 * SEC);
                 let d = decide(&d, &down, T0 + 4 * SEC);
-                decide(&d, &down, T0 + 8 * SEC)
+                decide(&d, &down, T0 + 7 * SEC)
             },
-            check: |d| {
-                assert!(d.failover.is_none());
-                assert_eq!(d.dbs["m"].status.unhealthy_since_ms, Some(T0 + 4 * SEC));
-            },
+            check: |d| assert!(d.failover.is_none(), "down 3 s, up, down 4 s: no failover"),
         },
         Case {
-            name: "a new sentinel leader keeps the failure timer",
+            name: "F7a: a new sentinel leader starts its health timers afresh",
             run: || {
                 let d = cluster("m", &["s1"]);
-                let o = observe(&d, &["m"]);
-                let d = decide(&d, &o, T0);
-                // The leader dies; the next one reads clusterdata from the store.
-                let stored = ClusterData::from_json(&d.to_json()).expect("valid");
-                decide(&stored, &o, T0 + 5 * SEC)
+                // The new leader began observing at T0 + 4 s and never saw
+                // m healthy: the old leader's hour-old memory is not used.
+                let mut o = observe(&d, &["m"]);
+                o.last_healthy_ms.clear();
+                o.since_ms = T0 + 4 * SEC;
+                rounds(&d, &o, &[T0 + 4 * SEC, T0 + 5 * SEC, T0 + 8 * SEC])
             },
-            check: |d| {
-                assert!(
-                    d.failover.is_some(),
-                    "failover at T0 + fail_interval, not later"
-                )
+            check: |d| assert!(d.failover.is_none(), "4 s of observation is not 5 s of failure"),
+        },
+        Case {
+            name: "F7a: ... and fails over once it has observed fail_interval",
+            run: || {
+                let d = cluster("m", &["s1"]);
+                let mut o = observe(&d, &["m"]);
+                o.last_healthy_ms.clear();
+                o.since_ms = T0 + 4 * SEC;
+                rounds(&d, &o, &[T0 + 4 * SEC, T0 + 9 * SEC, T0 + 9 * SEC + 1])
             },
+            check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
+        },
+        Case {
+            name: "F7b: time the store could not be read is not failure time",
+            run: || {
+                // Last seen healthy at T0; the store was unreachable for a
+                // minute; the sentinel's observation restarted at T0 + 60 s.
+                let d = cluster("m", &["s1"]);
+                let mut o = observe(&d, &["m"]);
+                o.since_ms = T0 + 60 * SEC;
+                rounds(&d, &o, &[T0 + 60 * SEC, T0 + 61 * SEC, T0 + 64 * SEC])
+            },
+            check: |d| assert!(d.failover.is_none()),
         },
         Case {
             name: "the failure timer starts when the primary was last seen healthy",
@@ -543,13 +851,9 @@ fn cases() -> Vec<Case> {
                 let d = cluster("m", &["s1"]);
                 let mut o = observe(&d, &["m"]);
                 o.last_healthy_ms.insert("m".into(), T0 - 3 * SEC);
-                let d = decide(&d, &o, T0);
-                decide(&d, &o, T0 + 2 * SEC)
+                rounds(&d, &o, &[T0, T0 + 2 * SEC])
             },
-            check: |d| {
-                assert_eq!(d.dbs["m"].status.unhealthy_since_ms, Some(T0 - 3 * SEC));
-                assert!(d.failover.is_some(), "5 s after the last healthy report");
-            },
+            check: |d| assert!(d.failover.is_some(), "5 s after the last healthy report"),
         },
         Case {
             name: "a standby whose keeper vanished is marked unhealthy",
@@ -564,14 +868,23 @@ fn cases() -> Vec<Case> {
             },
         },
         Case {
-            name: "fencing without a candidate any more, and the old primary back: keep it",
+            name: "no candidate any more at promotion time, and the old primary's keeper back: give it back",
             run: || {
                 let d = cluster("m", &["s1"]);
                 let o = observe(&d, &["m"]);
-                let d = decide(&d, &o, T0);
-                let d = decide(&d, &o, T0 + 5 * SEC);
-                let o = with(observe(&d, &["s1"]), "m", |r| r.healthy = true);
-                decide(&d, &o, T0 + 6 * SEC)
+                let d = rounds(&d, &o, &[T0, T0 + 5 * SEC]);
+                // s1 vanished; m's keeper is back and has stopped PostgreSQL.
+                let o = acked(observe(&d, &["s1"]), &d, "m");
+                let d = decide(&d, &o, T0 + 6 * SEC);
+                assert!(d.failover.is_none());
+                assert_eq!(d.dbs["m"].spec.role, Role::Master, "given back");
+                // It starts again and runs its new generation.
+                let gen = d.dbs["m"].generation;
+                let o = with(observe(&d, &["s1"]), "m", |r| {
+                    *r = rep("m", true, false, 100, 1);
+                    r.applied_generation = gen;
+                });
+                decide(&d, &o, T0 + 7 * SEC)
             },
             check: |d| {
                 assert!(d.failover.is_none());
@@ -579,6 +892,44 @@ fn cases() -> Vec<Case> {
                 assert_eq!(d.proxy.generation, 3, "named again at a new generation");
             },
         },
+        // ---- F9: no state without an exit
+        Case {
+            name: "F9a: a candidate that never becomes primary is stopped and another chosen",
+            run: || {
+                let mut d = cluster("m", &["s1", "s2"]);
+                d.dbs.get_mut("s2").unwrap().status.lsn = 150;
+                let d = fail_master(&d, "m", |o| o);
+                assert_eq!(master(&d).as_deref(), Some("s2"));
+                // s2's keeper dies before it is ready.
+                let mut o = observe(&d, &["m", "s2"]);
+                o.failover_since_ms = Some(T0 + 5 * SEC);
+                let d = decide(&d, &o, T0 + 66 * SEC);
+                assert_eq!(master(&d), None);
+                assert!(d.notice.as_deref().unwrap_or_default().contains("s2 did not become primary"));
+                let f = d.failover.clone().expect("still failing over");
+                assert_eq!(f.excluded, vec!["s2".to_string()]);
+                assert!(f.fence.contains(&"s2".to_string()));
+                // s2 holds no lease any more: it is fenced; s1 is promoted.
+                o.failover_since_ms = Some(T0 + 66 * SEC);
+                decide(&d, &o, T0 + 67 * SEC)
+            },
+            check: |d| {
+                assert_eq!(master(d).as_deref(), Some("s1"));
+                assert_eq!(d.dbs["s2"].spec.role, Role::None);
+            },
+        },
+        Case {
+            name: "F9a: a slow promotion within convergence_timeout is left alone",
+            run: || {
+                let d = cluster("m", &["s1", "s2"]);
+                let d = fail_master(&d, "m", |o| o);
+                let mut o = observe(&d, &["m"]);
+                o.failover_since_ms = Some(T0 + 5 * SEC);
+                decide(&d, &o, T0 + 64 * SEC)
+            },
+            check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
+        },
+        // ---- switchover
         Case {
             name: "switchover: once proxies hold clients, the primary is stopped",
             run: || {
@@ -592,17 +943,15 @@ fn cases() -> Vec<Case> {
             },
         },
         Case {
-            name:
-                "switchover: the target is promoted after the old primary stopped and it caught up",
+            name: "switchover: the target is promoted once the old primary stopped and it has everything",
             run: || {
                 let d = switchover_requested(cluster("m", &["s1", "s2"]), None);
                 let d = decide(&d, &observe(&d, &[]), T0);
-                let gen = d.dbs["m"].generation;
-                let stopped = with(observe(&d, &[]), "m", |r| {
-                    r.healthy = false;
-                    r.applied_generation = gen;
+                let o = with(acked(observe(&d, &[]), &d, "m"), "m", |r| {
+                    r.stopped_lsn = Some(100);
+                    r.lsn = Some(100);
                 });
-                decide(&d, &stopped, T0 + SEC)
+                decide(&d, &o, T0 + SEC)
             },
             check: |d| {
                 let m = master(d).expect("promoted");
@@ -614,23 +963,47 @@ fn cases() -> Vec<Case> {
             },
         },
         Case {
-            name: "switchover: a target behind the old primary is not promoted yet",
+            name: "F1d: switchover: a target behind the old primary's shutdown checkpoint waits",
             run: || {
                 let d = switchover_requested(cluster("m", &["s1"]), None);
                 let d = decide(&d, &observe(&d, &[]), T0);
-                let gen = d.dbs["m"].generation;
-                let o = with(
-                    with(observe(&d, &[]), "m", |r| {
-                        r.healthy = false;
-                        r.applied_generation = gen;
-                        r.lsn = 500;
-                    }),
-                    "s1",
-                    |r| r.lsn = 400,
-                );
+                // The real stopped report: no LSN from a query, the
+                // shutdown checkpoint from the control file.
+                let o = with(acked(observe(&d, &[]), &d, "m"), "m", |r| {
+                    r.stopped_lsn = Some(500);
+                    r.lsn = Some(500);
+                });
+                let o = with(o, "s1", |r| r.lsn = Some(400));
                 decide(&d, &o, T0 + SEC)
             },
-            check: |d| assert_eq!(master(d), None, "waiting for s1 to receive everything"),
+            check: |d| {
+                assert_eq!(master(d), None, "waiting for s1 to receive everything");
+                assert!(d.notice.as_deref().unwrap_or_default().contains("100 bytes"));
+            },
+        },
+        Case {
+            name: "F1d: switchover: an old primary stopped without a known shutdown checkpoint waits",
+            run: || {
+                let d = switchover_requested(cluster("m", &["s1"]), None);
+                let d = decide(&d, &observe(&d, &[]), T0);
+                decide(&d, &acked(observe(&d, &[]), &d, "m"), T0 + SEC)
+            },
+            check: |d| assert_eq!(master(d), None),
+        },
+        Case {
+            name: "F9b: switchover: an old primary that never stops is given back after convergence_timeout",
+            run: || {
+                let d = switchover_requested(cluster("m", &["s1"]), None);
+                let d = decide(&d, &observe(&d, &[]), T0);
+                let mut o = observe(&d, &[]);
+                o.failover_since_ms = Some(T0);
+                decide(&d, &o, T0 + 61 * SEC)
+            },
+            check: |d| {
+                assert!(d.failover.is_none());
+                assert_eq!(d.dbs["m"].spec.role, Role::Master);
+                assert!(d.notice.as_deref().unwrap_or_default().contains("aborted"));
+            },
         },
         Case {
             name: "switchover: the requested standby is promoted, not the most advanced",
@@ -640,23 +1013,48 @@ fn cases() -> Vec<Case> {
                     db.status.lsn = 150;
                 }
                 let d = decide(&d, &observe(&d, &[]), T0);
-                let gen = d.dbs["m"].generation;
-                let o = with(observe(&d, &[]), "m", |r| {
-                    r.healthy = false;
-                    r.applied_generation = gen;
+                let o = with(acked(observe(&d, &[]), &d, "m"), "m", |r| {
+                    r.stopped_lsn = Some(100)
                 });
                 decide(&d, &o, T0 + SEC)
             },
             check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
         },
         Case {
-            name: "sync mode, one standby: it becomes synchronous",
+            name: "F1c: sync switchover completes to the confirmed synchronous standby",
+            run: || {
+                let d = switchover_requested(sync_cluster("m", &["s1", "s2"], &["s1"]), None);
+                let d = decide(&d, &observe(&d, &[]), T0);
+                let o = with(acked(observe(&d, &[]), &d, "m"), "m", |r| {
+                    r.stopped_lsn = Some(100)
+                });
+                let o = with(o, "s2", |r| r.lsn = Some(999));
+                decide(&d, &o, T0 + SEC)
+            },
+            check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
+        },
+        // ---- synchronous replication
+        Case {
+            name: "sync mode, one streaming standby: it becomes synchronous",
             run: || {
                 let mut d = cluster("m", &["s1"]);
                 d.spec.synchronous_replication = true;
                 decide(&d, &observe(&d, &[]), T0)
             },
             check: |d| assert_eq!(d.dbs["m"].spec.synchronous_standbys, vec!["s1".to_string()]),
+        },
+        Case {
+            name: "F5: a standby that does not stream is never chosen as synchronous",
+            run: || {
+                let mut d = cluster("m", &["s1"]);
+                d.spec.synchronous_replication = true;
+                let o = with(observe(&d, &[]), "s1", |r| {
+                    r.streaming = false;
+                    r.streaming_age_ms = Some(60 * SEC);
+                });
+                decide(&d, &o, T0)
+            },
+            check: |d| assert!(d.dbs["m"].spec.synchronous_standbys.is_empty()),
         },
         Case {
             name: "sync mode, max_sync 2 with two standbys: both",
@@ -687,63 +1085,212 @@ fn cases() -> Vec<Case> {
         Case {
             name: "sync mode: a dead sync standby is kept to honour min_sync",
             run: || {
-                let mut d = cluster("m", &["s1"]);
-                d.spec.synchronous_replication = true;
-                if let Some(db) = d.dbs.get_mut("m") {
-                    db.spec.synchronous_standbys = vec!["s1".into()];
-                }
+                let d = sync_cluster("m", &["s1"], &["s1"]);
                 decide(&d, &observe(&d, &["s1"]), T0)
             },
             check: |d| assert_eq!(d.dbs["m"].spec.synchronous_standbys, vec!["s1".to_string()]),
         },
         Case {
-            name: "sync mode: replacing a sync standby goes through the union",
+            name: "sync mode: a dead sync standby is replaced by a streaming one directly",
             run: || {
-                let mut d = cluster("m", &["s1", "s2"]);
-                d.spec.synchronous_replication = true;
-                if let Some(db) = d.dbs.get_mut("m") {
-                    db.spec.synchronous_standbys = vec!["s1".into()];
-                }
-                // s1 dies; s2 is healthy and should replace it.
-                decide(&d, &observe(&d, &["s1"]), T0)
+                let d = sync_cluster("m", &["s1", "s2"], &["s1"]);
+                let o = with(observe(&d, &["s1"]), "m", |r| {
+                    r.synchronous_standbys = Some(vec![])
+                });
+                decide(&d, &o, T0)
+            },
+            check: |d| {
+                assert_eq!(d.dbs["m"].spec.synchronous_standbys, vec!["s2".to_string()]);
+                assert!(
+                    d.dbs["m"].status.sync_confirmed.is_empty(),
+                    "s2 is not confirmed before PostgreSQL reports it synchronous"
+                );
+            },
+        },
+        Case {
+            name: "sync mode: replacing a live synchronous member goes through the union",
+            run: || {
+                let mut d = sync_cluster("m", &["s1", "s2"], &["s1", "s2"]);
+                d.spec.max_sync = 2;
+                let d = decide(&d, &observe(&d, &[]), T0);
+                // Now only one may stay, and s3 joins... simplest live
+                // replacement: s1 becomes never-primary-free? Shrink max.
+                let mut d = d;
+                d.spec.max_sync = 1;
+                d.spec.min_sync = 1;
+                decide(&d, &observe(&d, &[]), T0 + SEC)
             },
             check: |d| {
                 assert_eq!(
                     d.dbs["m"].spec.synchronous_standbys,
-                    vec!["s1".to_string(), "s2".into()]
-                )
+                    vec!["s1".to_string()],
+                    "shrinks once the member that stays is reported synchronous"
+                );
             },
         },
         Case {
-            name: "sync mode: the set shrinks only after the primary applied the union",
+            name: "F6b: shrinking away from a live member waits until the one that stays is reported synchronous",
             run: || {
-                let mut d = cluster("m", &["s1", "s2"]);
+                let mut d = sync_cluster("m", &["s1", "s2"], &["s1", "s2"]);
+                d.spec.max_sync = 1;
+                let o = with(observe(&d, &[]), "m", |r| {
+                    r.synchronous_standbys = Some(vec!["s2".into()])
+                });
+                decide(&d, &o, T0)
+            },
+            check: |d| {
+                assert_eq!(
+                    d.dbs["m"].spec.synchronous_standbys,
+                    vec!["s1".to_string(), "s2".into()],
+                    "s1, which stays, is not reported synchronous yet"
+                );
+            },
+        },
+        Case {
+            name: "F6b: a member the spec no longer names is not electable, whatever the last report said",
+            run: || {
+                let mut d = sync_cluster("m", &["s1", "s2"], &["s1"]);
+                // The spec moved to {s2}; the primary died before
+                // reporting s2 synchronous.
+                let m = d.dbs.get_mut("m").unwrap();
+                m.spec.synchronous_standbys = vec!["s2".into()];
+                m.generation = 2;
+                fail_master(&d, "m", |o| o)
+            },
+            check: |d| {
+                assert!(d.failover.is_none(), "neither s1 (dropped) nor s2 (unconfirmed) is safe");
+                let n = d.notice.as_deref().unwrap_or_default();
+                assert!(n.contains("not a confirmed synchronous standby"), "{n}");
+            },
+        },
+        Case {
+            name: "F6c: the synchronous standby does not flap to a more advanced one",
+            run: || {
+                let d = sync_cluster("m", &["s1", "s2"], &["s1"]);
+                let o = with(observe(&d, &[]), "s2", |r| r.lsn = Some(200));
+                rounds(&d, &o, &[T0, T0 + SEC, T0 + 2 * SEC])
+            },
+            check: |d| assert_eq!(d.dbs["m"].spec.synchronous_standbys, vec!["s1".to_string()]),
+        },
+        Case {
+            name: "sync mode: a member joins the confirmed set once the primary runs it and reports it",
+            run: || {
+                let mut d = cluster("m", &["s1"]);
                 d.spec.synchronous_replication = true;
-                if let Some(db) = d.dbs.get_mut("m") {
-                    db.spec.synchronous_standbys = vec!["s1".into()];
-                }
-                let d = decide(&d, &observe(&d, &["s1"]), T0);
-                let not_applied = decide(&d, &observe(&d, &["s1"]), T0 + SEC);
-                assert_eq!(not_applied.dbs["m"].spec.synchronous_standbys.len(), 2);
+                let d = decide(&d, &observe(&d, &[]), T0);
+                assert!(d.dbs["m"].status.sync_confirmed.is_empty());
                 let gen = d.dbs["m"].generation;
-                let o = with(observe(&d, &["s1"]), "m", |r| r.applied_generation = gen);
-                decide(&d, &o, T0 + 2 * SEC)
+                let o = with(observe(&d, &[]), "m", |r| {
+                    r.applied_generation = gen;
+                    r.synchronous_standbys = Some(vec!["s1".into()]);
+                });
+                decide(&d, &o, T0 + SEC)
             },
-            check: |d| assert_eq!(d.dbs["m"].spec.synchronous_standbys, vec!["s2".to_string()]),
+            check: |d| assert_eq!(d.dbs["m"].status.sync_confirmed, vec!["s1".to_string()]),
         },
         Case {
-            name: "sync mode: only a standby the primary reported synchronous is elected",
+            name: "sync mode: only a confirmed synchronous standby is elected",
             run: || {
-                let mut d = cluster("m", &["s1", "s2"]);
-                d.spec.synchronous_replication = true;
-                if let Some(db) = d.dbs.get_mut("m") {
-                    db.spec.synchronous_standbys = vec!["s1".into()];
-                    db.status.synchronous_standbys = vec!["s1".into()];
-                }
-                fail_master(&d, "m", |o| with(o, "s2", |r| r.lsn = 999))
+                let d = sync_cluster("m", &["s1", "s2"], &["s1"]);
+                fail_master(&d, "m", |o| with(o, "s2", |r| r.lsn = Some(999)))
             },
             check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
         },
+        Case {
+            name: "sync mode: a confirmed standby far behind in WAL nobody acknowledged is still electable",
+            run: || {
+                let mut d = sync_cluster("m", &["s1"], &["s1"]);
+                d.dbs.get_mut("m").unwrap().status.lsn = 100 + 64 * 1024 * 1024;
+                fail_master(&d, "m", |o| o)
+            },
+            check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
+        },
+        Case {
+            name: "sync mode: no confirmed synchronous standby, no failover",
+            run: || {
+                let mut d = cluster("m", &["s1"]);
+                d.spec.synchronous_replication = true;
+                fail_master(&d, "m", |o| o)
+            },
+            check: |d| {
+                assert!(
+                    d.failover.is_none(),
+                    "electing an async standby could lose commits"
+                );
+                assert_eq!(master(d).as_deref(), Some("m"));
+            },
+        },
+        Case {
+            name: "F6a2: after a failover in a two-node sync cluster, commits on the new primary still wait",
+            run: || {
+                let d = sync_cluster("m", &["s1"], &["s1"]);
+                fail_master(&d, "m", |o| o)
+            },
+            check: |d| {
+                assert_eq!(master(d).as_deref(), Some("s1"));
+                assert_eq!(
+                    d.dbs["s1"].spec.synchronous_standbys,
+                    vec!["m".to_string()],
+                    "the old primary holds the place until a standby streams"
+                );
+                assert!(d.dbs["s1"].status.sync_confirmed.is_empty());
+            },
+        },
+        Case {
+            name: "F6a: a standby streaming from the new primary takes the placeholder's place",
+            run: || {
+                let d = sync_cluster("m", &["s1", "s2"], &["s1"]);
+                let d = fail_master(&d, "m", |o| o);
+                assert_eq!(d.dbs["s1"].spec.synchronous_standbys, vec!["m".to_string()]);
+                // s1 runs as primary; s2 streams from it.
+                let gen = d.dbs["s1"].generation;
+                let g2 = d.dbs["s2"].generation;
+                let o = with(observe(&d, &["m"]), "s1", |r| {
+                    r.in_recovery = false;
+                    r.applied_generation = gen;
+                    r.timeline = Some(2);
+                });
+                let o = with(o, "s2", |r| {
+                    r.applied_generation = g2;
+                    r.timeline = Some(2);
+                });
+                let d = decide(&d, &o, T0 + 7 * SEC);
+                decide(&d, &o, T0 + 8 * SEC)
+            },
+            check: |d| {
+                assert_eq!(d.proxy.master_db.as_deref(), Some("s1"));
+                assert_eq!(d.dbs["s1"].spec.synchronous_standbys, vec!["s2".to_string()]);
+            },
+        },
+        Case {
+            name: "F6a: a second failover in sync mode goes to the confirmed standby",
+            run: || {
+                let d = sync_cluster("m", &["s1", "s2"], &["s1"]);
+                let d = fail_master(&d, "m", |o| o);
+                let gen = d.dbs["s1"].generation;
+                let o = with(observe(&d, &["m"]), "s1", |r| {
+                    r.in_recovery = false;
+                    r.applied_generation = gen;
+                    r.timeline = Some(2);
+                });
+                // s2 follows s1 on its timeline.
+                let o = with(o, "s2", |r| r.timeline = Some(2));
+                let d = rounds(&d, &o, &[T0 + 7 * SEC, T0 + 8 * SEC]);
+                let gen = d.dbs["s1"].generation;
+                let o = with(o, "s1", |r| {
+                    r.applied_generation = gen;
+                    r.synchronous_standbys = Some(vec!["s2".into()]);
+                });
+                let d = decide(&d, &o, T0 + 9 * SEC);
+                assert_eq!(d.dbs["s1"].status.sync_confirmed, vec!["s2".to_string()]);
+                // Now s1 dies too.
+                let mut o = observe(&d, &["m", "s1"]);
+                o.last_healthy_ms.insert("s1".into(), T0 + 9 * SEC);
+                rounds(&d, &o, &[T0 + 10 * SEC, T0 + 15 * SEC, T0 + 15 * SEC + 1])
+            },
+            check: |d| assert_eq!(master(d).as_deref(), Some("s2")),
+        },
+        // ---- failkeeper
         Case {
             name: "failkeeper on a healthy primary: fenced failover at once, mark cleared",
             run: || {
@@ -756,8 +1303,8 @@ fn cases() -> Vec<Case> {
                 let fenced = decide(&d, &o, T0);
                 assert_eq!(fenced.proxy.master_db, None, "fenced first");
                 assert!(!fenced.keepers["m"].failed, "the mark lasts one decision");
-                // The old primary still reports healthy: the failover goes on.
-                decide(&fenced, &o, T0 + 1)
+                // The old primary stops as told; the failover goes on.
+                decide(&fenced, &acked(o, &fenced, "m"), T0 + 1)
             },
             check: |d| {
                 assert_eq!(master(d).as_deref(), Some("s2"), "most advanced standby");
@@ -781,35 +1328,35 @@ fn cases() -> Vec<Case> {
                 assert!(d.dbs["m"].status.healthy && !d.keepers["m"].failed);
             },
         },
-        Case {
-            name: "sync mode: no synchronous standby, no failover",
-            run: || {
-                let mut d = cluster("m", &["s1"]);
-                d.spec.synchronous_replication = true;
-                fail_master(&d, "m", |o| o)
-            },
-            check: |d| {
-                assert!(
-                    d.failover.is_none(),
-                    "electing an async standby could lose commits"
-                );
-                assert_eq!(master(d).as_deref(), Some("m"));
-            },
-        },
     ]
+}
+
+/// A keeper that reports for the first time, with no data directory yet.
+fn fresh_keeper(uid: &str) -> KeeperReport {
+    KeeperReport {
+        uid: uid.into(),
+        instance: "i1".into(),
+        seq: 1,
+        address: Some(format!("{uid}:5432")),
+        ..Default::default()
+    }
 }
 
 #[test]
 fn decide_table() {
     let cases = cases();
-    assert!(cases.len() >= 30, "{} scenarios", cases.len());
+    assert!(cases.len() >= 60, "{} scenarios", cases.len());
+    let mut failed = Vec::new();
     for c in cases {
         let result = std::panic::catch_unwind(|| {
             let d = (c.run)();
             (c.check)(&d);
         });
-        assert!(result.is_ok(), "scenario failed: {}", c.name);
+        if result.is_err() {
+            failed.push(c.name);
+        }
     }
+    assert!(failed.is_empty(), "scenarios failed: {failed:#?}");
 }
 
 #[test]
@@ -834,5 +1381,9 @@ fn candidate_order_is_not_stolons_ascending_sort() {
             db.status.lsn = lsn;
         }
     }
-    assert_eq!(choose_candidate(&d, "m").as_deref(), Some("s1"));
+    let o = observe(&d, &["m"]);
+    assert_eq!(
+        choose_candidate(&d, &o, "m", &[], T0 + 5 * SEC).as_deref(),
+        Ok("s1")
+    );
 }

@@ -2,11 +2,19 @@
 //! leader read the cluster data, the keepers' reports and the proxies'
 //! acknowledgements, call [`decide`], and write the result by
 //! compare-and-swap on the revision read.
+//!
+//! Every timer is this sentinel's own, on its monotonic clock: a keeper
+//! reports while its report keeps changing (its `seq`), and it was healthy
+//! when this sentinel last saw a healthy report change. No clocks of two
+//! hosts are compared. The memory starts afresh when this sentinel gains
+//! leadership and after any gap in its observations (the store could not
+//! be read): time the sentinel could not observe never counts as failure
+//! time.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use cluster::data::KeeperReport;
+use cluster::data::{KeeperReport, ProxyReport};
 use cluster::{AnyStore, Cas, ClusterData, Keys, LeaseId, Store, StoreError};
 
 use crate::decide::{decide, Observations};
@@ -15,73 +23,188 @@ use crate::decide::{decide, Observations};
 pub const TICK: Duration = Duration::from_millis(250);
 /// The sentinel's lease: leadership moves on this long after it dies.
 pub const LEASE_TTL: Duration = Duration::from_secs(3);
+/// Clusterdata writes that change only LSNs and replay lag are made at
+/// most this often (they are what proxies judge replica lag by).
+pub const STATUS_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// What one sentinel remembers between rounds, on its own clock.
+#[derive(Debug, Default)]
+pub struct Memory {
+    /// Since when it has observed without a gap.
+    since_ms: u64,
+    /// The end of the last round that read the store.
+    last_round_ms: Option<u64>,
+    /// Per keeper: the (instance, seq) last seen and when it changed.
+    seen: BTreeMap<String, (String, u64, u64)>,
+    last_healthy: BTreeMap<String, u64>,
+    /// The failover step last seen and since when.
+    failover: Option<(String, u64)>,
+    /// When clusterdata was last written by this sentinel.
+    last_write_ms: Option<u64>,
 }
 
-/// Reads what the keepers and proxies report.
-pub async fn observe(store: &AnyStore, keys: &Keys) -> Result<Observations, StoreError> {
+impl Memory {
+    /// Forgets everything: timers start again from `now`.
+    pub fn reset(&mut self, now_ms: u64) {
+        *self = Memory {
+            since_ms: now_ms,
+            ..Default::default()
+        };
+    }
+}
+
+/// A monotonic clock in milliseconds; starts at 1, so that 0 never means
+/// "now".
+pub type Clock<'a> = &'a (dyn Fn() -> u64 + Sync);
+
+/// Reads what the keepers and proxies report, judged by `mem` at `now`.
+pub async fn observe(
+    store: &AnyStore,
+    keys: &Keys,
+    data: &ClusterData,
+    mem: &mut Memory,
+    now_ms: u64,
+) -> Result<Observations, StoreError> {
     let mut obs = Observations::default();
+    let stale_ms = data.spec.report_stale_after().as_millis() as u64 + TICK.as_millis() as u64;
     let (kvs, _) = store.list(&keys.keepers()).await?;
     for kv in kvs {
-        match serde_json::from_str::<KeeperReport>(&kv.value) {
-            Ok(r) => {
-                obs.keepers.insert(r.uid.clone(), r);
-            }
+        let r = match serde_json::from_str::<KeeperReport>(&kv.value) {
+            Ok(r) => r,
             Err(e) => {
-                tracing::warn!(key = kv.key, error = %e, "ignoring an unreadable keeper report")
+                tracing::warn!(key = kv.key, error = %e, "ignoring an unreadable keeper report");
+                continue;
             }
+        };
+        obs.registered.insert(r.uid.clone());
+        let changed = match mem.seen.get(&r.uid) {
+            Some((instance, seq, at)) if *instance == r.instance && *seq == r.seq => *at,
+            _ => now_ms,
+        };
+        mem.seen
+            .insert(r.uid.clone(), (r.instance.clone(), r.seq, changed));
+        if now_ms.saturating_sub(changed) > stale_ms {
+            continue;
         }
+        if r.healthy {
+            let t = mem.last_healthy.entry(r.uid.clone()).or_insert(changed);
+            *t = (*t).max(changed);
+        }
+        obs.keepers.insert(r.uid.clone(), r);
     }
+    mem.seen.retain(|uid, _| obs.registered.contains(uid));
     let (kvs, _) = store.list(&keys.proxies()).await?;
     for kv in kvs {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&kv.value) {
-            if let (Some(uid), Some(g)) = (v["uid"].as_str(), v["generation"].as_u64()) {
-                obs.proxies.insert(uid.to_owned(), g);
+        match serde_json::from_str::<ProxyReport>(&kv.value) {
+            Ok(p) => {
+                obs.proxies.insert(p.uid.clone(), p);
+            }
+            Err(e) => {
+                // An unreadable registration still belongs to a live proxy
+                // that must acknowledge: count it as acknowledging nothing.
+                let uid = kv.key.rsplit('/').next().unwrap_or_default().to_owned();
+                tracing::warn!(key = kv.key, error = %e, "unreadable proxy registration");
+                obs.proxies.insert(
+                    uid.clone(),
+                    ProxyReport {
+                        uid,
+                        ..Default::default()
+                    },
+                );
             }
         }
     }
+    obs.last_healthy_ms = mem.last_healthy.clone();
+    obs.since_ms = mem.since_ms;
+    let step = data.failover.as_ref().map(|f| {
+        format!(
+            "{}>{:?}@{}/{:?}/{}",
+            f.from, f.to, f.fence_generation, f.fence, f.reason
+        )
+    });
+    mem.failover = match (step, mem.failover.take()) {
+        (Some(s), Some((old, t))) if s == old => Some((old, t)),
+        (Some(s), _) => Some((s, now_ms)),
+        (None, _) => None,
+    };
+    obs.failover_since_ms = mem.failover.as_ref().map(|(_, t)| *t);
     Ok(obs)
 }
 
+/// The keepers' and proxies' registrations as they are now, every report
+/// taken as current (for `ctl`, which has no memory of earlier rounds).
+pub async fn observe_once(store: &AnyStore, keys: &Keys) -> Result<Observations, StoreError> {
+    let mut mem = Memory::default();
+    let data = ClusterData::new(cluster::ClusterSpec::default());
+    observe(store, keys, &data, &mut mem, 1).await
+}
+
+/// Whether two cluster data differ only in what changes with every WAL
+/// record (LSNs and replay lag).
+fn only_volatile(a: &ClusterData, b: &ClusterData) -> bool {
+    let strip = |d: &ClusterData| {
+        let mut d = d.clone();
+        for db in d.dbs.values_mut() {
+            db.status.lsn = 0;
+            db.status.replay_lsn = 0;
+            db.status.replay_lag_ms = None;
+        }
+        d
+    };
+    strip(a) == strip(b)
+}
+
 /// One round as leader. Returns whether the cluster data changed.
-/// `last_healthy` is this sentinel's memory of when each keeper last
-/// reported a healthy database.
 pub async fn step(
     store: &AnyStore,
     keys: &Keys,
-    last_healthy: &mut BTreeMap<String, u64>,
+    mem: &mut Memory,
+    clock: Clock<'_>,
+) -> Result<bool, StoreError> {
+    let round = clock();
+    // A gap in observation (a store outage, a stall of this process) is
+    // not failure time: start every timer afresh.
+    let gap = (2 * TICK + cluster::store::REQUEST_TIMEOUT).as_millis() as u64;
+    if mem
+        .last_round_ms
+        .is_none_or(|t| round.saturating_sub(t) > gap)
+    {
+        if mem.last_round_ms.is_some() {
+            tracing::info!(
+                gap_ms = round.saturating_sub(mem.last_round_ms.unwrap_or(round)),
+                "observation gap: restarting failure timers"
+            );
+        }
+        mem.reset(round);
+    }
+    let result = round_once(store, keys, mem, clock).await;
+    if result.is_ok() {
+        mem.last_round_ms = Some(clock());
+    }
+    result
+}
+
+async fn round_once(
+    store: &AnyStore,
+    keys: &Keys,
+    mem: &mut Memory,
+    clock: Clock<'_>,
 ) -> Result<bool, StoreError> {
     let Some(kv) = store.get(&keys.clusterdata()).await? else {
         return Ok(false);
     };
     let data = ClusterData::from_json(&kv.value).map_err(|e| StoreError::Invalid(e.to_string()))?;
-    let mut obs = observe(store, keys).await?;
-    let now = now_ms();
-    // A report outlives its keeper by up to a lease TTL. Judge it by when
-    // it was made: older than two report intervals means the keeper is not
-    // reporting, as if there were no report.
-    let stale_ms = 2 * data.spec.keeper_report_interval.as_millis() as u64;
-    obs.keepers
-        .retain(|_, r| r.reported_at_ms == 0 || now.saturating_sub(r.reported_at_ms) <= stale_ms);
-    for (uid, r) in &obs.keepers {
-        let made = if r.reported_at_ms > 0 {
-            r.reported_at_ms.min(now)
-        } else {
-            now
-        };
-        if r.healthy {
-            let seen = last_healthy.entry(uid.clone()).or_insert(made);
-            *seen = (*seen).max(made);
-        }
-    }
-    obs.last_healthy_ms = last_healthy.clone();
+    let now = clock();
+    let obs = observe(store, keys, &data, mem, now).await?;
     let next = decide(&data, &obs, now);
     if next == data {
+        return Ok(false);
+    }
+    if only_volatile(&next, &data)
+        && mem
+            .last_write_ms
+            .is_some_and(|t| now.saturating_sub(t) < STATUS_WRITE_INTERVAL.as_millis() as u64)
+    {
         return Ok(false);
     }
     if next.proxy != data.proxy || next.failover != data.failover {
@@ -92,23 +215,41 @@ pub async fn step(
             "cluster decision"
         );
     }
+    if next.notice != data.notice {
+        if let Some(n) = &next.notice {
+            tracing::warn!(notice = %n, "cluster waiting");
+        }
+    }
     match store
         .put_if_revision(&keys.clusterdata(), &next.to_json(), kv.mod_revision, 0)
         .await?
     {
-        Cas::Done(_) => Ok(true),
+        Cas::Done(_) => {
+            mem.last_write_ms = Some(now);
+            Ok(true)
+        }
         // Someone else wrote meanwhile (ctl, or a leader we did not know
         // about): decide again from what is there now.
         Cas::Conflict(_) => Ok(false),
     }
 }
 
+/// How often the leader compacts the store's history (etcd keeps every
+/// revision until compacted).
+const COMPACT_EVERY: Duration = Duration::from_secs(300);
+/// Revisions kept behind the current one when compacting.
+const COMPACT_KEEP: i64 = 10_000;
+
 /// Runs a sentinel named `uid` until the task is dropped.
 pub async fn run(store: AnyStore, keys: Keys, uid: String) {
+    let started = Instant::now();
+    let clock = move || started.elapsed().as_millis() as u64 + 1;
     let mut lease: LeaseId = 0;
     let mut leading = false;
-    let mut last_healthy = BTreeMap::new();
+    let mut mem = Memory::default();
+    let mut last_compact = Instant::now();
     let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         if lease == 0 {
@@ -127,22 +268,229 @@ pub async fn run(store: AnyStore, keys: Keys, uid: String) {
             }
             continue;
         }
-        let _ = store
+        if let Err(e) = store
             .put(&format!("{}{uid}", keys.sentinels()), "{}", lease)
-            .await;
+            .await
+        {
+            tracing::debug!(error = %e, "cannot register");
+        }
         match store.campaign(&keys.leader(), &uid, lease).await {
             Ok(now) => {
                 if now != leading {
                     tracing::info!(leader = now, "sentinel leadership changed");
+                    // A new leader starts its health timers afresh.
+                    mem = Memory::default();
                 }
                 leading = now;
             }
             Err(e) => tracing::warn!(error = %e, "campaign failed"),
         }
         if leading {
-            if let Err(e) = step(&store, &keys, &mut last_healthy).await {
+            if let Err(e) = step(&store, &keys, &mut mem, &clock).await {
                 tracing::warn!(error = %e, "sentinel round failed");
             }
+            if last_compact.elapsed() >= COMPACT_EVERY {
+                last_compact = Instant::now();
+                if let Err(e) = store.compact_keeping(COMPACT_KEEP).await {
+                    tracing::warn!(error = %e, "cannot compact the store's history");
+                }
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use cluster::data::{ClusterPhase, Db, DbSpec, DbStatus, Keeper, Role};
+    use cluster::ClusterSpec;
+
+    use super::*;
+
+    /// A two-database cluster in the file store, `m` primary; reports are
+    /// written by the test under one long lease.
+    async fn setup() -> (tempfile::TempDir, AnyStore, Keys, LeaseId) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = cluster::open(&format!("file://{}", dir.path().display()))
+            .await
+            .unwrap();
+        let keys = Keys::new("keelson", "t");
+        let mut d = ClusterData::new(ClusterSpec::default());
+        d.phase = ClusterPhase::Normal;
+        for (uid, role) in [("m", Role::Master), ("s1", Role::Standby)] {
+            d.keepers.insert(uid.into(), Keeper::default());
+            d.dbs.insert(
+                uid.into(),
+                Db {
+                    keeper: uid.into(),
+                    generation: 1,
+                    spec: DbSpec {
+                        role,
+                        follow: (role == Role::Standby).then(|| "m".to_owned()),
+                        ..Default::default()
+                    },
+                    status: DbStatus {
+                        healthy: true,
+                        address: Some(format!("{uid}:1")),
+                        in_recovery: role == Role::Standby,
+                        applied_generation: 1,
+                        streaming: role == Role::Standby,
+                        ..Default::default()
+                    },
+                },
+            );
+        }
+        d.set_proxy_master(Some("m"));
+        store
+            .put(&keys.clusterdata(), &d.to_json(), 0)
+            .await
+            .unwrap();
+        let lease = store.grant(Duration::from_secs(600)).await.unwrap();
+        (dir, store, keys, lease)
+    }
+
+    async fn report(store: &AnyStore, keys: &Keys, lease: LeaseId, uid: &str, seq: u64) {
+        let r = KeeperReport {
+            uid: uid.into(),
+            instance: "i".into(),
+            seq,
+            healthy: true,
+            running: true,
+            address: Some(format!("{uid}:1")),
+            in_recovery: uid != "m",
+            lsn: Some(100),
+            timeline: Some(1),
+            system_id: Some("s".into()),
+            applied_generation: 1,
+            synchronous_standbys: Some(vec![]),
+            streaming: uid != "m",
+            streaming_age_ms: Some(0),
+            ..Default::default()
+        };
+        store
+            .put(
+                &keys.keeper(uid),
+                &serde_json::to_string(&r).unwrap(),
+                lease,
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn data(store: &AnyStore, keys: &Keys) -> ClusterData {
+        ClusterData::from_json(&store.get(&keys.clusterdata()).await.unwrap().unwrap().value)
+            .unwrap()
+    }
+
+    /// Runs rounds every 250 ms of test time from `from` to `to` (ms),
+    /// with both keepers reporting (their seq changing) unless `silent`.
+    async fn rounds(
+        store: &AnyStore,
+        keys: &Keys,
+        lease: LeaseId,
+        mem: &mut Memory,
+        now: &AtomicU64,
+        (from, to): (u64, u64),
+        silent: &[&str],
+    ) {
+        let mut t = from;
+        while t <= to {
+            now.store(t, Ordering::Relaxed);
+            for uid in ["m", "s1"] {
+                if !silent.contains(&uid) {
+                    report(store, keys, lease, uid, t).await;
+                }
+            }
+            let clock = || now.load(Ordering::Relaxed);
+            step(store, keys, mem, &clock).await.unwrap();
+            t += 250;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_primary_whose_reports_stop_changing_is_failed_over() {
+        let (_dir, store, keys, lease) = setup().await;
+        let now = AtomicU64::new(1);
+        let mut mem = Memory::default();
+        rounds(&store, &keys, lease, &mut mem, &now, (1, 3000), &[]).await;
+        // m's keeper stops reporting (its last report stays, its lease lives).
+        rounds(&store, &keys, lease, &mut mem, &now, (3250, 7750), &["m"]).await;
+        assert!(
+            data(&store, &keys).await.failover.is_none(),
+            "4.5 s after the last report"
+        );
+        rounds(&store, &keys, lease, &mut mem, &now, (8000, 8500), &["m"]).await;
+        let d = data(&store, &keys).await;
+        assert!(
+            d.failover.is_some(),
+            "5 s after the last report: {:?}",
+            d.notice
+        );
+    }
+
+    /// F7b: the store (or this sentinel) could not be used for a minute:
+    /// no report changed meanwhile. That is not failure time.
+    #[tokio::test]
+    async fn an_observation_gap_is_not_failure_time() {
+        let (_dir, store, keys, lease) = setup().await;
+        let now = AtomicU64::new(1);
+        let mut mem = Memory::default();
+        rounds(&store, &keys, lease, &mut mem, &now, (1, 3000), &[]).await;
+        // 60 s with no round; then the keepers' reports are as they were,
+        // and for the first 1.5 s after the gap they have not written yet.
+        rounds(
+            &store,
+            &keys,
+            lease,
+            &mut mem,
+            &now,
+            (63_000, 64_500),
+            &["m", "s1"],
+        )
+        .await;
+        assert!(data(&store, &keys).await.failover.is_none());
+        rounds(&store, &keys, lease, &mut mem, &now, (64_750, 70_000), &[]).await;
+        let d = data(&store, &keys).await;
+        assert!(
+            d.failover.is_none(),
+            "the healthy primary was failed over: {d:?}"
+        );
+        assert_eq!(d.proxy.master_db.as_deref(), Some("m"));
+    }
+
+    /// ... but a primary that really stopped reporting is failed over
+    /// fail_interval after the gap ended, not at once.
+    #[tokio::test]
+    async fn after_a_gap_the_failure_timer_starts_afresh() {
+        let (_dir, store, keys, lease) = setup().await;
+        let now = AtomicU64::new(1);
+        let mut mem = Memory::default();
+        rounds(&store, &keys, lease, &mut mem, &now, (1, 3000), &[]).await;
+        rounds(
+            &store,
+            &keys,
+            lease,
+            &mut mem,
+            &now,
+            (63_000, 67_750),
+            &["m"],
+        )
+        .await;
+        assert!(
+            data(&store, &keys).await.failover.is_none(),
+            "within 5 s of the gap's end"
+        );
+        rounds(
+            &store,
+            &keys,
+            lease,
+            &mut mem,
+            &now,
+            (68_000, 68_500),
+            &["m"],
+        )
+        .await;
+        assert!(data(&store, &keys).await.failover.is_some());
     }
 }

@@ -33,8 +33,8 @@ async fn primary_standby_reports_sync_and_promotion() {
     a.start(Duration::from_secs(30)).await.unwrap();
     let ra = a.report("a", 1).await;
     assert!(ra.healthy && !ra.in_recovery, "{ra:?}");
-    assert_eq!(ra.timeline, 1);
-    assert!(ra.lsn > 0);
+    assert_eq!(ra.timeline, Some(1));
+    assert!(ra.lsn > Some(0));
 
     // The superuser cannot replicate over TCP; without its account and
     // slot a base backup fails.
@@ -120,11 +120,11 @@ async fn primary_standby_reports_sync_and_promotion() {
         .collect();
     assert_eq!(slots, vec!["keelson_b".to_string()]);
     assert_eq!(rb.system_id, ra.system_id, "same system");
-    assert_eq!(rb.timeline, 1);
+    assert_eq!(rb.timeline, Some(1));
     let ra = a.report("a", 1).await;
     assert!(
-        rb.lsn > 0 && rb.lsn <= ra.lsn,
-        "standby {} primary {}",
+        rb.lsn > Some(0) && rb.lsn <= ra.lsn,
+        "standby {:?} primary {:?}",
         rb.lsn,
         ra.lsn
     );
@@ -134,7 +134,7 @@ async fn primary_standby_reports_sync_and_promotion() {
         .unwrap();
     a.reload().await.unwrap();
     crate::assert_eventually!(
-        a.report("a", 2).await.synchronous_standbys == vec!["b".to_string()],
+        a.report("a", 2).await.synchronous_standbys == Some(vec!["b".to_string()]),
         Duration::from_secs(10),
         "b never became synchronous"
     );
@@ -145,7 +145,7 @@ async fn primary_standby_reports_sync_and_promotion() {
     crate::assert_eventually!(
         {
             let r = b.report("b", 2).await;
-            r.healthy && !r.in_recovery && r.timeline == 2
+            r.healthy && !r.in_recovery && r.timeline == Some(2)
         },
         Duration::from_secs(15),
         "b was not promoted"
@@ -156,10 +156,99 @@ async fn primary_standby_reports_sync_and_promotion() {
         .unwrap()
         .get(0);
     assert_eq!(n, 2, "the synchronously committed row survived promotion");
+    let last = b.report("b", 2).await.lsn.unwrap();
     b.stop(Duration::from_secs(10)).await;
     a.stop(Duration::from_secs(10)).await;
-    assert!(
-        !a.report("a", 2).await.healthy,
-        "a stopped instance reports unhealthy"
+    // F1: a stopped instance reports unhealthy, and nothing it would have
+    // read from PostgreSQL: unknown, not zero.
+    let r = a.report("a", 2).await;
+    assert!(!r.healthy, "a stopped instance reports unhealthy");
+    assert_eq!((r.lsn, r.timeline, r.system_id.clone()), (None, None, None));
+    assert_eq!(r.synchronous_standbys, None);
+    assert!(r.problem.is_some(), "{r:?}");
+    // The control file of a cleanly stopped primary: its shutdown
+    // checkpoint is the last record it wrote, past everything reported.
+    let c = b.control_data().await.unwrap();
+    assert!(c.shut_down_cleanly(), "{c:?}");
+    assert_eq!(c.timeline, 2);
+    assert!(c.checkpoint_lsn >= last, "{c:?} vs {last}");
+    assert_eq!(Some(c.system_id), rb.system_id);
+}
+
+/// F6d: uids PostgreSQL's scanner cannot take unquoted are quoted, and
+/// what PostgreSQL loads is what was asked; with the standbys absent a
+/// commit waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_names_with_dashes_and_dots_are_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = PgBin::find(None).unwrap();
+    let mut a = Instance::new(bin, dir.path().join("a"), "127.0.0.1", free_port(), repl());
+    a.initdb().await.unwrap();
+    a.write_config(&BTreeMap::new(), None, &[]).unwrap();
+    a.start(Duration::from_secs(30)).await.unwrap();
+    let c = crate::support::connect(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        a.port
+    ))
+    .await;
+    c.batch_execute("CREATE TABLE t (x int)").await.unwrap();
+    let names = vec!["db.2".to_string(), "first".into(), "pg-1".into()];
+    a.write_config(&BTreeMap::new(), None, &names).unwrap();
+    a.reload().await.unwrap();
+    crate::assert_eventually!(
+        a.loaded_sync_names().await.ok().as_deref() == Some(r#"FIRST 3 ("db.2", "first", "pg-1")"#),
+        Duration::from_secs(5),
+        "PostgreSQL runs with {:?}",
+        a.loaded_sync_names().await
     );
+    let insert = tokio::time::timeout(
+        Duration::from_secs(2),
+        c.execute("INSERT INTO t VALUES (1)", &[]),
+    );
+    assert!(
+        insert.await.is_err(),
+        "a commit was acknowledged with no synchronous standby"
+    );
+    // The keeper's own statements do not wait (synchronous_commit=local).
+    let k = a.connect().await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        k.batch_execute("CREATE TABLE u (x int)"),
+    )
+    .await
+    .expect("the keeper's own commit waited for a standby")
+    .unwrap();
+    a.stop_now(Duration::from_secs(10)).await;
+}
+
+/// F3: a keeper that dies leaves its postmaster running; the next one
+/// adopts it (it does not start a second one, or delete its data), fences
+/// it by its pid and stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_keeper_adopts_a_running_postmaster() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = PgBin::find(None).unwrap();
+    let port = free_port();
+    let mut a = Instance::new(bin.clone(), dir.path().join("a"), "127.0.0.1", port, repl());
+    a.initdb().await.unwrap();
+    a.write_config(&BTreeMap::new(), None, &[]).unwrap();
+    a.start(Duration::from_secs(30)).await.unwrap();
+    let pid = a.pid().unwrap();
+    // The keeper dies without a word: its Instance is never dropped.
+    std::mem::forget(a);
+    let mut again = Instance::new(bin, dir.path().join("a"), "127.0.0.1", port, repl());
+    assert_eq!(again.adopt(), Some(pid));
+    assert!(again.is_running());
+    assert!(again.report("a", 1).await.healthy);
+    let e = again.remove_data().unwrap_err().to_string();
+    assert!(e.contains("refusing to delete"), "{e}");
+    let e = again.start(Duration::from_secs(5)).await;
+    assert!(e.is_ok(), "starting an adopted server is a no-op: {e:?}");
+    again.stop_now(Duration::from_secs(10)).await;
+    assert!(
+        !keeper::postmaster::alive(pid),
+        "the adopted postmaster was stopped"
+    );
+    assert!(!again.is_running());
+    again.remove_data().unwrap();
 }

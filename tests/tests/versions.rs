@@ -64,7 +64,7 @@ async fn keeper_primitives_on_postgres_13_to_18() {
             .unwrap_or_else(|e| panic!("PostgreSQL {major}: {e}"));
         let r = pg.report("k", 1).await;
         assert!(
-            r.healthy && !r.in_recovery && r.timeline == 1 && r.lsn > 0,
+            r.healthy && !r.in_recovery && r.timeline == Some(1) && r.lsn > Some(0),
             "PostgreSQL {major}: {r:?}"
         );
         pg.ensure_replication_account().await.unwrap();

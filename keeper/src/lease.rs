@@ -1,0 +1,286 @@
+//! The keeper's lease and its self-fence.
+//!
+//! The keeper's report lives under one lease. The sentinel counts a keeper
+//! whose lease the store has expired as fenced, so the keeper must have
+//! stopped its primary by then:
+//! - the lease is renewed by its own task, every
+//!   [`cluster::ClusterSpec::keeper_keepalive_period`], independent of slow
+//!   PostgreSQL work in the reconcile loop;
+//! - the self-fence timer starts at the instant a successful keep-alive was
+//!   *sent* (before the store received it, so before the store's own timer
+//!   restarted), and fires `fence_timeout` later; the lease lives
+//!   `fence_timeout + FENCE_SLACK` from when the store received it. So the
+//!   fence fires before the lease ends, by at least the slack;
+//! - a lease granted anew (the old one expired, or the keeper restarted)
+//!   renews the fence only once the keeper has put its report under it and
+//!   then read the cluster data: a sentinel that saw the old lease gone may
+//!   already be failing the primary over, and the keeper must learn that
+//!   before it counts itself safe;
+//! - the fence is watched by a thread of its own, not a task, so that a
+//!   stalled runtime cannot keep it from firing.
+//!
+//! Times are `CLOCK_BOOTTIME` milliseconds, which go on while the machine
+//! is suspended: a host that wakes up finds its fence expired.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cluster::{AnyStore, LeaseId, Store, StoreError};
+
+/// Milliseconds on `CLOCK_BOOTTIME`.
+pub fn now_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts);
+    }
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// State shared by the reconcile loop, the renewal task and the fence
+/// thread.
+#[derive(Debug)]
+pub struct Lease {
+    /// The current lease; 0 while there is none.
+    id: AtomicI64,
+    /// Its TTL as granted, in ms.
+    ttl_ms: AtomicU64,
+    /// Whether the reconcile loop has confirmed it (report put, then
+    /// cluster data read); only a confirmed lease renews the fence.
+    confirmed: AtomicBool,
+    /// The TTL to grant next, in ms (from the spec).
+    want_ttl_ms: AtomicU64,
+    /// How often to renew, in ms.
+    period_ms: AtomicU64,
+    /// When the last renewal that counts was sent.
+    renewed_ms: AtomicU64,
+    /// The fence timeout from the spec, in ms.
+    fence_ms: AtomicU64,
+    /// The postmaster's pid while it runs as a primary; 0 otherwise.
+    primary_pid: AtomicU32,
+}
+
+impl Lease {
+    pub fn new(spec: &cluster::ClusterSpec) -> Arc<Lease> {
+        Arc::new(Lease {
+            id: AtomicI64::new(0),
+            ttl_ms: AtomicU64::new(0),
+            confirmed: AtomicBool::new(false),
+            want_ttl_ms: AtomicU64::new(spec.keeper_lease_ttl().as_millis() as u64),
+            period_ms: AtomicU64::new(spec.keeper_keepalive_period().as_millis() as u64),
+            // A keeper that starts (perhaps next to a running primary it
+            // adopted) has one fence_timeout to register.
+            renewed_ms: AtomicU64::new(now_ms()),
+            fence_ms: AtomicU64::new(spec.fence_timeout.as_millis() as u64),
+            primary_pid: AtomicU32::new(0),
+        })
+    }
+
+    /// Takes in a (possibly changed) spec.
+    pub fn set_spec(&self, spec: &cluster::ClusterSpec) {
+        self.want_ttl_ms.store(
+            spec.keeper_lease_ttl().as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        self.period_ms.store(
+            spec.keeper_keepalive_period().as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        self.fence_ms
+            .store(spec.fence_timeout.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The lease the report goes under; 0 for none.
+    pub fn id(&self) -> LeaseId {
+        self.id.load(Ordering::Acquire)
+    }
+
+    pub fn is_confirmed(&self) -> bool {
+        self.confirmed.load(Ordering::Acquire)
+    }
+
+    /// The reconcile loop has put its report under `id` at `put_ms` and
+    /// read the cluster data since, and acted on it.
+    pub fn confirm(&self, id: LeaseId, put_ms: u64) {
+        if self.id() == id && !self.confirmed.swap(true, Ordering::AcqRel) {
+            self.renewed(put_ms);
+            tracing::info!(lease = id, "lease confirmed");
+        }
+    }
+
+    fn renewed(&self, sent_ms: u64) {
+        self.renewed_ms.fetch_max(sent_ms, Ordering::AcqRel);
+    }
+
+    /// The fence timeout in force: the spec's, but never so long that the
+    /// lease held (granted with an older spec) could end first.
+    pub fn fence_timeout_ms(&self) -> u64 {
+        let spec = self.fence_ms.load(Ordering::Relaxed);
+        let ttl = self.ttl_ms.load(Ordering::Relaxed);
+        let slack = cluster::data::FENCE_SLACK.as_millis() as u64;
+        if ttl == 0 {
+            spec
+        } else {
+            spec.min(ttl.saturating_sub(slack))
+        }
+    }
+
+    /// Whether the fence timer has run out.
+    pub fn expired(&self) -> bool {
+        now_ms().saturating_sub(self.renewed_ms.load(Ordering::Acquire)) > self.fence_timeout_ms()
+    }
+
+    /// The postmaster to fence if the timer runs out (0: none).
+    pub fn set_primary_pid(&self, pid: u32) {
+        self.primary_pid.store(pid, Ordering::Release);
+    }
+
+    pub fn primary_pid(&self) -> u32 {
+        self.primary_pid.load(Ordering::Acquire)
+    }
+
+    fn lost(&self) {
+        self.id.store(0, Ordering::Release);
+        self.confirmed.store(false, Ordering::Release);
+    }
+}
+
+/// Renews the lease forever (a task; drop it to stop). `saved` keeps the
+/// lease id across keeper restarts, so that a restarted keeper takes its
+/// own registration back instead of waiting for it to expire.
+pub async fn renew(store: AnyStore, lease: Arc<Lease>, saved: std::path::PathBuf) {
+    if let Some(id) = std::fs::read_to_string(&saved)
+        .ok()
+        .and_then(|s| s.trim().parse::<LeaseId>().ok())
+    {
+        if store.keep_alive(id).await.is_ok() {
+            tracing::info!(
+                lease = id,
+                "took back the lease of this keeper's previous run"
+            );
+            lease
+                .ttl_ms
+                .store(lease.want_ttl_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+            lease.id.store(id, Ordering::Release);
+        }
+    }
+    loop {
+        let id = lease.id();
+        if id == 0 {
+            let ttl = lease.want_ttl_ms.load(Ordering::Relaxed);
+            match store.grant(Duration::from_millis(ttl)).await {
+                Ok(new) => {
+                    lease.ttl_ms.store(ttl, Ordering::Relaxed);
+                    lease.confirmed.store(false, Ordering::Release);
+                    lease.id.store(new, Ordering::Release);
+                    let _ = std::fs::write(&saved, new.to_string());
+                    tracing::info!(lease = new, ttl_ms = ttl, "lease granted");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot get a lease"),
+            }
+        } else {
+            let sent = now_ms();
+            match store.keep_alive(id).await {
+                Ok(()) => {
+                    if lease.is_confirmed() && lease.id() == id {
+                        lease.renewed(sent);
+                    }
+                }
+                Err(StoreError::LeaseExpired(_)) => {
+                    tracing::warn!(
+                        lease = id,
+                        "the lease expired; the sentinel may count this keeper as gone"
+                    );
+                    lease.lost();
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot renew the lease"),
+            }
+        }
+        let period = lease.period_ms.load(Ordering::Relaxed).max(50);
+        tokio::time::sleep(Duration::from_millis(period)).await;
+    }
+}
+
+/// How often the fence thread looks.
+const FENCE_TICK: Duration = Duration::from_millis(50);
+
+/// Starts the fence thread: once the timer runs out while a primary runs,
+/// it stops it with an immediate shutdown (every session ends at once, and
+/// no shutdown checkpoint recycles the WAL pg_rewind needs later), then
+/// kills it and its backends if it has not gone within a second.
+pub fn spawn_fence_thread(lease: Arc<Lease>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("keelson-fence".into())
+        .spawn(move || loop {
+            std::thread::sleep(FENCE_TICK);
+            if Arc::strong_count(&lease) == 1 {
+                // The keeper is gone.
+                return;
+            }
+            let pid = lease.primary_pid();
+            if pid == 0 || !lease.expired() {
+                continue;
+            }
+            tracing::error!(
+                pid,
+                timeout_ms = lease.fence_timeout_ms(),
+                "cannot renew the lease: stopping the primary PostgreSQL (self-fencing)"
+            );
+            crate::postmaster::signal(pid, libc::SIGQUIT);
+            let deadline = std::time::Instant::now() + Duration::from_secs(1);
+            while crate::postmaster::alive(pid) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if crate::postmaster::alive(pid) {
+                crate::postmaster::kill_tree(pid);
+            }
+            let _ = lease
+                .primary_pid
+                .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire);
+        })
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fence_never_outlives_the_lease_held() {
+        let spec = cluster::ClusterSpec::default();
+        let l = Lease::new(&spec);
+        assert_eq!(l.fence_timeout_ms(), 5000);
+        // Granted with 5.5 s; then fence_timeout was raised to 10 s: the
+        // lease held still ends 5.5 s after its last renewal.
+        l.ttl_ms.store(5500, Ordering::Relaxed);
+        l.set_spec(&cluster::ClusterSpec {
+            fence_timeout: Duration::from_secs(10),
+            ..spec.clone()
+        });
+        assert_eq!(l.fence_timeout_ms(), 5000);
+        l.set_spec(&cluster::ClusterSpec {
+            fence_timeout: Duration::from_secs(2),
+            ..spec
+        });
+        assert_eq!(l.fence_timeout_ms(), 2000);
+    }
+
+    #[test]
+    fn an_unconfirmed_lease_does_not_renew_the_fence() {
+        let l = Lease::new(&cluster::ClusterSpec::default());
+        l.id.store(7, Ordering::Relaxed);
+        let before = l.renewed_ms.load(Ordering::Relaxed);
+        assert!(!l.is_confirmed());
+        l.confirm(8, before + 100);
+        assert!(!l.is_confirmed(), "another lease's confirmation");
+        l.confirm(7, before + 100);
+        assert!(l.is_confirmed());
+        assert_eq!(l.renewed_ms.load(Ordering::Relaxed), before + 100);
+        l.lost();
+        assert!(!l.is_confirmed() && l.id() == 0);
+    }
+}
