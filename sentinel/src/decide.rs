@@ -214,7 +214,12 @@ fn update_status(d: &mut ClusterData, obs: &Observations) {
                     s.lsn = lsn;
                 }
                 if let Some(tli) = r.timeline {
-                    s.timeline = tli;
+                    // A data directory's timeline never goes back (a
+                    // rewind or a base backup moves it to the primary's);
+                    // a standby's checkpoint timeline, which it reports
+                    // while it is not streaming, can lag behind the one it
+                    // replays.
+                    s.timeline = s.timeline.max(tli);
                 }
                 if r.system_id.is_some() {
                     s.system_id = r.system_id.clone();

@@ -856,6 +856,15 @@ fn cases() -> Vec<Case> {
             check: |d| assert!(d.failover.is_some(), "5 s after the last healthy report"),
         },
         Case {
+            name: "a standby's timeline does not go back when it reports its checkpoint's",
+            run: || {
+                let mut d = cluster("m", &["s1"]);
+                d.dbs.get_mut("s1").unwrap().status.timeline = 2;
+                decide(&d, &with(observe(&d, &[]), "s1", |r| r.timeline = Some(1)), T0)
+            },
+            check: |d| assert_eq!(d.dbs["s1"].status.timeline, 2),
+        },
+        Case {
             name: "a standby whose keeper vanished is marked unhealthy",
             run: || {
                 let d = cluster("m", &["s1", "s2"]);

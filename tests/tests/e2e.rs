@@ -26,6 +26,9 @@ mod limits;
 /// L7 routing: replica routes, lag limits, role checks, direct TLS, PROXY
 /// protocol, SNI.
 mod routing;
+/// The HA safety findings end to end: dead PostgreSQL under live keepers,
+/// synchronous mode across failovers, fencing, adoption, divergence.
+mod safety;
 /// The store conformance suite, against the file store and etcd.
 mod store;
 /// PostgreSQL 13 to 18 and a libpq 18 client (fetched by scripts/pg-versions).

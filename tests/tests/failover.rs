@@ -5,6 +5,7 @@
 //! restarted, must rejoin as a standby.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicI32;
 use std::time::{Duration, Instant};
 
 use cluster::{AnyStore, ClusterData, ClusterSpec, Keys, Store};
@@ -33,6 +34,11 @@ fn spawn(args: &[&str], log: &std::path::Path) -> Role {
     )
 }
 
+/// The database the cluster data makes primary.
+pub(crate) fn master_of(d: &ClusterData) -> Option<String> {
+    sentinel::decide::master(d)
+}
+
 async fn status(store: &AnyStore, keys: &Keys) -> Option<ClusterData> {
     let kv = store.get(&keys.clusterdata()).await.ok()??;
     ClusterData::from_json(&kv.value).ok()
@@ -53,13 +59,15 @@ pub(crate) struct LocalCluster {
     pub(crate) conn: String,
     /// 1-based index of the keeper whose database is primary.
     pub(crate) master: usize,
+    /// The keepers' uids, by index - 1 (`k1`, `k2`, ... unless named).
+    pub(crate) uids: Vec<String>,
 }
 
 impl LocalCluster {
     pub(crate) fn keeper_role(&self, i: usize) -> Role {
         let data = self.dir.path().join(format!("k{i}")).display().to_string();
         let listen = format!("127.0.0.1:{}", self.ports[i - 1]);
-        let uid = format!("k{i}");
+        let uid = self.uid(i);
         spawn(
             &[
                 "keeper",
@@ -91,6 +99,30 @@ impl LocalCluster {
         sentinels: usize,
         keepers: usize,
     ) -> LocalCluster {
+        let uids: Vec<String> = (1..=keepers).map(|i| format!("k{i}")).collect();
+        let uids: Vec<&str> = uids.iter().map(String::as_str).collect();
+        Self::up_named(url, store, spec, sentinels, &uids).await
+    }
+
+    /// The uid of keeper `i` (1-based).
+    pub(crate) fn uid(&self, i: usize) -> String {
+        self.uids[i - 1].clone()
+    }
+
+    /// The 1-based index of keeper `uid`.
+    pub(crate) fn index(&self, uid: &str) -> usize {
+        self.uids.iter().position(|u| u == uid).expect("a keeper") + 1
+    }
+
+    /// A cluster whose keepers have these uids.
+    pub(crate) async fn up_named(
+        url: &str,
+        store: AnyStore,
+        spec: ClusterSpec,
+        sentinels: usize,
+        uids: &[&str],
+    ) -> LocalCluster {
+        let keepers = uids.len();
         let dir = tempfile::tempdir().unwrap();
         if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
@@ -138,6 +170,7 @@ impl LocalCluster {
             proxy,
             conn,
             master: 0,
+            uids: uids.iter().map(|u| u.to_string()).collect(),
         };
         c.keepers = (1..=keepers).map(|i| Some(c.keeper_role(i))).collect();
         crate::assert_eventually!(
@@ -150,7 +183,7 @@ impl LocalCluster {
             status(&c.store, &c.keys).await
         );
         let data = status(&c.store, &c.keys).await.unwrap();
-        c.master = data.proxy.master_db.unwrap()[1..].parse().unwrap();
+        c.master = c.index(&data.proxy.master_db.unwrap());
         crate::assert_eventually!(
             landing_port(&c.conn).await == Some(c.ports[c.master - 1]),
             Duration::from_secs(10),
@@ -212,7 +245,7 @@ impl LocalCluster {
     /// Whether keeper `i`'s database is a healthy standby by the cluster data.
     pub(crate) async fn is_standby(&self, i: usize) -> bool {
         status(&self.store, &self.keys).await.is_some_and(|d| {
-            let db = &d.dbs[&format!("k{i}")];
+            let db = &d.dbs[&self.uid(i)];
             db.spec.role == cluster::data::Role::Standby
                 && db.status.healthy
                 && db.status.in_recovery
@@ -227,16 +260,18 @@ impl LocalCluster {
             "k{i} did not rejoin as a standby: {:?}",
             status(&self.store, &self.keys)
                 .await
-                .map(|d| d.dbs[&format!("k{i}")].clone())
+                .map(|d| d.dbs[&self.uid(i)].clone())
         );
     }
 
     /// The pid of the primary's postmaster.
     pub(crate) fn primary_pid(&self) -> i32 {
-        let pid_file = self
-            .dir
-            .path()
-            .join(format!("k{}/pgdata/postmaster.pid", self.master));
+        self.pg_pid(self.master)
+    }
+
+    /// The pid of keeper `i`'s postmaster.
+    pub(crate) fn pg_pid(&self, i: usize) -> i32 {
+        let pid_file = self.dir.path().join(format!("k{i}/pgdata/postmaster.pid"));
         std::fs::read_to_string(pid_file)
             .unwrap()
             .lines()
@@ -244,6 +279,68 @@ impl LocalCluster {
             .unwrap()
             .parse()
             .unwrap()
+    }
+
+    /// SIGKILLs keeper `i` alone; its PostgreSQL goes on running.
+    pub(crate) fn kill_keeper_only(&mut self, i: usize) {
+        if let Some(mut k) = self.keepers[i - 1].take() {
+            let _ = k.0.kill();
+            let _ = k.0.wait();
+            std::mem::forget(k);
+        }
+    }
+
+    /// SIGKILLs keeper `i`'s postmaster and its backends; the keeper lives.
+    pub(crate) fn kill_postgres(&self, i: usize) {
+        let pid = self.pg_pid(i) as u32;
+        keeper::postmaster::kill_tree(pid);
+    }
+
+    /// The cluster data now.
+    pub(crate) async fn data(&self) -> ClusterData {
+        status(&self.store, &self.keys).await.expect("cluster data")
+    }
+
+    /// `SHOW name` on keeper `i`'s PostgreSQL.
+    pub(crate) async fn show(&self, i: usize, name: &str) -> Option<String> {
+        let conn = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=2",
+            self.ports[i - 1]
+        );
+        let client = try_connect(&conn).await.ok()?;
+        client
+            .query_one(&format!("SHOW {name}"), &[])
+            .await
+            .ok()
+            .map(|r| r.get(0))
+    }
+
+    /// The log of keeper `i`.
+    pub(crate) fn keeper_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("keeper{i}.log"))).unwrap_or_default()
+    }
+
+    /// Waits until the cluster names a primary other than `old` (an index)
+    /// and the proxy routes there; returns its index.
+    pub(crate) async fn wait_new_primary(&mut self, old: usize, limit: Duration) -> usize {
+        let deadline = Instant::now() + limit;
+        loop {
+            let d = self.data().await;
+            if let Some(m) = d.proxy.master_db.as_deref() {
+                let i = self.index(m);
+                if i != old {
+                    self.master = i;
+                    return i;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no new primary within {limit:?}: {:?}\n{}",
+                d.notice,
+                d.to_json()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// SIGKILLs the primary's keeper and its PostgreSQL.
@@ -458,77 +555,6 @@ async fn failover_still_happens_after_the_sentinel_leader_dies() {
         .value;
     assert_ne!(new_leader, leader, "another sentinel took over");
     eprintln!("failover with a new sentinel leader took {took:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn synchronous_mode_loses_no_acknowledged_commit() {
-    let etcd = EtcdServer::start().await;
-    let store = cluster::open(&etcd.url()).await.unwrap();
-    let spec = ClusterSpec {
-        synchronous_replication: true,
-        ..Default::default()
-    };
-    let mut c = LocalCluster::up_with(&etcd.url(), store, spec, 1, 2).await;
-    let standby = format!("k{}", c.other());
-    crate::assert_eventually!(
-        status(&c.store, &c.keys)
-            .await
-            .is_some_and(
-                |d| d.dbs[&format!("k{}", c.master)].status.synchronous_standbys
-                    == vec![standby.clone()]
-            ),
-        Duration::from_secs(30),
-        "the standby never became synchronous"
-    );
-    // A writer commits rows as fast as it can; every acknowledged id is kept.
-    let conn = c.conn.clone();
-    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let a2 = acked.clone();
-    let writer = tokio::spawn(async move {
-        let cl = try_connect(&conn).await.unwrap();
-        for i in 0..100_000i32 {
-            if cl
-                .execute("INSERT INTO w VALUES ($1)", &[&i])
-                .await
-                .is_err()
-            {
-                break;
-            }
-            a2.lock().unwrap().push(i);
-        }
-    });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    c.kill_primary();
-    let _ = writer.await;
-    let acked = acked.lock().unwrap().clone();
-    assert!(
-        acked.len() > 10,
-        "the writer committed {} rows",
-        acked.len()
-    );
-    let (port, _) = c
-        .next_write(
-            "INSERT INTO w VALUES (-1) RETURNING inet_server_port()",
-            Duration::from_secs(60),
-        )
-        .await;
-    assert_eq!(port, c.ports[c.other() - 1]);
-    let cl = try_connect(&c.conn).await.unwrap();
-    let present: Vec<i32> = cl
-        .query("SELECT x FROM w WHERE x >= 0", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let present: std::collections::HashSet<i32> = present.into_iter().collect();
-    let lost: Vec<&i32> = acked.iter().filter(|i| !present.contains(i)).collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged commits lost: {:?}",
-        lost.len(),
-        &lost[..lost.len().min(10)]
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -749,4 +775,147 @@ async fn three_keepers_replicate_and_failkeeper_moves_the_primary() {
         .await;
     drop(client);
     c.keepers.clear();
+}
+
+/// Writers inserting unique ids into `w` through the proxy, reconnecting
+/// after errors, recording every outcome: acknowledged, failed for sure
+/// (refused before anything was sent), or unknown (the connection broke
+/// with the INSERT in flight).
+pub(crate) struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Per writer, the id of the INSERT in flight (0: none).
+    in_flight: Vec<std::sync::Arc<AtomicI32>>,
+    pub(crate) acked: std::sync::Arc<std::sync::Mutex<Vec<i32>>>,
+    pub(crate) unknown: std::sync::Arc<std::sync::Mutex<Vec<i32>>>,
+    /// Connection attempts refused, with their SQLSTATE.
+    pub(crate) refused: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Writer {
+    pub(crate) fn start(conn: &str, clients: usize) -> Writer {
+        use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+        use std::sync::{Arc, Mutex};
+        let stop = Arc::new(AtomicBool::new(false));
+        let next = Arc::new(AtomicI32::new(1));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let unknown = Arc::new(Mutex::new(Vec::new()));
+        let refused = Arc::new(Mutex::new(Vec::new()));
+        let in_flight: Vec<Arc<AtomicI32>> =
+            (0..clients).map(|_| Arc::new(AtomicI32::new(0))).collect();
+        let tasks = in_flight
+            .iter()
+            .map(|current| {
+                let current = current.clone();
+                let (conn, stop, next) = (conn.to_owned(), stop.clone(), next.clone());
+                let (acked, unknown, refused) = (acked.clone(), unknown.clone(), refused.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let cl = match try_connect(&conn).await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                refused.lock().unwrap().push(
+                                    crate::support::sqlstate(&e).unwrap_or_else(|| e.to_string()),
+                                );
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                continue;
+                            }
+                        };
+                        while !stop.load(Ordering::Relaxed) {
+                            let id = next.fetch_add(1, Ordering::Relaxed);
+                            current.store(id, Ordering::Relaxed);
+                            let r = tokio::time::timeout(
+                                Duration::from_secs(30),
+                                cl.execute("INSERT INTO w VALUES ($1)", &[&id]),
+                            )
+                            .await;
+                            current.store(0, Ordering::Relaxed);
+                            match r {
+                                Ok(Ok(_)) => acked.lock().unwrap().push(id),
+                                _ => {
+                                    unknown.lock().unwrap().push(id);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Writer {
+            stop,
+            tasks,
+            in_flight,
+            acked,
+            unknown,
+            refused,
+        }
+    }
+
+    pub(crate) fn acked_count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits until `n` more writes than now were acknowledged.
+    pub(crate) async fn wait_more(&self, n: usize, limit: Duration) {
+        let want = self.acked_count() + n;
+        crate::assert_eventually!(
+            self.acked_count() >= want,
+            limit,
+            "the writers got {} of {want} acknowledgements",
+            self.acked_count()
+        );
+    }
+
+    /// Stops the writers; returns the acknowledged and the unknown ids.
+    pub(crate) async fn stop(self) -> (Vec<i32>, Vec<i32>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        let mut unknown = self.unknown.lock().unwrap().clone();
+        // An INSERT cut off by the abort may have committed.
+        unknown.extend(
+            self.in_flight
+                .iter()
+                .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+                .filter(|id| *id != 0),
+        );
+        (acked, unknown)
+    }
+}
+
+impl LocalCluster {
+    /// The ids in `w` on the primary, through the proxy.
+    pub(crate) async fn rows(&self) -> std::collections::HashSet<i32> {
+        let cl = try_connect(&self.conn).await.unwrap();
+        cl.query("SELECT x FROM w", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// Asserts that every acknowledged id is in `w`, and that nothing is
+    /// there that was neither acknowledged nor in doubt.
+    pub(crate) async fn assert_nothing_lost(&self, acked: &[i32], unknown: &[i32]) {
+        let rows = self.rows().await;
+        let lost: Vec<&i32> = acked.iter().filter(|i| !rows.contains(i)).collect();
+        assert!(
+            lost.is_empty(),
+            "{} of {} acknowledged commits lost: {:?}",
+            lost.len(),
+            acked.len(),
+            &lost[..lost.len().min(10)]
+        );
+        let known: std::collections::HashSet<&i32> = acked.iter().chain(unknown).collect();
+        let stray: Vec<&i32> = rows
+            .iter()
+            .filter(|i| **i > 0 && !known.contains(i))
+            .collect();
+        assert!(stray.is_empty(), "rows nobody wrote: {stray:?}");
+    }
 }
