@@ -88,6 +88,15 @@ impl LocalCluster {
         )
     }
 
+    /// Sentinel `i` (1-based) of this cluster, started again.
+    pub(crate) fn sentinel_role(&self, i: usize) -> Role {
+        let uid = format!("s{i}");
+        spawn(
+            &["sentinel", "--uid", &uid, "--store", &self.url, "--cluster", "f"],
+            &self.dir.path().join(format!("sentinel{i}.log")),
+        )
+    }
+
     pub(crate) async fn up(url: &str, store: AnyStore) -> LocalCluster {
         Self::up_with(url, store, ClusterSpec::default(), 1, 2).await
     }

@@ -275,3 +275,135 @@ async fn a_stale_standby_is_not_promoted_when_the_primary_dies_under_a_live_keep
         .get(0);
     assert_eq!(n, 150_000, "acknowledged rows lost");
 }
+
+/// Whether keeper `i` of `c` is the one the cluster data makes primary.
+async fn is_master(c: &LocalCluster, i: usize) -> bool {
+    crate::failover::master_of(&c.data().await).as_deref() == Some(c.uid(i).as_str())
+}
+
+/// F1: the primary's PostgreSQL dies and cannot start again (its data
+/// directory is unreadable), while its keeper runs on and reports it:
+/// async mode fails over to the standby, and the old primary rejoins once
+/// its disk is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_crash_looping_primary_under_a_live_keeper_is_failed_over() {
+    let (_s, url) = file_store();
+    let store = cluster::open(&url).await.unwrap();
+    let mut c = LocalCluster::up(&url, store).await;
+    let (old, new) = (c.master, c.other());
+    c.kill_postgres(old);
+    c.break_data_dir(old);
+    let (port, took) = c
+        .next_write(
+            "INSERT INTO w VALUES (1) RETURNING inet_server_port()",
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(port, c.ports[new - 1]);
+    eprintln!("writes resumed on the standby {took:?} after the crash");
+    assert!(c.keeper_log(old).contains("cannot read") || !c.keeper_log(old).is_empty());
+    c.master = new;
+    c.repair_data_dir(old);
+    c.wait_standby(old).await;
+}
+
+/// F1b: the same in synchronous mode, three keepers: the failover goes to
+/// the confirmed synchronous standby, with no acknowledged commit lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_crash_looping_primary_under_a_live_keeper_is_failed_over() {
+    let (_s, url) = file_store();
+    let store = cluster::open(&url).await.unwrap();
+    let mut c = LocalCluster::up_with(&url, store, sync_spec(), 1, 3).await;
+    let old = c.master;
+    c.wait_sync_confirmed(old, Duration::from_secs(30)).await;
+    let confirmed = c.data().await.dbs[&c.uid(old)].status.sync_confirmed.clone();
+    let writer = Writer::start(&c.conn, 4);
+    writer.wait_more(200, Duration::from_secs(30)).await;
+    c.kill_postgres(old);
+    c.break_data_dir(old);
+    let new = c.wait_new_primary(old, Duration::from_secs(40)).await;
+    assert!(confirmed.contains(&c.uid(new)), "k{new} was not a confirmed sync standby: {confirmed:?}");
+    writer.wait_more(100, Duration::from_secs(60)).await;
+    let (acked, unknown) = writer.stop().await;
+    c.assert_nothing_lost(&acked, &unknown).await;
+    c.repair_data_dir(old);
+    c.wait_standby(old).await;
+}
+
+/// F1b: a hung primary (its postmaster stopped, its keeper alive and
+/// reporting it unhealthy) in synchronous mode is failed over to the
+/// synchronous standby; nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_hung_primary_under_a_live_keeper_is_failed_over() {
+    let (_s, url) = file_store();
+    let store = cluster::open(&url).await.unwrap();
+    let mut c = LocalCluster::up_with(&url, store, sync_spec(), 1, 3).await;
+    let old = c.master;
+    c.wait_sync_confirmed(old, Duration::from_secs(30)).await;
+    let writer = Writer::start(&c.conn, 4);
+    writer.wait_more(200, Duration::from_secs(30)).await;
+    let pid = c.primary_pid();
+    // SAFETY: stopping the primary's postmaster by pid.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let new = c.wait_new_primary(old, Duration::from_secs(40)).await;
+    writer.wait_more(100, Duration::from_secs(60)).await;
+    let (acked, unknown) = writer.stop().await;
+    c.assert_nothing_lost(&acked, &unknown).await;
+    // The old postmaster was killed by its keeper (a stopped process does
+    // not take SIGQUIT); the old primary rejoins.
+    assert!(!keeper::postmaster::alive(pid as u32), "the hung postmaster still exists");
+    eprintln!("hung k{old} failed over to k{new}");
+    c.wait_standby(old).await;
+}
+
+/// F1c: a planned switchover in synchronous mode, under write load: it
+/// completes to the synchronous standby, no commit is lost, no client is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_switchover_under_write_load_loses_nothing_and_refuses_no_one() {
+    let (_s, url) = file_store();
+    let store = cluster::open(&url).await.unwrap();
+    let mut c = LocalCluster::up_with(&url, store, sync_spec(), 1, 3).await;
+    let old = c.master;
+    c.wait_sync_confirmed(old, Duration::from_secs(30)).await;
+    let writer = Writer::start(&c.conn, 4);
+    writer.wait_more(200, Duration::from_secs(30)).await;
+    let out = c.ctl(&["switchover"]).unwrap();
+    assert!(out.contains("switchover from"), "{out}");
+    let t = Instant::now();
+    let new = c.wait_new_primary(old, Duration::from_secs(30)).await;
+    eprintln!("sync switchover k{old} -> k{new} in {:?}", t.elapsed());
+    writer.wait_more(100, Duration::from_secs(60)).await;
+    let refused = writer.refused.lock().unwrap().clone();
+    let (acked, unknown) = writer.stop().await;
+    assert!(refused.is_empty(), "connections refused: {refused:?}");
+    c.assert_nothing_lost(&acked, &unknown).await;
+    c.wait_standby(old).await;
+}
+
+/// F6d: keeper uids with '-' and '.' in synchronous mode: PostgreSQL runs
+/// the names quoted, and commits wait while the standby is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_mode_with_dashes_and_dots_in_uids() {
+    let (_s, url) = file_store();
+    let store = cluster::open(&url).await.unwrap();
+    let c = LocalCluster::up_named(&url, store, sync_spec(), 1, &["pg-1", "db.2"]).await;
+    let (p, s) = (c.master, c.other());
+    c.wait_sync_confirmed(p, Duration::from_secs(30)).await;
+    assert_eq!(
+        c.show(p, "synchronous_standby_names").await,
+        Some(format!("FIRST 1 (\"{}\")", c.uid(s)))
+    );
+    let mut c = c;
+    c.kill_keeper_only(s);
+    c.kill_postgres(s);
+    c.assert_commit_blocks(p, Duration::from_secs(3)).await;
+    c.keepers[s - 1] = Some(c.keeper_role(s));
+    let (_, took) = c
+        .next_write(
+            "INSERT INTO w VALUES (2) RETURNING inet_server_port()",
+            Duration::from_secs(60),
+        )
+        .await;
+    eprintln!("commits resumed {took:?} after the standby came back");
+}
