@@ -369,7 +369,8 @@ impl Keeper {
         if !steps.is_empty() {
             tracing::info!(?steps, role = desired.role.as_str(), "reconciling");
         }
-        match act(pg, cfg, desired, obs, &steps, data).await {
+        let mut done = Vec::new();
+        match act(pg, cfg, desired, obs, &steps, data, &mut done).await {
             Ok(()) => {
                 self.applied = desired.generation;
                 self.problem = None;
@@ -379,11 +380,11 @@ impl Keeper {
                 self.problem = Some(e.to_string());
             }
         }
-        if steps.iter().any(|s| matches!(s, Action::WriteConfig)) {
+        if done.iter().any(|s| matches!(s, Action::WriteConfig)) {
             let up = obs.configured_upstream.clone().unwrap_or_default();
             let _ = std::fs::write(&self.upstream_file, up);
         }
-        if steps
+        if done
             .iter()
             .any(|s| matches!(s, Action::Rewind { .. } | Action::BaseBackup { .. }))
         {
@@ -391,7 +392,7 @@ impl Keeper {
             self.following_since = Some(Instant::now());
             self.streamed_at = None;
         }
-        if steps.iter().any(|s| matches!(s, Action::Start)) && desired.role == Role::Standby {
+        if done.iter().any(|s| matches!(s, Action::Start)) && desired.role == Role::Standby {
             self.following_since = Some(Instant::now());
         }
         let primary = desired.role == Role::Master && pg.is_running();
@@ -586,10 +587,12 @@ async fn act(
     o: &mut Observed,
     steps: &[Action],
     data: &ClusterData,
+    done: &mut Vec<Action>,
 ) -> Result<(), PgError> {
     const START: Duration = Duration::from_secs(60);
     let sync_names = crate::names::synchronous_standby_names(&d.synchronous_standbys);
     for step in steps {
+        done.push(step.clone());
         match step {
             Action::Refuse { why } => {
                 return Err(PgError::Program {

@@ -13,7 +13,7 @@ use proxy_core::{ProxyConfig, View, ViewHandle};
 
 use crate::support::{free_port, keelson_bin, landing_port, try_connect, EtcdServer, TestProxy};
 
-pub(crate) struct Role(Child);
+pub(crate) struct Role(pub(crate) Child);
 
 impl Drop for Role {
     fn drop(&mut self) {
@@ -92,7 +92,15 @@ impl LocalCluster {
     pub(crate) fn sentinel_role(&self, i: usize) -> Role {
         let uid = format!("s{i}");
         spawn(
-            &["sentinel", "--uid", &uid, "--store", &self.url, "--cluster", "f"],
+            &[
+                "sentinel",
+                "--uid",
+                &uid,
+                "--store",
+                &self.url,
+                "--cluster",
+                "f",
+            ],
             &self.dir.path().join(format!("sentinel{i}.log")),
         )
     }
@@ -344,9 +352,10 @@ impl LocalCluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "no new primary within {limit:?}: {:?}\n{}",
+                "no new primary within {limit:?}: {:?}\n{}\nsentinel log:\n{}",
                 d.notice,
-                d.to_json()
+                d.to_json(),
+                std::fs::read_to_string(self.dir.path().join("sentinel1.log")).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use cluster::ClusterSpec;
+use cluster::{ClusterSpec, Store};
 
 use crate::failover::{LocalCluster, Writer};
 use crate::support::try_connect;
@@ -276,9 +276,9 @@ async fn a_stale_standby_is_not_promoted_when_the_primary_dies_under_a_live_keep
     assert_eq!(n, 150_000, "acknowledged rows lost");
 }
 
-/// Whether keeper `i` of `c` is the one the cluster data makes primary.
-async fn is_master(c: &LocalCluster, i: usize) -> bool {
-    crate::failover::master_of(&c.data().await).as_deref() == Some(c.uid(i).as_str())
+/// The row count of `w` on keeper `i`, directly.
+async fn count_on(c: &LocalCluster, i: usize) -> Option<i64> {
+    c.direct(i, "SELECT count(*) FROM w").await
 }
 
 /// F1: the primary's PostgreSQL dies and cannot start again (its data
@@ -316,13 +316,19 @@ async fn sync_crash_looping_primary_under_a_live_keeper_is_failed_over() {
     let mut c = LocalCluster::up_with(&url, store, sync_spec(), 1, 3).await;
     let old = c.master;
     c.wait_sync_confirmed(old, Duration::from_secs(30)).await;
-    let confirmed = c.data().await.dbs[&c.uid(old)].status.sync_confirmed.clone();
+    let confirmed = c.data().await.dbs[&c.uid(old)]
+        .status
+        .sync_confirmed
+        .clone();
     let writer = Writer::start(&c.conn, 4);
     writer.wait_more(200, Duration::from_secs(30)).await;
     c.kill_postgres(old);
     c.break_data_dir(old);
     let new = c.wait_new_primary(old, Duration::from_secs(40)).await;
-    assert!(confirmed.contains(&c.uid(new)), "k{new} was not a confirmed sync standby: {confirmed:?}");
+    assert!(
+        confirmed.contains(&c.uid(new)),
+        "k{new} was not a confirmed sync standby: {confirmed:?}"
+    );
     writer.wait_more(100, Duration::from_secs(60)).await;
     let (acked, unknown) = writer.stop().await;
     c.assert_nothing_lost(&acked, &unknown).await;
@@ -351,7 +357,10 @@ async fn sync_hung_primary_under_a_live_keeper_is_failed_over() {
     c.assert_nothing_lost(&acked, &unknown).await;
     // The old postmaster was killed by its keeper (a stopped process does
     // not take SIGQUIT); the old primary rejoins.
-    assert!(!keeper::postmaster::alive(pid as u32), "the hung postmaster still exists");
+    assert!(
+        !keeper::postmaster::alive(pid as u32),
+        "the hung postmaster still exists"
+    );
     eprintln!("hung k{old} failed over to k{new}");
     c.wait_standby(old).await;
 }
@@ -406,4 +415,368 @@ async fn sync_mode_with_dashes_and_dots_in_uids() {
         )
         .await;
     eprintln!("commits resumed {took:?} after the standby came back");
+}
+
+/// F3: a keeper SIGKILLed while its PostgreSQL runs is restarted: it adopts
+/// the running postmaster (no second one, no deleted data). Then a planned
+/// switchover stops it and completes, and after another keeper restart a
+/// failkeeper stops the adopted primary and fails over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_keeper_adopts_its_postgres_then_switchover_and_failover_work() {
+    let (_s, url) = file_store();
+    let store = cluster::open(&url).await.unwrap();
+    let mut c = LocalCluster::up_with(&url, store, ClusterSpec::default(), 1, 3).await;
+    let first = c.master;
+    let pid = c.primary_pid();
+    c.kill_keeper_only(first);
+    c.keepers[first - 1] = Some(c.keeper_role(first));
+    crate::assert_eventually!(
+        c.keeper_log(first)
+            .contains("adopting the PostgreSQL already running"),
+        Duration::from_secs(10),
+        "k{first} did not adopt its postmaster:\n{}",
+        c.keeper_log(first)
+    );
+    assert_eq!(c.primary_pid(), pid, "the same postmaster goes on");
+    let (port, _) = c
+        .next_write(
+            "INSERT INTO w VALUES (1) RETURNING inet_server_port()",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(port, c.ports[first - 1]);
+
+    // A switchover stops the adopted primary cleanly.
+    c.ctl(&["switchover"]).unwrap();
+    let second = c.wait_new_primary(first, Duration::from_secs(30)).await;
+    assert!(
+        keeper::postmaster::wait_gone(pid as u32, Duration::from_secs(10)).await,
+        "the adopted postmaster was not stopped"
+    );
+    c.wait_standby(first).await;
+
+    // The new primary's keeper dies and comes back; failkeeper moves the
+    // primary away and stops the adopted postmaster.
+    let pid = c.primary_pid();
+    c.kill_keeper_only(second);
+    c.keepers[second - 1] = Some(c.keeper_role(second));
+    crate::assert_eventually!(
+        c.keeper_log(second)
+            .contains("adopting the PostgreSQL already running"),
+        Duration::from_secs(10),
+        "k{second} did not adopt its postmaster"
+    );
+    crate::assert_eventually!(
+        c.data().await.dbs[&c.uid(second)].status.healthy,
+        Duration::from_secs(10),
+        "k{second} does not report"
+    );
+    let out = c.ctl(&["failkeeper", &c.uid(second)]).unwrap();
+    assert!(out.contains("failover from"), "{out}");
+    let third = c.wait_new_primary(second, Duration::from_secs(30)).await;
+    assert!(
+        keeper::postmaster::wait_gone(pid as u32, Duration::from_secs(10)).await,
+        "the adopted old primary still runs"
+    );
+    let (port, _) = c
+        .next_write(
+            "INSERT INTO w VALUES (2) RETURNING inet_server_port()",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(port, c.ports[third - 1]);
+    c.wait_standby(second).await;
+}
+
+/// F5: three keepers in synchronous mode under write load. The
+/// synchronous standby stops receiving; commits block, but their WAL still
+/// reaches the asynchronous standby, which so goes past what the
+/// synchronous one has. The primary dies: the synchronous standby is
+/// promoted, and the asynchronous one, diverged, is rewound onto it and
+/// streams again. Nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_a_surviving_standby_that_diverged_is_rewound() {
+    let (_s, url) = file_store();
+    let store = cluster::open(&url).await.unwrap();
+    let mut c = LocalCluster::up_with(&url, store, sync_spec(), 1, 3).await;
+    let a = c.master;
+    c.wait_sync_confirmed(a, Duration::from_secs(30)).await;
+    let d = c.data().await;
+    let b = c.index(&d.dbs[&c.uid(a)].status.sync_confirmed[0]);
+    let cc = (1..=3).find(|i| *i != a && *i != b).unwrap();
+    let writer = Writer::start(&c.conn, 4);
+    writer.wait_more(200, Duration::from_secs(30)).await;
+    let receiver = c.walreceiver_pid(b).await;
+    // SAFETY: pausing (later resuming) b's WAL receiver.
+    unsafe { libc::kill(receiver, libc::SIGSTOP) };
+    // Commits wait for b; the WAL of a big transaction still goes to c.
+    let conn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        c.ports[a - 1]
+    );
+    let big = tokio::spawn(async move {
+        let cl = try_connect(&conn).await.ok()?;
+        cl.batch_execute("INSERT INTO w SELECT -g FROM generate_series(1, 200000) g")
+            .await
+            .ok()
+    });
+    crate::assert_eventually!(
+        {
+            let d = c.data().await;
+            d.dbs[&c.uid(cc)].status.lsn > d.dbs[&c.uid(b)].status.lsn + (1 << 20)
+        },
+        Duration::from_secs(20),
+        "k{cc} did not get ahead of k{b}"
+    );
+    c.kill_primary();
+    // SAFETY: as above.
+    unsafe { libc::kill(receiver, libc::SIGCONT) };
+    let new = c.wait_new_primary(a, Duration::from_secs(40)).await;
+    assert_eq!(new, b, "the synchronous standby is promoted");
+    // c had replayed past b's end of WAL: it is rewound, then streams.
+    crate::assert_eventually!(
+        c.keeper_log(cc).contains("servers diverged"),
+        Duration::from_secs(60),
+        "k{cc} was not rewound:\n{}",
+        c.keeper_log(cc)
+    );
+    writer.wait_more(100, Duration::from_secs(60)).await;
+    let (acked, unknown) = writer.stop().await;
+    assert_eq!(
+        big.await.unwrap(),
+        None,
+        "the big transaction was acknowledged"
+    );
+    c.assert_nothing_lost(&acked, &unknown).await;
+    let on_primary = count_on(&c, b).await;
+    crate::assert_eventually!(
+        count_on(&c, cc).await == on_primary,
+        Duration::from_secs(20),
+        "k{cc} does not follow k{b}"
+    );
+    assert!(c.is_standby(cc).await);
+}
+
+/// F9d: a second keeper started with a uid already in use is refused: it
+/// changes nothing (no PostgreSQL of its own, no takeover of the other's
+/// registration) and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_keeper_with_the_same_uid_is_refused() {
+    let (_s, url) = file_store();
+    let store = cluster::open(&url).await.unwrap();
+    let c = LocalCluster::up(&url, store).await;
+    let s = c.other();
+    let before = c.data().await.dbs[&c.uid(s)].status.address.clone();
+    let dir = c.dir.path().join("dup");
+    let port = crate::support::free_port();
+    let log = c.dir.path().join("dup.log");
+    let listen = format!("127.0.0.1:{port}");
+    let dup = std::process::Command::new(crate::support::keelson_bin())
+        .args([
+            "keeper",
+            "--uid",
+            &c.uid(s),
+            "--data-dir",
+            &dir.display().to_string(),
+            "--pg-listen",
+            &listen,
+            "--pg-repl-password",
+            "test-secret",
+            "--store",
+            &url,
+            "--cluster",
+            "f",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _dup = crate::failover::Role(dup);
+    crate::assert_eventually!(
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("another keeper is registered with this uid"),
+        Duration::from_secs(15),
+        "the duplicate did not say why it waits:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !dir.join("pgdata").exists(),
+        "the duplicate made a data directory"
+    );
+    let d = c.data().await;
+    assert_eq!(
+        d.dbs[&c.uid(s)].status.address,
+        before,
+        "the registration was taken over"
+    );
+    assert!(d.dbs[&c.uid(s)].status.healthy);
+}
+
+/// F9a: the standby chosen for promotion never becomes primary (its keeper
+/// is stopped right then): after `convergence_timeout` it is fenced and
+/// another standby is promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_candidate_is_replaced_after_the_convergence_timeout() {
+    let (_s, url) = file_store();
+    let store = cluster::open(&url).await.unwrap();
+    let spec = ClusterSpec {
+        convergence_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let mut c = LocalCluster::up_with(&url, store, spec, 1, 3).await;
+    let old = c.master;
+    c.wait_standbys_see("SELECT count(*) FROM w", 0).await;
+    let t = Instant::now();
+    c.ctl(&["failkeeper", &c.uid(old)]).unwrap();
+    // The chosen candidate dies as soon as it is chosen, before it is
+    // named primary.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stuck = loop {
+        if let Some(to) = c.data().await.failover.as_ref().and_then(|f| f.to.clone()) {
+            let i = c.index(&to);
+            c.kill_keeper_only(i);
+            c.kill_postgres(i);
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no candidate was chosen");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_ne!(
+        c.data().await.proxy.master_db.as_deref(),
+        Some(c.uid(stuck).as_str()),
+        "k{stuck} was named before it died"
+    );
+    let other = (1..=3).find(|i| *i != old && *i != stuck).unwrap();
+    let new = c.wait_new_primary(old, Duration::from_secs(60)).await;
+    assert_eq!(new, other, "the other standby took over");
+    eprintln!(
+        "k{other} became primary {:?} after k{stuck} got stuck",
+        t.elapsed()
+    );
+    let (port, _) = c
+        .next_write(
+            "INSERT INTO w VALUES (3) RETURNING inet_server_port()",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(port, c.ports[other - 1]);
+    let d = c.data().await;
+    assert!(d.dbs[&c.uid(stuck)].spec.role == cluster::data::Role::None);
+    c.keepers[stuck - 1] = Some(c.keeper_role(stuck));
+    c.wait_standby(stuck).await;
+}
+
+/// F7b: etcd is paused for 20 s under a write load with every keeper
+/// healthy. The primary fences itself (it cannot renew its lease), but
+/// once etcd is back it starts again and stays primary: time the sentinel
+/// could not observe is not failure time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_is_not_a_keeper_failure() {
+    let etcd = crate::support::EtcdServer::start().await;
+    let store = cluster::open(&etcd.url()).await.unwrap();
+    let c = LocalCluster::up(&etcd.url(), store).await;
+    let before = c.data().await;
+    let writer = Writer::start(&c.conn, 2);
+    writer.wait_more(100, Duration::from_secs(30)).await;
+    etcd.pause();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    etcd.resume();
+    writer.wait_more(100, Duration::from_secs(60)).await;
+    // Watch for a while: no failover after the outage either.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let d = c.data().await;
+        assert!(
+            d.failover.is_none(),
+            "failed over after the outage: {:?}",
+            d.notice
+        );
+        assert_eq!(d.proxy.master_db, before.proxy.master_db);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let d = c.data().await;
+    assert_eq!(
+        d.dbs[&c.uid(c.master)].status.timeline,
+        before.dbs[&c.uid(c.master)].status.timeline,
+        "a promotion happened"
+    );
+    let (acked, unknown) = writer.stop().await;
+    c.assert_nothing_lost(&acked, &unknown).await;
+}
+
+/// F12: the store is lost while the keepers keep their data, and the
+/// newest data is on the keeper that is not first by name. `ctl init`
+/// elects nobody and says why; `ctl init --existing UID` keeps that
+/// keeper's data, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_init_over_existing_data_keeps_the_data_it_is_told_to() {
+    let (store_dir, url) = file_store();
+    let store = cluster::open(&url).await.unwrap();
+    let mut c = LocalCluster::up(&url, store).await;
+    let (a, b) = (c.master, c.other());
+    try_connect(&c.conn)
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO w SELECT generate_series(1, 100)")
+        .await
+        .unwrap();
+    // Fail over to b (its timeline 2), then let a rejoin.
+    c.ctl(&["failkeeper", &c.uid(a)]).unwrap();
+    c.wait_new_primary(a, Duration::from_secs(30)).await;
+    c.wait_standby(a).await;
+    // a stops; b takes more writes; then everything stops.
+    c.keepers[a - 1] = None;
+    c.next_write(
+        "WITH i AS (INSERT INTO w SELECT generate_series(101, 200) RETURNING 1) \
+         SELECT count(*)::int FROM i",
+        Duration::from_secs(30),
+    )
+    .await;
+    c.keepers[b - 1] = None;
+    c.sentinels[0] = None;
+    // The store is lost.
+    for f in ["store.json", "store.lock"] {
+        let _ = std::fs::remove_file(store_dir.path().join(f));
+    }
+    let out = c.ctl(&["init"]).unwrap();
+    assert!(out.contains("created"), "{out}");
+    c.sentinels[0] = Some(c.sentinel_role(1));
+    c.keepers[a - 1] = Some(c.keeper_role(a));
+    c.keepers[b - 1] = Some(c.keeper_role(b));
+    crate::assert_eventually!(
+        c.status_text().contains("--existing"),
+        Duration::from_secs(20),
+        "ctl status does not say why no primary is elected:\n{}",
+        c.status_text()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let d = c.data().await;
+    assert!(
+        crate::failover::master_of(&d).is_none(),
+        "elected over existing data"
+    );
+    eprintln!("{}", c.status_text());
+    // Told which data to keep: b's.
+    c.store.delete(&c.keys.clusterdata()).await.unwrap();
+    let out = c.ctl(&["init", "--existing", &c.uid(b)]).unwrap();
+    assert!(out.contains("created"), "{out}");
+    crate::assert_eventually!(
+        c.data().await.proxy.master_db.as_deref() == Some(c.uid(b).as_str()),
+        Duration::from_secs(60),
+        "b was not elected: {}",
+        c.status_text()
+    );
+    c.master = b;
+    let n: i64 = crate::support::connect(&c.conn)
+        .await
+        .query_one("SELECT count(*) FROM w WHERE x BETWEEN 1 AND 200", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 200, "rows written before the store was lost are gone");
+    c.wait_standby(a).await;
+    c.wait_standbys_see("SELECT count(*) FROM w WHERE x BETWEEN 1 AND 200", 200)
+        .await;
 }
