@@ -212,7 +212,22 @@ const FENCE_TICK: Duration = Duration::from_millis(50);
 /// it stops it with an immediate shutdown (every session ends at once, and
 /// no shutdown checkpoint recycles the WAL pg_rewind needs later), then
 /// kills it and its backends if it has not gone within a second.
-pub fn spawn_fence_thread(lease: Arc<Lease>) -> std::io::Result<()> {
+/// It also keeps the fence file the guard process reads (see
+/// [`crate::guard`]) up to date in `dir`.
+pub fn spawn_fence_thread(lease: Arc<Lease>, dir: std::path::PathBuf) -> std::io::Result<()> {
+    let me = std::process::id();
+    let mut written: Option<crate::guard::FenceFile> = None;
+    let mut publish = move |lease: &Lease| {
+        let f = crate::guard::FenceFile {
+            keeper_pid: me,
+            postmaster_pid: lease.primary_pid(),
+            deadline_ms: lease.renewed_ms.load(Ordering::Acquire) + lease.fence_timeout_ms(),
+        };
+        if written != Some(f) && f.write(&dir).is_ok() {
+            written = Some(f);
+        }
+    };
+    publish(&lease);
     std::thread::Builder::new()
         .name("keelson-fence".into())
         .spawn(move || loop {
@@ -221,6 +236,7 @@ pub fn spawn_fence_thread(lease: Arc<Lease>) -> std::io::Result<()> {
                 // The keeper is gone.
                 return;
             }
+            publish(&lease);
             let pid = lease.primary_pid();
             if pid == 0 || !lease.expired() {
                 continue;

@@ -4,6 +4,7 @@
 //! the reconcile loop around them.
 
 pub mod control;
+pub mod guard;
 pub mod lease;
 pub mod names;
 pub mod pg;

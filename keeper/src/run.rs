@@ -174,6 +174,9 @@ pub struct KeeperConfig {
     pub port: u16,
     pub pg_bin_dir: Option<PathBuf>,
     pub replication: Replication,
+    /// The command that runs the fence guard for a keeper directory (it is
+    /// given the directory as its last argument); `None` runs none.
+    pub guard: Option<(PathBuf, Vec<String>)>,
 }
 
 /// Errors that stop a keeper.
@@ -221,7 +224,10 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
             lease.set_primary_pid(pid);
         }
     }
-    crate::lease::spawn_fence_thread(lease.clone()).map_err(PgError::Io)?;
+    crate::lease::spawn_fence_thread(lease.clone(), cfg.dir.clone()).map_err(PgError::Io)?;
+    if let Some((program, args)) = &cfg.guard {
+        spawn_guard(program, args, &cfg.dir);
+    }
     let _renewal = AbortOnDrop(tokio::spawn(crate::lease::renew(
         store.clone(),
         lease.clone(),
@@ -299,6 +305,32 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
                 }
             }
             None => tokio::time::sleep(interval).await,
+        }
+    }
+}
+
+/// Starts the fence guard, in its own process group so that a signal to
+/// the keeper's group (a Ctrl-C) does not end it before the server it
+/// guards. A guard already watching the directory makes it exit at once.
+fn spawn_guard(program: &std::path::Path, args: &[String], dir: &std::path::Path) {
+    use std::os::unix::process::CommandExt;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("fence-guard.log"));
+    let mut c = std::process::Command::new(program);
+    c.args(args)
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .process_group(0);
+    if let Ok(log) = log {
+        c.stderr(log);
+    }
+    match c.spawn() {
+        Ok(child) => tracing::info!(pid = child.id(), "fence guard started"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the fence guard; a paused keeper will not fence its primary")
         }
     }
 }

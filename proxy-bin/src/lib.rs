@@ -36,6 +36,11 @@ pub enum Command {
     Sentinel(roles::SentinelArgs),
     /// Run a whole local cluster (sentinel, keepers, proxy) on the file store.
     Demo(roles::DemoArgs),
+    /// The keeper's fence guard (started by the keeper itself): stops the
+    /// primary PostgreSQL of keeper directory DIR when its keeper stopped
+    /// renewing its lease.
+    #[command(hide = true)]
+    KeeperGuard { dir: std::path::PathBuf },
 }
 
 /// Starts logging to stderr, in colour only on a terminal (the demo and
@@ -62,6 +67,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Keeper(args) => roles::keeper(args),
         Command::Sentinel(args) => roles::sentinel(args),
         Command::Demo(args) => roles::demo(args),
+        Command::KeeperGuard { dir } => Ok(keeper::guard::run(&dir)?),
     }
 }
 

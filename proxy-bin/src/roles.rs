@@ -142,6 +142,9 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
         host,
         port,
         pg_bin_dir: args.pg_bin_dir,
+        guard: std::env::current_exe()
+            .ok()
+            .map(|exe| (exe, vec!["keeper-guard".to_owned()])),
     };
     // Two workers: the lease renewal goes on while the reconcile loop
     // waits on (or blocks in) PostgreSQL work.

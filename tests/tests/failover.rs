@@ -61,6 +61,8 @@ pub(crate) struct LocalCluster {
     pub(crate) master: usize,
     /// The keepers' uids, by index - 1 (`k1`, `k2`, ... unless named).
     pub(crate) uids: Vec<String>,
+    /// Per keeper, a store URL other than the cluster's (through a `Link`).
+    pub(crate) keeper_urls: Vec<Option<String>>,
 }
 
 impl LocalCluster {
@@ -68,6 +70,12 @@ impl LocalCluster {
         let data = self.dir.path().join(format!("k{i}")).display().to_string();
         let listen = format!("127.0.0.1:{}", self.ports[i - 1]);
         let uid = self.uid(i);
+        let url = self
+            .keeper_urls
+            .get(i - 1)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| self.url.clone());
         spawn(
             &[
                 "keeper",
@@ -80,7 +88,7 @@ impl LocalCluster {
                 "--pg-repl-password",
                 "test-secret",
                 "--store",
-                &self.url,
+                &url,
                 "--cluster",
                 "f",
             ],
@@ -121,6 +129,26 @@ impl LocalCluster {
         Self::up_named(url, store, spec, sentinels, &uids).await
     }
 
+    /// A cluster whose keeper `i` reaches the store at `keeper_urls[i-1]`.
+    pub(crate) async fn up_linked(
+        url: &str,
+        store: AnyStore,
+        spec: ClusterSpec,
+        keeper_urls: Vec<String>,
+    ) -> LocalCluster {
+        let uids: Vec<String> = (1..=keeper_urls.len()).map(|i| format!("k{i}")).collect();
+        let uids: Vec<&str> = uids.iter().map(String::as_str).collect();
+        Self::up_full(
+            url,
+            store,
+            spec,
+            1,
+            &uids,
+            keeper_urls.into_iter().map(Some).collect(),
+        )
+        .await
+    }
+
     /// The uid of keeper `i` (1-based).
     pub(crate) fn uid(&self, i: usize) -> String {
         self.uids[i - 1].clone()
@@ -138,6 +166,17 @@ impl LocalCluster {
         spec: ClusterSpec,
         sentinels: usize,
         uids: &[&str],
+    ) -> LocalCluster {
+        Self::up_full(url, store, spec, sentinels, uids, Vec::new()).await
+    }
+
+    async fn up_full(
+        url: &str,
+        store: AnyStore,
+        spec: ClusterSpec,
+        sentinels: usize,
+        uids: &[&str],
+        keeper_urls: Vec<Option<String>>,
     ) -> LocalCluster {
         let keepers = uids.len();
         let dir = tempfile::tempdir().unwrap();
@@ -188,6 +227,7 @@ impl LocalCluster {
             conn,
             master: 0,
             uids: uids.iter().map(|u| u.to_string()).collect(),
+            keeper_urls,
         };
         c.keepers = (1..=keepers).map(|i| Some(c.keeper_role(i))).collect();
         crate::assert_eventually!(

@@ -780,3 +780,185 @@ async fn ctl_init_over_existing_data_keeps_the_data_it_is_told_to() {
     c.wait_standbys_see("SELECT count(*) FROM w WHERE x BETWEEN 1 AND 200", 200)
         .await;
 }
+
+/// Writes with their times and where they landed: (invoke, complete,
+/// server port) of every acknowledged INSERT.
+struct Timed {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+    ops: std::sync::Arc<std::sync::Mutex<Vec<(Instant, Instant, u16)>>>,
+}
+
+impl Timed {
+    fn start(conn: &str, first_id: i32) -> Timed {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let ops = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, o, conn) = (stop.clone(), ops.clone(), conn.to_owned());
+        let task = tokio::spawn(async move {
+            let mut id = first_id;
+            while !s.load(Ordering::Relaxed) {
+                let Ok(Ok(cl)) =
+                    tokio::time::timeout(Duration::from_secs(2), try_connect(&conn)).await
+                else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                while !s.load(Ordering::Relaxed) {
+                    id += 1;
+                    let invoked = Instant::now();
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        cl.query_one(
+                            "INSERT INTO w VALUES ($1) RETURNING inet_server_port()",
+                            &[&id],
+                        ),
+                    )
+                    .await;
+                    match r {
+                        Ok(Ok(row)) => o.lock().unwrap().push((
+                            invoked,
+                            Instant::now(),
+                            row.get::<_, i32>(0) as u16,
+                        )),
+                        _ => break,
+                    }
+                }
+            }
+        });
+        Timed { stop, task, ops }
+    }
+
+    async fn stop(self) -> Vec<(Instant, Instant, u16)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        self.ops.lock().unwrap().clone()
+    }
+}
+
+/// No write is acknowledged by the old primary after the first write that
+/// the new one acknowledged was invoked (DESIGN invariant 4, with 9):
+/// returns the gap between the old primary's last acknowledgement and the
+/// new one's first invoke.
+fn assert_no_two_primaries(
+    direct: &[(Instant, Instant, u16)],
+    proxied: &[(Instant, Instant, u16)],
+    old_port: u16,
+    new_port: u16,
+) -> Duration {
+    let first_new = proxied
+        .iter()
+        .filter(|(_, _, p)| *p == new_port)
+        .map(|(i, _, _)| *i)
+        .min()
+        .expect("a write on the new primary");
+    let last_old = direct
+        .iter()
+        .filter(|(_, _, p)| *p == old_port)
+        .map(|(_, c, _)| *c)
+        .max()
+        .expect("a direct write on the old primary");
+    assert!(
+        last_old < first_new,
+        "the old primary acknowledged a direct write {:?} after the new primary's first write was invoked",
+        last_old - first_new
+    );
+    first_new - last_old
+}
+
+/// F2b: the primary's keeper is cut from the store (etcd), while clients
+/// still reach its PostgreSQL directly. It fences itself before the
+/// sentinel can promote the standby: no direct write is acknowledged by
+/// the old primary once the new one takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_from_the_store_fences_itself_before_the_standby_is_promoted() {
+    let etcd = crate::support::EtcdServer::start().await;
+    let links = vec![
+        crate::support::Link::start(etcd.port()).await,
+        crate::support::Link::start(etcd.port()).await,
+    ];
+    let urls = links
+        .iter()
+        .map(|l| format!("etcd://127.0.0.1:{}", l.port))
+        .collect();
+    let store = cluster::open(&etcd.url()).await.unwrap();
+    let mut c = LocalCluster::up_linked(&etcd.url(), store, ClusterSpec::default(), urls).await;
+    let (old, new) = (c.master, c.other());
+    let direct = Timed::start(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=2",
+            c.ports[old - 1]
+        ),
+        1_000_000,
+    );
+    let proxied = Timed::start(&c.conn, 2_000_000);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t = Instant::now();
+    links[old - 1].cut();
+    c.wait_new_primary(old, Duration::from_secs(40)).await;
+    let (_, took) = c
+        .next_write(
+            "INSERT INTO w VALUES (5) RETURNING inet_server_port()",
+            Duration::from_secs(30),
+        )
+        .await;
+    eprintln!(
+        "the standby took writes {:?} after the cut",
+        t.elapsed() - took + took
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let direct = direct.stop().await;
+    let proxied = proxied.stop().await;
+    let gap = assert_no_two_primaries(&direct, &proxied, c.ports[old - 1], c.ports[new - 1]);
+    eprintln!("the old primary's last direct write came {gap:?} before the new primary's first");
+    assert!(
+        c.keeper_log(old).contains("self-fencing"),
+        "{}",
+        c.keeper_log(old)
+    );
+    links[old - 1].heal();
+    c.wait_standby(old).await;
+}
+
+/// F4: the primary's keeper is paused (SIGSTOP, as a stalled VM or a
+/// debugger would): its fence guard, a process of its own, stops the
+/// primary before the standby is promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_keeper_s_guard_fences_its_primary_before_the_standby_is_promoted() {
+    let (_s, url) = file_store();
+    let store = cluster::open(&url).await.unwrap();
+    let mut c = LocalCluster::up(&url, store).await;
+    let (old, new) = (c.master, c.other());
+    let direct = Timed::start(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=2",
+            c.ports[old - 1]
+        ),
+        1_000_000,
+    );
+    let proxied = Timed::start(&c.conn, 2_000_000);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let keeper = c.keepers[old - 1].as_ref().unwrap().0.id() as i32;
+    // SAFETY: pausing (later resuming) the primary's keeper.
+    unsafe { libc::kill(keeper, libc::SIGSTOP) };
+    c.wait_new_primary(old, Duration::from_secs(40)).await;
+    c.next_write(
+        "INSERT INTO w VALUES (5) RETURNING inet_server_port()",
+        Duration::from_secs(30),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let direct = direct.stop().await;
+    let proxied = proxied.stop().await;
+    let gap = assert_no_two_primaries(&direct, &proxied, c.ports[old - 1], c.ports[new - 1]);
+    eprintln!("the old primary's last direct write came {gap:?} before the new primary's first");
+    let guard = std::fs::read_to_string(c.dir.path().join(format!("k{old}/fence-guard.log")))
+        .unwrap_or_default();
+    assert!(
+        guard.contains("stopping the primary"),
+        "the guard did not act: {guard}"
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(keeper, libc::SIGCONT) };
+    c.wait_standby(old).await;
+}

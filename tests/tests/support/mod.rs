@@ -698,3 +698,88 @@ pub fn self_signed_for(
     std::fs::write(&k, key.serialize_pem()).expect("write key");
     (c, k, cert.der().clone())
 }
+
+/// A TCP relay to `upstream` that can be cut like a network link: cut, it
+/// forwards nothing and answers nothing (connections stall, as behind a
+/// dropped route), until it is healed.
+pub struct Link {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Link {
+    pub async fn start(upstream: u16) -> Link {
+        use std::sync::atomic::AtomicBool;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let cut = std::sync::Arc::new(AtomicBool::new(false));
+        let c = cut.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.split();
+                    let (mut sr, mut sw) = server.split();
+                    tokio::select! {
+                        _ = pump(&mut cr, &mut sw, &c) => {}
+                        _ = pump(&mut sr, &mut cw, &c) => {}
+                    }
+                });
+            }
+        });
+        Link { port, cut, task }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Copies `r` to `w` until either ends, holding the bytes while `cut`.
+async fn pump(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    cut: &std::sync::atomic::AtomicBool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16384];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while cut.load(std::sync::atomic::Ordering::Relaxed) {
+            // Cut: hold the bytes, like a dead route.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl EtcdServer {
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
