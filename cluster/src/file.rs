@@ -6,11 +6,19 @@
 //! so readers (which take no lock) always see a complete document and
 //! several processes can share the store safely.
 //!
-//! Leases expire by wall-clock time, which all processes on the host share.
+//! Leases expire by `CLOCK_BOOTTIME`, which all processes on the host share
+//! and which a wall-clock step (NTP, an operator's `date -s`) does not move:
+//! a step forward must not expire every lease at once (every proxy would
+//! count as fenced), a step back must not keep dead holders alive. The
+//! store records the host's boot id; after a reboot every lease has
+//! expired (their holders are gone, and the boot clock started again).
 //! Expired leases are purged, with delete events, by the next operation
-//! that notices them; watchers poll every [`POLL_INTERVAL`], so even an idle
-//! store expires its leases promptly and watches fire within 100 ms.
+//! that notices them; watchers look every [`POLL_INTERVAL`] (a `stat`
+//! unless the file changed or a lease is due), so even an idle store
+//! expires its leases promptly and watches fire within 100 ms.
 //! The last [`EVENT_HISTORY`] events are kept so that watches can resume.
+//! The lock is waited for at most [`crate::store::REQUEST_TIMEOUT`]: a
+//! process stuck while holding it makes the others fail, not hang.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -18,7 +26,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -51,16 +59,36 @@ struct State {
     revision: i64,
     next_lease: i64,
     keys: BTreeMap<String, Entry>,
-    /// Lease id -> (expiry in ms since the epoch, ttl in ms).
+    /// Lease id -> (expiry in `CLOCK_BOOTTIME` ms, ttl in ms).
     leases: BTreeMap<i64, (u64, u64)>,
     events: VecDeque<Event>,
+    /// The boot the lease times belong to.
+    #[serde(default)]
+    boot_id: String,
 }
 
+/// Milliseconds on `CLOCK_BOOTTIME`.
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts);
+    }
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// This boot of the host.
+fn boot_id() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    })
+    .clone()
 }
 
 impl State {
@@ -113,17 +141,25 @@ impl State {
     }
 
     fn has_expired(&self, now: u64) -> bool {
-        self.leases.values().any(|(exp, _)| *exp <= now)
+        (!self.leases.is_empty() && self.boot_id != boot_id())
+            || self.leases.values().any(|(exp, _)| *exp <= now)
+    }
+
+    /// The earliest lease expiry, if any lease is held.
+    fn next_expiry(&self) -> Option<u64> {
+        self.leases.values().map(|(exp, _)| *exp).min()
     }
 
     /// Drops expired leases and their keys. True if anything changed.
     fn expire(&mut self, now: u64) -> bool {
+        let rebooted = self.boot_id != boot_id();
         let dead: Vec<i64> = self
             .leases
             .iter()
-            .filter(|(_, (exp, _))| *exp <= now)
+            .filter(|(_, (exp, _))| rebooted || *exp <= now)
             .map(|(id, _)| *id)
             .collect();
+        self.boot_id = boot_id();
         for id in &dead {
             self.drop_lease(*id);
         }
@@ -190,12 +226,24 @@ impl FileStore {
             .write(true)
             .open(self.dir.join("store.lock"))
             .map_err(|e| io_err("cannot open the store lock", e))?;
-        // SAFETY: flock on a file descriptor we own; released when `lock` closes.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io_err(
-                "cannot lock the store",
-                std::io::Error::last_os_error(),
-            ));
+        let deadline = std::time::Instant::now() + crate::store::REQUEST_TIMEOUT;
+        loop {
+            // SAFETY: flock on a file descriptor we own; released when `lock` closes.
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io_err("cannot lock the store", e));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "the store in {} has been locked by another process for more than {:?}",
+                    self.dir.display(),
+                    crate::store::REQUEST_TIMEOUT
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
         let mut state = self.read_state()?;
         let expired = state.expire(now_ms());
@@ -219,9 +267,10 @@ impl FileStore {
             .map_err(|e| io_err("cannot sync the store", e))?;
         std::fs::rename(&tmp, self.data_path())
             .map_err(|e| io_err("cannot replace the store", e))?;
-        if let Ok(d) = File::open(&*self.dir) {
-            let _ = d.sync_all();
-        }
+        // The rename is durable only once the directory is.
+        File::open(&*self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err("cannot sync the store's directory", e))?;
         Ok(())
     }
 
@@ -328,7 +377,23 @@ impl Store for FileStore {
             next = self.blocking(|s| Ok(s.snapshot()?.revision)).await? + 1;
         }
         tokio::spawn(async move {
+            // The file is replaced (a new inode) on every write: unless it
+            // was, or a lease is due to expire, there is nothing to read.
+            let mut seen: Option<(u64, u64)> = None;
+            let mut due: Option<u64> = None;
             loop {
+                let now_seen = std::fs::metadata(store.data_path())
+                    .ok()
+                    .map(|m| (std::os::unix::fs::MetadataExt::ino(&m), m.len()));
+                let unchanged = now_seen.is_some() && now_seen == seen;
+                if unchanged && due.is_none_or(|t| now_ms() < t) {
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                    }
+                    continue;
+                }
+                seen = now_seen;
                 let p = prefix.clone();
                 let from = next;
                 let batch = store
@@ -355,11 +420,12 @@ impl Store for FileStore {
                                 },
                             })
                             .collect();
-                        Ok((evs, st.revision))
+                        Ok((evs, st.revision, st.next_expiry()))
                     })
                     .await;
                 match batch {
-                    Ok((evs, rev)) => {
+                    Ok((evs, rev, next_due)) => {
+                        due = next_due;
                         for ev in evs {
                             if tx.send(Ok(ev)).await.is_err() {
                                 return;
@@ -368,6 +434,7 @@ impl Store for FileStore {
                         next = next.max(rev + 1);
                     }
                     Err(e) => {
+                        seen = None;
                         let fatal = matches!(e, StoreError::Compacted(_));
                         if tx.send(Err(e)).await.is_err() || fatal {
                             return;
@@ -418,5 +485,50 @@ impl Store for FileStore {
             })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn leases_of_an_earlier_boot_have_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStore::open(dir.path()).unwrap();
+        let l = s.grant(Duration::from_secs(600)).await.unwrap();
+        s.put("/k", "v", l).await.unwrap();
+        assert!(s.get("/k").await.unwrap().is_some());
+        // The host rebooted: the boot id changed.
+        let mut st = s.read_state().unwrap();
+        st.boot_id = "another boot".into();
+        s.save(&st).unwrap();
+        assert!(
+            s.get("/k").await.unwrap().is_none(),
+            "a lease outlived a reboot"
+        );
+        assert!(matches!(
+            s.keep_alive(l).await,
+            Err(StoreError::LeaseExpired(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_stuck_lock_holder_makes_others_fail_not_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStore::open(dir.path()).unwrap();
+        s.put("/k", "v", 0).await.unwrap();
+        let lock = File::create(dir.path().join("store.lock")).unwrap();
+        // SAFETY: flock on a descriptor we own.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let t = std::time::Instant::now();
+        let e = s.put("/k", "w", 0).await.unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        assert!(e.to_string().contains("locked by another process"), "{e}");
+        assert!(t.elapsed() < crate::store::REQUEST_TIMEOUT + Duration::from_secs(1));
+        // Readers are not blocked by it.
+        assert_eq!(s.get("/k").await.unwrap().unwrap().value, "v");
     }
 }

@@ -246,3 +246,29 @@ async fn etcd_client_fails_over_between_listed_endpoints() {
     s.put("/t/failover/w", "x", 0).await.unwrap();
     assert_eq!(next_event(&mut w).await.key(), "/t/failover/w");
 }
+
+/// F10: the leader sentinel compacts etcd's history, which otherwise grows
+/// with every write until etcd refuses writes (NOSPACE). A watch resuming
+/// from before the compaction is told so (and re-reads), and the current
+/// values are all there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_history_is_compacted_and_old_watches_are_told() {
+    let etcd = EtcdServer::start().await;
+    let s = cluster::open(&etcd.url()).await.unwrap();
+    let first = s.put("/t/c/k", "0", 0).await.unwrap();
+    for i in 1..50 {
+        s.put("/t/c/k", &i.to_string(), 0).await.unwrap();
+    }
+    s.compact_keeping(5).await.unwrap();
+    // Compacting again below the compacted revision is not an error.
+    s.compact_keeping(5).await.unwrap();
+    assert_eq!(s.get("/t/c/k").await.unwrap().unwrap().value, "49");
+    let mut w = s.watch("/t/c/", first).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), w.recv())
+        .await
+        .expect("an answer");
+    assert!(
+        matches!(got, Some(Err(StoreError::Compacted(_)))),
+        "{got:?}"
+    );
+}
