@@ -34,6 +34,7 @@ async fn following_proxy(
         keys.clone(),
         uid.to_owned(),
         proxy.proxy.clone(),
+        proxy.proxy.view().clone(),
     );
     (proxy, status)
 }
@@ -240,7 +241,6 @@ async fn etcd_outage_stops_routing_after_proxy_timeout_and_recovers() {
     assert!(db_message(&err).contains("cluster store"), "{err:?}");
     let e = must_fail(try_connect(&conn).await, "no routing while stale");
     assert_eq!(sqlstate(&e).as_deref(), Some("57P03"));
-    use keelson::admin::AdminState;
     assert!(!status.ready(), "/readyz must fail");
 
     // Then SIGKILL and a restart: the proxy recovers by itself.
