@@ -762,6 +762,12 @@ async fn run_session(
         .cancel_key
         .take()
         .map(|(pid, secret)| shared.cancel.register(pid, secret, backend.clone()));
+    // The client is ready once it reads this: its cancel key is known now.
+    client
+        .write_all(&est.to_client)
+        .await
+        .map_err(SessionError::ClientIo)?;
+    drop(std::mem::take(&mut est.to_client));
     // Past the deadline nothing more reaches the primary; `forward` then
     // ends the session at once.
     if !est.to_backend.is_empty() && !deadline.is_some_and(|d| d.passed()) {
