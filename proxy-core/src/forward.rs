@@ -13,12 +13,14 @@
 //!   channel, no extra wake-up, and after a read the write is attempted at
 //!   once. A fence is noticed through one atomic load per wake-up.
 //! - A primary session of a view with a validity [`Deadline`] also checks it
-//!   at each wake-up, before it forwards any client byte: one more atomic
-//!   load and a monotonic clock read. Once the deadline has passed the
-//!   session ends like a fenced one, even if nothing has fired its fence
-//!   yet: after a whole-node freeze the worker threads may resume before the
-//!   task that would fence them. Sessions without a deadline (static mode,
-//!   standbys) skip the check.
+//!   whenever it has client bytes to forward, after reading them and before
+//!   writing them: one atomic load and a monotonic clock read per read batch
+//!   (wake-ups with nothing from the client skip it; forwarding the server's
+//!   replies after the deadline is harmless). Once the deadline has passed
+//!   the session ends like a fenced one, and the bytes read are dropped,
+//!   even if nothing has fired its fence yet: after a whole-node freeze the
+//!   worker threads may resume before the task that would fence them.
+//!   Sessions without a deadline (static mode, standbys) skip the check.
 //!
 //! The future is not cancel-safe in the sense of resuming: dropping it drops
 //! whatever bytes were in flight, which is what ending a session means.
@@ -167,6 +169,9 @@ enum Step {
     Eof,
     /// Fencing only: the stream is at a message boundary.
     Boundary,
+    /// The gate's deadline had passed when bytes were to be written; they
+    /// were dropped.
+    Expired,
 }
 
 enum HalfError {
@@ -177,6 +182,9 @@ enum HalfError {
 impl Half {
     /// Moves bytes from `r` to `w` until the reader is pending (then
     /// `Pending`), EOF, or (with `to_boundary`) the next message boundary.
+    /// With a `gate`, bytes are written only while its deadline has not
+    /// passed (checked once per batch read, and before resuming a write).
+    #[allow(clippy::too_many_arguments)]
     fn poll_copy<R, W, C>(
         &mut self,
         cx: &mut Context<'_>,
@@ -184,6 +192,7 @@ impl Half {
         mut w: Pin<&mut W>,
         mut tracker: Option<&mut MessageTracker>,
         to_boundary: bool,
+        gate: Option<&Deadline>,
         counter: &C,
     ) -> Poll<Result<Step, HalfError>>
     where
@@ -191,6 +200,11 @@ impl Half {
         W: AsyncWrite + ?Sized,
         C: ByteCounter,
     {
+        // A write left pending by an earlier wake-up (the writer was full):
+        // the deadline may have passed since.
+        if self.pos < self.end && gate.is_some_and(Deadline::passed) {
+            return Poll::Ready(Ok(Step::Expired));
+        }
         loop {
             if let Some(buf) = &self.buf {
                 while self.pos < self.end {
@@ -231,6 +245,9 @@ impl Half {
             if n == 0 {
                 self.eof = true;
                 continue;
+            }
+            if gate.is_some_and(Deadline::passed) {
+                return Poll::Ready(Ok(Step::Expired));
             }
             if let Some(t) = tracker.as_deref_mut() {
                 t.observe(&buf[..n]);
@@ -303,21 +320,19 @@ where
                         );
                         continue;
                     }
-                    if deadline.is_some_and(Deadline::passed) {
-                        state = FenceState::Draining(
-                            Box::pin(tokio::time::sleep(FENCE_DEADLINE)),
-                            FenceReason::primary_unconfirmed(),
-                        );
-                        continue;
-                    }
                     if let Poll::Ready(r) = up.poll_copy(
                         cx,
                         Pin::new(&mut *client),
                         Pin::new(&mut *backend),
                         None,
                         false,
+                        deadline,
                         to_backend_bytes,
                     ) {
+                        if let Ok(Step::Expired) = r {
+                            state = expired();
+                            continue;
+                        }
                         return Poll::Ready(match r {
                             Ok(_) => Outcome::ClientClosed,
                             Err(HalfError::Read(e)) => io_outcome(true, e),
@@ -330,6 +345,7 @@ where
                         Pin::new(&mut *client),
                         Some(&mut *tracker),
                         false,
+                        None,
                         to_client_bytes,
                     ) {
                         return Poll::Ready(match r {
@@ -357,6 +373,7 @@ where
                         Pin::new(&mut *client),
                         Some(&mut *tracker),
                         true,
+                        None,
                         to_client_bytes,
                     ) {
                         Poll::Pending => return Poll::Pending,
@@ -417,6 +434,15 @@ where
         backend_to_client: down.total,
     };
     (outcome, totals)
+}
+
+/// A primary session past its view's deadline: it ends as if fenced.
+#[cold]
+fn expired() -> FenceState {
+    FenceState::Draining(
+        Box::pin(tokio::time::sleep(FENCE_DEADLINE)),
+        FenceReason::primary_unconfirmed(),
+    )
 }
 
 #[cold]
