@@ -5,7 +5,8 @@
 //!    the origin of the confirmation this tick may make;
 //! 2. register `proxies/<uid>` if this proxy is not registered: create-only,
 //!    under the lease, with its instance id; a key held by another instance
-//!    is refused, not overwritten;
+//!    is refused, not overwritten. If it is registered, check that the key
+//!    is still the one it wrote (an operator may have deleted it);
 //! 3. read `clusterdata` (a linearizable read) and take it in;
 //! 4. confirm the view from the origin of step 1;
 //! 5. if `proxy_timeout` changed, grant a lease with the new TTL, move the
@@ -82,7 +83,18 @@ pub(crate) async fn run<S: Store>(store: S, keys: Keys, status: Arc<FollowStatus
     let mut watch: Option<Watch> = None;
     loop {
         let tick = Instant::now();
-        f.tick().await;
+        // A tick can take a while against a store that does not answer;
+        // shutting down does not wait for it.
+        tokio::select! {
+            biased;
+            _ = status.stop.cancelled() => {}
+            _ = f.tick() => {}
+        }
+        if status.stop.is_cancelled() {
+            f.withdraw("the proxy is shutting down").await;
+            status.stopped.cancel();
+            return;
+        }
         if watch.is_none() && f.watch_from > 0 {
             match store.watch(&keys.clusterdata(), f.watch_from).await {
                 Ok(w) => watch = Some(w),
@@ -138,7 +150,11 @@ impl<S: Store> Follower<'_, S> {
         if !self.renew().await {
             return;
         }
-        if self.reg.key_rev.is_none() && !self.register().await {
+        let registered = match self.reg.key_rev {
+            None => self.register().await,
+            Some(rev) => self.verify(rev).await,
+        };
+        if !registered {
             return;
         }
         match self.read().await {
@@ -205,11 +221,19 @@ impl<S: Store> Follower<'_, S> {
         self.reg.key_rev = None;
         self.reg.written = None;
         match now {
+            // Ours, written by an attempt whose answer was lost: register()
+            // takes it over.
+            Some(kv) if self.is_ours(&kv) => {}
             Some(kv) => self.refused(&kv),
             None => self
                 .status
                 .unconfirm("this proxy's registration was removed from the store"),
         }
+    }
+
+    fn is_ours(&self, kv: &KeyValue) -> bool {
+        serde_json::from_str::<ProxyReport>(&kv.value)
+            .is_ok_and(|r| r.instance == self.status.instance())
     }
 
     fn refused(&self, kv: &KeyValue) {
@@ -241,8 +265,7 @@ impl<S: Store> Follower<'_, S> {
         {
             Ok(Cas::Done(rev)) => self.registered(rev, report),
             Ok(Cas::Conflict(Some(kv))) => {
-                let other: ProxyReport = serde_json::from_str(&kv.value).unwrap_or_default();
-                if other.instance != self.status.instance() {
+                if !self.is_ours(&kv) {
                     self.refused(&kv);
                     return false;
                 }
@@ -260,6 +283,26 @@ impl<S: Store> Follower<'_, S> {
             }
             Ok(Cas::Conflict(None)) => false,
             Err(e) => self.write_failed("register", &e),
+        }
+    }
+
+    /// Checks that the registration is still the one this proxy wrote at
+    /// `rev`. True if it is.
+    async fn verify(&mut self, rev: i64) -> bool {
+        match self.store.get(&self.key).await {
+            Ok(Some(kv)) if kv.mod_revision == rev => true,
+            Ok(now) => {
+                tracing::warn!(
+                    cluster = self.status.cluster(),
+                    "this proxy's registration changed under it"
+                );
+                self.lost_key(now);
+                self.status.conflict().is_none() && self.register().await
+            }
+            Err(e) => {
+                store_error(self.status, "read", &e);
+                false
+            }
         }
     }
 
@@ -482,5 +525,93 @@ mod tests {
         status.shutdown().await;
         assert!(store.get(&keys.proxy("p1")).await.unwrap().is_none());
         assert!(!status.is_fresh());
+    }
+
+    /// F9c: cluster data this proxy cannot parse (a spec field written by a
+    /// newer keelson) must not leave a registration behind that the
+    /// sentinel would wait on forever: the proxy stops routing and
+    /// withdraws it, and registers again once the data is usable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unusable_cluster_data_withdraws_the_registration_until_it_is_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = cluster::open(&format!("file://{}", dir.path().display()))
+            .await
+            .unwrap();
+        let keys = Keys::new("keelson", "main");
+        let data = ClusterData::new(ClusterSpec::default());
+        store
+            .put(&keys.clusterdata(), &data.to_json(), 0)
+            .await
+            .unwrap();
+        let view = ViewHandle::new(View::default());
+        let proxy = Proxy::new(ProxyConfig::default(), view.clone());
+        let status = crate::spawn(store.clone(), keys.clone(), "p1".into(), proxy, view);
+        let registered = async || store.get(&keys.proxy("p1")).await.unwrap().is_some();
+        eventually("never registered", async || {
+            status.is_fresh() && registered().await
+        })
+        .await;
+
+        let newer = data.to_json().replace(
+            "\"proxy_timeout\"",
+            "\"from_a_newer_keelson\": true, \"proxy_timeout\"",
+        );
+        store.put(&keys.clusterdata(), &newer, 0).await.unwrap();
+        eventually("the registration was not withdrawn", async || {
+            !status.is_fresh() && !registered().await
+        })
+        .await;
+        let why = status.not_ready_reason().unwrap();
+        assert!(
+            why.contains("cannot be used") && why.contains("upgrade"),
+            "{why}"
+        );
+
+        store
+            .put(&keys.clusterdata(), &data.to_json(), 0)
+            .await
+            .unwrap();
+        eventually("never registered again", async || {
+            status.is_fresh() && registered().await
+        })
+        .await;
+        status.shutdown().await;
+    }
+
+    /// A registration deleted under a running proxy (by hand) is noticed at
+    /// the next tick: the proxy stops counting its view as confirmed and
+    /// registers again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deleted_registration_is_noticed_and_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = cluster::open(&format!("file://{}", dir.path().display()))
+            .await
+            .unwrap();
+        let keys = Keys::new("keelson", "main");
+        let data = ClusterData::new(ClusterSpec::default());
+        store
+            .put(&keys.clusterdata(), &data.to_json(), 0)
+            .await
+            .unwrap();
+        let view = ViewHandle::new(View::default());
+        let proxy = Proxy::new(ProxyConfig::default(), view.clone());
+        let status = crate::spawn(store.clone(), keys.clone(), "p1".into(), proxy, view);
+        let key = keys.proxy("p1");
+        eventually("never registered", async || {
+            status.is_fresh() && store.get(&key).await.unwrap().is_some()
+        })
+        .await;
+        let before = store.get(&key).await.unwrap().unwrap();
+        assert!(store.delete(&key).await.unwrap());
+        eventually("never registered again", async || {
+            store
+                .get(&key)
+                .await
+                .unwrap()
+                .is_some_and(|kv| kv.mod_revision > before.mod_revision)
+        })
+        .await;
+        eventually("not fresh again", async || status.is_fresh()).await;
+        status.shutdown().await;
     }
 }

@@ -204,6 +204,8 @@ impl FollowStatus {
     /// need not wait for this proxy. Returns once done (or after a few
     /// seconds if the store does not answer).
     pub async fn shutdown(&self) {
+        // Stop routing first, whatever the store does.
+        self.unconfirm("the proxy is shutting down");
         self.stop.cancel();
         let limit = cluster::store::REQUEST_TIMEOUT + Duration::from_secs(1);
         let _ = tokio::time::timeout(limit, self.stopped.cancelled()).await;
