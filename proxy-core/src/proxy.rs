@@ -212,6 +212,9 @@ impl Proxy {
     /// then fence) keeps a session from being routed to a backend that the
     /// applied view no longer names: a session routed in between re-reads
     /// the view after taking its fence (see `route_session`).
+    ///
+    /// A view has one owner: calls for the same `handle` must not run
+    /// concurrently (the store follower serialises its own).
     pub fn apply(&self, handle: &ViewHandle, view: View, change: ViewChange) -> Applied {
         let old = handle.load();
         if *old == view {
