@@ -204,9 +204,10 @@ impl FollowStatus {
     /// need not wait for this proxy. Returns once done (or after a few
     /// seconds if the store does not answer).
     pub async fn shutdown(&self) {
-        // Stop routing first, whatever the store does.
-        self.unconfirm("the proxy is shutting down");
+        // Stop routing first, whatever the store does; no confirmation
+        // counts once `stop` is cancelled.
         self.stop.cancel();
+        self.unconfirm("the proxy is shutting down");
         let limit = cluster::store::REQUEST_TIMEOUT + Duration::from_secs(1);
         let _ = tokio::time::timeout(limit, self.stopped.cancelled()).await;
     }
@@ -335,7 +336,8 @@ impl FollowStatus {
     /// it succeeded and was taken in.
     pub(crate) fn confirm(&self, origin: Instant) {
         let mut st = self.lock();
-        if st.terms.is_none() || st.conflict.is_some() || st.unusable.is_some() {
+        let stopping = self.stop.is_cancelled();
+        if stopping || st.terms.is_none() || st.conflict.is_some() || st.unusable.is_some() {
             return;
         }
         if st.origin.is_none_or(|o| o < origin) {

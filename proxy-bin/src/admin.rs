@@ -101,7 +101,6 @@ fn follower_json(f: &FollowStatus) -> Value {
         "age_seconds": f.age().map(|a| a.as_secs_f64()),
         "valid_for_seconds": f.valid_until().map(|t| t.saturating_duration_since(now).as_secs_f64()),
         "lease_ttl_seconds": f.lease_ttl().map(|t| t.as_secs_f64()),
-        "acknowledged": f.report().generation,
         "not_ready": f.not_ready_reason(),
     });
     if let (Value::Object(o), Value::Object(e)) = (&mut out, extra) {
