@@ -5,6 +5,8 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use proxy_core::fence::Fence;
 use proxy_core::forward::{forward, MessageTracker};
+use proxy_core::{View, ViewHandle};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A server stream of DataRow messages of `row` bytes each.
@@ -40,6 +42,10 @@ fn pump(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let payload = data_rows(16 << 20, 200);
+    // A primary session in store mode: it checks the view's deadline at
+    // every wake-up (static mode has none and skips the check).
+    let view = ViewHandle::new(View::default());
+    view.set_valid_until(tokio::time::Instant::now() + Duration::from_secs(3600));
     let mut g = c.benchmark_group("forward");
     g.sample_size(20);
     g.throughput(Throughput::Bytes(payload.len() as u64));
@@ -51,7 +57,8 @@ fn pump(c: &mut Criterion) {
                 let fence = Fence::default();
                 let session = async {
                     let mut t = MessageTracker::default();
-                    forward(&mut client, &mut server, &mut t, &fence, &(), &()).await
+                    let d = Some(view.deadline());
+                    forward(&mut client, &mut server, &mut t, &fence, d, &(), &()).await
                 };
                 let produce = async {
                     server_end.write_all(&payload).await.expect("write");
@@ -82,7 +89,8 @@ fn pump(c: &mut Criterion) {
                 let fence = Fence::default();
                 let session = async {
                     let mut t = MessageTracker::default();
-                    forward(&mut client, &mut server, &mut t, &fence, &(), &()).await
+                    let d = Some(view.deadline());
+                    forward(&mut client, &mut server, &mut t, &fence, d, &(), &()).await
                 };
                 let query = b"Q\0\0\0\x0dSELECT 1;\0";
                 let reply = data_rows(60, 20);

@@ -1,5 +1,6 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text format), `/healthz`,
-//! `/readyz` and `/view`.
+//! `/readyz` and `/view`. It owns the rendering of the view as JSON; the
+//! follower ([`follow::FollowStatus`]) knows nothing of HTTP.
 //!
 //! Four GET endpoints with tiny bodies do not justify an HTTP stack in the
 //! dependency tree, so this is a deliberately small HTTP/1.1 responder: it
@@ -10,17 +11,102 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use follow::FollowStatus;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use proxy_core::{View, ViewHandle};
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
 /// What the admin endpoints report on.
-pub trait AdminState: Send + Sync + 'static {
-    /// Whether the process can route sessions now (`/readyz`).
-    fn ready(&self) -> bool;
+#[derive(Debug)]
+pub enum AdminState {
+    /// Static mode: a fixed view.
+    Static(ViewHandle),
+    /// Store mode: the follower of the proxy's cluster, and those of its
+    /// SNI clusters by server name.
+    Store {
+        main: Arc<FollowStatus>,
+        sni: Vec<(String, Arc<FollowStatus>)>,
+    },
+}
+
+impl AdminState {
+    /// `Ok` if the proxy can route primary sessions of its cluster now,
+    /// else why not (`/readyz`).
+    pub fn ready(&self) -> Result<(), String> {
+        match self {
+            AdminState::Static(v) if v.load().primary.is_some() => Ok(()),
+            AdminState::Static(_) => Err("no primary to route to".into()),
+            AdminState::Store { main, .. } => main.not_ready_reason().map_or(Ok(()), Err),
+        }
+    }
+
     /// The applied view as JSON (`/view`).
-    fn view_json(&self) -> String;
+    pub fn view_json(&self) -> String {
+        match self {
+            AdminState::Static(v) => {
+                let mut out = view_json(&v.load());
+                out["mode"] = "static".into();
+                out
+            }
+            AdminState::Store { main, sni } => {
+                let mut out = follower_json(main);
+                if !sni.is_empty() {
+                    out["sni"] = sni
+                        .iter()
+                        .map(|(name, f)| (name.clone(), follower_json(f)))
+                        .collect::<serde_json::Map<_, _>>()
+                        .into();
+                }
+                out
+            }
+        }
+        .to_string()
+    }
+}
+
+/// A view: generation, primary, and the replicas with their lag.
+pub fn view_json(v: &View) -> Value {
+    let replicas: Vec<Value> = v
+        .replicas
+        .iter()
+        .map(|r| {
+            json!({
+                "address": r.backend.addr(),
+                "lag_bytes": r.lag_bytes,
+                "lag_seconds": r.lag.map(|l| l.as_secs_f64()),
+                "streaming": r.streaming,
+            })
+        })
+        .collect();
+    json!({
+        "generation": v.generation,
+        "primary": v.primary.as_ref().map(|b| b.addr()),
+        "replicas": replicas,
+    })
+}
+
+/// A followed cluster: its view, freshness and registration.
+fn follower_json(f: &FollowStatus) -> Value {
+    let now = tokio::time::Instant::now();
+    let mut out = view_json(&f.view().load());
+    let extra = json!({
+        "mode": "store",
+        "cluster": f.cluster(),
+        "uid": f.uid(),
+        "instance": f.instance(),
+        "fresh": f.is_fresh(),
+        "age_seconds": f.age().map(|a| a.as_secs_f64()),
+        "valid_for_seconds": f.valid_until().map(|t| t.saturating_duration_since(now).as_secs_f64()),
+        "lease_ttl_seconds": f.lease_ttl().map(|t| t.as_secs_f64()),
+        "not_ready": f.not_ready_reason(),
+    });
+    if let (Value::Object(o), Value::Object(e)) = (&mut out, extra) {
+        o.extend(e);
+    }
+    out
 }
 
 /// Installs the Prometheus recorder for this process. Histograms get buckets
@@ -38,13 +124,14 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
         .install_recorder()
         .context("could not install the metrics recorder")?;
     proxy_core::metrics::describe();
+    follow::metrics::describe();
     Ok(handle)
 }
 
 const MAX_REQUEST_HEAD: usize = 8192;
 
 /// Serves admin requests on `listener` forever.
-pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, state: Arc<dyn AdminState>) {
+pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, state: Arc<AdminState>) {
     let upkeep = metrics.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -61,7 +148,7 @@ pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, state: Arc<
         let metrics = metrics.clone();
         let state = state.clone();
         tokio::spawn(async move {
-            let _ = timeout(Duration::from_secs(5), handle(conn, &metrics, &*state)).await;
+            let _ = timeout(Duration::from_secs(5), handle(conn, &metrics, &state)).await;
         });
     }
 }
@@ -69,7 +156,7 @@ pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, state: Arc<
 async fn handle(
     mut conn: TcpStream,
     metrics: &PrometheusHandle,
-    state: &dyn AdminState,
+    state: &AdminState,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
@@ -102,16 +189,13 @@ async fn handle(
             .await
         }
         "/healthz" => respond(&mut conn, 200, "text/plain", "ok\n").await,
-        "/readyz" if state.ready() => respond(&mut conn, 200, "text/plain", "ready\n").await,
-        "/readyz" => {
-            respond(
-                &mut conn,
-                503,
-                "text/plain",
-                "not ready: no confirmed primary to route to\n",
-            )
-            .await
-        }
+        "/readyz" => match state.ready() {
+            Ok(()) => respond(&mut conn, 200, "text/plain", "ready\n").await,
+            Err(why) => {
+                let body = format!("not ready: {why}\n");
+                respond(&mut conn, 503, "text/plain", &body).await
+            }
+        },
         "/view" => respond(&mut conn, 200, "application/json", &state.view_json()).await,
         _ => {
             respond(

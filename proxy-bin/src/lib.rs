@@ -4,9 +4,11 @@
 pub mod admin;
 pub mod config;
 pub mod ctl;
-pub mod follow;
 pub mod roles;
 pub mod serve;
+
+/// The proxy's side of the HA protocol, re-exported for embedders and tests.
+pub use follow;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -1,6 +1,7 @@
-//! `keelson proxy` in static mode: wires the settings into a
-//! [`proxy_core::Proxy`], runs one event loop per worker thread, each with
-//! its own `SO_REUSEPORT` listener socket, and handles SIGTERM/SIGINT.
+//! `keelson proxy`: wires the settings into a [`proxy_core::Proxy`], runs
+//! one event loop per worker thread, each with its own `SO_REUSEPORT`
+//! listener socket, starts the store followers ([`follow`]) in store mode,
+//! and handles SIGTERM/SIGINT.
 //!
 //! One single-threaded runtime per worker keeps a session's reads, writes and
 //! wake-ups on one thread: no work stealing and no cross-thread wake-ups on
@@ -17,7 +18,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::config::{ProxySettings, Source};
-use crate::follow;
 use cluster::Keys;
 
 /// Builds the data-path configuration from validated settings.
@@ -58,40 +58,22 @@ pub fn reuseport_listener(addr: SocketAddr) -> Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-struct StaticState {
-    view: ViewHandle,
-}
-
-impl AdminState for StaticState {
-    fn ready(&self) -> bool {
-        self.view.load().primary.is_some()
-    }
-
-    fn view_json(&self) -> String {
-        let v = self.view.load();
-        serde_json::json!({
-            "generation": v.generation,
-            "primary": v.primary.as_ref().map(|b| b.addr()),
-            "replicas": replicas_json(&v),
-            "mode": "static",
-        })
-        .to_string()
-    }
-}
-
 /// Runs the proxy until SIGTERM or SIGINT, then shuts down gracefully.
 pub fn run(settings: ProxySettings) -> Result<()> {
     let mut cfg = proxy_config(&settings)?;
     let view = match &settings.source {
-        Source::Static(backend, replicas) => ViewHandle::new(View {
-            replicas: replicas
-                .iter()
-                .map(|r| proxy_core::Replica::fresh(Backend::new(r.clone())))
-                .collect(),
-            ..View::fixed(Backend::new(backend.clone()))
-        }),
+        Source::Static(backend, replicas) => ViewHandle::named(
+            "static",
+            View {
+                replicas: replicas
+                    .iter()
+                    .map(|r| proxy_core::Replica::fresh(Backend::new(r.clone())))
+                    .collect(),
+                ..View::fixed(Backend::new(backend.clone()))
+            },
+        ),
         // Nothing is routed until the store has been read.
-        Source::Store { .. } => ViewHandle::new(View::default()),
+        Source::Store { cluster, .. } => ViewHandle::named(cluster.as_str(), View::default()),
     };
     // SNI routing: one view per named cluster, each followed below.
     let sni_views: Vec<(String, String, ViewHandle)> = settings
@@ -101,7 +83,7 @@ pub fn run(settings: ProxySettings) -> Result<()> {
             (
                 name.clone(),
                 cluster.clone(),
-                ViewHandle::new(View::default()),
+                ViewHandle::named(cluster.as_str(), View::default()),
             )
         })
         .collect();
@@ -180,8 +162,8 @@ pub fn run(settings: ProxySettings) -> Result<()> {
         .enable_all()
         .build()?;
     let result = rt.block_on(async {
-        let state: Arc<dyn AdminState> = match &settings.source {
-            Source::Static(..) => Arc::new(StaticState { view: view.clone() }),
+        let state = Arc::new(match &settings.source {
+            Source::Static(..) => AdminState::Static(view.clone()),
             Source::Store {
                 url,
                 cluster,
@@ -189,24 +171,30 @@ pub fn run(settings: ProxySettings) -> Result<()> {
                 uid,
             } => {
                 let store = cluster::open(url).await?;
-                for (name, other, handle) in &sni_views {
-                    tracing::info!(server_name = %name, cluster = %other, "following a cluster for SNI routing");
-                    follow::spawn_for(
-                        store.clone(),
-                        Keys::new(prefix, other),
-                        uid.clone(),
-                        proxy.clone(),
-                        handle.clone(),
-                    );
-                }
+                let sni = sni_views
+                    .iter()
+                    .map(|(name, other, handle)| {
+                        tracing::info!(server_name = %name, cluster = %other, "following a cluster for SNI routing");
+                        let keys = Keys::new(prefix, other);
+                        let f = follow::spawn(
+                            store.clone(),
+                            keys,
+                            uid.clone(),
+                            proxy.clone(),
+                            handle.clone(),
+                        );
+                        (name.clone(), f)
+                    })
+                    .collect();
                 let keys = Keys::new(prefix, cluster);
-                follow::spawn(store, keys, uid.clone(), proxy.clone())
+                let main = follow::spawn(store, keys, uid.clone(), proxy.clone(), view.clone());
+                AdminState::Store { main, sni }
             }
-        };
+        });
         if let Some(addr) = settings.admin_listen {
             let l = admin::bind(addr).await?;
             tracing::info!(admin = %l.local_addr()?, "admin listener started");
-            tokio::spawn(admin::serve(l, metrics, state));
+            tokio::spawn(admin::serve(l, metrics, state.clone()));
         }
         let signal = crate::shutdown_signal().await?;
         tracing::info!(
@@ -216,6 +204,13 @@ pub fn run(settings: ProxySettings) -> Result<()> {
             "shutting down: no new connections; waiting for sessions to finish"
         );
         let ended = proxy.shutdown(settings.shutdown_grace).await;
+        // Sessions are over: withdraw the registrations, so that a restart
+        // with the same uid does not wait for their leases to expire.
+        if let AdminState::Store { main, sni } = &*state {
+            for f in sni.iter().map(|(_, f)| f).chain(std::iter::once(main)) {
+                f.shutdown().await;
+            }
+        }
         tracing::info!(ended, "shutdown complete");
         anyhow::Ok(())
     });
@@ -224,20 +219,4 @@ pub fn run(settings: ProxySettings) -> Result<()> {
         let _ = t.join();
     }
     result
-}
-
-/// The replicas of a view for `/view`: address, lag, and whether they take
-/// new sessions.
-pub fn replicas_json(v: &proxy_core::View) -> serde_json::Value {
-    v.replicas
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "address": r.backend.addr(),
-                "lag_bytes": r.lag_bytes,
-                "lag_seconds": r.lag.map(|l| l.as_secs_f64()),
-                "streaming": r.streaming,
-            })
-        })
-        .collect()
 }

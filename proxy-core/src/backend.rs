@@ -80,6 +80,10 @@ pub struct Established {
     pub to_backend: BytesMut,
     /// Where the server stream stands after the messages relayed so far.
     pub tracker: MessageTracker,
+    /// The last messages for the client, up to and including the first
+    /// ReadyForQuery, not yet written: the caller records the cancel key
+    /// first, so that a cancel sent as soon as the client is ready finds it.
+    pub to_client: BytesMut,
 }
 
 /// How authentication ended.
@@ -136,7 +140,8 @@ pub struct Expect {
 
 /// Relays the authentication exchange between `client` and `backend` until
 /// the first ReadyForQuery or ErrorResponse. `startup` is written to the
-/// backend first. With a `negotiation`, the client gets exactly one
+/// backend first. The messages up to the first ReadyForQuery are returned
+/// in [`Established::to_client`] for the caller to write. With a `negotiation`, the client gets exactly one
 /// NegotiateProtocolVersion before anything else.
 ///
 /// With `want_standby`, the server must be a standby (`true`) or a primary
@@ -259,14 +264,11 @@ where
                     let mut tracker = MessageTracker::default();
                     tracker.observe(&from_backend);
                     to_client.put_slice(&from_backend);
-                    client
-                        .write_all(&to_client)
-                        .await
-                        .map_err(SessionError::ClientIo)?;
                     return Ok(AuthResult::Ready(Established {
                         cancel_key,
                         to_backend: from_client,
                         tracker,
+                        to_client,
                     }));
                 }
                 _ => {}

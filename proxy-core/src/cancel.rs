@@ -3,10 +3,12 @@
 //! A CancelRequest carries the key from the BackendKeyData of the session to
 //! cancel. Each session registers its key with the backend it is on, so a
 //! cancel goes to exactly that backend. A key this proxy instance does not
-//! know (its session may live on another proxy) is sent to every backend in
-//! the view: PostgreSQL ignores keys it does not own, so this is safe and
-//! needs no state shared between proxies. Requests are rate-limited, since
-//! each one costs the proxy and the servers a connection.
+//! know (its session may live on another proxy) is sent to every backend of
+//! every view the proxy routes by (its own and those of its SNI clusters),
+//! all at once: PostgreSQL ignores keys it does not own, so this is safe and
+//! needs no state shared between proxies, and one hung backend does not
+//! delay the others. Requests are rate-limited, since each one costs the
+//! proxy and the servers a connection.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -48,7 +50,7 @@ impl Drop for CancelGuard {
 pub enum CancelRoute {
     /// To the one backend that issued the key.
     Known,
-    /// The key is unknown here: to every backend of the view.
+    /// The key is unknown here: to every backend of every view.
     Broadcast,
     /// Dropped by the rate limit.
     RateLimited,
@@ -96,8 +98,13 @@ impl CancelRegistry {
         self.len() == 0
     }
 
-    /// Decides where a cancel goes, consuming a rate-limit token.
-    pub fn route(&self, req: &CancelRequest, view: &View) -> (CancelRoute, Vec<Backend>) {
+    /// Decides where a cancel goes, consuming a rate-limit token. An
+    /// unknown key goes to every backend of `views`, each once.
+    pub fn route<'v>(
+        &self,
+        req: &CancelRequest,
+        views: impl IntoIterator<Item = &'v View>,
+    ) -> (CancelRoute, Vec<Backend>) {
         let allowed = self
             .limiter
             .lock()
@@ -109,27 +116,50 @@ impl CancelRegistry {
         if let Some(b) = self.lock().get(&(req.pid, req.key.clone())) {
             return (CancelRoute::Known, vec![b.clone()]);
         }
-        (CancelRoute::Broadcast, view.backends().cloned().collect())
+        let mut all: Vec<Backend> = Vec::new();
+        for b in views.into_iter().flat_map(View::backends) {
+            if !all.contains(b) {
+                all.push(b.clone());
+            }
+        }
+        (CancelRoute::Broadcast, all)
     }
 }
 
-/// Sends the raw cancel packet to each backend. Failures are logged only:
-/// PostgreSQL sends no reply to a cancel, so the client expects none.
+/// Sends the raw cancel packet to every backend at once, and returns when
+/// all are done (each within `limit`). Failures are logged only: PostgreSQL
+/// sends no reply to a cancel, so the client expects none.
 pub async fn send(
     req: &CancelRequest,
     backends: &[Backend],
     limit: Duration,
     opts: &SocketOptions,
 ) {
-    for b in backends {
-        match connect(b.addr(), limit, opts).await {
-            Ok(mut s) => {
-                if let Err(e) = s.write_all(&req.raw).await {
-                    tracing::debug!(backend = %b, error = %e, "could not send cancel request");
+    let one = |b: &Backend| {
+        let (b, raw, opts) = (b.clone(), req.raw.clone(), *opts);
+        async move {
+            match connect(b.addr(), limit, &opts).await {
+                Ok(mut s) => {
+                    if let Err(e) = s.write_all(&raw).await {
+                        tracing::debug!(backend = %b, error = %e, "could not send cancel request");
+                    }
+                    let _ = s.shutdown().await;
                 }
-                let _ = s.shutdown().await;
+                Err(e) => {
+                    tracing::debug!(backend = %b, error = %e, "could not send cancel request")
+                }
             }
-            Err(e) => tracing::debug!(backend = %b, error = %e, "could not send cancel request"),
+        }
+    };
+    match backends {
+        [] => {}
+        [b] => one(b).await,
+        many => {
+            let mut all = tokio::task::JoinSet::new();
+            for b in many {
+                all.spawn(one(b));
+            }
+            while all.join_next().await.is_some() {}
         }
     }
 }
@@ -190,12 +220,25 @@ mod tests {
         };
         let guard = reg.register(7, Bytes::from_static(b"abcd"), Backend::new("b:1"));
         assert_eq!(
-            reg.route(&req(7, b"abcd"), &view),
+            reg.route(&req(7, b"abcd"), [&view]),
             (CancelRoute::Known, vec![Backend::new("b:1")])
         );
-        let (r, to) = reg.route(&req(7, b"zzzz"), &view);
+        let (r, to) = reg.route(&req(7, b"zzzz"), [&view]);
         assert_eq!(r, CancelRoute::Broadcast);
         assert_eq!(to, vec![Backend::new("a:1"), Backend::new("b:1")]);
+        // With SNI clusters, an unknown key reaches their servers too.
+        let other = View {
+            generation: 3,
+            primary: Some(Backend::new("c:1")),
+            replicas: vec![crate::view::Replica::fresh(Backend::new("b:1"))],
+        };
+        let (r, to) = reg.route(&req(7, b"zzzz"), [&view, &other]);
+        assert_eq!(r, CancelRoute::Broadcast);
+        let want: Vec<Backend> = ["a:1", "b:1", "c:1"]
+            .into_iter()
+            .map(Backend::new)
+            .collect();
+        assert_eq!(to, want);
         drop(guard);
         assert!(reg.is_empty());
     }
@@ -212,13 +255,16 @@ mod tests {
             let key: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let _g = reg.register(9, Bytes::from(key.clone()), Backend::new("standby:1"));
             assert_eq!(
-                reg.route(&req(9, &key), &view),
+                reg.route(&req(9, &key), [&view]),
                 (CancelRoute::Known, vec![Backend::new("standby:1")]),
                 "{len}-byte key"
             );
             let mut wrong = key.clone();
             wrong[len - 1] ^= 1;
-            assert_eq!(reg.route(&req(9, &wrong), &view).0, CancelRoute::Broadcast);
+            assert_eq!(
+                reg.route(&req(9, &wrong), [&view]).0,
+                CancelRoute::Broadcast
+            );
         }
     }
 
@@ -227,7 +273,7 @@ mod tests {
         let reg = CancelRegistry::new(5);
         let view = View::default();
         let limited = (0..20)
-            .filter(|_| reg.route(&req(1, b"k"), &view).0 == CancelRoute::RateLimited)
+            .filter(|_| reg.route(&req(1, b"k"), [&view]).0 == CancelRoute::RateLimited)
             .count();
         assert!(limited >= 14, "{limited}");
     }

@@ -1,12 +1,15 @@
 //! Fences: how the proxy ends sessions that must not go on, such as those on a
 //! demoted primary or those still open when a shutdown's grace period ends.
 //!
-//! Each backend has a current [`Fence`]; a session takes it when it is routed.
-//! Triggering a fence sets an atomic flag and wakes every session holding it.
-//! A session checks the flag with one atomic load each time it wakes, so the
-//! data path never takes a lock. After a fence has fired the backend gets a
-//! fresh one, so that sessions routed later (if the backend is named again)
-//! are not affected.
+//! Each backend has a current [`Fence`] per [`Role`] it serves in: sessions
+//! routed to it as the primary hold one, sessions routed to it as a standby
+//! another, so that promoting a standby ends its standby sessions and never
+//! the primary sessions that the promotion brings. A session takes its fence
+//! when it is routed. Triggering a fence sets an atomic flag and wakes every
+//! session holding it. A session checks the flag with one atomic load each
+//! time it wakes, so the data path never takes a lock. After a fence has
+//! fired the backend gets a fresh one, so that sessions routed later (if the
+//! backend is named again) are not affected.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +26,68 @@ pub struct FenceReason {
     pub message: String,
     /// Metric label for `sessions_ended_total{reason=...}`.
     pub label: &'static str,
+}
+
+impl FenceReason {
+    fn admin_shutdown(message: impl Into<String>, label: &'static str) -> Self {
+        FenceReason {
+            sqlstate: crate::error::ADMIN_SHUTDOWN,
+            message: message.into(),
+            label,
+        }
+    }
+
+    /// For sessions on a primary that a new view no longer names.
+    pub fn primary_changed() -> Self {
+        Self::admin_shutdown(
+            "terminating connection because the primary changed; reconnect to reach the new primary",
+            "fenced",
+        )
+    }
+
+    /// For primary sessions of a view that could not be confirmed against
+    /// the cluster store in time (the view's deadline passed).
+    pub fn primary_unconfirmed() -> Self {
+        Self::admin_shutdown(
+            "terminating connection because the proxy lost contact with the cluster store and cannot confirm the primary",
+            "stale",
+        )
+    }
+
+    /// For standby sessions of a view that could not be confirmed in time:
+    /// the standby's lag is no longer known.
+    pub fn standby_unconfirmed() -> Self {
+        Self::admin_shutdown(
+            "terminating connection because the proxy lost contact with the cluster store and cannot confirm this standby's lag",
+            "stale",
+        )
+    }
+
+    /// For sessions on a standby that the new view names primary.
+    pub fn standby_promoted() -> Self {
+        Self::admin_shutdown(
+            "terminating connection because this standby was promoted to primary and this session was routed to a standby; reconnect to reach a standby",
+            "replica_promoted",
+        )
+    }
+
+    /// For sessions on a standby that left the view's replica set.
+    pub fn standby_removed() -> Self {
+        Self::admin_shutdown(
+            "terminating connection because this standby left the cluster's replica set (it is unhealthy, not replicating, or was removed); reconnect to reach another standby",
+            "replica_removed",
+        )
+    }
+
+    /// For sessions on a standby that fell beyond the replica lag limit.
+    pub fn standby_lagging(lag_bytes: u64) -> Self {
+        Self::admin_shutdown(
+            format!(
+                "terminating connection because the replica fell behind the primary ({lag_bytes} bytes); reconnect to reach a fresh one"
+            ),
+            "replica_lag",
+        )
+    }
 }
 
 /// A one-shot signal shared by all sessions routed to one backend.
@@ -75,42 +140,64 @@ impl Fence {
     }
 }
 
+/// What a session was routed to a backend as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The primary named by the view (primary routes, and prefer-replica or
+    /// any sessions that landed on the primary).
+    Primary,
+    /// One of the view's replicas.
+    Standby,
+}
+
 /// The current fence of every backend that sessions have been routed to.
 #[derive(Debug, Default)]
 pub struct Fences {
-    by_backend: Mutex<HashMap<Backend, Arc<Fence>>>,
+    by_backend: Mutex<HashMap<(Backend, Role), Arc<Fence>>>,
 }
 
 impl Fences {
-    /// The fence a session routed to `backend` now should hold.
-    pub fn for_backend(&self, backend: &Backend) -> Arc<Fence> {
-        let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(backend.clone()).or_default().clone()
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(Backend, Role), Arc<Fence>>> {
+        self.by_backend.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sessions routed to `backend` that are still open.
+    /// The fence a session routed to `backend` as `role` now should hold.
+    pub fn for_backend(&self, backend: &Backend, role: Role) -> Arc<Fence> {
+        self.map()
+            .entry((backend.clone(), role))
+            .or_default()
+            .clone()
+    }
+
+    /// Sessions routed to `backend`, in either role, that are still open.
     pub fn sessions(&self, backend: &Backend) -> usize {
-        let map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(backend)
-            .map_or(0, |f| Arc::strong_count(f).saturating_sub(1))
+        let map = self.map();
+        [Role::Primary, Role::Standby]
+            .iter()
+            .filter_map(|r| map.get(&(backend.clone(), *r)))
+            .map(|f| Arc::strong_count(f).saturating_sub(1))
+            .sum()
     }
 
-    /// Ends every session routed to `backend` so far. Returns the fired
-    /// fence, if any session had been routed there.
-    pub fn fence_backend(&self, backend: &Backend, reason: FenceReason) -> Option<Arc<Fence>> {
-        let old = {
-            let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
-            map.remove(backend)
-        };
+    /// Ends every session routed to `backend` as `role` so far. Returns the
+    /// fired fence, if any such session had been routed there.
+    pub fn fence(&self, backend: &Backend, role: Role, reason: FenceReason) -> Option<Arc<Fence>> {
+        let old = self.map().remove(&(backend.clone(), role));
         old.inspect(|f| f.trigger(reason))
+    }
+
+    /// Ends every session routed to `backend` so far, in either role.
+    /// Returns the fired fences.
+    pub fn fence_backend(&self, backend: &Backend, reason: FenceReason) -> Vec<Arc<Fence>> {
+        [Role::Primary, Role::Standby]
+            .into_iter()
+            .filter_map(|r| self.fence(backend, r, reason.clone()))
+            .collect()
     }
 
     /// Ends every session on every backend.
     pub fn fence_all(&self, reason: FenceReason) {
-        let all: Vec<Arc<Fence>> = {
-            let mut map = self.by_backend.lock().unwrap_or_else(|e| e.into_inner());
-            map.drain().map(|(_, f)| f).collect()
-        };
+        let all: Vec<Arc<Fence>> = self.map().drain().map(|(_, f)| f).collect();
         for f in all {
             f.trigger(reason.clone());
         }

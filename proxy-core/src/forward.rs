@@ -12,6 +12,15 @@
 //! - Both directions and the fence are polled by one future in one task: no
 //!   channel, no extra wake-up, and after a read the write is attempted at
 //!   once. A fence is noticed through one atomic load per wake-up.
+//! - A primary session of a view with a validity [`Deadline`] also checks it
+//!   whenever it has client bytes to forward, after reading them and before
+//!   writing them: one atomic load and a monotonic clock read per read batch
+//!   (wake-ups with nothing from the client skip it; forwarding the server's
+//!   replies after the deadline is harmless). Once the deadline has passed
+//!   the session ends like a fenced one, and the bytes read are dropped,
+//!   even if nothing has fired its fence yet: after a whole-node freeze the
+//!   worker threads may resume before the task that would fence them.
+//!   Sessions without a deadline (static mode, standbys) skip the check.
 //!
 //! The future is not cancel-safe in the sense of resuming: dropping it drops
 //! whatever bytes were in flight, which is what ending a session means.
@@ -29,6 +38,7 @@ use tokio::time::Sleep;
 use crate::fence::{Fence, FenceReason};
 use crate::pool::PooledBuf;
 use crate::protocol::{self, Severity, HEADER_LEN};
+use crate::view::Deadline;
 
 /// Follows message boundaries in the server-to-client byte stream.
 #[derive(Debug, Clone, Default)]
@@ -159,6 +169,9 @@ enum Step {
     Eof,
     /// Fencing only: the stream is at a message boundary.
     Boundary,
+    /// The gate's deadline had passed when bytes were to be written; they
+    /// were dropped.
+    Expired,
 }
 
 enum HalfError {
@@ -169,6 +182,9 @@ enum HalfError {
 impl Half {
     /// Moves bytes from `r` to `w` until the reader is pending (then
     /// `Pending`), EOF, or (with `to_boundary`) the next message boundary.
+    /// With a `gate`, bytes are written only while its deadline has not
+    /// passed (checked once per batch read, and before resuming a write).
+    #[allow(clippy::too_many_arguments)]
     fn poll_copy<R, W, C>(
         &mut self,
         cx: &mut Context<'_>,
@@ -176,6 +192,7 @@ impl Half {
         mut w: Pin<&mut W>,
         mut tracker: Option<&mut MessageTracker>,
         to_boundary: bool,
+        gate: Option<&Deadline>,
         counter: &C,
     ) -> Poll<Result<Step, HalfError>>
     where
@@ -183,6 +200,11 @@ impl Half {
         W: AsyncWrite + ?Sized,
         C: ByteCounter,
     {
+        // A write left pending by an earlier wake-up (the writer was full):
+        // the deadline may have passed since.
+        if self.pos < self.end && gate.is_some_and(Deadline::passed) {
+            return Poll::Ready(Ok(Step::Expired));
+        }
         loop {
             if let Some(buf) = &self.buf {
                 while self.pos < self.end {
@@ -224,6 +246,9 @@ impl Half {
                 self.eof = true;
                 continue;
             }
+            if gate.is_some_and(Deadline::passed) {
+                return Poll::Ready(Ok(Step::Expired));
+            }
             if let Some(t) = tracker.as_deref_mut() {
                 t.observe(&buf[..n]);
             }
@@ -250,7 +275,7 @@ enum FenceState {
 }
 
 /// Copies between `client` and `backend` until either side closes, an error
-/// occurs, or `fence` fires.
+/// occurs, `fence` fires, or `deadline` (if any) passes.
 ///
 /// `tracker` must describe the server stream as of the first byte this
 /// function will forward (a fresh tracker after ReadyForQuery).
@@ -260,6 +285,7 @@ pub async fn forward<C, B, CC, BC>(
     backend: &mut B,
     tracker: &mut MessageTracker,
     fence: &Fence,
+    deadline: Option<&Deadline>,
     to_backend_bytes: &CC,
     to_client_bytes: &BC,
 ) -> (Outcome, Transferred)
@@ -300,8 +326,13 @@ where
                         Pin::new(&mut *backend),
                         None,
                         false,
+                        deadline,
                         to_backend_bytes,
                     ) {
+                        if let Ok(Step::Expired) = r {
+                            state = expired();
+                            continue;
+                        }
                         return Poll::Ready(match r {
                             Ok(_) => Outcome::ClientClosed,
                             Err(HalfError::Read(e)) => io_outcome(true, e),
@@ -314,6 +345,7 @@ where
                         Pin::new(&mut *client),
                         Some(&mut *tracker),
                         false,
+                        None,
                         to_client_bytes,
                     ) {
                         return Poll::Ready(match r {
@@ -341,6 +373,7 @@ where
                         Pin::new(&mut *client),
                         Some(&mut *tracker),
                         true,
+                        None,
                         to_client_bytes,
                     ) {
                         Poll::Pending => return Poll::Pending,
@@ -401,6 +434,15 @@ where
         backend_to_client: down.total,
     };
     (outcome, totals)
+}
+
+/// A primary session past its view's deadline: it ends as if fenced.
+#[cold]
+fn expired() -> FenceState {
+    FenceState::Draining(
+        Box::pin(tokio::time::sleep(FENCE_DEADLINE)),
+        FenceReason::primary_unconfirmed(),
+    )
 }
 
 #[cold]
@@ -476,7 +518,7 @@ mod tests {
         let fence = Fence::default();
         let task = tokio::spawn(async move {
             let mut t = MessageTracker::default();
-            forward(&mut client, &mut backend, &mut t, &fence, &(), &()).await
+            forward(&mut client, &mut backend, &mut t, &fence, None, &(), &()).await
         });
         client_end.write_all(b"Q query").await.unwrap();
         let mut got = [0u8; 7];
@@ -502,7 +544,7 @@ mod tests {
         let f2 = fence.clone();
         let task = tokio::spawn(async move {
             let mut t = MessageTracker::default();
-            forward(&mut client, &mut backend, &mut t, &f2, &(), &()).await
+            forward(&mut client, &mut backend, &mut t, &f2, None, &(), &()).await
         });
         // Half a DataRow, then the fence fires.
         let row = msg(b'D', &[7u8; 100]);
@@ -544,7 +586,7 @@ mod tests {
         let f2 = fence.clone();
         let task = tokio::spawn(async move {
             let mut t = MessageTracker::default();
-            forward(&mut client, &mut backend, &mut t, &f2, &(), &()).await
+            forward(&mut client, &mut backend, &mut t, &f2, None, &(), &()).await
         });
         backend_end
             .write_all(&msg(b'D', &[1u8; 100])[..20])
@@ -560,5 +602,89 @@ mod tests {
                 clean: false
             }
         );
+    }
+
+    /// A node freeze: the session's deadline passes while nothing runs. At
+    /// the next wake-up (the client's query arriving) the session forwards
+    /// nothing and ends with a FATAL at the message boundary, although no
+    /// fence fired.
+    #[tokio::test(start_paused = true)]
+    async fn a_passed_deadline_ends_a_primary_session_before_it_forwards() {
+        let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
+        let (mut backend_end, mut backend) = tokio::io::duplex(1 << 16);
+        let view = crate::ViewHandle::new(crate::View::default());
+        view.set_valid_until(tokio::time::Instant::now() + Duration::from_secs(5));
+        let v2 = view.clone();
+        let task = tokio::spawn(async move {
+            let fence = Fence::default();
+            let mut t = MessageTracker::default();
+            let d = Some(v2.deadline());
+            forward(&mut client, &mut backend, &mut t, &fence, d, &(), &()).await
+        });
+        // Before the deadline: traffic flows both ways.
+        client_end.write_all(b"Q1").await.unwrap();
+        let mut got = [0u8; 2];
+        backend_end.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"Q1");
+        let reply = msg(b'Z', b"I");
+        backend_end.write_all(&reply).await.unwrap();
+        let mut got = vec![0u8; reply.len()];
+        client_end.read_exact(&mut got).await.unwrap();
+        // The deadline passes with no renewal (everything was frozen).
+        tokio::time::advance(Duration::from_secs(6)).await;
+        client_end
+            .write_all(b"Q2 must not reach the primary")
+            .await
+            .unwrap();
+        let (outcome, totals) = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the session must end at once")
+            .unwrap();
+        assert_eq!(
+            outcome,
+            Outcome::Fenced {
+                label: "stale",
+                clean: true
+            }
+        );
+        assert_eq!(totals.client_to_backend, 2, "nothing after the deadline");
+        let mut to_client = Vec::new();
+        client_end.read_to_end(&mut to_client).await.unwrap();
+        let mut want = BytesMut::new();
+        let r = FenceReason::primary_unconfirmed();
+        protocol::write_error(&mut want, Severity::Fatal, "57P01", &r.message, None);
+        assert_eq!(to_client, &want[..]);
+        let mut to_backend = Vec::new();
+        drop(backend_end.read_to_end(&mut to_backend).await);
+        assert!(to_backend.is_empty(), "{to_backend:?}");
+    }
+
+    /// A deadline that keeps being renewed never ends the session, and a
+    /// session without one never looks at the clock.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_deadline_lets_the_session_go_on() {
+        let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
+        let (mut backend_end, mut backend) = tokio::io::duplex(1 << 16);
+        let view = crate::ViewHandle::new(crate::View::default());
+        let now = tokio::time::Instant::now;
+        view.set_valid_until(now() + Duration::from_secs(5));
+        let v2 = view.clone();
+        let task = tokio::spawn(async move {
+            let fence = Fence::default();
+            let mut t = MessageTracker::default();
+            let d = Some(v2.deadline());
+            forward(&mut client, &mut backend, &mut t, &fence, d, &(), &()).await
+        });
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_secs(4)).await;
+            view.set_valid_until(now() + Duration::from_secs(5));
+            client_end.write_all(b"Q").await.unwrap();
+            let mut got = [0u8; 1];
+            backend_end.read_exact(&mut got).await.unwrap();
+        }
+        drop(client_end);
+        let (outcome, totals) = task.await.unwrap();
+        assert_eq!(outcome, Outcome::ClientClosed);
+        assert_eq!(totals.client_to_backend, 5);
     }
 }

@@ -8,8 +8,13 @@
 //! (its backend was fenced, or the proxy is shutting down) the client gets a
 //! clean FATAL rather than a reset.
 //!
-//! The view is fed by the embedder through a [`ViewHandle`]; this crate has
-//! no store or CLI code.
+//! The view is fed by the embedder: it builds a [`View`] and hands it to
+//! [`Proxy::apply`] with the [`ViewHandle`] of its cluster, which stores it
+//! and then ends the sessions the new view removed. An embedder that follows
+//! a store also advances the handle's validity deadline at each
+//! confirmation ([`ViewHandle::set_valid_until`]); primary sessions stop
+//! forwarding once it passes. This crate has no store or CLI code (the
+//! `keelson-follow` crate follows keelson's cluster store).
 
 pub mod backend;
 pub mod cancel;
@@ -29,7 +34,9 @@ pub mod view;
 
 pub use backend::SocketOptions;
 pub use error::{ErrorKind, SessionError};
-pub use fence::FenceReason;
-pub use proxy::{ListenerOptions, Proxy, ProxyConfig, FENCED_BACKEND_LINGER};
+pub use fence::{FenceReason, Role};
+pub use proxy::{
+    Applied, Ended, ListenerOptions, Proxy, ProxyConfig, ViewChange, FENCED_BACKEND_LINGER,
+};
 pub use route::{LagLimit, Route, Rule};
-pub use view::{Backend, Replica, View, ViewHandle};
+pub use view::{Backend, Deadline, Replica, View, ViewHandle};

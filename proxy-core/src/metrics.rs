@@ -5,9 +5,14 @@
 //! The embedder installs the recorder (the `keelson` binary uses
 //! Prometheus); without one every call is a no-op.
 
+use std::sync::Arc;
+
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Unit,
 };
+
+use crate::route::LagLimit;
+use crate::view::View;
 
 pub const CONNECTIONS_ACCEPTED: &str = "keelson_connections_accepted_total";
 pub const CONNECTIONS_ACTIVE: &str = "keelson_connections_active";
@@ -23,6 +28,8 @@ pub const ROUTE_REFUSED: &str = "keelson_route_refused_total";
 pub const REPLICA_LAG_BYTES: &str = "keelson_replica_lag_bytes";
 pub const REPLICA_SESSIONS_ALLOWED: &str = "keelson_replica_admitted";
 pub const PROXY_HEADERS: &str = "keelson_proxy_protocol_headers_total";
+pub const VIEW_GENERATION: &str = "keelson_view_generation";
+pub const VIEW_CHANGES: &str = "keelson_view_changes_total";
 
 /// Registers help texts. Call once after installing a recorder.
 pub fn describe() {
@@ -40,7 +47,7 @@ pub fn describe() {
     );
     describe_counter!(
         SESSIONS_ENDED,
-        "Established sessions that ended, by reason."
+        "Established sessions that ended, by reason (fenced, stale, replica_promoted, replica_removed, replica_lag, shutdown, ...)."
     );
     describe_counter!(BYTES, Unit::Bytes, "Bytes forwarded, by direction.");
     describe_histogram!(
@@ -60,7 +67,7 @@ pub fn describe() {
     describe_histogram!(
         HOLD_SECONDS,
         Unit::Seconds,
-        "Time new clients were held waiting for a server, by route and outcome."
+        "Time new clients were held waiting for a server, by cluster, route and outcome."
     );
     describe_counter!(
         SESSIONS_ROUTED,
@@ -83,6 +90,11 @@ pub fn describe() {
         REPLICA_SESSIONS_ALLOWED,
         "1 if the standby is within the lag limit and takes new sessions, else 0."
     );
+    describe_gauge!(
+        VIEW_GENERATION,
+        "Generation of the view applied, by cluster."
+    );
+    describe_counter!(VIEW_CHANGES, "Views applied, by cluster.");
 }
 
 /// Handles a session uses on its data path.
@@ -134,8 +146,9 @@ pub(crate) fn cancel(route: &'static str) {
     counter!(CANCEL_REQUESTS, "route" => route).increment(1);
 }
 
-pub(crate) fn held(secs: f64, outcome: &'static str, route: &'static str) {
-    histogram!(HOLD_SECONDS, "outcome" => outcome, "route" => route).record(secs);
+pub(crate) fn held(secs: f64, outcome: &'static str, route: &'static str, cluster: Arc<str>) {
+    histogram!(HOLD_SECONDS, "outcome" => outcome, "route" => route, "cluster" => cluster)
+        .record(secs);
 }
 
 pub(crate) fn proxy_header_accepted() {
@@ -151,14 +164,22 @@ pub(crate) fn route_refused(route: &'static str, reason: &'static str) {
     counter!(ROUTE_REFUSED, "route" => route, "reason" => reason).increment(1);
 }
 
-/// Publishes the replicas of a new view: their lag and whether they take
-/// new sessions. Label values are backend addresses, bounded by the
-/// cluster's size.
-pub fn replicas(view: &crate::view::View, limit: &crate::route::LagLimit) {
-    for r in &view.replicas {
+/// Publishes a view that replaces `old`: its generation, and its replicas'
+/// lag and whether they take new sessions (0 for replicas that left it).
+/// Label values are the cluster's name and backend addresses, bounded by
+/// the configuration and the cluster's size.
+pub(crate) fn view_applied(cluster: &Arc<str>, old: &View, new: &View, limit: &LagLimit) {
+    counter!(VIEW_CHANGES, "cluster" => cluster.clone()).increment(1);
+    gauge!(VIEW_GENERATION, "cluster" => cluster.clone()).set(new.generation as f64);
+    for r in &new.replicas {
         let addr = r.backend.addr().to_owned();
         gauge!(REPLICA_LAG_BYTES, "backend" => addr.clone()).set(r.lag_bytes as f64);
         let ok = if limit.admits(r) { 1.0 } else { 0.0 };
         gauge!(REPLICA_SESSIONS_ALLOWED, "backend" => addr).set(ok);
+    }
+    for r in &old.replicas {
+        if !new.replicas.iter().any(|n| n.backend == r.backend) {
+            gauge!(REPLICA_SESSIONS_ALLOWED, "backend" => r.backend.addr().to_owned()).set(0.0);
+        }
     }
 }

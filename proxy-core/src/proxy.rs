@@ -2,15 +2,20 @@
 //! connect, relay authentication, forward, close.
 //!
 //! Invariants kept here:
+//! - a new view is stored before the sessions it removed are fenced
+//!   ([`Proxy::apply`]), so no session can be routed to a backend the
+//!   applied view no longer names;
 //! - a session is routed from one lock-free snapshot of the view and holds
 //!   the fence of the backend it was routed to before it connects, so a
 //!   fence that fires while it is still connecting ends it too;
+//! - a view whose deadline has passed routes nothing, and its primary
+//!   sessions forward nothing more;
 //! - every connection counts against `max_connections` from accept to close;
 //! - every refusal reaches the client as an ErrorResponse with a SQLSTATE
 //!   whenever the client can still read one.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -25,14 +30,14 @@ use tracing::{field, Instrument};
 use crate::backend::{self, AuthResult, Negotiation, SocketOptions};
 use crate::cancel::{self, CancelRegistry, CancelRoute};
 use crate::error::{SessionError, ADMIN_SHUTDOWN};
-use crate::fence::{Fence, FenceReason, Fences};
+use crate::fence::{Fence, FenceReason, Fences, Role};
 use crate::forward::{forward, Outcome};
 use crate::handshake::{read_startup, Startup};
 use crate::metrics::{self as m, SessionCounters};
 use crate::protocol::{self, Severity, StartupMessage, PROTOCOL_NEWEST_MINOR};
 use crate::route::{self, LagLimit, Route, Rule};
 use crate::stream::ClientStream;
-use crate::view::{Backend, ViewHandle};
+use crate::view::{Backend, View, ViewHandle};
 
 /// Runtime settings of the data path, already validated.
 #[derive(Debug, Clone)]
@@ -52,16 +57,16 @@ pub struct ProxyConfig {
     /// Cancel requests forwarded per second, across all clients.
     pub cancel_rate_per_second: u32,
     /// How long a new client waits for a primary when the view has none,
-    /// before it is refused with 57P03. Can be changed at run time with
-    /// [`Proxy::set_hold_timeout`].
+    /// before it is refused with 57P03, unless its view has its own
+    /// ([`ViewHandle::set_hold_timeout`], the cluster spec's).
     pub hold_timeout: Duration,
     /// Rules that pick a route by database, user, application name or
     /// client network; the first match wins over the listener's default.
     pub rules: Vec<Rule>,
     /// How far behind a replica may be and still take new sessions.
     pub replica_lag: LagLimit,
-    /// End the sessions of a replica that falls beyond `replica_lag`
-    /// (applied by whoever stores new views, see [`Proxy::apply_replica_lag`]).
+    /// End the sessions of a replica that falls beyond `replica_lag`, when
+    /// a view saying so is applied ([`Proxy::apply`]).
     pub replica_lag_fence: bool,
     /// SNI routing: TLS sessions whose server name is a key here route by
     /// that cluster's view instead of the proxy's own.
@@ -117,7 +122,6 @@ struct Shared {
     idle: Notify,
     stop_accepting: CancellationToken,
     terminating: AtomicBool,
-    hold_timeout_ms: AtomicU64,
 }
 
 /// A PostgreSQL proxy. Cheap to clone; clones share all state, so one
@@ -150,7 +154,6 @@ impl Drop for ActiveGuard {
 
 impl Proxy {
     pub fn new(cfg: ProxyConfig, view: ViewHandle) -> Self {
-        let cfg_hold_ms = cfg.hold_timeout.as_millis() as u64;
         let tls = cfg.tls.clone().map(TlsAcceptor::from);
         let cancel = Arc::new(CancelRegistry::new(cfg.cancel_rate_per_second));
         Proxy {
@@ -165,7 +168,6 @@ impl Proxy {
                 idle: Notify::new(),
                 stop_accepting: CancellationToken::new(),
                 terminating: AtomicBool::new(false),
-                hold_timeout_ms: AtomicU64::new(cfg_hold_ms),
             }),
         }
     }
@@ -185,52 +187,72 @@ impl Proxy {
         self.shared.cancel.len()
     }
 
-    /// Ends every session routed to `backend` so far, with a FATAL carrying
-    /// `reason`, at the next message boundary. Store the view that no longer
-    /// names `backend` first: sessions routed after this call then cannot
-    /// reach it. Returns the fired fence, whose holders are the sessions
-    /// still closing (see [`Fence::wait_released`]), if any session had been
-    /// routed there.
-    pub fn fence_backend(&self, backend: &Backend, reason: FenceReason) -> Option<Arc<Fence>> {
+    /// Ends every session routed to `backend` so far, in any role, with a
+    /// FATAL carrying `reason`, at the next message boundary. Store the view
+    /// that no longer names `backend` first (or use [`Proxy::apply`], which
+    /// does both): sessions routed after this call then cannot reach it.
+    /// Returns the fired fences, whose holders are the sessions still
+    /// closing (see [`Fence::wait_released`]).
+    pub fn fence_backend(&self, backend: &Backend, reason: FenceReason) -> Vec<Arc<Fence>> {
         self.shared.fences.fence_backend(backend, reason)
     }
 
-    /// Called after a new view was stored in place of `old`: publishes the
-    /// replicas' lag, and with `replica_lag_fence` ends the sessions of
-    /// replicas that fell beyond the lag limit.
-    pub fn apply_replica_lag(&self, old: &crate::View, new: &crate::View) {
-        let limit = &self.shared.cfg.replica_lag;
-        m::replicas(new, limit);
-        if !self.shared.cfg.replica_lag_fence {
-            return;
+    /// Applies a new view of one cluster: stores it in `handle` (the
+    /// proxy's own view or one of its SNI views), then ends the sessions it
+    /// no longer allows, each with a FATAL 57P01 saying why:
+    /// - sessions on the former primary;
+    /// - sessions on a standby that left the replica set (removed,
+    ///   unhealthy, or promoted: a session routed to a standby must not
+    ///   become read-write);
+    /// - with `replica_lag_fence`, sessions on a replica that fell beyond
+    ///   the lag limit.
+    ///
+    /// It also publishes the view's metrics. `change` says why the view
+    /// changed, for the words the ended sessions are told. The order (store,
+    /// then fence) keeps a session from being routed to a backend that the
+    /// applied view no longer names: a session routed in between re-reads
+    /// the view after taking its fence (see `route_session`).
+    ///
+    /// A view has one owner: calls for the same `handle` must not run
+    /// concurrently (the store follower serialises its own).
+    pub fn apply(&self, handle: &ViewHandle, view: View, change: ViewChange) -> Applied {
+        let old = handle.load();
+        if *old == view {
+            return Applied::default();
         }
-        for r in &new.replicas {
-            let was_ok = old
-                .replicas
-                .iter()
-                .any(|o| o.backend == r.backend && limit.admits(o));
-            if was_ok && !limit.admits(r) && new.primary.as_ref() != Some(&r.backend) {
-                tracing::info!(backend = %r.backend, lag_bytes = r.lag_bytes, "replica fell behind; ending its sessions");
-                self.fence_backend(
-                    &r.backend,
-                    FenceReason {
-                        sqlstate: ADMIN_SHUTDOWN,
-                        message: format!(
-                            "terminating connection because the replica fell behind the primary ({} bytes); reconnect to reach a fresh one",
-                            r.lag_bytes
-                        ),
-                        label: "replica_lag",
-                    },
-                );
-            }
+        let cfg = &self.shared.cfg;
+        let cluster = handle.name_label();
+        tracing::info!(
+            cluster = %cluster,
+            generation = view.generation,
+            primary = ?view.primary,
+            replicas = ?view.replicas,
+            unconfirmed = change == ViewChange::Unconfirmed,
+            "applying cluster view"
+        );
+        let removed = removals(&old, &view, change, &cfg.replica_lag, cfg.replica_lag_fence);
+        m::view_applied(&cluster, &old, &view, &cfg.replica_lag);
+        handle.store(view);
+        let ended = removed
+            .into_iter()
+            .map(|(backend, role, reason)| {
+                let label = reason.label;
+                let fence = self.shared.fences.fence(&backend, role, reason);
+                if fence.is_some() {
+                    tracing::info!(cluster = %cluster, %backend, ?role, reason = label, "ending sessions");
+                }
+                Ended {
+                    backend,
+                    role,
+                    label,
+                    fence,
+                }
+            })
+            .collect();
+        Applied {
+            changed: true,
+            ended,
         }
-    }
-
-    /// Changes how long clients wait for a primary.
-    pub fn set_hold_timeout(&self, d: Duration) {
-        self.shared
-            .hold_timeout_ms
-            .store(d.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Accepts clients on `listener` until [`Proxy::stop_accepting`] is
@@ -402,8 +424,12 @@ async fn session(
     let (message, pipelined) = match startup {
         Ok(Startup::Session { message, pipelined }) => (message, pipelined),
         Ok(Startup::Cancel(req)) => {
-            let view = shared.view.load();
-            let (route, to) = shared.cancel.route(&req, &view);
+            // The session may be on any cluster this proxy routes to.
+            let views: Vec<Arc<View>> = std::iter::once(&shared.view)
+                .chain(shared.cfg.server_names.values())
+                .map(ViewHandle::load)
+                .collect();
+            let (route, to) = shared.cancel.route(&req, views.iter().map(|v| &**v));
             m::cancel(route.as_str());
             tracing::debug!(route = route.as_str(), pid = req.pid, "cancel request");
             if route != CancelRoute::RateLimited {
@@ -546,6 +572,9 @@ struct Routed {
     want_standby: Option<bool>,
     /// Chosen among the replicas.
     standby: bool,
+    /// A primary session of a view with a deadline: it stops forwarding
+    /// once the deadline passes.
+    deadline: bool,
 }
 
 /// Picks a backend for `route` from the current view, skipping replicas in
@@ -564,27 +593,41 @@ async fn route_session(
     // takes no subscription.
     let mut changes = None;
     let mut held_since: Option<Instant> = None;
+    let deadline = view.deadline();
     loop {
         let current = view.load();
-        let chosen = route::pick(&current, route, limit, sessions, unreachable)
-            .map(|p| (p.backend.clone(), p.standby));
+        // A view past its deadline routes nothing, whatever it names: its
+        // owner could not confirm it in time.
+        let chosen = if deadline.passed() {
+            None
+        } else {
+            route::pick(&current, route, limit, sessions, unreachable)
+                .map(|p| (p.backend.clone(), p.standby))
+        };
         if let Some((backend, standby)) = chosen {
-            let fence = shared.fences.for_backend(&backend);
+            let role = if standby {
+                Role::Standby
+            } else {
+                Role::Primary
+            };
+            let fence = shared.fences.for_backend(&backend, role);
             // The view may have changed between the load and taking the
             // fence; a fence fired in between would be missed. Whoever
             // changes the view stores it before fencing, so re-reading it
             // settles the race.
             let now = view.load();
-            let still = if standby {
-                now.replicas
-                    .iter()
-                    .any(|r| r.backend == backend && limit.admits(r))
-            } else {
-                now.primary.as_ref() == Some(&backend)
-            };
+            let still = !deadline.passed()
+                && if standby {
+                    now.replicas
+                        .iter()
+                        .any(|r| r.backend == backend && limit.admits(r))
+                } else {
+                    now.primary.as_ref() == Some(&backend)
+                };
             if still {
                 if let Some(t) = held_since {
-                    m::held(t.elapsed().as_secs_f64(), "released", route.as_str());
+                    let secs = t.elapsed().as_secs_f64();
+                    m::held(secs, "released", route.as_str(), view.name_label());
                 }
                 m::routed(route.as_str(), standby);
                 return Ok(Some(Routed {
@@ -592,6 +635,7 @@ async fn route_session(
                     fence,
                     want_standby: route.wants_standby(),
                     standby,
+                    deadline: !standby && deadline.is_set(),
                 }));
             }
             continue;
@@ -602,21 +646,24 @@ async fn route_session(
         if shared.terminating.load(Ordering::Acquire) {
             return Err(SessionError::ShuttingDown);
         }
-        let hold = Duration::from_millis(shared.hold_timeout_ms.load(Ordering::Relaxed));
+        let hold = view.hold_timeout().unwrap_or(shared.cfg.hold_timeout);
         let since = *held_since.get_or_insert_with(|| {
             tracing::debug!(hold = ?hold, "no server for the route; holding the client");
             Instant::now()
         });
         let changes = changes.get_or_insert_with(|| view.subscribe());
         changes.borrow_and_update();
-        if route::pick(&view.load(), route, limit, sessions, unreachable).is_some() {
+        if !deadline.passed()
+            && route::pick(&view.load(), route, limit, sessions, unreachable).is_some()
+        {
             continue;
         }
         if tokio::time::timeout_at(since + hold, changes.changed())
             .await
             .is_err()
         {
-            m::held(since.elapsed().as_secs_f64(), "timed_out", route.as_str());
+            let secs = since.elapsed().as_secs_f64();
+            m::held(secs, "timed_out", route.as_str(), view.name_label());
             return Err(match route {
                 Route::Replica => SessionError::NoReplicaAfter(hold),
                 _ => SessionError::NoPrimaryAfter(hold),
@@ -678,8 +725,10 @@ async fn run_session(
         backend,
         fence,
         want_standby,
+        deadline,
         ..
     } = routed;
+    let deadline = deadline.then(|| view.deadline());
     tracing::Span::current().record("backend.addr", backend.addr());
 
     let (startup, negotiation) = negotiate(&message);
@@ -716,7 +765,15 @@ async fn run_session(
         .cancel_key
         .take()
         .map(|(pid, secret)| shared.cancel.register(pid, secret, backend.clone()));
-    if !est.to_backend.is_empty() {
+    // The client is ready once it reads this: its cancel key is known now.
+    client
+        .write_all(&est.to_client)
+        .await
+        .map_err(SessionError::ClientIo)?;
+    drop(std::mem::take(&mut est.to_client));
+    // Past the deadline nothing more reaches the primary; `forward` then
+    // ends the session at once.
+    if !est.to_backend.is_empty() && !deadline.is_some_and(|d| d.passed()) {
         server
             .write_all(&est.to_backend)
             .await
@@ -737,6 +794,7 @@ async fn run_session(
                 &mut server,
                 tracker,
                 &fence,
+                deadline,
                 &counters.to_backend,
                 &counters.to_client,
             )
@@ -748,6 +806,7 @@ async fn run_session(
                 &mut server,
                 tracker,
                 &fence,
+                deadline,
                 &counters.to_backend,
                 &counters.to_client,
             )
@@ -775,4 +834,188 @@ async fn run_session(
         ),
     }
     Ok(())
+}
+
+/// Why a view is applied; it picks the words of the FATAL that the sessions
+/// it ends receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewChange {
+    /// The cluster changed: its store names another primary or replica set.
+    Update,
+    /// The view's owner could not confirm its view in time, so the view it
+    /// applies names no servers; their sessions are told so.
+    Unconfirmed,
+}
+
+/// What [`Proxy::apply`] did.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// Whether the view differed from the one it replaced.
+    pub changed: bool,
+    /// The backends whose sessions (in one role) were told to end.
+    pub ended: Vec<Ended>,
+}
+
+/// Sessions on one backend that a new view ended.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    pub backend: Backend,
+    pub role: Role,
+    /// The reason's metric label (`fenced`, `stale`, `replica_promoted`,
+    /// `replica_removed`, `replica_lag`).
+    pub label: &'static str,
+    /// The fired fence, if any session had been routed there; its other
+    /// holders are the sessions still closing ([`Fence::wait_released`]).
+    pub fence: Option<Arc<Fence>>,
+}
+
+/// Which sessions going from `old` to `new` must end, and why.
+fn removals(
+    old: &View,
+    new: &View,
+    change: ViewChange,
+    limit: &LagLimit,
+    lag_fence: bool,
+) -> Vec<(Backend, Role, FenceReason)> {
+    let unconfirmed = change == ViewChange::Unconfirmed;
+    let mut out = Vec::new();
+    if let Some(p) = &old.primary {
+        if new.primary.as_ref() != Some(p) {
+            let reason = if unconfirmed {
+                FenceReason::primary_unconfirmed()
+            } else {
+                FenceReason::primary_changed()
+            };
+            out.push((p.clone(), Role::Primary, reason));
+        }
+    }
+    for r in &old.replicas {
+        let b = &r.backend;
+        if old.primary.as_ref() == Some(b)
+            || out
+                .iter()
+                .any(|(o, role, _)| o == b && *role == Role::Standby)
+        {
+            continue;
+        }
+        let reason = if new.primary.as_ref() == Some(b) {
+            Some(FenceReason::standby_promoted())
+        } else {
+            match new.replicas.iter().find(|n| n.backend == *b) {
+                None if unconfirmed => Some(FenceReason::standby_unconfirmed()),
+                None => Some(FenceReason::standby_removed()),
+                Some(n) if lag_fence && limit.admits(r) && !limit.admits(n) => {
+                    Some(FenceReason::standby_lagging(n.lag_bytes))
+                }
+                Some(_) => None,
+            }
+        };
+        if let Some(reason) = reason {
+            out.push((b.clone(), Role::Standby, reason));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::Replica;
+
+    fn b(a: &str) -> Backend {
+        Backend::new(a)
+    }
+
+    fn r(a: &str, lag_bytes: u64) -> Replica {
+        Replica {
+            lag_bytes,
+            ..Replica::fresh(b(a))
+        }
+    }
+
+    fn view(primary: Option<&str>, replicas: &[Replica]) -> View {
+        View {
+            generation: 1,
+            primary: primary.map(b),
+            replicas: replicas.to_vec(),
+        }
+    }
+
+    #[test]
+    fn removals_end_what_the_new_view_no_longer_allows() {
+        use ViewChange::*;
+        let limit = LagLimit {
+            bytes: 100,
+            time: Duration::from_secs(10),
+        };
+        let lagging = r("b", 1000);
+        #[rustfmt::skip]
+        let rows: &[(&str, View, View, ViewChange, bool, &[(&str, Role, &str)])] = &[
+            ("nothing changed",
+                view(Some("a"), &[r("b", 0)]), view(Some("a"), &[r("b", 0)]), Update, true, &[]),
+            ("the primary changed",
+                view(Some("a"), &[r("b", 0)]), view(Some("c"), &[r("b", 0)]), Update, false,
+                &[("a", Role::Primary, "fenced")]),
+            ("a standby was promoted: its standby sessions end, the primary's too",
+                view(Some("a"), &[r("b", 0)]), view(Some("b"), &[]), Update, false,
+                &[("a", Role::Primary, "fenced"), ("b", Role::Standby, "replica_promoted")]),
+            ("failover step one: no primary yet",
+                view(Some("a"), &[r("b", 0)]), view(None, &[r("b", 0)]), Update, false,
+                &[("a", Role::Primary, "fenced")]),
+            ("a standby left the replica set",
+                view(Some("a"), &[r("b", 0), r("c", 0)]), view(Some("a"), &[r("c", 0)]), Update, false,
+                &[("b", Role::Standby, "replica_removed")]),
+            ("the view could not be confirmed: everything ends, saying why",
+                view(Some("a"), &[r("b", 0)]), view(None, &[]), Unconfirmed, false,
+                &[("a", Role::Primary, "stale"), ("b", Role::Standby, "stale")]),
+            ("a replica fell behind, with replica_lag_fence",
+                view(Some("a"), &[r("b", 0)]), view(Some("a"), &[lagging.clone()]), Update, true,
+                &[("b", Role::Standby, "replica_lag")]),
+            ("a replica fell behind, without replica_lag_fence",
+                view(Some("a"), &[r("b", 0)]), view(Some("a"), &[lagging.clone()]), Update, false, &[]),
+            ("a replica already behind stays",
+                view(Some("a"), &[lagging.clone()]), view(Some("a"), &[r("b", 2000)]), Update, true, &[]),
+        ];
+        for (name, old, new, change, lag_fence, want) in rows {
+            let got: Vec<(String, Role, &str)> = removals(old, new, *change, &limit, *lag_fence)
+                .into_iter()
+                .map(|(b, role, reason)| {
+                    assert_eq!(reason.sqlstate, "57P01", "{name}");
+                    (b.addr().to_owned(), role, reason.label)
+                })
+                .collect();
+            let want: Vec<(String, Role, &str)> = want
+                .iter()
+                .map(|(a, r, l)| ((*a).to_owned(), *r, *l))
+                .collect();
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn apply_stores_then_fences_the_sessions_of_removed_backends() {
+        let handle = ViewHandle::named("main", view(Some("a"), &[r("b", 0)]));
+        let proxy = Proxy::new(ProxyConfig::default(), ViewHandle::new(View::default()));
+        // Sessions routed to a as primary, and to b as a standby and (after
+        // its promotion) as the primary.
+        let on_a = proxy.shared.fences.for_backend(&b("a"), Role::Primary);
+        let on_b = proxy.shared.fences.for_backend(&b("b"), Role::Standby);
+        let applied = proxy.apply(&handle, view(Some("b"), &[]), ViewChange::Update);
+        assert!(applied.changed);
+        assert_eq!(handle.load().primary, Some(b("b")), "stored");
+        assert!(on_a.is_fired() && on_b.is_fired());
+        assert!(on_b
+            .reason()
+            .is_some_and(|r| r.message.contains("promoted")));
+        let new_primary = proxy.shared.fences.for_backend(&b("b"), Role::Primary);
+        let again = proxy.apply(&handle, view(Some("b"), &[]), ViewChange::Update);
+        assert!(!again.changed && again.ended.is_empty());
+        assert!(!new_primary.is_fired(), "primary sessions on b go on");
+        let labels: Vec<_> = applied
+            .ended
+            .iter()
+            .map(|e| (e.label, e.fence.is_some()))
+            .collect();
+        assert_eq!(labels, vec![("fenced", true), ("replica_promoted", true)]);
+    }
 }

@@ -213,6 +213,7 @@ impl LocalCluster {
             keys.clone(),
             "p1".into(),
             proxy.proxy.clone(),
+            proxy.proxy.view().clone(),
         );
         let conn = proxy.conn("postgres");
         let mut c = LocalCluster {

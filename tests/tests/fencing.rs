@@ -1,7 +1,12 @@
 //! The proxy following a cluster store: routing by the stored primary,
 //! fencing sessions on a demoted primary, holding clients while there is no
 //! primary, refusing to route on a view it cannot confirm, and registration
-//! under a lease. Each scenario runs against the file store and etcd.
+//! under a lease. Most scenarios run against the file store and etcd.
+//!
+//! Faults are modelled as they happen: a proxy cut off from the store (its
+//! requests time out, its watch goes silent), a lagging store member
+//! replaying old watch events, a proxy process frozen whole (SIGSTOP), a
+//! second proxy started with the same uid.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,8 +15,9 @@ use cluster::{AnyStore, ClusterSpec, Keys, Store};
 use proxy_core::{ProxyConfig, View, ViewHandle};
 
 use crate::support::{
-    connect, connect_watched, db_message, ended_with, init_cluster, keelson_bin, landing_port,
-    must_fail, set_master, sqlstate, try_connect, EtcdServer, PgServer, TestProxy,
+    admin_get, connect, connect_watched, db_message, ended_with, free_port, init_cluster,
+    keelson_bin, landing_port, must_fail, registration, set_master, sqlstate, try_connect,
+    update_spec, EtcdServer, FaultyStore, PgServer, TestProxy,
 };
 
 async fn file_store() -> (AnyStore, tempfile::TempDir) {
@@ -22,8 +28,8 @@ async fn file_store() -> (AnyStore, tempfile::TempDir) {
     (s, dir)
 }
 
-async fn following_proxy(
-    store: &AnyStore,
+async fn following_proxy<S: Store + Clone>(
+    store: &S,
     keys: &Keys,
     uid: &str,
 ) -> (TestProxy, Arc<keelson::follow::FollowStatus>) {
@@ -34,6 +40,7 @@ async fn following_proxy(
         keys.clone(),
         uid.to_owned(),
         proxy.proxy.clone(),
+        proxy.proxy.view().clone(),
     );
     (proxy, status)
 }
@@ -104,18 +111,23 @@ async fn switch_primary(store: AnyStore) {
         proxy_core::FENCED_BACKEND_LINGER + Duration::from_secs(3),
         "sessions left on the demoted primary"
     );
-    // The proxy acknowledged the generation it applied, under its lease.
+    // The proxy acknowledged the generation it applied, under its lease,
+    // with the cluster incarnation it belongs to.
     crate::assert_eventually!(
-        store
-            .get(&keys.proxy("p1"))
+        registration(&store, &keys, "p1")
             .await
-            .unwrap()
-            .is_some_and(
-                |kv| kv.value.contains(&format!("\"generation\":{generation}")) && kv.lease != 0
-            ),
+            .is_some_and(|(r, lease)| r.generation == generation && lease != 0),
         Duration::from_secs(5),
         "registration does not show generation {generation}"
     );
+    let (report, _) = registration(&store, &keys, "p1").await.unwrap();
+    let data = cluster::ClusterData::from_json(
+        &store.get(&keys.clusterdata()).await.unwrap().unwrap().value,
+    )
+    .unwrap();
+    assert_eq!(report.uid, "p1");
+    assert_eq!(report.instance, status.instance());
+    assert_eq!(report.cluster_uid, data.uid);
     assert!(status.is_fresh());
 }
 
@@ -240,7 +252,6 @@ async fn etcd_outage_stops_routing_after_proxy_timeout_and_recovers() {
     assert!(db_message(&err).contains("cluster store"), "{err:?}");
     let e = must_fail(try_connect(&conn).await, "no routing while stale");
     assert_eq!(sqlstate(&e).as_deref(), Some("57P03"));
-    use keelson::admin::AdminState;
     assert!(!status.ready(), "/readyz must fail");
 
     // Then SIGKILL and a restart: the proxy recovers by itself.
@@ -377,4 +388,381 @@ async fn ctl_init_and_status() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("min_sync"));
+}
+
+/// F8, end to end: the store's newest value is applied (and acknowledged),
+/// then an older one arrives on the watch, as when a lagging etcd member
+/// catches up or a poll overtook queued events. The view and the
+/// acknowledgement stay where they were.
+async fn outdated_values_never_move_the_view_back(store: AnyStore) {
+    let (a, b) = tokio::join!(PgServer::start(), PgServer::start());
+    let keys = Keys::new("keelson", "main");
+    init_cluster(
+        &store,
+        &keys,
+        ClusterSpec::default(),
+        &[("a", a.addr()), ("b", b.addr())],
+    )
+    .await;
+    set_master(&store, &keys, Some("a")).await;
+    let old = store.get(&keys.clusterdata()).await.unwrap().unwrap();
+    let faulty = FaultyStore::new(store.clone());
+    let (proxy, status) = following_proxy(&faulty, &keys, "p1").await;
+    let conn = proxy.conn("postgres");
+    crate::assert_eventually!(
+        landing_port(&conn).await == Some(a.port),
+        Duration::from_secs(10),
+        "never routed to A"
+    );
+    let generation = set_master(&store, &keys, Some("b")).await;
+    crate::assert_eventually!(
+        landing_port(&conn).await == Some(b.port)
+            && registration(&store, &keys, "p1")
+                .await
+                .is_some_and(|(r, _)| r.generation == generation),
+        Duration::from_secs(10),
+        "never moved to B"
+    );
+    // The value that named A, at its old revision, delivered again.
+    faulty.replay(cluster::WatchEvent::Put(old.clone())).await;
+    crate::assert_eventually!(
+        status.outdated_values() >= 1,
+        Duration::from_secs(5),
+        "the replayed event was never seen"
+    );
+    assert_eq!(
+        proxy.proxy.view().load().primary,
+        Some(proxy_core::Backend::new(b.addr())),
+        "the view went back to A"
+    );
+    assert_eq!(landing_port(&conn).await, Some(b.port));
+    let (report, _) = registration(&store, &keys, "p1").await.unwrap();
+    assert_eq!(
+        report.generation, generation,
+        "the acknowledgement went back"
+    );
+    // A delete older than the applied value is ignored too.
+    faulty
+        .replay(cluster::WatchEvent::Delete {
+            key: keys.clusterdata(),
+            mod_revision: old.mod_revision,
+        })
+        .await;
+    crate::assert_eventually!(
+        status.outdated_values() >= 2,
+        Duration::from_secs(5),
+        "the replayed delete was never seen"
+    );
+    assert_eq!(landing_port(&conn).await, Some(b.port));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outdated_values_never_move_the_view_back_file_store() {
+    let (s, _dir) = file_store().await;
+    outdated_values_never_move_the_view_back(s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outdated_values_never_move_the_view_back_etcd() {
+    let etcd = EtcdServer::start().await;
+    outdated_values_never_move_the_view_back(cluster::open(&etcd.url()).await.unwrap()).await;
+}
+
+/// F2a, end to end: `proxy_timeout` is raised from 2 s to 6 s at run time,
+/// then the proxy is cut off from the store while its primary session is
+/// open. The proxy must stop routing before its registration expires (the
+/// moment a sentinel counts it as fenced), by a margin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raised_proxy_timeout_stops_routing_before_the_registration_expires() {
+    let (store, _dir) = file_store().await;
+    let a = PgServer::start().await;
+    let keys = Keys::new("keelson", "main");
+    let spec = |secs| ClusterSpec {
+        proxy_timeout: Duration::from_secs(secs),
+        hold_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    init_cluster(&store, &keys, spec(2), &[("a", a.addr())]).await;
+    set_master(&store, &keys, Some("a")).await;
+    let faulty = FaultyStore::new(store.clone());
+    let (proxy, status) = following_proxy(&faulty, &keys, "p1").await;
+    let conn = proxy.conn("postgres");
+    crate::assert_eventually!(
+        landing_port(&conn).await == Some(a.port)
+            && status.lease_ttl() == Some(spec(2).proxy_lease_ttl()),
+        Duration::from_secs(10),
+        "never routed to A under a lease for 2 s"
+    );
+    let (_, first_lease) = registration(&store, &keys, "p1").await.unwrap();
+
+    update_spec(&store, &keys, |s| s.proxy_timeout = Duration::from_secs(6)).await;
+    crate::assert_eventually!(
+        status.lease_ttl() == Some(spec(6).proxy_lease_ttl())
+            && status
+                .valid_until()
+                .is_some_and(|t| t > tokio::time::Instant::now() + Duration::from_secs(4)),
+        Duration::from_secs(10),
+        "the lease was never granted anew for 6 s"
+    );
+    let (_, lease) = registration(&store, &keys, "p1").await.unwrap();
+    assert_ne!(
+        lease, first_lease,
+        "the registration moved to the new lease"
+    );
+
+    let (s1, s1_conn) = connect_watched(&conn).await;
+    s1.simple_query("SELECT 1").await.unwrap();
+    faulty.cut(true);
+    let cut = Instant::now();
+    let fenced = tokio::spawn(async move {
+        let e = ended_with(s1_conn, Duration::from_secs(15), "the primary session").await;
+        (e, cut.elapsed())
+    });
+    crate::assert_eventually!(
+        registration(&store, &keys, "p1").await.is_none(),
+        Duration::from_secs(20),
+        "the registration never expired"
+    );
+    let expired = cut.elapsed();
+    let (err, fenced_after) = fenced.await.unwrap();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err:?}");
+    assert!(db_message(&err).contains("cluster store"), "{err:?}");
+    assert!(!status.is_fresh());
+    assert!(
+        fenced_after >= Duration::from_secs(4),
+        "stopped routing before the 6 s window: {fenced_after:?}"
+    );
+    assert!(
+        fenced_after + Duration::from_secs(1) < expired,
+        "routed until {fenced_after:?}, registration gone at {expired:?}"
+    );
+    // Healed: the proxy registers again and routes by itself.
+    faulty.cut(false);
+    crate::assert_eventually!(
+        status.ready() && landing_port(&conn).await == Some(a.port),
+        Duration::from_secs(15),
+        "did not recover after the partition healed"
+    );
+}
+
+/// Whether an established socket whose local port is `port` (the proxy's
+/// side of a session) has bytes it has not read, from /proc/net/tcp.
+fn unread_bytes_on(port: u16) -> bool {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    tcp.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(state), Some(queues)) = (f.get(1), f.get(3), f.get(4)) else {
+            return false;
+        };
+        let local_port = local
+            .rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok());
+        let unread = queues
+            .split(':')
+            .nth(1)
+            .and_then(|q| u64::from_str_radix(q, 16).ok())
+            .unwrap_or(0);
+        local_port == Some(port) && *state == "01" && unread > 0
+    })
+}
+
+/// Kills its child on drop.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(p: &Proc, sig: i32) {
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(p.0.id() as i32, sig);
+    }
+}
+
+/// A `keelson proxy` following cluster `main` at `url` as `uid`: the
+/// process, its listen and admin addresses, and its log file.
+fn proxy_process(
+    url: &str,
+    uid: &str,
+    dir: &std::path::Path,
+) -> (Proc, String, String, std::path::PathBuf) {
+    let (listen, admin) = (free_port(), free_port());
+    let log = dir.join(format!("proxy-{listen}.log"));
+    let child = std::process::Command::new(keelson_bin())
+        .args(["proxy", "--store", url, "--cluster", "main", "--uid", uid])
+        .args(["--listen", &format!("127.0.0.1:{listen}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let conn =
+        format!("host=127.0.0.1 port={listen} user=postgres dbname=postgres connect_timeout=10");
+    (Proc(child), conn, format!("127.0.0.1:{admin}"), log)
+}
+
+/// F9d: two proxies started with the same uid. The second never routes
+/// (it is invisible to the fencing handshake) and says why; the first keeps
+/// working. When the first stops gracefully it withdraws its registration,
+/// and the second takes the uid over without waiting for a lease to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_proxy_with_the_same_uid_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    let store = cluster::open(&url).await.unwrap();
+    let a = PgServer::start().await;
+    let keys = Keys::new("keelson", "main");
+    let spec = ClusterSpec {
+        hold_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    init_cluster(&store, &keys, spec.clone(), &[("a", a.addr())]).await;
+    set_master(&store, &keys, Some("a")).await;
+
+    let (first, conn1, admin1, _) = proxy_process(&url, "p", dir.path());
+    crate::assert_eventually!(
+        admin_get(&admin1, "/readyz").await.0 == 200,
+        Duration::from_secs(60),
+        "the first proxy never became ready"
+    );
+    assert_eq!(landing_port(&conn1).await, Some(a.port));
+    let (_, view1) = admin_get(&admin1, "/view").await;
+    let view1: serde_json::Value = serde_json::from_str(&view1).unwrap();
+    let instance1 = view1["instance"].as_str().unwrap().to_owned();
+
+    let (_second, conn2, admin2, log2) = proxy_process(&url, "p", dir.path());
+    let says_why = "another proxy is registered as uid p";
+    crate::assert_eventually!(
+        {
+            let (code, body) = admin_get(&admin2, "/readyz").await;
+            code == 503 && body.contains(says_why)
+        },
+        Duration::from_secs(30),
+        "the second proxy's /readyz does not say why it is not ready: {:?}",
+        admin_get(&admin2, "/readyz").await
+    );
+    let log = std::fs::read_to_string(&log2).unwrap();
+    assert!(
+        log.contains(says_why) && log.contains(&instance1) && log.contains("--uid"),
+        "{log}"
+    );
+    let (_, metrics) = admin_get(&admin2, "/metrics").await;
+    assert!(
+        metrics.contains("keelson_registration_conflicts_total{cluster=\"main\"}"),
+        "{metrics}"
+    );
+    let e = must_fail(try_connect(&conn2).await, "the second proxy must not route");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P03"), "{e:?}");
+    // The first keeps working, and the registration is still its own.
+    assert_eq!(admin_get(&admin1, "/readyz").await.0, 200);
+    assert_eq!(landing_port(&conn1).await, Some(a.port));
+    let (report, _) = registration(&store, &keys, "p").await.unwrap();
+    assert_eq!(report.instance, instance1);
+
+    // SIGTERM: the first shuts down and revokes its lease; the second
+    // registers well before that lease would have expired.
+    signal(&first, libc::SIGTERM);
+    let mut first = first;
+    let status = tokio::task::spawn_blocking(move || first.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    let stopped = Instant::now();
+    crate::assert_eventually!(
+        admin_get(&admin2, "/readyz").await.0 == 200,
+        Duration::from_secs(10),
+        "the second proxy never took over the uid"
+    );
+    let waited = stopped.elapsed();
+    assert!(
+        waited < spec.proxy_lease_ttl() - Duration::from_secs(3),
+        "took {waited:?}: the lease was not revoked"
+    );
+    assert_eq!(landing_port(&conn2).await, Some(a.port));
+    let (report, _) = registration(&store, &keys, "p").await.unwrap();
+    assert_ne!(report.instance, instance1);
+}
+
+/// F4, the proxy part: the whole proxy process is frozen (SIGSTOP, as a
+/// node pause does) while a session is open on the primary. Its
+/// registration expires meanwhile, so a sentinel would count it as fenced
+/// and may promote another primary; the client then sends an INSERT. When
+/// the process thaws, its worker threads run before anything else could
+/// fence the session, and must still forward nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_proxy_forwards_nothing_when_it_thaws() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    let store = cluster::open(&url).await.unwrap();
+    let a = PgServer::start().await;
+    a.superuser()
+        .await
+        .batch_execute("CREATE TABLE t (x int)")
+        .await
+        .unwrap();
+    let keys = Keys::new("keelson", "main");
+    let spec = ClusterSpec {
+        proxy_timeout: Duration::from_secs(1),
+        hold_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    init_cluster(&store, &keys, spec, &[("a", a.addr())]).await;
+    set_master(&store, &keys, Some("a")).await;
+    let (proxy, conn, admin, log) = proxy_process(&url, "frozen", dir.path());
+    let port: u16 = conn
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("port="))
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    crate::assert_eventually!(
+        admin_get(&admin, "/readyz").await.0 == 200,
+        Duration::from_secs(60),
+        "the proxy never became ready"
+    );
+    let (client, client_conn) = connect_watched(&conn).await;
+    client.simple_query("SELECT 1").await.unwrap();
+
+    signal(&proxy, libc::SIGSTOP);
+    crate::assert_eventually!(
+        registration(&store, &keys, "frozen").await.is_none(),
+        Duration::from_secs(15),
+        "the frozen proxy's registration never expired"
+    );
+    let insert = tokio::spawn(async move { client.simple_query("INSERT INTO t VALUES (1)").await });
+    // The INSERT waits, unread, in the frozen proxy's socket.
+    crate::assert_eventually!(
+        unread_bytes_on(port),
+        Duration::from_secs(5),
+        "the INSERT never reached the frozen proxy's socket"
+    );
+    signal(&proxy, libc::SIGCONT);
+    // The FATAL answers the INSERT in flight.
+    let err = tokio::time::timeout(Duration::from_secs(10), insert)
+        .await
+        .expect("the session did not end after the thaw")
+        .unwrap()
+        .expect_err("the INSERT must not succeed");
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57P01"), "{err:?}\n{log}");
+    assert!(db_message(&err).contains("cluster store"), "{err:?}");
+    assert!(client_conn.await.unwrap().is_err(), "the session is over");
+    let rows: i64 = a
+        .superuser()
+        .await
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "the INSERT reached the primary after the thaw");
+    // The proxy then registers anew and routes again.
+    crate::assert_eventually!(
+        admin_get(&admin, "/readyz").await.0 == 200 && landing_port(&conn).await == Some(a.port),
+        Duration::from_secs(15),
+        "the proxy did not recover after the thaw"
+    );
 }

@@ -1,7 +1,8 @@
 //! L7 routing against real PostgreSQL: replica routes with lag limits and
 //! per-session settings (through real keepers and a sentinel), the server
-//! role check at the first ReadyForQuery, direct TLS, PROXY protocol v2 and
-//! SNI routing.
+//! role check at the first ReadyForQuery, standby sessions ended when their
+//! standby leaves the view or the view goes stale, direct TLS, PROXY
+//! protocol v2 and SNI routing.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster::ClusterSpec;
-use proxy_core::{Backend, ListenerOptions, ProxyConfig, Replica, Route, Rule, View, ViewHandle};
+use proxy_core::{
+    Backend, ListenerOptions, ProxyConfig, Replica, Route, Rule, View, ViewChange, ViewHandle,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
@@ -432,20 +435,24 @@ async fn proxy_protocol_v2_from_trusted_and_untrusted_sources() {
 async fn sni_routes_two_clusters_through_one_proxy() {
     let (a, b) = tokio::join!(PgServer::start(), PgServer::start());
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, der) = self_signed_for(dir.path(), &["a.test", "b.test"]);
+    let (cert, key, der) = self_signed_for(dir.path(), &["a.test", "b.test", "c.test"]);
     let view_of = |pg: &PgServer| ViewHandle::new(View::fixed(Backend::new(pg.addr())));
+    // c.test has no primary; its own hold timeout applies, not the proxy's.
+    let c = ViewHandle::named("c", View::default());
+    c.set_hold_timeout(Duration::from_millis(300));
     let cfg = ProxyConfig {
         tls: Some(proxy_core::tls::server_config(&cert, &key).unwrap()),
         server_names: HashMap::from([
             ("a.test".to_owned(), view_of(&a)),
             ("b.test".to_owned(), view_of(&b)),
+            ("c.test".to_owned(), c),
         ]),
-        hold_timeout: Duration::from_millis(300),
+        hold_timeout: Duration::from_secs(30),
         ..Default::default()
     };
     // The proxy's own view has no primary: only SNI reaches a cluster.
     let proxy = TestProxy::with_view(ViewHandle::new(View::default()), cfg).await;
-    let client = tls_client(der, &[b"postgresql"]);
+    let client = tls_client(der.clone(), &[b"postgresql"]);
     for (name, pg) in [("a.test", &a), ("b.test", &b)] {
         let c = direct_tls_session(&client, proxy.addr, name).await.unwrap();
         let port: i32 = c
@@ -455,6 +462,16 @@ async fn sni_routes_two_clusters_through_one_proxy() {
             .get(0);
         assert_eq!(port as u16, pg.port, "{name}");
     }
+    let t = Instant::now();
+    let e = direct_tls_session(&client, proxy.addr, "c.test")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P03"), "{e}");
+    assert!(db_message(&e).contains("300ms"), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the proxy-wide 30 s applied"
+    );
     // libpq over SSLRequest sends SNI too.
     let out = std::process::Command::new("psql")
         .arg(format!(
@@ -508,4 +525,183 @@ async fn unreachable_replicas_are_skipped() {
     assert_eq!(sqlstate(&e).as_deref(), Some("08006"), "{e}");
     let prefer = with_options(&proxy.conn("postgres"), "-c keelson.route=prefer-replica");
     assert_eq!(landing(&prefer).await.unwrap(), (pair.primary.port, false));
+}
+
+/// F11: sessions on a standby that leaves the replica set end, saying why;
+/// in particular a replica-route session whose standby is promoted never
+/// becomes read-write. Primary sessions are not touched by either change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_sessions_end_when_their_standby_leaves_or_is_promoted() {
+    let pair = Pair::start().await;
+    let (a, b) = (pair.primary.address(), pair.standby.address());
+    let full = |generation| View {
+        generation,
+        primary: Some(Backend::new(a.clone())),
+        replicas: vec![Replica::fresh(Backend::new(b.clone()))],
+    };
+    let view = ViewHandle::new(full(1));
+    let cfg = ProxyConfig {
+        hold_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let proxy = TestProxy::with_view(view.clone(), cfg).await;
+    let replica_conn = proxy.replica_conn().await;
+    let (primary, _primary_conn) = connect_watched(&proxy.conn("postgres")).await;
+    primary
+        .batch_execute("CREATE TABLE IF NOT EXISTS f11 (x int)")
+        .await
+        .unwrap();
+
+    // The standby turns unhealthy: the sentinel's view drops it.
+    let (_r1, r1_conn) = connect_watched(&replica_conn).await;
+    let without = View {
+        replicas: vec![],
+        ..full(2)
+    };
+    proxy.proxy.apply(&view, without, ViewChange::Update);
+    let e = ended_with(
+        r1_conn,
+        Duration::from_secs(5),
+        "the removed standby's session",
+    )
+    .await;
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e}");
+    assert!(
+        db_message(&e).contains("left the cluster's replica set"),
+        "{e}"
+    );
+    primary
+        .simple_query("SELECT 1")
+        .await
+        .expect("the primary session goes on");
+
+    // Back in the set; then it is promoted (failover to B).
+    proxy.proxy.apply(&view, full(3), ViewChange::Update);
+    let (r2, r2_conn) = connect_watched(&replica_conn).await;
+    let in_recovery: bool = r2
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery);
+    pair.standby.promote().await.unwrap();
+    let promoted = View {
+        generation: 4,
+        primary: Some(Backend::new(b.clone())),
+        replicas: vec![],
+    };
+    proxy.proxy.apply(&view, promoted, ViewChange::Update);
+    let e = ended_with(
+        r2_conn,
+        Duration::from_secs(5),
+        "the promoted standby's session",
+    )
+    .await;
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e}");
+    assert!(db_message(&e).contains("promoted"), "{e}");
+    let write = r2.batch_execute("INSERT INTO f11 VALUES (1)").await;
+    assert!(write.is_err(), "the replica session became read-write");
+    // New replica sessions have no standby to go to; primary sessions go to B.
+    let refused = try_connect(&replica_conn).await.unwrap_err();
+    assert_eq!(sqlstate(&refused).as_deref(), Some("57P03"), "{refused}");
+    assert_eq!(
+        landing(&proxy.conn("postgres")).await.unwrap(),
+        (pair.standby.port, false)
+    );
+}
+
+/// A cluster whose databases are the pair: `a` primary, `b` a healthy,
+/// streaming standby.
+fn pair_cluster(pair: &Pair, spec: ClusterSpec) -> cluster::ClusterData {
+    use cluster::data::{Db, DbSpec, DbStatus, Role};
+    let mut data = cluster::ClusterData::new(spec);
+    data.phase = cluster::data::ClusterPhase::Normal;
+    for (uid, addr, role) in [
+        ("a", pair.primary.address(), Role::Master),
+        ("b", pair.standby.address(), Role::Standby),
+    ] {
+        data.dbs.insert(
+            uid.to_owned(),
+            Db {
+                keeper: uid.to_owned(),
+                spec: DbSpec {
+                    role,
+                    ..Default::default()
+                },
+                status: DbStatus {
+                    healthy: true,
+                    address: Some(addr),
+                    in_recovery: role == Role::Standby,
+                    streaming: role == Role::Standby,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+    }
+    data.set_proxy_master(Some("a"));
+    data
+}
+
+/// F11: a proxy that cannot confirm its view drops the replicas too (their
+/// lag figures are frozen): replica sessions end, new ones are held and
+/// refused with 57P03 while it is stale, and come back when it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_proxy_serves_no_replica_sessions() {
+    use cluster::Store;
+    let pair = Pair::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = cluster::open(&format!("file://{}", dir.path().display()))
+        .await
+        .unwrap();
+    let keys = cluster::Keys::new("keelson", "main");
+    let spec = ClusterSpec {
+        proxy_timeout: Duration::from_secs(2),
+        hold_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    store
+        .put(&keys.clusterdata(), &pair_cluster(&pair, spec).to_json(), 0)
+        .await
+        .unwrap();
+    let faulty = crate::support::FaultyStore::new(store.clone());
+    let proxy =
+        TestProxy::with_view(ViewHandle::new(View::default()), ProxyConfig::default()).await;
+    let status = keelson::follow::spawn(
+        faulty.clone(),
+        keys.clone(),
+        "p1".into(),
+        proxy.proxy.clone(),
+        proxy.proxy.view().clone(),
+    );
+    let replica_conn = proxy.replica_conn().await;
+    crate::assert_eventually!(
+        landing(&replica_conn).await.ok() == Some((pair.standby.port, true)),
+        Duration::from_secs(10),
+        "replica sessions never reached the standby"
+    );
+    let (_r, r_conn) = connect_watched(&replica_conn).await;
+
+    faulty.cut(true);
+    let e = ended_with(r_conn, Duration::from_secs(10), "the replica session").await;
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e}");
+    assert!(
+        db_message(&e).contains("cannot confirm this standby"),
+        "{e}"
+    );
+    assert!(!status.is_fresh());
+    let t = Instant::now();
+    let refused = try_connect(&replica_conn).await.unwrap_err();
+    assert_eq!(sqlstate(&refused).as_deref(), Some("57P03"), "{refused}");
+    assert!(t.elapsed() >= Duration::from_millis(900), "held first");
+    let prefer = with_options(&proxy.conn("postgres"), "-c keelson.route=prefer-replica");
+    let refused = try_connect(&prefer).await.unwrap_err();
+    assert_eq!(sqlstate(&refused).as_deref(), Some("57P03"), "{refused}");
+
+    faulty.cut(false);
+    crate::assert_eventually!(
+        landing(&replica_conn).await.ok() == Some((pair.standby.port, true)),
+        Duration::from_secs(15),
+        "replica sessions did not come back"
+    );
 }

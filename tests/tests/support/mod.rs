@@ -783,3 +783,193 @@ impl EtcdServer {
         self.port
     }
 }
+
+/// A cluster store seen through a network the test controls, for one
+/// client (a proxy's follower):
+/// - [`FaultyStore::cut`] cuts that client off, as a partition does: each
+///   request hangs for the store's request timeout and then fails, and open
+///   watches go silent;
+/// - [`FaultyStore::replay`] delivers an old event on the open watches
+///   after the newer ones, as a lagging etcd member does when it catches up
+///   (or as a queued event does when a poll overtook it).
+#[derive(Clone)]
+pub struct FaultyStore {
+    inner: cluster::AnyStore,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    watches: std::sync::Arc<
+        std::sync::Mutex<
+            Vec<tokio::sync::mpsc::Sender<cluster::store::Result<cluster::WatchEvent>>>,
+        >,
+    >,
+}
+
+impl FaultyStore {
+    pub fn new(inner: cluster::AnyStore) -> Self {
+        FaultyStore {
+            inner,
+            cut: Default::default(),
+            watches: Default::default(),
+        }
+    }
+
+    /// Cuts the client off from the store (`true`) or heals (`false`).
+    pub fn cut(&self, off: bool) {
+        self.cut.store(off, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_cut(&self) -> bool {
+        self.cut.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits out the request timeout while cut off; then fails.
+    async fn reach(&self) -> cluster::store::Result<()> {
+        if self.is_cut() {
+            tokio::time::sleep(cluster::store::REQUEST_TIMEOUT).await;
+            return Err(cluster::StoreError::Unavailable(
+                "cut off from the store by the test".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Delivers `event` to every open watch.
+    pub async fn replay(&self, event: cluster::WatchEvent) {
+        let senders: Vec<_> = self.watches.lock().unwrap().clone();
+        for s in senders {
+            let _ = s.send(Ok(event.clone())).await;
+        }
+    }
+}
+
+impl cluster::Store for FaultyStore {
+    async fn get(&self, key: &str) -> cluster::store::Result<Option<cluster::KeyValue>> {
+        self.reach().await?;
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> cluster::store::Result<(Vec<cluster::KeyValue>, i64)> {
+        self.reach().await?;
+        self.inner.list(prefix).await
+    }
+    async fn put_if_revision(
+        &self,
+        key: &str,
+        value: &str,
+        expected: i64,
+        lease: cluster::LeaseId,
+    ) -> cluster::store::Result<cluster::Cas> {
+        self.reach().await?;
+        self.inner
+            .put_if_revision(key, value, expected, lease)
+            .await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        value: &str,
+        lease: cluster::LeaseId,
+    ) -> cluster::store::Result<i64> {
+        self.reach().await?;
+        self.inner.put(key, value, lease).await
+    }
+    async fn delete(&self, key: &str) -> cluster::store::Result<bool> {
+        self.reach().await?;
+        self.inner.delete(key).await
+    }
+    async fn delete_if_revision(&self, key: &str, expected: i64) -> cluster::store::Result<bool> {
+        self.reach().await?;
+        self.inner.delete_if_revision(key, expected).await
+    }
+    async fn watch(&self, prefix: &str, revision: i64) -> cluster::store::Result<cluster::Watch> {
+        self.reach().await?;
+        let mut upstream = self.inner.watch(prefix, revision).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        self.watches.lock().unwrap().push(tx.clone());
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = upstream.recv().await {
+                // Cut off: the events never arrive.
+                if !me.is_cut() && tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+    async fn grant(&self, ttl: Duration) -> cluster::store::Result<cluster::LeaseId> {
+        self.reach().await?;
+        self.inner.grant(ttl).await
+    }
+    async fn keep_alive(&self, lease: cluster::LeaseId) -> cluster::store::Result<()> {
+        self.reach().await?;
+        self.inner.keep_alive(lease).await
+    }
+    async fn revoke(&self, lease: cluster::LeaseId) -> cluster::store::Result<()> {
+        self.reach().await?;
+        self.inner.revoke(lease).await
+    }
+}
+
+/// The registration a proxy has in the store, typed.
+pub async fn registration(
+    store: &cluster::AnyStore,
+    keys: &cluster::Keys,
+    uid: &str,
+) -> Option<(cluster::data::ProxyReport, cluster::LeaseId)> {
+    use cluster::Store;
+    let kv = store
+        .get(&keys.proxy(uid))
+        .await
+        .expect("read registration")?;
+    let report = serde_json::from_str(&kv.value).expect("a ProxyReport");
+    Some((report, kv.lease))
+}
+
+/// Changes the cluster spec by compare-and-swap, as `keelson ctl spec
+/// update` does.
+pub async fn update_spec(
+    store: &cluster::AnyStore,
+    keys: &cluster::Keys,
+    change: impl Fn(&mut cluster::ClusterSpec),
+) {
+    use cluster::{Cas, Store};
+    loop {
+        let kv = store
+            .get(&keys.clusterdata())
+            .await
+            .expect("read")
+            .expect("clusterdata exists");
+        let mut data = cluster::ClusterData::from_json(&kv.value).expect("valid");
+        change(&mut data.spec);
+        if let Cas::Done(_) = store
+            .put_if_revision(&keys.clusterdata(), &data.to_json(), kv.mod_revision, 0)
+            .await
+            .expect("cas")
+        {
+            return;
+        }
+    }
+}
+
+/// GET `path` from an admin listener at `addr`: (status, body).
+pub async fn admin_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
