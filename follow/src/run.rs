@@ -552,10 +552,11 @@ mod tests {
         })
         .await;
 
-        let newer = data.to_json().replace(
-            "\"proxy_timeout\"",
-            "\"from_a_newer_keelson\": true, \"proxy_timeout\"",
-        );
+        // A format this keelson cannot read (unknown fields alone are
+        // kept, and do not make data unusable).
+        let newer = data
+            .to_json()
+            .replace("\"format_version\": 1", "\"format_version\": 2");
         store.put(&keys.clusterdata(), &newer, 0).await.unwrap();
         eventually("the registration was not withdrawn", async || {
             !status.is_fresh() && !registered().await

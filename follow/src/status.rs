@@ -645,10 +645,10 @@ mod tests {
         s.take(Some(&data("a", 1).to_json()), 10, "read");
         s.confirm(Instant::now());
         assert!(s.ready());
-        let newer = data("a", 2).to_json().replace(
-            "\"proxy_timeout\"",
-            "\"from_the_future\": 1, \"proxy_timeout\"",
-        );
+        // A format this keelson cannot read.
+        let newer = data("a", 2)
+            .to_json()
+            .replace("\"format_version\": 1", "\"format_version\": 2");
         assert_eq!(s.take(Some(&newer), 11, "watch"), Taken::Unusable);
         assert!(!s.is_fresh() && view.load().primary.is_none());
         assert!(s.not_ready_reason().unwrap().contains("cannot be used"));
