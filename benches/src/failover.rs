@@ -4,7 +4,13 @@
 //! first successful write through the proxy. Repeats on a fresh cluster and
 //! prints min, median and max, and the acknowledged writes lost.
 //!
-//! Run: `cargo run --release -p keelson-benches --bin failover [-- --runs N] [--etcd] [--fail-interval 2s]`
+//! Run: `cargo run --release -p keelson-benches --bin failover [-- --runs N] [--etcd]
+//! [--fail-interval 2s] [--fence-timeout 1s] [--report-interval 500ms]`
+//!
+//! A standby is promoted only once the old primary's keeper has lost its
+//! lease (`fence_timeout` + 0.5 s) or acknowledged its stop: with a killed
+//! keeper, `fence_timeout` bounds the failover time from below, so a fast
+//! `fail_interval` needs a short `fence_timeout` too.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -176,14 +182,26 @@ fn main() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
     let mut spec = ClusterSpec::default();
-    if let Some(v) = args
-        .iter()
-        .position(|a| a == "--fail-interval")
-        .and_then(|i| args.get(i + 1))
-    {
-        spec.fail_interval =
-            humantime::parse_duration(v).context("--fail-interval takes a duration like 2s")?;
+    let flag = |name: &str| -> Result<Option<Duration>> {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map(|v| {
+                humantime::parse_duration(v)
+                    .with_context(|| format!("{name} takes a duration like 2s"))
+            })
+            .transpose()
+    };
+    if let Some(d) = flag("--fail-interval")? {
+        spec.fail_interval = d;
     }
+    if let Some(d) = flag("--fence-timeout")? {
+        spec.fence_timeout = d;
+    }
+    if let Some(d) = flag("--report-interval")? {
+        spec.keeper_report_interval = d;
+    }
+    spec.validate()?;
     let keelson = build_keelson()?;
     let bindir = pg_bindir()?;
     let mut _etcd = None;
@@ -213,8 +231,10 @@ fn main() -> Result<()> {
         "file store"
     };
     println!(
-        "failover ({store}, fail_interval {}, {runs} runs): min {:.2} s  median {:.2} s  max {:.2} s  acknowledged writes lost: {lost}",
+        "failover ({store}, fail_interval {}, fence_timeout {}, keeper_report_interval {}, {runs} runs): min {:.2} s  median {:.2} s  max {:.2} s  acknowledged writes lost: {lost}",
         humantime::format_duration(spec.fail_interval),
+        humantime::format_duration(spec.fence_timeout),
+        humantime::format_duration(spec.keeper_report_interval),
         times[0],
         times[times.len() / 2],
         times[times.len() - 1]

@@ -436,6 +436,21 @@ impl Instance {
         upstream: Option<&Upstream>,
         synchronous_standbys: &[String],
     ) -> Result<()> {
+        self.write_config_with(user, upstream, synchronous_standbys, true)
+    }
+
+    /// [`Instance::write_config`]; with `clients` false, pg_hba.conf lets
+    /// in only the keeper (local socket) and the replication account
+    /// (streaming, and pg_rewind's reads), not clients: a synchronous
+    /// primary restarted in place holds commits it flushed but no standby
+    /// confirmed, which must not become visible before a standby has them.
+    pub fn write_config_with(
+        &self,
+        user: &BTreeMap<String, String>,
+        upstream: Option<&Upstream>,
+        synchronous_standbys: &[String],
+        clients: bool,
+    ) -> Result<()> {
         let mut p = user.clone();
         let managed = [
             ("listen_addresses", format!("'{}'", self.host)),
@@ -493,6 +508,20 @@ impl Instance {
         let loopback = self.host == "localhost" || self.host.starts_with("127.");
         let local_clients = if loopback { "trust" } else { "scram-sha-256" };
         let repl = quote_ident(&self.repl.user);
+        let client_lines = if clients {
+            format!(
+                "host all all 127.0.0.1/32 {local_clients}\n\
+                 host all all ::1/128 {local_clients}\n\
+                 host all all 0.0.0.0/0 scram-sha-256\n\
+                 host all all ::/0 scram-sha-256\n"
+            )
+        } else {
+            format!(
+                "# Clients are held out until a synchronous standby has caught up.\n\
+                 host postgres {repl} 0.0.0.0/0 scram-sha-256\n\
+                 host postgres {repl} ::/0 scram-sha-256\n"
+            )
+        };
         std::fs::write(
             data.join("pg_hba.conf"),
             format!(
@@ -500,10 +529,7 @@ impl Instance {
                  local all postgres trust\n\
                  host replication {repl} 0.0.0.0/0 scram-sha-256\n\
                  host replication {repl} ::/0 scram-sha-256\n\
-                 host all all 127.0.0.1/32 {local_clients}\n\
-                 host all all ::1/128 {local_clients}\n\
-                 host all all 0.0.0.0/0 scram-sha-256\n\
-                 host all all ::/0 scram-sha-256\n"
+                 {client_lines}"
             ),
         )?;
         // standby.signal makes a starting PostgreSQL a standby. It is never

@@ -31,6 +31,9 @@ pub struct Desired {
     /// The cluster's PostgreSQL system identifier, when known (the
     /// primary's): a data directory of another system is never replaced.
     pub system_id: Option<String>,
+    /// Synchronous mode with `min_sync >= 1`: a primary restarted in place
+    /// holds clients out until a synchronous standby has caught up.
+    pub hold_clients: bool,
 }
 
 /// What the keeper sees locally.
@@ -54,6 +57,11 @@ pub struct Observed {
     /// [`STUCK_AFTER`]: it may have replayed past the new primary's fork
     /// point, and then can never follow it without a rewind.
     pub stuck: bool,
+    /// pg_hba.conf holds clients out (see [`Desired::hold_clients`]).
+    pub clients_held: bool,
+    /// On a primary: PostgreSQL reports one of the standbys the spec names
+    /// as synchronous (it has caught up).
+    pub sync_caught_up: bool,
 }
 
 /// How long a standby may fail to stream from its upstream before the
@@ -78,6 +86,8 @@ pub enum Action {
         from: String,
     },
     WriteConfig,
+    /// [`Action::WriteConfig`] with clients held out of pg_hba.conf.
+    HoldClients,
     Start,
     Stop,
     /// Immediate shutdown (SIGQUIT): no checkpoint, no waiting for clients.
@@ -111,10 +121,20 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
             if !o.initialized {
                 a.extend([InitDb, WriteConfig, Start]);
             } else if !o.running {
-                a.extend([WriteConfig, Start]);
-                if o.configured_upstream.is_some() {
+                let restart = o.configured_upstream.is_none();
+                if restart && d.hold_clients && !d.synchronous_standbys.is_empty() {
+                    // A synchronous primary restarting in place (after a
+                    // crash) may hold commits no standby confirmed: no
+                    // client may read them before a standby has them.
+                    a.extend([HoldClients, Start]);
+                } else {
+                    a.extend([WriteConfig, Start]);
+                }
+                if !restart {
                     a.push(Promote);
                 }
+            } else if o.clients_held && (o.sync_caught_up || !d.hold_clients) {
+                a.extend([WriteConfig, Reload]);
             } else if o.in_recovery {
                 // The synchronous standbys are loaded before the promotion
                 // (pg_promote does not read the configuration), so that the
@@ -244,6 +264,7 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
             .ok()
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty()),
+        clients_held: cfg.dir.join("clients-held").exists(),
         ..Default::default()
     };
     let mut interval = spec.keeper_report_interval;
@@ -376,11 +397,17 @@ impl Keeper {
         obs.initialized = pg.is_initialized();
         obs.was_primary = obs.initialized && !pg.has_standby_signal();
         obs.loaded_sync = None;
+        obs.sync_caught_up = false;
         if obs.running {
             let r = pg.report(&cfg.uid, self.applied).await;
             if r.healthy {
                 obs.in_recovery = r.in_recovery;
                 obs.system_id = r.system_id;
+                obs.sync_caught_up = r
+                    .synchronous_standbys
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|s| desired.synchronous_standbys.contains(s));
                 if !obs.in_recovery {
                     obs.loaded_sync = pg.loaded_sync_names().await.ok();
                 }
@@ -412,9 +439,18 @@ impl Keeper {
                 self.problem = Some(e.to_string());
             }
         }
-        if done.iter().any(|s| matches!(s, Action::WriteConfig)) {
+        if done
+            .iter()
+            .any(|s| matches!(s, Action::WriteConfig | Action::HoldClients))
+        {
             let up = obs.configured_upstream.clone().unwrap_or_default();
             let _ = std::fs::write(&self.upstream_file, up);
+            let held = self.upstream_file.with_file_name("clients-held");
+            if obs.clients_held {
+                let _ = std::fs::write(&held, "");
+            } else {
+                let _ = std::fs::remove_file(&held);
+            }
         }
         if done
             .iter()
@@ -604,6 +640,7 @@ fn desired_of(data: &ClusterData, uid: &str) -> Option<Desired> {
             .as_ref()
             .is_some_and(|f| f.from == uid && f.reason == cluster::data::SWITCHOVER),
         system_id,
+        hold_clients: data.spec.synchronous_replication && data.spec.min_sync > 0,
     })
 }
 
@@ -660,7 +697,7 @@ async fn act(
                 o.was_primary = false;
                 o.stuck = false;
             }
-            Action::WriteConfig => {
+            Action::WriteConfig | Action::HoldClients => {
                 let upstream = match (d.role, &d.upstream) {
                     (Role::Standby, Some(up)) => Some(Upstream {
                         address: up.clone(),
@@ -669,11 +706,14 @@ async fn act(
                     }),
                     _ => None,
                 };
-                pg.write_config(
+                let clients = *step != Action::HoldClients;
+                pg.write_config_with(
                     &data.spec.pg_parameters,
                     upstream.as_ref(),
                     &d.synchronous_standbys,
+                    clients,
                 )?;
+                o.clients_held = !clients;
                 o.configured_upstream = if d.role == Role::Standby {
                     d.upstream.clone()
                 } else {
@@ -743,6 +783,7 @@ mod tests {
             generation: 1,
             switchover: false,
             system_id: Some("sys".into()),
+            hold_clients: false,
         }
     }
 
@@ -890,6 +931,57 @@ mod tests {
                     ..running_primary.clone()
                 },
                 vec![],
+            ),
+            (
+                "F6e: a synchronous primary restarting in place holds clients out",
+                Desired {
+                    hold_clients: true,
+                    ..sync_s1.clone()
+                },
+                Observed {
+                    running: false,
+                    ..running_primary.clone()
+                },
+                vec![HoldClients, Start],
+            ),
+            (
+                "F6e: ... and lets them in once a synchronous standby caught up",
+                Desired {
+                    hold_clients: true,
+                    ..sync_s1.clone()
+                },
+                Observed {
+                    clients_held: true,
+                    sync_caught_up: true,
+                    loaded_sync: Some(r#"FIRST 1 ("s1")"#.into()),
+                    ..running_primary.clone()
+                },
+                vec![WriteConfig, Reload],
+            ),
+            (
+                "F6e: ... not before",
+                Desired {
+                    hold_clients: true,
+                    ..sync_s1.clone()
+                },
+                Observed {
+                    clients_held: true,
+                    loaded_sync: Some(r#"FIRST 1 ("s1")"#.into()),
+                    ..running_primary.clone()
+                },
+                vec![],
+            ),
+            (
+                "F6e: a promoted standby does not hold clients (what it has, a standby had)",
+                Desired {
+                    hold_clients: true,
+                    ..sync_s1.clone()
+                },
+                Observed {
+                    running: false,
+                    ..running_standby.clone()
+                },
+                vec![WriteConfig, Start, Promote],
             ),
             (
                 "failed over while running: stop at once, keeping WAL for pg_rewind",

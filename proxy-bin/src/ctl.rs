@@ -135,7 +135,9 @@ pub async fn status_json(store: &AnyStore, keys: &Keys) -> Result<serde_json::Va
                 "role": db.spec.role.as_str(),
                 "healthy": db.status.healthy,
                 "address": db.status.address,
-                "lsn": lsn(db.status.lsn),
+                // Never known (a keeper that has not reported a running
+                // PostgreSQL yet) is not 0/0.
+                "lsn": (db.status.lsn > 0 || db.status.timeline > 0).then(|| lsn(db.status.lsn)),
                 "lag_bytes": master.map(|m| m.status.lsn.saturating_sub(db.status.lsn)),
                 "timeline": db.status.timeline,
                 "streaming": db.status.streaming,
@@ -337,10 +339,12 @@ pub async fn run(args: CtlArgs) -> Result<()> {
 }
 
 fn print_table(s: &serde_json::Value) {
-    let text = |v: &serde_json::Value| {
-        v.as_str()
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_owned(),
+        v => v
+            .as_str()
             .map(str::to_owned)
-            .unwrap_or_else(|| v.to_string())
+            .unwrap_or_else(|| v.to_string()),
     };
     println!("cluster:    {}", text(&s["cluster"]));
     println!("phase:      {}", text(&s["phase"]));

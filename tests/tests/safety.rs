@@ -962,3 +962,75 @@ async fn a_paused_keeper_s_guard_fences_its_primary_before_the_standby_is_promot
     unsafe { libc::kill(keeper, libc::SIGCONT) };
     c.wait_standby(old).await;
 }
+
+/// F6e: a synchronous primary whose PostgreSQL crashes and is restarted in
+/// place by its keeper holds commits it flushed but no standby confirmed
+/// (their clients never got an answer). Until a synchronous standby has
+/// caught up, no client can connect and read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_a_primary_restarted_in_place_holds_clients_until_a_standby_caught_up() {
+    let (_s, url) = file_store();
+    let store = cluster::open(&url).await.unwrap();
+    let c = LocalCluster::up_with(&url, store, sync_spec(), 1, 2).await;
+    let (p, s) = (c.master, c.other());
+    c.wait_sync_confirmed(p, Duration::from_secs(30)).await;
+    let receiver = c.walreceiver_pid(s).await;
+    // SAFETY: pausing (later resuming) the standby's WAL receiver.
+    unsafe { libc::kill(receiver, libc::SIGSTOP) };
+    let direct = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=2",
+        c.ports[p - 1]
+    );
+    let d2 = direct.clone();
+    let waiting = tokio::spawn(async move {
+        let cl = try_connect(&d2).await.ok()?;
+        cl.execute("INSERT INTO w VALUES (4242)", &[]).await.ok()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the commit did not wait for the standby"
+    );
+    c.kill_postgres(p);
+    assert_eq!(waiting.await.unwrap(), None, "the commit was acknowledged");
+    // The keeper restarts it; clients are held out.
+    crate::assert_eventually!(
+        c.keeper_log(p).contains("HoldClients"),
+        Duration::from_secs(20),
+        "k{p} did not restart with clients held:\n{}",
+        c.keeper_log(p)
+    );
+    let held_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < held_until {
+        match try_connect(&direct).await {
+            Ok(cl) => {
+                let n: i64 = cl
+                    .query_one("SELECT count(*) FROM w WHERE x = 4242", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                panic!("a client connected to the restarted primary and saw {n} unconfirmed rows");
+            }
+            Err(e) => {
+                let state = crate::support::sqlstate(&e);
+                assert!(state.as_deref() == Some("28000") || state.is_none(), "{e}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(receiver, libc::SIGCONT) };
+    // The standby catches up (it gets the row), then clients are let in.
+    crate::assert_eventually!(
+        try_connect(&direct).await.is_ok(),
+        Duration::from_secs(30),
+        "clients were never let back in"
+    );
+    crate::assert_eventually!(
+        c.direct(s, "SELECT count(*) FROM w WHERE x = 4242").await == Some(1),
+        Duration::from_secs(10),
+        "the standby does not have the row clients can now see"
+    );
+    let d = c.data().await;
+    assert!(d.failover.is_none(), "the restart caused a failover");
+}
