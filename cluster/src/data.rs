@@ -303,6 +303,12 @@ pub struct DbSpec {
     pub follow: Option<String>,
     /// For a master: the standbys named in `synchronous_standby_names`.
     pub synchronous_standbys: Vec<String>,
+    /// Replace the data with a fresh copy of the upstream's before
+    /// following it: a candidate given up on may have promoted itself onto
+    /// the timeline number the next primary also takes, where pg_rewind
+    /// sees "the same timeline" and repairs nothing.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reinit: bool,
 }
 
 /// What a database was last seen doing, from its keeper's reports.
@@ -438,6 +444,10 @@ pub struct Failover {
     pub reason: String,
     /// For a switchover: the standby the operator asked for, if any.
     pub requested: Option<String>,
+    /// The old primary's synchronous standbys when the failover began: the
+    /// new primary's set starts from them, and a primary given back gets
+    /// them back.
+    pub synchronous_standbys: Vec<String>,
 }
 
 /// Reason of a planned switchover in [`Failover::reason`].

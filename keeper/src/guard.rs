@@ -28,6 +28,8 @@ pub struct FenceFile {
     pub postmaster_pid: u32,
     /// `CLOCK_BOOTTIME` ms at which the primary must be stopped.
     pub deadline_ms: u64,
+    /// The fence timeout in force, for the keeper's next run.
+    pub fence_ms: u64,
 }
 
 impl FenceFile {
@@ -37,8 +39,8 @@ impl FenceFile {
 
     pub fn render(&self) -> String {
         format!(
-            "{} {} {}\n",
-            self.keeper_pid, self.postmaster_pid, self.deadline_ms
+            "{} {} {} {}\n",
+            self.keeper_pid, self.postmaster_pid, self.deadline_ms, self.fence_ms
         )
     }
 
@@ -48,6 +50,7 @@ impl FenceFile {
             keeper_pid: u32::try_from(it.next()?.ok()?).ok()?,
             postmaster_pid: u32::try_from(it.next()?.ok()?).ok()?,
             deadline_ms: it.next()?.ok()?,
+            fence_ms: it.next().and_then(|v| v.ok()).unwrap_or(0),
         })
     }
 
@@ -85,16 +88,19 @@ pub fn run(dir: &Path) -> std::io::Result<()> {
             continue;
         };
         let keeper = crate::postmaster::alive(f.keeper_pid);
-        let pm = f.postmaster_pid;
-        if !keeper && (pm == 0 || !crate::postmaster::alive(pm)) {
+        let running = crate::postmaster::running_on(&data);
+        if !keeper && running.is_none() {
             return Ok(());
         }
-        if pm == 0 || crate::lease::now_ms() <= f.deadline_ms {
-            continue;
-        }
-        // Only the postmaster of this data directory, not a process that
-        // reused its pid.
-        if crate::postmaster::running_on(&data) != Some(pm) {
+        // The postmaster the keeper named; with the keeper dead, also one
+        // it had not named yet (it died starting or promoting it), unless
+        // it is a standby.
+        let pm = match running {
+            Some(pid) if pid == f.postmaster_pid => pid,
+            Some(pid) if !keeper && !data.join("standby.signal").exists() => pid,
+            _ => continue,
+        };
+        if crate::lease::now_ms() <= f.deadline_ms {
             continue;
         }
         eprintln!(
@@ -102,14 +108,7 @@ pub fn run(dir: &Path) -> std::io::Result<()> {
              stopping the primary PostgreSQL (pid {pm})",
             f.keeper_pid
         );
-        crate::postmaster::signal(pm, libc::SIGQUIT);
-        let deadline = std::time::Instant::now() + Duration::from_secs(1);
-        while crate::postmaster::alive(pm) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if crate::postmaster::alive(pm) {
-            crate::postmaster::kill_tree(pm);
-        }
+        crate::postmaster::fence(pm);
     }
 }
 
@@ -123,9 +122,11 @@ mod tests {
             keeper_pid: 12,
             postmaster_pid: 34,
             deadline_ms: 56_789,
+            fence_ms: 5000,
         };
         assert_eq!(FenceFile::parse(&f.render()), Some(f));
         assert_eq!(FenceFile::parse("1 2"), None);
+        assert_eq!(FenceFile::parse("1 2 3").map(|f| f.fence_ms), Some(0));
         let dir = tempfile::tempdir().unwrap();
         f.write(dir.path()).unwrap();
         assert_eq!(FenceFile::read(dir.path()), Some(f));
@@ -138,6 +139,7 @@ mod tests {
             keeper_pid: 999_999_999,
             postmaster_pid: 0,
             deadline_ms: 0,
+            fence_ms: 0,
         }
         .write(dir.path())
         .unwrap();

@@ -58,6 +58,12 @@ pub struct Lease {
     period_ms: AtomicU64,
     /// When the last renewal that counts was sent.
     renewed_ms: AtomicU64,
+    /// When the last keep-alive (or grant) of the current lease that
+    /// succeeded was sent, confirmed or not.
+    sent_ms: AtomicU64,
+    /// Whether a spec has been read (the first lease waits for it, so that
+    /// its TTL is the cluster's and not the default's).
+    spec_known: AtomicBool,
     /// The fence timeout from the spec, in ms.
     fence_ms: AtomicU64,
     /// The postmaster's pid while it runs as a primary; 0 otherwise.
@@ -75,13 +81,29 @@ impl Lease {
             // A keeper that starts (perhaps next to a running primary it
             // adopted) has one fence_timeout to register.
             renewed_ms: AtomicU64::new(now_ms()),
+            sent_ms: AtomicU64::new(0),
+            spec_known: AtomicBool::new(false),
             fence_ms: AtomicU64::new(spec.fence_timeout.as_millis() as u64),
             primary_pid: AtomicU32::new(0),
         })
     }
 
+    /// Starts from what the previous run of this keeper left in its fence
+    /// file: its fence timeout, and its deadline if that comes sooner than
+    /// a fresh one (a restart must not extend the fence of a primary whose
+    /// lease may be ending).
+    pub fn resume(&self, previous: &crate::guard::FenceFile) {
+        if previous.fence_ms > 0 {
+            self.fence_ms.store(previous.fence_ms, Ordering::Relaxed);
+        }
+        let fence = self.fence_ms.load(Ordering::Relaxed);
+        let from_previous = previous.deadline_ms.saturating_sub(fence);
+        self.renewed_ms.fetch_min(from_previous, Ordering::AcqRel);
+    }
+
     /// Takes in a (possibly changed) spec.
     pub fn set_spec(&self, spec: &cluster::ClusterSpec) {
+        self.spec_known.store(true, Ordering::Release);
         self.want_ttl_ms.store(
             spec.keeper_lease_ttl().as_millis() as u64,
             Ordering::Relaxed,
@@ -103,11 +125,13 @@ impl Lease {
         self.confirmed.load(Ordering::Acquire)
     }
 
-    /// The reconcile loop has put its report under `id` at `put_ms` and
-    /// read the cluster data since, and acted on it.
-    pub fn confirm(&self, id: LeaseId, put_ms: u64) {
+    /// The reconcile loop has put its report under `id` and read the
+    /// cluster data since, and acted on it. The fence then counts from
+    /// the last keep-alive of that lease that was sent (a put does not
+    /// renew a lease; only that keep-alive tells how long it lives).
+    pub fn confirm(&self, id: LeaseId) {
         if self.id() == id && !self.confirmed.swap(true, Ordering::AcqRel) {
-            self.renewed(put_ms);
+            self.renewed(self.sent_ms.load(Ordering::Acquire));
             tracing::info!(lease = id, "lease confirmed");
         }
     }
@@ -153,31 +177,41 @@ impl Lease {
 /// lease id across keeper restarts, so that a restarted keeper takes its
 /// own registration back instead of waiting for it to expire.
 pub async fn renew(store: AnyStore, lease: Arc<Lease>, saved: std::path::PathBuf) {
-    if let Some(id) = std::fs::read_to_string(&saved)
-        .ok()
-        .and_then(|s| s.trim().parse::<LeaseId>().ok())
-    {
+    // "<id> <ttl ms>" of the lease this keeper held last.
+    let previous = std::fs::read_to_string(&saved).ok().and_then(|s| {
+        let mut it = s.split_whitespace();
+        Some((
+            it.next()?.parse::<LeaseId>().ok()?,
+            it.next()?.parse::<u64>().ok()?,
+        ))
+    });
+    if let Some((id, ttl)) = previous {
+        let sent = now_ms();
         if store.keep_alive(id).await.is_ok() {
             tracing::info!(
                 lease = id,
                 "took back the lease of this keeper's previous run"
             );
-            lease
-                .ttl_ms
-                .store(lease.want_ttl_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+            lease.ttl_ms.store(ttl, Ordering::Relaxed);
+            lease.sent_ms.store(sent, Ordering::Release);
             lease.id.store(id, Ordering::Release);
         }
     }
     loop {
         let id = lease.id();
-        if id == 0 {
+        if id == 0 && !lease.spec_known.load(Ordering::Acquire) {
+            // The first lease waits for the cluster's spec, whose
+            // fence_timeout sets its TTL.
+        } else if id == 0 {
             let ttl = lease.want_ttl_ms.load(Ordering::Relaxed);
+            let sent = now_ms();
             match store.grant(Duration::from_millis(ttl)).await {
                 Ok(new) => {
                     lease.ttl_ms.store(ttl, Ordering::Relaxed);
                     lease.confirmed.store(false, Ordering::Release);
+                    lease.sent_ms.store(sent, Ordering::Release);
                     lease.id.store(new, Ordering::Release);
-                    let _ = std::fs::write(&saved, new.to_string());
+                    let _ = std::fs::write(&saved, format!("{new} {ttl}"));
                     tracing::info!(lease = new, ttl_ms = ttl, "lease granted");
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot get a lease"),
@@ -186,8 +220,11 @@ pub async fn renew(store: AnyStore, lease: Arc<Lease>, saved: std::path::PathBuf
             let sent = now_ms();
             match store.keep_alive(id).await {
                 Ok(()) => {
-                    if lease.is_confirmed() && lease.id() == id {
-                        lease.renewed(sent);
+                    if lease.id() == id {
+                        lease.sent_ms.store(sent, Ordering::Release);
+                        if lease.is_confirmed() {
+                            lease.renewed(sent);
+                        }
                     }
                 }
                 Err(StoreError::LeaseExpired(_)) => {
@@ -222,6 +259,7 @@ pub fn spawn_fence_thread(lease: Arc<Lease>, dir: std::path::PathBuf) -> std::io
             keeper_pid: me,
             postmaster_pid: lease.primary_pid(),
             deadline_ms: lease.renewed_ms.load(Ordering::Acquire) + lease.fence_timeout_ms(),
+            fence_ms: lease.fence_ms.load(Ordering::Relaxed),
         };
         if written != Some(f) && f.write(&dir).is_ok() {
             written = Some(f);
@@ -246,14 +284,7 @@ pub fn spawn_fence_thread(lease: Arc<Lease>, dir: std::path::PathBuf) -> std::io
                 timeout_ms = lease.fence_timeout_ms(),
                 "cannot renew the lease: stopping the primary PostgreSQL (self-fencing)"
             );
-            crate::postmaster::signal(pid, libc::SIGQUIT);
-            let deadline = std::time::Instant::now() + Duration::from_secs(1);
-            while crate::postmaster::alive(pid) && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if crate::postmaster::alive(pid) {
-                crate::postmaster::kill_tree(pid);
-            }
+            crate::postmaster::fence(pid);
             let _ = lease
                 .primary_pid
                 .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire);
@@ -286,14 +317,41 @@ mod tests {
     }
 
     #[test]
+    fn a_restart_never_extends_the_previous_deadline() {
+        let l = Lease::new(&cluster::ClusterSpec::default());
+        let now = now_ms();
+        // The previous run's fence was 2 s and would fire 1 s from now.
+        l.resume(&crate::guard::FenceFile {
+            keeper_pid: 1,
+            postmaster_pid: 2,
+            deadline_ms: now + 1000,
+            fence_ms: 2000,
+        });
+        assert_eq!(l.fence_timeout_ms(), 2000);
+        let deadline = l.renewed_ms.load(Ordering::Relaxed) + l.fence_timeout_ms();
+        assert!(deadline <= now + 1000, "the deadline moved out");
+        // A deadline further out than a fresh one does not move it out.
+        let l = Lease::new(&cluster::ClusterSpec::default());
+        let before = l.renewed_ms.load(Ordering::Relaxed);
+        l.resume(&crate::guard::FenceFile {
+            keeper_pid: 1,
+            postmaster_pid: 0,
+            deadline_ms: now + 60_000,
+            fence_ms: 5000,
+        });
+        assert_eq!(l.renewed_ms.load(Ordering::Relaxed), before);
+    }
+
+    #[test]
     fn an_unconfirmed_lease_does_not_renew_the_fence() {
         let l = Lease::new(&cluster::ClusterSpec::default());
         l.id.store(7, Ordering::Relaxed);
         let before = l.renewed_ms.load(Ordering::Relaxed);
         assert!(!l.is_confirmed());
-        l.confirm(8, before + 100);
+        l.sent_ms.store(before + 100, Ordering::Relaxed);
+        l.confirm(8);
         assert!(!l.is_confirmed(), "another lease's confirmation");
-        l.confirm(7, before + 100);
+        l.confirm(7);
         assert!(l.is_confirmed());
         assert_eq!(l.renewed_ms.load(Ordering::Relaxed), before + 100);
         l.lost();

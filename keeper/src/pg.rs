@@ -554,6 +554,13 @@ impl Instance {
     /// Starts `postgres` as a supervised child and waits until it accepts
     /// connections.
     pub async fn start(&mut self, limit: Duration) -> Result<()> {
+        self.start_with(limit, |_| {}).await
+    }
+
+    /// [`Instance::start`], calling `spawned` with the postmaster's pid as
+    /// soon as it exists (a primary must be fenceable from its first
+    /// moment, not once it is ready).
+    pub async fn start_with(&mut self, limit: Duration, spawned: impl FnOnce(u32)) -> Result<()> {
         if self.is_running() {
             return Ok(());
         }
@@ -576,6 +583,9 @@ impl Instance {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
+        if let Some(pid) = child.id() {
+            spawned(pid);
+        }
         self.child = Some(child);
         let deadline = tokio::time::Instant::now() + limit;
         while tokio::time::Instant::now() < deadline {
@@ -647,7 +657,9 @@ impl Instance {
     /// (reaps it if it exited).
     pub fn is_running(&mut self) -> bool {
         if let Some(pid) = self.adopted {
-            if crate::postmaster::alive(pid) {
+            // Still the postmaster of this data directory, not a process
+            // that reused its pid.
+            if crate::postmaster::running_on(&self.data_dir()) == Some(pid) {
                 return true;
             }
             self.adopted = None;

@@ -80,6 +80,25 @@ pub fn kill_tree(pid: u32) {
     }
 }
 
+/// Fences a primary at once: SIGQUIT (immediate shutdown) to the
+/// postmaster *and* its backends, so that they stop even if the postmaster
+/// itself cannot act on the signal (it is stopped or hung); then, if it
+/// has not gone within 300 ms, SIGKILL to all of them. Blocking.
+pub fn fence(pid: u32) {
+    let kids = children(pid);
+    signal(pid, libc::SIGQUIT);
+    for k in kids {
+        signal(k, libc::SIGQUIT);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_millis(300);
+    while alive(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if alive(pid) {
+        kill_tree(pid);
+    }
+}
+
 /// Waits until `pid` has exited, up to `limit`. True if it has.
 pub async fn wait_gone(pid: u32, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;

@@ -34,6 +34,8 @@ pub struct Desired {
     /// Synchronous mode with `min_sync >= 1`: a primary restarted in place
     /// holds clients out until a synchronous standby has caught up.
     pub hold_clients: bool,
+    /// Copy the data afresh from the upstream (see `DbSpec::reinit`).
+    pub reinit: bool,
 }
 
 /// What the keeper sees locally.
@@ -62,6 +64,9 @@ pub struct Observed {
     /// On a primary: PostgreSQL reports one of the standbys the spec names
     /// as synchronous (it has caught up).
     pub sync_caught_up: bool,
+    /// Stuck again after a rewind that changed nothing: the WAL it needs
+    /// may be gone; only a fresh copy helps.
+    pub rewind_did_not_help: bool,
 }
 
 /// How long a standby may fail to stream from its upstream before the
@@ -83,6 +88,10 @@ pub enum Action {
         from: String,
     },
     Rewind {
+        from: String,
+    },
+    /// Deletes the data directory and copies it afresh from `from`.
+    Reinit {
         from: String,
     },
     WriteConfig,
@@ -118,6 +127,18 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
             }
         }
         Role::Master => {
+            if !o.initialized && d.system_id.is_some() {
+                // The cluster has data; an empty directory here means it
+                // was lost (a volume not mounted): initdb would serve an
+                // empty database as the primary.
+                return vec![Refuse {
+                    why: format!(
+                        "the data directory is empty, but this database belongs to PostgreSQL \
+                         system {}: restore it, or run `keelson ctl failkeeper` to promote a standby",
+                        d.system_id.as_deref().unwrap_or_default()
+                    ),
+                }];
+            }
             if !o.initialized {
                 a.extend([InitDb, WriteConfig, Start]);
             } else if !o.running {
@@ -161,6 +182,12 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
             }
             if !o.initialized {
                 a.extend([BaseBackup { from: up }, WriteConfig, Start]);
+            } else if d.reinit || (o.stuck && o.rewind_did_not_help) {
+                a.push(WaitPrimary { from: up.clone() });
+                if o.running {
+                    a.push(if o.was_primary { StopNow } else { Stop });
+                }
+                a.extend([Reinit { from: up }, WriteConfig, Start]);
             } else if o.was_primary
                 || o.stuck
                 || (o.running && o.configured_upstream.as_deref() != Some(up.as_str()))
@@ -244,6 +271,9 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
             lease.set_primary_pid(pid);
         }
     }
+    if let Some(previous) = crate::guard::FenceFile::read(&cfg.dir) {
+        lease.resume(&previous);
+    }
     crate::lease::spawn_fence_thread(lease.clone(), cfg.dir.clone()).map_err(PgError::Io)?;
     if let Some((program, args)) = &cfg.guard {
         spawn_guard(program, args, &cfg.dir);
@@ -299,11 +329,12 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
         let may_act = k.registered == id && id != 0 && (fresh || !lease.expired());
         if let (Some(data), true) = (&data, may_act) {
             if let Some(desired) = desired_of(data, &cfg.uid) {
-                k.reconcile(&mut pg, &cfg, &desired, &mut obs, data).await;
+                k.reconcile(&mut pg, &cfg, &desired, &mut obs, data, &lease)
+                    .await;
             }
-            if let Some((id, put_ms)) = k.unconfirmed.take() {
+            if let Some((id, _)) = k.unconfirmed.take() {
                 // Acted on: only now may this lease hold the fence off.
-                lease.confirm(id, put_ms);
+                lease.confirm(id);
             }
         }
         let running = pg.is_running();
@@ -381,6 +412,8 @@ struct Keeper {
     /// The highest timeline this data directory has reported (a standby's
     /// checkpoint timeline lags behind the one it replays).
     max_timeline: u32,
+    /// When a rewind that a stuck standby got ended.
+    rewound_at: Option<Instant>,
     upstream_file: PathBuf,
 }
 
@@ -392,6 +425,7 @@ impl Keeper {
         desired: &Desired,
         obs: &mut Observed,
         data: &ClusterData,
+        lease: &Lease,
     ) {
         obs.running = pg.is_running();
         obs.initialized = pg.is_initialized();
@@ -424,12 +458,18 @@ impl Keeper {
                 .flatten()
                 .max()
                 .is_some_and(|t| t.elapsed() >= STUCK_AFTER);
+        // Stuck again soon after the last rewind, with no streaming since.
+        obs.rewind_did_not_help = obs.stuck
+            && self
+                .rewound_at
+                .is_some_and(|t| t.elapsed() < 4 * STUCK_AFTER)
+            && self.streamed_at.is_none_or(|s| Some(s) < self.rewound_at);
         let steps = plan(desired, obs);
         if !steps.is_empty() {
             tracing::info!(?steps, role = desired.role.as_str(), "reconciling");
         }
         let mut done = Vec::new();
-        match act(pg, cfg, desired, obs, &steps, data, &mut done).await {
+        match act(pg, cfg, desired, obs, &steps, data, lease, &mut done).await {
             Ok(()) => {
                 self.applied = desired.generation;
                 self.problem = None;
@@ -452,10 +492,17 @@ impl Keeper {
                 let _ = std::fs::remove_file(&held);
             }
         }
+        if done.iter().any(|s| matches!(s, Action::Rewind { .. })) {
+            self.rewound_at = Some(Instant::now());
+        }
+        if done.iter().any(|s| matches!(s, Action::Rewind { .. })) {
+            self.following_since = Some(Instant::now());
+        }
         if done
             .iter()
-            .any(|s| matches!(s, Action::Rewind { .. } | Action::BaseBackup { .. }))
+            .any(|s| matches!(s, Action::BaseBackup { .. } | Action::Reinit { .. }))
         {
+            // Another copy of the data: what this one reported is gone.
             self.max_timeline = 0;
             self.following_since = Some(Instant::now());
             self.streamed_at = None;
@@ -624,12 +671,15 @@ fn desired_of(data: &ClusterData, uid: &str) -> Option<Desired> {
         .as_ref()
         .and_then(|f| data.dbs.get(f))
         .and_then(|f| f.status.address.clone());
-    let system_id = db
-        .spec
-        .follow
-        .as_ref()
-        .and_then(|f| data.dbs.get(f))
-        .and_then(|f| f.status.system_id.clone());
+    let system_id = match db.spec.role {
+        Role::Master => db.status.system_id.clone(),
+        _ => db
+            .spec
+            .follow
+            .as_ref()
+            .and_then(|f| data.dbs.get(f))
+            .and_then(|f| f.status.system_id.clone()),
+    };
     Some(Desired {
         role: db.spec.role,
         upstream,
@@ -641,6 +691,7 @@ fn desired_of(data: &ClusterData, uid: &str) -> Option<Desired> {
             .is_some_and(|f| f.from == uid && f.reason == cluster::data::SWITCHOVER),
         system_id,
         hold_clients: data.spec.synchronous_replication && data.spec.min_sync > 0,
+        reinit: db.spec.reinit,
     })
 }
 
@@ -656,6 +707,7 @@ async fn act(
     o: &mut Observed,
     steps: &[Action],
     data: &ClusterData,
+    lease: &Lease,
     done: &mut Vec<Action>,
 ) -> Result<(), PgError> {
     const START: Duration = Duration::from_secs(60);
@@ -720,6 +772,15 @@ async fn act(
                     None
                 };
             }
+            Action::Start if d.role == Role::Master => {
+                check_lease(lease)?;
+                // Fenceable from its first moment: a keeper that dies or
+                // is cut off while this server recovers must not leave it
+                // unguarded.
+                pg.start_with(START, |pid| lease.set_primary_pid(pid))
+                    .await?;
+                o.running = true;
+            }
             Action::Start => {
                 pg.start(START).await?;
                 o.running = true;
@@ -734,8 +795,20 @@ async fn act(
             }
             Action::Reload => pg.reload().await?,
             Action::Promote => {
+                check_lease(lease)?;
+                if let Some(pid) = pg.pid() {
+                    lease.set_primary_pid(pid);
+                }
                 pg.promote().await?;
                 o.in_recovery = false;
+            }
+            Action::Reinit { from } => {
+                pg.remove_data()?;
+                o.initialized = false;
+                pg.basebackup(from, Some(&slot_name(&cfg.uid))).await?;
+                o.initialized = true;
+                o.was_primary = false;
+                o.stuck = false;
             }
         }
     }
@@ -744,6 +817,18 @@ async fn act(
         // only once it runs with the synchronous standbys asked for.
         verify_sync_names(pg, &sync_names).await?;
         o.loaded_sync = Some(sync_names);
+    }
+    Ok(())
+}
+
+/// Refuses to make a primary (start one, or promote) without a lease
+/// whose fence is running: the cluster may be promoting another.
+fn check_lease(lease: &Lease) -> Result<(), PgError> {
+    if lease.expired() {
+        return Err(PgError::Program {
+            program: "keeper".into(),
+            detail: "the lease is not renewed; not making a primary".into(),
+        });
     }
     Ok(())
 }
@@ -784,6 +869,7 @@ mod tests {
             switchover: false,
             system_id: Some("sys".into()),
             hold_clients: false,
+            reinit: false,
         }
     }
 
@@ -813,9 +899,53 @@ mod tests {
         let table: Vec<(&str, Desired, Observed, Vec<Action>)> = vec![
             (
                 "new primary",
-                desired(Role::Master, None),
+                Desired {
+                    system_id: None,
+                    ..desired(Role::Master, None)
+                },
                 fresh.clone(),
                 vec![InitDb, WriteConfig, Start],
+            ),
+            (
+                "review 6: a primary whose data directory is gone does not initdb over the cluster",
+                desired(Role::Master, None),
+                fresh.clone(),
+                vec![Refuse {
+                    why: "the data directory is empty, but this database belongs to PostgreSQL \
+                          system sys: restore it, or run `keelson ctl failkeeper` to promote a standby"
+                        .into(),
+                }],
+            ),
+            (
+                "review 7: a candidate given up on rejoins with a fresh copy",
+                Desired {
+                    reinit: true,
+                    ..desired(Role::Standby, Some("b:1"))
+                },
+                running_primary.clone(),
+                vec![
+                    WaitPrimary { from: "b:1".into() },
+                    StopNow,
+                    Reinit { from: "b:1".into() },
+                    WriteConfig,
+                    Start,
+                ],
+            ),
+            (
+                "a standby still stuck after a rewind gets a fresh copy",
+                desired(Role::Standby, Some("a:1")),
+                Observed {
+                    stuck: true,
+                    rewind_did_not_help: true,
+                    ..running_standby.clone()
+                },
+                vec![
+                    WaitPrimary { from: "a:1".into() },
+                    Stop,
+                    Reinit { from: "a:1".into() },
+                    WriteConfig,
+                    Start,
+                ],
             ),
             (
                 "new standby",

@@ -264,8 +264,14 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                     }
                 }
             }
+            let sync = data
+                .dbs
+                .get(&from)
+                .map(|db| db.spec.synchronous_standbys.clone())
+                .unwrap_or_default();
             data.set_proxy_master(None);
             data.failover = Some(cluster::data::Failover {
+                synchronous_standbys: sync,
                 from: from.clone(),
                 fence: vec![from.clone()],
                 excluded: Vec::new(),
@@ -312,6 +318,14 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                         .is_some_and(|db| db.spec.role == cluster::data::Role::Master)
                 {
                     bail!("{uid} is the primary; run `keelson ctl switchover` first");
+                }
+                if let Some(f) = &d.failover {
+                    if f.from == uid || f.to.as_deref() == Some(uid.as_str()) || f.fence.contains(&uid) {
+                        bail!(
+                            "{uid} takes part in the {} in progress; wait for it to finish (`keelson ctl status`)",
+                            f.reason
+                        );
+                    }
                 }
                 d.keepers.remove(&uid);
                 d.dbs.remove(&uid);

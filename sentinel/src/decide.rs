@@ -24,8 +24,9 @@
 //!    its keeper's lease (so it fenced itself). The most advanced eligible
 //!    standby wins: highest timeline, then highest LSN, then priority;
 //! 5. a promoted database is named to proxies once it reports it has left
-//!    recovery at the generation it was given; a candidate that does not
-//!    within `convergence_timeout` is stopped and another one chosen;
+//!    recovery at the generation it was given, and the other databases
+//!    then follow it; a candidate that does not get there within
+//!    `convergence_timeout` is stopped and another one chosen;
 //! 6. a keeper an operator marked failed (`ctl failkeeper`) counts as
 //!    failed past `fail_interval` for one decision; the mark is then
 //!    cleared;
@@ -104,7 +105,7 @@ fn follower(of: &str) -> DbSpec {
     DbSpec {
         role: Role::Standby,
         follow: Some(of.to_owned()),
-        synchronous_standbys: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -198,6 +199,20 @@ fn update_status(d: &mut ClusterData, obs: &Observations) {
         let s = &mut db.status;
         match obs.keepers.get(&db.keeper) {
             Some(r) => {
+                if let (Some(known), Some(new)) = (&s.system_id, &r.system_id) {
+                    if known != new {
+                        // A database's system never changes (a copy from
+                        // the primary keeps it): another one is another
+                        // cluster's data, or a fresh initdb over lost data.
+                        // Nothing of it is taken in.
+                        s.healthy = false;
+                        s.streaming = false;
+                        s.problem = Some(format!(
+                            "its data directory holds another PostgreSQL system ({new}, not {known})"
+                        ));
+                        continue;
+                    }
+                }
                 s.healthy = r.healthy && !failed;
                 s.running = r.running;
                 s.address = r.address.clone();
@@ -221,7 +236,7 @@ fn update_status(d: &mut ClusterData, obs: &Observations) {
                     // replays.
                     s.timeline = s.timeline.max(tli);
                 }
-                if r.system_id.is_some() {
+                if s.system_id.is_none() {
                     s.system_id = r.system_id.clone();
                 }
                 if let Some(sync) = &r.synchronous_standbys {
@@ -355,8 +370,26 @@ fn rejoin(d: &mut ClusterData, obs: &Observations) {
         return;
     }
     for (uid, db) in d.dbs.iter_mut() {
-        if *uid != m && db.spec.role == Role::None && obs.keepers.contains_key(&db.keeper) {
-            set_spec(db, follower(&m));
+        let stopped = db.spec.role == Role::None && obs.keepers.contains_key(&db.keeper);
+        let elsewhere =
+            db.spec.role == Role::Standby && db.spec.follow.as_deref() != Some(m.as_str());
+        if *uid != m && (stopped || elsewhere) {
+            let spec = DbSpec {
+                reinit: db.spec.reinit,
+                ..follower(&m)
+            };
+            set_spec(db, spec);
+        } else if db.spec.reinit
+            && db.spec.role == Role::Standby
+            && db.status.healthy
+            && db.status.applied_generation >= db.generation
+        {
+            // Copied afresh: an ordinary standby from now on.
+            let spec = DbSpec {
+                reinit: false,
+                ..db.spec.clone()
+            };
+            set_spec(db, spec);
         }
     }
 }
@@ -380,7 +413,12 @@ pub fn ineligible(
     uid: &str,
     now_ms: u64,
 ) -> Option<String> {
-    let old = d.dbs.get(from)?;
+    let Some(old) = d.dbs.get(from) else {
+        // Nothing is known of what the old primary had.
+        return Some(format!(
+            "cannot be judged: the old primary {from} is not in the cluster"
+        ));
+    };
     let Some(db) = d.dbs.get(uid) else {
         return Some("is not in the cluster".into());
     };
@@ -534,20 +572,23 @@ fn failover(d: &mut ClusterData, obs: &Observations, now_ms: u64) {
                 // The candidate never became primary: stop it too, and
                 // choose again once it is fenced.
                 if let Some(db) = d.dbs.get_mut(&to) {
-                    set_spec(db, stopped());
+                    // It may have promoted itself: its data is discarded
+                    // when it rejoins, and what it reported no longer
+                    // ranks it among standbys.
+                    set_spec(
+                        db,
+                        DbSpec {
+                            reinit: true,
+                            ..stopped()
+                        },
+                    );
+                    db.status.lsn = 0;
+                    db.status.timeline = 0;
+                    db.status.sync_confirmed.clear();
                 }
                 f.fence.push(to.clone());
                 f.excluded.push(to.clone());
                 f.to = None;
-                for db in d.dbs.values_mut() {
-                    if db.spec.follow.as_deref() == Some(to.as_str()) {
-                        let spec = DbSpec {
-                            follow: None,
-                            ..db.spec.clone()
-                        };
-                        set_spec(db, spec);
-                    }
-                }
                 let text = format!(
                     "{to} did not become primary within {}; stopping it and choosing another standby",
                     humantime::format_duration(d.spec.convergence_timeout)
@@ -570,16 +611,21 @@ fn failover(d: &mut ClusterData, obs: &Observations, now_ms: u64) {
             );
             return;
         }
-        if f.reason == SWITCHOVER {
-            switchover(d, obs, &f, now_ms, timed_out);
-            return;
-        }
+        // Everything in the fence list must have stopped first: the old
+        // primary (in a switchover, stopping it is the switchover's own
+        // first step) and any candidate given up on, which may still be
+        // promoting itself.
         let unfenced: Vec<String> = f
             .fence
             .iter()
+            .filter(|u| !(f.reason == SWITCHOVER && **u == f.from))
             .filter(|u| !fenced(d, obs, u))
             .cloned()
             .collect();
+        if f.reason == SWITCHOVER && unfenced.is_empty() {
+            switchover(d, obs, &f, now_ms, timed_out);
+            return;
+        }
         if !unfenced.is_empty() {
             note(
                 d,
@@ -626,6 +672,7 @@ fn failover(d: &mut ClusterData, obs: &Observations, now_ms: u64) {
     // Step one of the fencing handshake: no proxy may route to the old
     // primary, and it must stop, before a new one is named.
     d.set_proxy_master(None);
+    let sync = d.dbs[&m].spec.synchronous_standbys.clone();
     if let Some(db) = d.dbs.get_mut(&m) {
         set_spec(db, stopped());
     }
@@ -637,16 +684,24 @@ fn failover(d: &mut ClusterData, obs: &Observations, now_ms: u64) {
         to: None,
         reason: "failover".into(),
         requested: None,
+        synchronous_standbys: sync,
     });
 }
 
-/// Ends a failover or switchover by making `from` the primary again.
+/// Ends a failover or switchover by making `from` the primary again, with
+/// the synchronous standbys it had.
 fn give_back(d: &mut ClusterData, from: &str) {
+    let sync = d
+        .failover
+        .as_ref()
+        .map(|f| f.synchronous_standbys.clone())
+        .unwrap_or_default();
     if let Some(db) = d.dbs.get_mut(from) {
         let spec = DbSpec {
             role: Role::Master,
             follow: None,
-            ..db.spec.clone()
+            synchronous_standbys: sync,
+            reinit: false,
         };
         set_spec(db, spec);
     }
@@ -723,11 +778,7 @@ fn promote(d: &mut ClusterData, f: &Failover, to: &str) {
     // streams from it and takes a place, commits wait rather than being
     // acknowledged with no standby holding them.
     let seeded: Vec<String> = if d.spec.synchronous_replication && d.spec.min_sync > 0 {
-        let old = d
-            .dbs
-            .get(from)
-            .map(|db| db.spec.synchronous_standbys.clone())
-            .unwrap_or_default();
+        let old = f.synchronous_standbys.clone();
         let mut s: BTreeSet<String> = old.into_iter().filter(|u| u != to).collect();
         s.insert(from.to_owned());
         s.into_iter().collect()
@@ -740,12 +791,19 @@ fn promote(d: &mut ClusterData, f: &Failover, to: &str) {
                 role: Role::Master,
                 follow: None,
                 synchronous_standbys: seeded.clone(),
+                reinit: false,
             }
         } else if db.spec.role == Role::None || uid == from || f.fence.contains(uid) {
             // Stopped ones rejoin as standbys once the new primary runs.
-            stopped()
+            DbSpec {
+                reinit: db.spec.reinit,
+                ..stopped()
+            }
         } else {
-            follower(to)
+            // The other standbys follow the new primary once it runs as
+            // one, not before: a candidate that never gets there (it is
+            // given up on) must not have been followed, and rewound onto.
+            db.spec.clone()
         };
         set_spec(db, spec);
         if uid == to {

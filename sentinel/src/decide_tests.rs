@@ -192,6 +192,7 @@ fn rounds(d: &ClusterData, o: &Observations, times: &[u64]) -> ClusterData {
 
 /// What `keelson ctl switchover` writes.
 fn switchover_requested(mut d: ClusterData, to: Option<&str>) -> ClusterData {
+    let sync = d.dbs["m"].spec.synchronous_standbys.clone();
     d.set_proxy_master(None);
     d.failover = Some(cluster::data::Failover {
         from: "m".into(),
@@ -200,6 +201,7 @@ fn switchover_requested(mut d: ClusterData, to: Option<&str>) -> ClusterData {
         to: None,
         reason: cluster::data::SWITCHOVER.into(),
         requested: to.map(str::to_owned),
+        synchronous_standbys: sync,
         ..Default::default()
     });
     d
@@ -642,13 +644,21 @@ fn cases() -> Vec<Case> {
             },
             check: |d| {
                 assert_eq!(master(d).as_deref(), Some("s2"));
-                assert_eq!(d.dbs["s1"].spec.follow.as_deref(), Some("s2"));
-                assert_eq!(d.dbs["s3"].spec.follow.as_deref(), Some("s2"));
                 assert_eq!(
                     d.dbs["m"].spec.role,
                     Role::None,
                     "the old primary waits to rejoin"
                 );
+                // The others follow it once it runs as a primary, not before.
+                assert_eq!(d.dbs["s1"].spec.follow.as_deref(), Some("m"));
+                let gen = d.dbs["s2"].generation;
+                let o = with(observe(d, &["m"]), "s2", |r| {
+                    r.in_recovery = false;
+                    r.applied_generation = gen;
+                });
+                let d = decide(&decide(d, &o, T0 + 7 * SEC), &o, T0 + 8 * SEC);
+                assert_eq!(d.dbs["s1"].spec.follow.as_deref(), Some("s2"));
+                assert_eq!(d.dbs["s3"].spec.follow.as_deref(), Some("s2"));
             },
         },
         Case {
@@ -1298,6 +1308,141 @@ fn cases() -> Vec<Case> {
                 rounds(&d, &o, &[T0 + 10 * SEC, T0 + 15 * SEC, T0 + 15 * SEC + 1])
             },
             check: |d| assert_eq!(master(d).as_deref(), Some("s2")),
+        },
+        // ---- second review
+        Case {
+            name: "review 2: a switchover whose timed-out target may still be promoting waits for it to stop",
+            run: || {
+                let d = switchover_requested(cluster("m", &["s1", "s2"]), Some("s1"));
+                let d = decide(&d, &observe(&d, &[]), T0);
+                let o = with(acked(observe(&d, &[]), &d, "m"), "m", |r| {
+                    r.stopped_lsn = Some(100)
+                });
+                let d = decide(&d, &o, T0 + SEC);
+                assert_eq!(master(&d).as_deref(), Some("s1"));
+                // s1 does not become ready; the timeout gives up on it, but
+                // its keeper still holds its lease (it is slow, not gone).
+                let mut o = with(o, "s1", |r| r.applied_generation = 0);
+                o.failover_since_ms = Some(T0 + SEC);
+                let d = decide(&d, &o, T0 + 62 * SEC);
+                assert!(d.failover.as_ref().is_some_and(|f| f.fence.contains(&"s1".to_string())));
+                decide(&d, &o, T0 + 63 * SEC)
+            },
+            check: |d| {
+                assert_ne!(d.dbs["m"].spec.role, Role::Master, "given back next to a promoting s1");
+                assert_ne!(master(d).as_deref(), Some("s2"), "promoted next to a promoting s1");
+                assert!(d.notice.as_deref().unwrap_or_default().contains("s1"));
+            },
+        },
+        Case {
+            name: "review 4: a sync primary given back gets its synchronous standbys back",
+            run: || {
+                let d = sync_cluster("m", &["s1"], &["s1"]);
+                let o = with(observe(&d, &[]), "m", |r| *r = dead_pg("m", 1));
+                let o = with(o, "s1", |r| {
+                    r.streaming = false;
+                    r.streaming_age_ms = Some(5 * SEC);
+                });
+                let d = rounds(&d, &o, &[T0, T0 + 5 * SEC]);
+                assert!(d.failover.is_some());
+                // s1 dies before it is promoted; m's keeper stopped PostgreSQL.
+                let mut o = acked(o, &d, "m");
+                o.keepers.remove("s1");
+                o.registered.remove("s1");
+                decide(&d, &o, T0 + 6 * SEC)
+            },
+            check: |d| {
+                assert!(d.failover.is_none());
+                assert_eq!(d.dbs["m"].spec.role, Role::Master);
+                assert_eq!(
+                    d.dbs["m"].spec.synchronous_standbys,
+                    vec!["s1".to_string()],
+                    "given back asynchronous"
+                );
+            },
+        },
+        Case {
+            name: "review 4: the new primary's set starts from the old one's",
+            run: || {
+                let mut d = sync_cluster("m", &["s1", "s2"], &["s1", "s2"]);
+                d.spec.max_sync = 2;
+                fail_master(&d, "m", |o| with(o, "s1", |r| r.lsn = Some(200)))
+            },
+            check: |d| {
+                assert_eq!(master(d).as_deref(), Some("s1"));
+                assert_eq!(
+                    d.dbs["s1"].spec.synchronous_standbys,
+                    vec!["m".to_string(), "s2".into()]
+                );
+            },
+        },
+        Case {
+            name: "review 5: an old primary removed from the cluster makes nobody eligible",
+            run: || {
+                let mut d = cluster("m", &["s1"]);
+                d.dbs.get_mut("s1").unwrap().status.lsn = 1;
+                let o = observe(&d, &["m"]);
+                let mut d = rounds(&d, &o, &[T0, T0 + 5 * SEC]);
+                assert!(d.failover.is_some());
+                d.dbs.remove("m");
+                d.keepers.remove("m");
+                decide(&d, &o, T0 + 6 * SEC)
+            },
+            check: |d| {
+                assert_ne!(master(d).as_deref(), Some("s1"));
+                assert!(d.notice.as_deref().unwrap_or_default().contains("not in the cluster"));
+            },
+        },
+        Case {
+            name: "review 6: a database that reports another system is not taken in",
+            run: || {
+                let d = cluster("m", &["s1"]);
+                let o = with(observe(&d, &[]), "s1", |r| {
+                    r.system_id = Some("fresh-initdb".into());
+                    r.lsn = Some(999);
+                });
+                decide(&d, &o, T0)
+            },
+            check: |d| {
+                let s = &d.dbs["s1"].status;
+                assert!(!s.healthy);
+                assert_eq!(s.system_id.as_deref(), Some("sys1"));
+                assert_eq!(s.lsn, 100);
+                assert!(s.problem.as_deref().unwrap_or_default().contains("another PostgreSQL system"));
+            },
+        },
+        Case {
+            name: "review 7: a candidate given up on is copied afresh when it rejoins",
+            run: || {
+                let mut d = cluster("m", &["s1", "s2"]);
+                d.dbs.get_mut("s2").unwrap().status.lsn = 150;
+                let d = fail_master(&d, "m", |o| o);
+                assert_eq!(master(&d).as_deref(), Some("s2"));
+                let mut o = observe(&d, &["m", "s2"]);
+                o.failover_since_ms = Some(T0 + 5 * SEC);
+                let d = decide(&d, &o, T0 + 66 * SEC);
+                assert!(d.dbs["s2"].spec.reinit);
+                assert_eq!(d.dbs["s2"].status.timeline, 0, "what it reported no longer ranks it");
+                let d = decide(&d, &o, T0 + 67 * SEC);
+                assert_eq!(master(&d).as_deref(), Some("s1"));
+                // s1 runs; s2's keeper comes back: it rejoins with a copy.
+                let gen = d.dbs["s1"].generation;
+                let o = with(observe(&d, &["m"]), "s1", |r| {
+                    r.in_recovery = false;
+                    r.applied_generation = gen;
+                });
+                let d = rounds(&d, &o, &[T0 + 68 * SEC, T0 + 69 * SEC]);
+                assert_eq!(d.dbs["s2"].spec.role, Role::Standby);
+                assert!(d.dbs["s2"].spec.reinit, "the flag survives the rejoin");
+                // Once it has applied that and runs healthy, it is cleared.
+                let g2 = d.dbs["s2"].generation;
+                let o = with(o, "s2", |r| {
+                    *r = rep("s2", true, true, 100, 1);
+                    r.applied_generation = g2;
+                });
+                decide(&d, &o, T0 + 70 * SEC)
+            },
+            check: |d| assert!(!d.dbs["s2"].spec.reinit),
         },
         // ---- failkeeper
         Case {

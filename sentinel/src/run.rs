@@ -69,6 +69,11 @@ pub async fn observe(
     let stale_ms = data.spec.report_stale_after().as_millis() as u64 + TICK.as_millis() as u64;
     let (kvs, _) = store.list(&keys.keepers()).await?;
     for kv in kvs {
+        // A registration that cannot be read still holds a live lease: its
+        // keeper has not fenced itself.
+        if let Some(uid) = kv.key.strip_prefix(&keys.keepers()) {
+            obs.registered.insert(uid.to_owned());
+        }
         let r = match serde_json::from_str::<KeeperReport>(&kv.value) {
             Ok(r) => r,
             Err(e) => {
@@ -427,6 +432,23 @@ mod tests {
             "5 s after the last report: {:?}",
             d.notice
         );
+    }
+
+    /// An unreadable report under a live lease still counts as registered:
+    /// its keeper has not fenced itself (a rolling upgrade can make a
+    /// newer report unreadable to an older sentinel).
+    #[tokio::test]
+    async fn an_unreadable_report_under_a_live_lease_is_registered() {
+        let (_dir, store, keys, lease) = setup().await;
+        store
+            .put(&keys.keeper("m"), "{\"seq\": \"not a number\"}", lease)
+            .await
+            .unwrap();
+        let data = data(&store, &keys).await;
+        let mut mem = Memory::default();
+        let obs = observe(&store, &keys, &data, &mut mem, 1).await.unwrap();
+        assert!(obs.registered.contains("m"));
+        assert!(!obs.keepers.contains_key("m"));
     }
 
     /// F7b: the store (or this sentinel) could not be used for a minute:

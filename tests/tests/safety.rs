@@ -1034,3 +1034,76 @@ async fn sync_a_primary_restarted_in_place_holds_clients_until_a_standby_caught_
     let d = c.data().await;
     assert!(d.failover.is_none(), "the restart caused a failover");
 }
+
+/// Review (second pass) 1: the keeper of the standby chosen for promotion
+/// is killed right after it was chosen, while its PostgreSQL goes on (and
+/// may finish promoting). Its fence guard stops that PostgreSQL before
+/// another standby is promoted in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_whose_keeper_dies_while_promoting_is_fenced_by_its_guard() {
+    let (_s, url) = file_store();
+    let store = cluster::open(&url).await.unwrap();
+    let spec = ClusterSpec {
+        convergence_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let mut c = LocalCluster::up_with(&url, store, spec, 1, 3).await;
+    let old = c.master;
+    c.wait_standbys_see("SELECT count(*) FROM w", 0).await;
+    c.ctl(&["failkeeper", &c.uid(old)]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (stuck, pid) = loop {
+        if let Some(to) = c.data().await.failover.as_ref().and_then(|f| f.to.clone()) {
+            let i = c.index(&to);
+            let pid = c.pg_pid(i);
+            // Let it promote, then kill its keeper before it reports.
+            let conn = format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=2",
+                c.ports[i - 1]
+            );
+            let cl = try_connect(&conn).await.unwrap();
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until {
+                let r = cl.query_one("SELECT pg_is_in_recovery()", &[]).await;
+                if r.is_ok_and(|r| !r.get::<_, bool>(0)) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            c.kill_keeper_only(i);
+            break (i, pid);
+        }
+        assert!(Instant::now() < deadline, "no candidate was chosen");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let other = (1..=3).find(|i| *i != old && *i != stuck).unwrap();
+    let new = c.wait_new_primary(old, Duration::from_secs(60)).await;
+    if new == stuck {
+        // It was named before its keeper died: an ordinary failover.
+        eprintln!("k{stuck} was named primary before its keeper died; nothing to check");
+        return;
+    }
+    assert_eq!(new, other);
+    // Either its guard stopped it, or it never got to promote: it must not
+    // take writes next to the new primary.
+    if keeper::postmaster::alive(pid as u32) {
+        let conn = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=2",
+            c.ports[stuck - 1]
+        );
+        if let Ok(cl) = try_connect(&conn).await {
+            let r = cl.execute("INSERT INTO w VALUES (-99)", &[]).await;
+            assert!(
+                r.is_err(),
+                "the abandoned candidate takes writes next to the new primary"
+            );
+        }
+        eprintln!("k{stuck}'s keeper died before it promoted: it stayed a read-only standby");
+    }
+    let guard = std::fs::read_to_string(c.dir.path().join(format!("k{stuck}/fence-guard.log")))
+        .unwrap_or_default();
+    eprintln!("guard: {guard}");
+    // It comes back as a fresh copy of the new primary.
+    c.keepers[stuck - 1] = Some(c.keeper_role(stuck));
+    c.wait_standby(stuck).await;
+}
