@@ -469,7 +469,8 @@ impl Keeper {
             tracing::info!(?steps, role = desired.role.as_str(), "reconciling");
         }
         let mut done = Vec::new();
-        match act(pg, cfg, desired, obs, &steps, data, lease, &mut done).await {
+        let cx = Context { cfg, data, lease };
+        match act(pg, &cx, desired, obs, &steps, &mut done).await {
             Ok(()) => {
                 self.applied = desired.generation;
                 self.problem = None;
@@ -700,16 +701,22 @@ fn desired_of(data: &ClusterData, uid: &str) -> Option<Desired> {
 /// ignores SIGQUIT).
 const STOP_NOW_LIMIT: Duration = Duration::from_secs(3);
 
+/// What [`act`] works with besides the instance and the plan.
+struct Context<'a> {
+    cfg: &'a KeeperConfig,
+    data: &'a ClusterData,
+    lease: &'a Lease,
+}
+
 async fn act(
     pg: &mut Instance,
-    cfg: &KeeperConfig,
+    cx: &Context<'_>,
     d: &Desired,
     o: &mut Observed,
     steps: &[Action],
-    data: &ClusterData,
-    lease: &Lease,
     done: &mut Vec<Action>,
 ) -> Result<(), PgError> {
+    let (cfg, data, lease) = (cx.cfg, cx.data, cx.lease);
     const START: Duration = Duration::from_secs(60);
     let sync_names = crate::names::synchronous_standby_names(&d.synchronous_standbys);
     for step in steps {
