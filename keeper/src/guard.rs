@@ -82,11 +82,19 @@ pub fn run(dir: &Path) -> std::io::Result<()> {
         return Ok(());
     }
     let data = dir.join("pgdata");
+    let mut missing = 0u32;
     loop {
         std::thread::sleep(TICK);
         let Some(f) = FenceFile::read(dir) else {
+            // No fence file (yet): the keeper writes it as it starts. Gone
+            // for good (the directory was removed): nothing to guard.
+            missing += 1;
+            if !dir.exists() || missing > 200 {
+                return Ok(());
+            }
             continue;
         };
+        missing = 0;
         let keeper = crate::postmaster::alive(f.keeper_pid);
         let running = crate::postmaster::running_on(&data);
         if !keeper && running.is_none() {
@@ -130,6 +138,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         f.write(dir.path()).unwrap();
         assert_eq!(FenceFile::read(dir.path()), Some(f));
+    }
+
+    #[test]
+    fn a_guard_whose_directory_is_gone_exits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let t = std::thread::spawn(move || run(&path));
+        std::thread::sleep(Duration::from_millis(200));
+        drop(dir);
+        t.join().unwrap().unwrap_or(());
     }
 
     #[test]
