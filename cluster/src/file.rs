@@ -69,15 +69,7 @@ struct State {
 
 /// Milliseconds on `CLOCK_BOOTTIME`.
 fn now_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe {
-        libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts);
-    }
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+    crate::store::boottime_ms()
 }
 
 /// This boot of the host.

@@ -224,6 +224,21 @@ pub const DEFAULT_PREFIX: &str = "keelson";
 /// wait). Timing relations in [`crate::ClusterSpec::validate`] count it.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Milliseconds on `CLOCK_BOOTTIME`: monotonic, shared by every process
+/// of the host, not moved by wall-clock steps, and counting the time the
+/// host was suspended.
+pub fn boottime_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts);
+    }
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
 /// A random id for one process instance (16 hex digits), so that two
 /// processes started with the same uid can be told apart.
 pub fn instance_id() -> String {

@@ -30,15 +30,7 @@ use cluster::{AnyStore, LeaseId, Store, StoreError};
 
 /// Milliseconds on `CLOCK_BOOTTIME`.
 pub fn now_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe {
-        libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts);
-    }
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+    cluster::store::boottime_ms()
 }
 
 /// State shared by the reconcile loop, the renewal task and the fence

@@ -64,6 +64,26 @@ impl LocalCluster {
     }
 }
 
+/// A synchronous cluster of `keepers` with a confirmed synchronous
+/// standby, and 4 writers that have had 200 commits acknowledged.
+async fn sync_cluster_under_load(keepers: usize) -> (tempfile::TempDir, LocalCluster, Writer) {
+    let (dir, url) = file_store();
+    let store = cluster::open(&url).await.unwrap();
+    let c = LocalCluster::up_with(&url, store, sync_spec(), 1, keepers).await;
+    c.wait_sync_confirmed(c.master, Duration::from_secs(30))
+        .await;
+    let writer = Writer::start(&c.conn, 4);
+    writer.wait_more(200, Duration::from_secs(30)).await;
+    (dir, c, writer)
+}
+
+/// After the test's fault: writes go on, and nothing acknowledged is lost.
+async fn finish_under_load(c: &LocalCluster, writer: Writer) {
+    writer.wait_more(100, Duration::from_secs(60)).await;
+    let (acked, unknown) = writer.stop().await;
+    c.assert_nothing_lost(&acked, &unknown).await;
+}
+
 /// Review reproduction 2 (F6a1) and F6a, three keepers: after a failover
 /// the new primary runs the synchronous standbys its spec names (checked
 /// with SHOW within 2 s), a commit blocks while no standby is alive, and a
@@ -311,17 +331,12 @@ async fn async_crash_looping_primary_under_a_live_keeper_is_failed_over() {
 /// the confirmed synchronous standby, with no acknowledged commit lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_crash_looping_primary_under_a_live_keeper_is_failed_over() {
-    let (_s, url) = file_store();
-    let store = cluster::open(&url).await.unwrap();
-    let mut c = LocalCluster::up_with(&url, store, sync_spec(), 1, 3).await;
+    let (_s, mut c, writer) = sync_cluster_under_load(3).await;
     let old = c.master;
-    c.wait_sync_confirmed(old, Duration::from_secs(30)).await;
     let confirmed = c.data().await.dbs[&c.uid(old)]
         .status
         .sync_confirmed
         .clone();
-    let writer = Writer::start(&c.conn, 4);
-    writer.wait_more(200, Duration::from_secs(30)).await;
     c.kill_postgres(old);
     c.break_data_dir(old);
     let new = c.wait_new_primary(old, Duration::from_secs(40)).await;
@@ -329,9 +344,7 @@ async fn sync_crash_looping_primary_under_a_live_keeper_is_failed_over() {
         confirmed.contains(&c.uid(new)),
         "k{new} was not a confirmed sync standby: {confirmed:?}"
     );
-    writer.wait_more(100, Duration::from_secs(60)).await;
-    let (acked, unknown) = writer.stop().await;
-    c.assert_nothing_lost(&acked, &unknown).await;
+    finish_under_load(&c, writer).await;
     c.repair_data_dir(old);
     c.wait_standby(old).await;
 }
@@ -341,20 +354,13 @@ async fn sync_crash_looping_primary_under_a_live_keeper_is_failed_over() {
 /// synchronous standby; nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_hung_primary_under_a_live_keeper_is_failed_over() {
-    let (_s, url) = file_store();
-    let store = cluster::open(&url).await.unwrap();
-    let mut c = LocalCluster::up_with(&url, store, sync_spec(), 1, 3).await;
+    let (_s, mut c, writer) = sync_cluster_under_load(3).await;
     let old = c.master;
-    c.wait_sync_confirmed(old, Duration::from_secs(30)).await;
-    let writer = Writer::start(&c.conn, 4);
-    writer.wait_more(200, Duration::from_secs(30)).await;
     let pid = c.primary_pid();
     // SAFETY: stopping the primary's postmaster by pid.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let new = c.wait_new_primary(old, Duration::from_secs(40)).await;
-    writer.wait_more(100, Duration::from_secs(60)).await;
-    let (acked, unknown) = writer.stop().await;
-    c.assert_nothing_lost(&acked, &unknown).await;
+    finish_under_load(&c, writer).await;
     // The old postmaster was killed by its keeper (a stopped process does
     // not take SIGQUIT); the old primary rejoins.
     assert!(
@@ -370,13 +376,8 @@ async fn sync_hung_primary_under_a_live_keeper_is_failed_over() {
 /// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_switchover_under_write_load_loses_nothing_and_refuses_no_one() {
-    let (_s, url) = file_store();
-    let store = cluster::open(&url).await.unwrap();
-    let mut c = LocalCluster::up_with(&url, store, sync_spec(), 1, 3).await;
+    let (_s, mut c, writer) = sync_cluster_under_load(3).await;
     let old = c.master;
-    c.wait_sync_confirmed(old, Duration::from_secs(30)).await;
-    let writer = Writer::start(&c.conn, 4);
-    writer.wait_more(200, Duration::from_secs(30)).await;
     let out = c.ctl(&["switchover"]).unwrap();
     assert!(out.contains("switchover from"), "{out}");
     let t = Instant::now();
