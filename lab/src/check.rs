@@ -1,0 +1,385 @@
+//! The checker, run after heal and quiescence over the whole history.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use crate::observe::Observed;
+use crate::schedule::FaultKind;
+use crate::workload::{Op, Outcome};
+
+/// A fault as it happened, in `CLOCK_MONOTONIC` ns.
+#[derive(Debug, Clone)]
+pub struct Window {
+    pub kind: FaultKind,
+    pub target: String,
+    pub start_ns: u64,
+    pub healed_ns: u64,
+    pub settled_ns: u64,
+    /// The named primary when it began.
+    pub master_before: Option<String>,
+}
+
+/// What the run ended with.
+#[derive(Debug, Default)]
+pub struct Final {
+    /// Ids in `ledger` on the primary.
+    pub rows: HashSet<i64>,
+    /// Ids in `ledger` on each standby once it caught up (None: it never did).
+    pub standby_rows: Vec<(String, Option<HashSet<i64>>)>,
+    pub bank_total: Option<i64>,
+    /// A primary was named and every other node streamed from it in time.
+    pub quiescent: bool,
+}
+
+#[derive(Debug)]
+pub struct Line {
+    pub check: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub lines: Vec<Line>,
+    /// Per fault: the longest stretch with no write acknowledged through a
+    /// proxy, from its start to the end of its settle time.
+    pub outages: Vec<(FaultKind, Duration)>,
+    pub acked: usize,
+    pub in_doubt: usize,
+}
+
+impl Report {
+    pub fn violations(&self) -> Vec<&Line> {
+        self.lines.iter().filter(|l| !l.ok).collect()
+    }
+
+    fn add(&mut self, check: &'static str, ok: bool, detail: String) {
+        self.lines.push(Line { check, ok, detail });
+    }
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+/// The longest overlap between acknowledged writes on two different
+/// servers: no write may be acknowledged on one after the first write
+/// acknowledged by its successor was invoked. Epochs are (server,
+/// timeline); returns (overlap ns, description) of the worst pair.
+fn overlap(ops: &[&Op]) -> Option<(u64, String)> {
+    let mut epochs: BTreeMap<(String, i32), (u64, u64)> = BTreeMap::new();
+    for o in ops {
+        let (Some(s), Some(t)) = (&o.server, o.tli) else {
+            continue;
+        };
+        let e = epochs
+            .entry((s.clone(), t))
+            .or_insert((o.invoke_ns, o.complete_ns));
+        e.0 = e.0.min(o.invoke_ns);
+        e.1 = e.1.max(o.complete_ns);
+    }
+    let list: Vec<_> = epochs.iter().collect();
+    let mut worst: Option<(u64, String)> = None;
+    for (i, (ka, a)) in list.iter().enumerate() {
+        for (kb, b) in list.iter().skip(i + 1) {
+            if ka.0 == kb.0 {
+                continue;
+            }
+            // Overlap of [first invoke, last acknowledgement] windows.
+            if a.0 < b.1 && b.0 < a.1 {
+                let over = a.1.min(b.1) - a.0.max(b.0);
+                if worst.as_ref().is_none_or(|(w, _)| over > *w) {
+                    worst = Some((
+                        over,
+                        format!(
+                            "{} (timeline {}) and {} (timeline {}) both acknowledged writes for {:.1} ms",
+                            ka.0, ka.1, kb.0, kb.1, ms(over)
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    worst
+}
+
+pub fn check(ops: &[Op], seen: &Observed, windows: &[Window], fin: &Final, sync: bool) -> Report {
+    let mut r = Report::default();
+    let writes: Vec<&Op> = ops
+        .iter()
+        .filter(|o| o.kind == "proxy" || o.kind == "direct")
+        .collect();
+    let acked: HashSet<i64> = writes
+        .iter()
+        .filter(|o| o.outcome == Outcome::Ok)
+        .map(|o| o.value)
+        .collect();
+    let in_doubt: HashSet<i64> = writes
+        .iter()
+        .filter(|o| o.outcome == Outcome::Info)
+        .map(|o| o.value)
+        .collect();
+    r.acked = acked.len();
+    r.in_doubt = in_doubt.len();
+
+    r.add(
+        "quiescence",
+        fin.quiescent,
+        if fin.quiescent {
+            "a primary, and every other node streaming from it, within 90 s of the last heal".into()
+        } else {
+            "no quiescent cluster within 90 s of the last heal (liveness)".into()
+        },
+    );
+
+    let mut lost: Vec<i64> = acked
+        .iter()
+        .filter(|i| !fin.rows.contains(i))
+        .copied()
+        .collect();
+    lost.sort();
+    r.add(
+        "lost acknowledged writes",
+        lost.is_empty(),
+        if lost.is_empty() {
+            format!(
+                "0 of {} acknowledged ({} in doubt)",
+                acked.len(),
+                in_doubt.len()
+            )
+        } else {
+            format!(
+                "{} of {} lost, first {:?}",
+                lost.len(),
+                acked.len(),
+                &lost[..lost.len().min(8)]
+            )
+        },
+    );
+
+    let mut stray: Vec<i64> = fin
+        .rows
+        .iter()
+        .filter(|i| !acked.contains(i) && !in_doubt.contains(i))
+        .copied()
+        .collect();
+    stray.sort();
+    r.add(
+        "rows nobody wrote",
+        stray.is_empty(),
+        format!("{} {:?}", stray.len(), &stray[..stray.len().min(8)]),
+    );
+
+    for (kind, label) in [
+        ("proxy", "two primaries (through proxies)"),
+        ("direct", "two primaries (direct clients)"),
+    ] {
+        let ok_ops: Vec<&Op> = writes
+            .iter()
+            .filter(|o| o.kind == kind && o.outcome == Outcome::Ok)
+            .copied()
+            .collect();
+        match overlap(&ok_ops) {
+            None => r.add(
+                label,
+                true,
+                format!("no overlap ({} acknowledged)", ok_ops.len()),
+            ),
+            Some((_, d)) => r.add(label, false, d),
+        }
+    }
+
+    for (name, rows) in &fin.standby_rows {
+        let ok = rows.as_ref().is_some_and(|s| s == &fin.rows);
+        r.add(
+            "standbys hold the primary's rows",
+            ok,
+            match rows {
+                None => format!("{name} never caught up"),
+                Some(s) if ok => format!("{name}: {} rows, the same", s.len()),
+                Some(s) => format!(
+                    "{name}: {} rows, {} missing, {} extra",
+                    s.len(),
+                    fin.rows.difference(s).count(),
+                    s.difference(&fin.rows).count()
+                ),
+            },
+        );
+    }
+
+    let replica_lost: Vec<i64> = ops
+        .iter()
+        .filter(|o| o.kind == "replica" && o.outcome == Outcome::Ok && o.value > 0)
+        .filter(|o| !fin.rows.contains(&o.value))
+        .map(|o| o.value)
+        .collect();
+    r.add(
+        "replica reads of data later lost",
+        replica_lost.is_empty() || !sync,
+        if replica_lost.is_empty() {
+            "none".into()
+        } else {
+            format!(
+                "{} reads, e.g. id {} ({})",
+                replica_lost.len(),
+                replica_lost[0],
+                if sync {
+                    "sync mode: a violation"
+                } else {
+                    "async mode: within the lag tail"
+                }
+            )
+        },
+    );
+
+    let want = i64::from(crate::cluster::ACCOUNTS) * crate::cluster::START_BALANCE;
+    let bad: Vec<i64> = ops
+        .iter()
+        .filter(|o| o.kind == "bank_read" && o.outcome == Outcome::Ok && o.value != want)
+        .map(|o| o.value)
+        .collect();
+    let final_ok = fin.bank_total == Some(want);
+    r.add(
+        "bank total",
+        bad.is_empty() && final_ok,
+        format!(
+            "{} reads off the total {want}; final {:?}",
+            bad.len(),
+            fin.bank_total
+        ),
+    );
+
+    let mut by_proxy: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut back = Vec::new();
+    for v in seen.views.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let last = by_proxy.entry(&v.proxy).or_insert(0);
+        if v.generation < *last {
+            back.push(format!("{} {} -> {}", v.proxy, last, v.generation));
+        }
+        *last = (*last).max(v.generation);
+    }
+    // The borrow of the lock ends with the loop above.
+    r.add(
+        "proxy views only move forward",
+        back.is_empty(),
+        if back.is_empty() {
+            "yes".into()
+        } else {
+            back.join(", ")
+        },
+    );
+
+    let revisions = seen
+        .revisions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mut false_failovers = Vec::new();
+    for w in windows.iter().filter(|w| w.kind.tolerated()) {
+        let changed = revisions.iter().any(|rev| {
+            rev.at_ns >= w.start_ns
+                && rev.at_ns <= w.settled_ns
+                && rev.master.is_some()
+                && rev.master != w.master_before
+        });
+        if changed {
+            false_failovers.push(format!("{} ({})", w.kind.name(), w.target));
+        }
+    }
+    r.add(
+        "no failover for tolerated faults",
+        false_failovers.is_empty(),
+        if false_failovers.is_empty() {
+            "none".into()
+        } else {
+            false_failovers.join(", ")
+        },
+    );
+
+    if sync {
+        let samples = seen.sync.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut worst = 0u64;
+        let mut since: Option<u64> = None;
+        for s in &samples {
+            if s.running != s.wanted {
+                let t = *since.get_or_insert(s.at_ns);
+                worst = worst.max(s.at_ns - t);
+            } else {
+                since = None;
+            }
+        }
+        r.add(
+            "synchronous names as the spec says",
+            worst <= 2_000_000_000,
+            format!(
+                "longest mismatch {:.1} s over {} samples",
+                worst as f64 / 1e9,
+                samples.len()
+            ),
+        );
+    }
+
+    let mut proxy_ok: Vec<u64> = ops
+        .iter()
+        .filter(|o| o.kind == "proxy" && o.outcome == Outcome::Ok)
+        .map(|o| o.complete_ns)
+        .collect();
+    proxy_ok.sort();
+    for w in windows {
+        let mut last = w.start_ns;
+        let mut longest = 0u64;
+        for t in proxy_ok
+            .iter()
+            .filter(|t| **t > w.start_ns && **t <= w.settled_ns)
+        {
+            longest = longest.max(t - last);
+            last = *t;
+        }
+        longest = longest.max(w.settled_ns.saturating_sub(last));
+        r.outages.push((w.kind, Duration::from_nanos(longest)));
+    }
+    r
+}
+
+/// p50 and p99 of durations.
+pub fn percentiles(mut d: Vec<Duration>) -> (Duration, Duration) {
+    if d.is_empty() {
+        return (Duration::ZERO, Duration::ZERO);
+    }
+    d.sort();
+    let at = |q: f64| d[((d.len() as f64 - 1.0) * q).round() as usize];
+    (at(0.5), at(0.99))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(server: &str, tli: i32, invoke: u64, complete: u64) -> Op {
+        Op {
+            client: "c".into(),
+            kind: "proxy".into(),
+            value: 1,
+            invoke_ns: invoke,
+            complete_ns: complete,
+            outcome: Outcome::Ok,
+            server: Some(server.into()),
+            tli: Some(tli),
+            lsn: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn overlapping_acknowledgements_on_two_servers_are_found() {
+        let a = [op("a", 1, 0, 10), op("a", 1, 20, 30), op("b", 2, 40, 50)];
+        assert!(overlap(&a.iter().collect::<Vec<_>>()).is_none());
+        let b = [op("a", 1, 0, 10), op("a", 1, 20, 45), op("b", 2, 40, 50)];
+        let (over, _) = overlap(&b.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(over, 5);
+        // The same server again later, on a new timeline, is not a second
+        // primary of the first epoch.
+        let c = [op("a", 1, 0, 10), op("b", 2, 20, 30), op("a", 3, 40, 50)];
+        assert!(overlap(&c.iter().collect::<Vec<_>>()).is_none());
+    }
+}
