@@ -275,7 +275,12 @@ pub fn check(ops: &[Op], seen: &Observed, windows: &[Window], fin: &Final, sync:
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let mut false_failovers = Vec::new();
-    for w in windows.iter().filter(|w| w.kind.tolerated()) {
+    // A window that began while a failover was still under way (no
+    // primary named) says nothing about its own fault.
+    for w in windows
+        .iter()
+        .filter(|w| w.kind.tolerated() && w.master_before.is_some())
+    {
         let changed = revisions.iter().any(|rev| {
             rev.at_ns >= w.start_ns
                 && rev.at_ns <= w.settled_ns

@@ -35,8 +35,20 @@ pub const LAB_PASSWORD: &str = "lab-secret";
 pub const ACCOUNTS: i32 = 10;
 pub const START_BALANCE: i64 = 1000;
 
+/// What runs on the database nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// keelson keepers, sentinels and a keelson proxy per node.
+    Keelson,
+    /// Patroni per node (members `k1`..`k3`, so that the rest of the lab
+    /// names them alike) and an HAProxy per node in the proxy's place,
+    /// health-checking Patroni's REST API as Patroni's docs recommend.
+    Patroni,
+}
+
 /// A running lab.
 pub struct Lab {
+    pub target: Target,
     pub dir: PathBuf,
     pub nodes: Vec<Host>,
     pub etcds: Vec<Host>,
@@ -184,7 +196,11 @@ impl Lab {
         store_kind: StoreKind,
         sync: bool,
         fast: bool,
+        target: Target,
     ) -> Result<Lab> {
+        if target == Target::Patroni && store_kind != StoreKind::Etcd {
+            bail!("Patroni runs on etcd only");
+        }
         net::cleanup(dir);
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
@@ -225,6 +241,7 @@ impl Lab {
         }
         std::fs::write(dir.join("repl-password"), "lab-repl-secret\n")?;
         let mut lab = Lab {
+            target,
             dir: dir.to_owned(),
             nodes,
             etcds,
@@ -240,11 +257,17 @@ impl Lab {
         };
         // The quick (CI) schedule has short faults: a faster spec makes
         // them fail over too.
+        if target == Target::Patroni {
+            crate::patroni::start(&mut lab, fast)?;
+            lab.wait_healthy(Duration::from_secs(240)).await?;
+            lab.make_schema().await?;
+            return Ok(lab);
+        }
         let spec = if fast {
             serde_json::json!({
                 "synchronous_replication": sync,
                 "fail_interval": "3s",
-                "fence_timeout": "2s",
+                "fence_timeout": "3s",
                 "proxy_timeout": "3s",
             })
         } else {
@@ -305,15 +328,26 @@ impl Lab {
 
     /// The 0-based index of the node named primary to proxies.
     pub async fn primary(&self) -> Option<usize> {
-        let m = self.data().await?.proxy.master_db?;
+        let m = match self.target {
+            Target::Keelson => self.data().await?.proxy.master_db?,
+            Target::Patroni => crate::patroni::leader(self).await?,
+        };
         m.strip_prefix('k')?.parse::<usize>().ok().map(|i| i - 1)
+    }
+
+    /// Where node `i`'s PostgreSQL keeps its data directory and socket.
+    pub fn pg_dir(&self, i: usize) -> PathBuf {
+        match self.target {
+            Target::Keelson => self.node_dir(i).join("keeper"),
+            Target::Patroni => self.node_dir(i),
+        }
     }
 
     /// A superuser connection over node `i`'s local socket.
     pub fn socket_conn(&self, i: usize) -> String {
         format!(
             "host={} port=5432 user=postgres dbname=postgres connect_timeout=3",
-            self.node_dir(i).join("keeper").display()
+            self.pg_dir(i).display()
         )
     }
 
@@ -328,8 +362,12 @@ impl Lab {
                     "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
                 )
                 .await;
-                let ready = self.nodes.iter().all(|h| {
-                    crate::observe::http_status(&format!("{}:9187", h.addr), "/readyz") == Some(200)
+                let ready = self.nodes.iter().all(|h| match self.target {
+                    Target::Keelson => {
+                        crate::observe::http_status(&format!("{}:9187", h.addr), "/readyz")
+                            == Some(200)
+                    }
+                    Target::Patroni => crate::patroni::answers(&format!("{}:6432", h.addr)),
                 });
                 if streaming == Some(self.nodes.len() as i64 - 1) && ready {
                     return Ok(());
@@ -375,7 +413,7 @@ impl Lab {
 
     /// The postmaster of node `i`, from its pid file.
     pub fn postmaster(&self, i: usize) -> Option<u32> {
-        keeper::postmaster::running_on(&self.node_dir(i).join("keeper").join("pgdata"))
+        keeper::postmaster::running_on(&self.pg_dir(i).join("pgdata"))
     }
 
     /// Every pid that belongs to node `i`: keeper, proxy, fence guard,

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use cluster::Store;
 
-use crate::cluster::Lab;
+use crate::cluster::{Lab, Target};
 use crate::net;
 use crate::schedule::{FaultKind, Rng, Who};
 
@@ -270,6 +270,49 @@ pub async fn apply(lab: &mut Lab, kind: FaultKind, rng: &mut Rng) -> Result<Appl
             )?;
             (format!("n{} disk full", i + 1), Heal::RemoveFile(fill))
         }
+        Switchover if lab.target == Target::Patroni => {
+            let out = crate::patroni::patronictl(lab, &["switchover", "--force"])?;
+            (
+                format!(
+                    "patronictl switchover: {}",
+                    out.lines().last().unwrap_or("").trim()
+                ),
+                Heal::Nothing,
+            )
+        }
+        Failkeeper if lab.target == Target::Patroni => {
+            let to = pick(lab, Who::Standby, rng).await;
+            let out = crate::patroni::patronictl(
+                lab,
+                &[
+                    "failover",
+                    "--candidate",
+                    &format!("k{}", to + 1),
+                    "--force",
+                ],
+            )?;
+            (
+                format!(
+                    "patronictl failover to k{}: {}",
+                    to + 1,
+                    out.lines().last().unwrap_or("").trim()
+                ),
+                Heal::Nothing,
+            )
+        }
+        SpecUpdate if lab.target == Target::Patroni => {
+            let out = crate::patroni::patronictl(
+                lab,
+                &["edit-config", "--force", "-s", "retry_timeout=12"],
+            )?;
+            (
+                format!(
+                    "patronictl edit-config: {}",
+                    out.lines().last().unwrap_or("").trim()
+                ),
+                Heal::RestoreSpec,
+            )
+        }
         Switchover => {
             let out = ctl(lab, &["switchover"])?;
             (format!("ctl switchover: {}", out.trim()), Heal::Nothing)
@@ -336,6 +379,9 @@ pub async fn heal(lab: &mut Lab, a: &Applied) -> Result<()> {
         }
         Heal::RemoveFile(f) => {
             let _ = std::fs::remove_file(f);
+        }
+        Heal::RestoreSpec if lab.target == Target::Patroni => {
+            crate::patroni::patronictl(lab, &["edit-config", "--force", "-s", "retry_timeout=10"])?;
         }
         Heal::RestoreSpec => {
             let f = lab.dir.join("spec.json");

@@ -141,14 +141,17 @@ impl Clock {
 }
 
 async fn run(args: Args) -> Result<usize> {
-    if args.patroni {
-        return patroni::run(&args.dir, args.seed, args.minutes, args.quick).await;
-    }
+    let target = if args.patroni {
+        cluster::Target::Patroni
+    } else {
+        cluster::Target::Keelson
+    };
     let run_dir = args.dir.join("run");
     let keelson = keelson_bin()?;
     let clock = Clock(Instant::now());
     let label = format!(
-        "seed {} {} {} {}",
+        "{} seed {} {} {} {}",
+        if args.patroni { "patroni" } else { "keelson" },
         args.seed,
         if args.sync { "sync" } else { "async" },
         match args.store {
@@ -162,7 +165,10 @@ async fn run(args: Args) -> Result<usize> {
         }
     );
     println!("lab: {label}: bringing up 3 nodes, 3 etcd, 2 sentinels, a client host");
-    let mut lab = cluster::Lab::up(&run_dir, &keelson, args.store, args.sync, args.quick).await?;
+    let mut lab = cluster::Lab::up(
+        &run_dir, &keelson, args.store, args.sync, args.quick, target,
+    )
+    .await?;
     println!(
         "[{:6.1}] cluster up; primary n{}",
         clock.s(),
@@ -182,16 +188,22 @@ async fn run(args: Args) -> Result<usize> {
 type Outcome = (check::Report, Vec<check::Window>);
 
 async fn drive(lab: &mut cluster::Lab, args: &Args, clock: &Clock) -> Result<Outcome> {
+    let keelson = lab.target == cluster::Target::Keelson;
     let observers = observe::Observers::start(
         lab.store.clone(),
         lab.keys.clone(),
-        lab.nodes
-            .iter()
-            .enumerate()
-            .map(|(i, h)| (format!("p{}", i + 1), format!("{}:9187", h.addr)))
-            .collect(),
+        if keelson {
+            lab.nodes
+                .iter()
+                .enumerate()
+                .map(|(i, h)| (format!("p{}", i + 1), format!("{}:9187", h.addr)))
+                .collect()
+        } else {
+            Vec::new()
+        },
         (0..lab.nodes.len()).map(|i| lab.socket_conn(i)).collect(),
-        lab.sync,
+        lab.sync && keelson,
+        (!keelson).then(|| "/service/lab/leader".to_owned()),
     );
     let wl = workload::Workload::start(
         &lab.client,
@@ -206,11 +218,12 @@ async fn drive(lab: &mut cluster::Lab, args: &Args, clock: &Clock) -> Result<Out
         args.minutes,
         args.quick,
         lab.store_kind == cluster::StoreKind::Etcd,
+        keelson,
     );
     let mut rng = schedule::Rng::new(args.seed.wrapping_mul(31).wrapping_add(7));
     let mut windows = Vec::new();
     for step in &steps {
-        let master_before = lab.data().await.and_then(|d| d.proxy.master_db);
+        let master_before = lab.primary().await.map(|i| format!("k{}", i + 1));
         let start_ns = workload::mono_ns();
         let applied = match faults::apply(lab, step.fault, &mut rng).await {
             Ok(a) => a,

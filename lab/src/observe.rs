@@ -82,11 +82,39 @@ impl Observers {
         proxies: Vec<(String, String)>,
         sockets: Vec<String>,
         sync: bool,
+        leader_key: Option<String>,
     ) -> Observers {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Observed::default());
         let mut tasks = Vec::new();
-        {
+        if let Some(key) = leader_key {
+            // Patroni: who holds the leader key, polled.
+            let (stop, seen, store) = (stop.clone(), seen.clone(), store.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut last: Option<String> = None;
+                let mut generation = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let now = store.get(&key).await.ok().flatten();
+                    let master = now.as_ref().map(|kv| kv.value.clone());
+                    if master != last {
+                        generation += 1;
+                        seen.revisions
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(Revision {
+                                at_ns: mono_ns(),
+                                revision: now.map_or(0, |kv| kv.mod_revision),
+                                generation,
+                                master: master.clone(),
+                                failover: false,
+                                master_timeline: None,
+                            });
+                        last = master;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }));
+        } else {
             let (stop, seen, store, keys) =
                 (stop.clone(), seen.clone(), store.clone(), keys.clone());
             tasks.push(tokio::spawn(async move {

@@ -122,6 +122,14 @@ impl FaultKind {
         )
     }
 
+    /// Faults on keelson's sentinels (Patroni has none).
+    pub fn needs_sentinel(self) -> bool {
+        matches!(
+            self,
+            FaultKind::KillSentinelLeader | FaultKind::PauseSentinelLeader
+        )
+    }
+
     /// Faults the design rides out without a failover (checked).
     pub fn tolerated(self) -> bool {
         matches!(
@@ -148,7 +156,12 @@ impl FaultKind {
     pub fn duration(self, quick: bool) -> (Duration, Duration) {
         let s = Duration::from_secs;
         match self {
-            FaultKind::StoreBlip => (Duration::from_millis(1500), Duration::from_millis(2500)),
+            // Inside the documented margin: shorter than fence_timeout,
+            // and than fail_interval less a report interval (docs/reliability.md).
+            FaultKind::StoreBlip if quick => {
+                (Duration::from_millis(800), Duration::from_millis(1200))
+            }
+            FaultKind::StoreBlip => (Duration::from_millis(2000), Duration::from_millis(3000)),
             FaultKind::Switchover | FaultKind::Failkeeper | FaultKind::SpecUpdate => (s(1), s(1)),
             _ if quick => (s(3), s(5)),
             _ => (s(10), s(30)),
@@ -170,12 +183,13 @@ pub struct Step {
 
 /// The schedule for `minutes` of faults from `seed`. With `quick`, every
 /// fault class once, in a seed-shuffled order, with short durations.
-pub fn make(seed: u64, minutes: f64, quick: bool, etcd: bool) -> Vec<Step> {
+pub fn make(seed: u64, minutes: f64, quick: bool, etcd: bool, sentinels: bool) -> Vec<Step> {
     let mut rng = Rng::new(seed);
     let kinds: Vec<FaultKind> = FaultKind::ALL
         .iter()
         .copied()
         .filter(|k| etcd || !k.needs_etcd())
+        .filter(|k| sentinels || !k.needs_sentinel())
         .collect();
     let settle = |rng: &mut Rng| {
         if quick {
@@ -239,18 +253,18 @@ mod tests {
 
     #[test]
     fn the_same_seed_gives_the_same_schedule() {
-        let a: Vec<String> = make(7, 5.0, false, true)
+        let a: Vec<String> = make(7, 5.0, false, true, true)
             .iter()
             .map(|s| format!("{:?}{:?}", s.fault, s.lasts))
             .collect();
-        let b: Vec<String> = make(7, 5.0, false, true)
+        let b: Vec<String> = make(7, 5.0, false, true, true)
             .iter()
             .map(|s| format!("{:?}{:?}", s.fault, s.lasts))
             .collect();
         assert_eq!(a, b);
         assert_ne!(
             a,
-            make(8, 5.0, false, true)
+            make(8, 5.0, false, true, true)
                 .iter()
                 .map(|s| format!("{:?}{:?}", s.fault, s.lasts))
                 .collect::<Vec<_>>()
@@ -259,11 +273,11 @@ mod tests {
 
     #[test]
     fn quick_covers_every_class_once() {
-        let q = make(1, 0.0, true, true);
+        let q = make(1, 0.0, true, true, true);
         let classes: std::collections::HashSet<_> =
             FaultKind::ALL.iter().map(std::mem::discriminant).collect();
         assert_eq!(q.len(), classes.len());
-        let f = make(1, 0.0, true, false);
+        let f = make(1, 0.0, true, false, true);
         assert!(f.iter().all(|s| !s.fault.needs_etcd()));
     }
 }
