@@ -27,6 +27,11 @@ pub struct Final {
     /// Ids in `ledger` on each standby once it caught up (None: it never did).
     pub standby_rows: Vec<(String, Option<HashSet<i64>>)>,
     pub bank_total: Option<i64>,
+    /// The primary's timeline at the end.
+    pub primary_timeline: Option<i64>,
+    /// Each standby's WAL receiver timeline, when it streams from the
+    /// primary's address (None: it does not).
+    pub standby_timelines: Vec<(String, Option<i64>)>,
     /// A primary was named and every other node streamed from it in time.
     pub quiescent: bool,
 }
@@ -46,6 +51,9 @@ pub struct Report {
     pub outages: Vec<(FaultKind, Duration)>,
     pub acked: usize,
     pub in_doubt: usize,
+    /// Writes through a proxy that a client saw fail: (refused, in doubt,
+    /// all attempted).
+    pub proxy_errors: (usize, usize, usize),
 }
 
 impl Report {
@@ -121,6 +129,18 @@ pub fn check(ops: &[Op], seen: &Observed, windows: &[Window], fin: &Final, sync:
         .collect();
     r.acked = acked.len();
     r.in_doubt = in_doubt.len();
+    let through: Vec<&&Op> = writes.iter().filter(|o| o.kind == "proxy").collect();
+    r.proxy_errors = (
+        through
+            .iter()
+            .filter(|o| o.outcome == Outcome::Fail)
+            .count(),
+        through
+            .iter()
+            .filter(|o| o.outcome == Outcome::Info)
+            .count(),
+        through.len(),
+    );
 
     r.add(
         "quiescence",
@@ -202,6 +222,21 @@ pub fn check(ops: &[Op], seen: &Observed, windows: &[Window], fin: &Final, sync:
                     s.len(),
                     fin.rows.difference(s).count(),
                     s.difference(&fin.rows).count()
+                ),
+            },
+        );
+    }
+
+    for (name, tli) in &fin.standby_timelines {
+        let ok = tli.is_some() && *tli == fin.primary_timeline;
+        r.add(
+            "standbys stream the primary's timeline",
+            ok,
+            match tli {
+                None => format!("{name} is not streaming from the primary"),
+                Some(t) => format!(
+                    "{name}: timeline {t}, the primary's {:?}",
+                    fin.primary_timeline
                 ),
             },
         );
@@ -313,6 +348,12 @@ pub fn check(ops: &[Op], seen: &Observed, windows: &[Window], fin: &Final, sync:
                 since = None;
             }
         }
+        let (blocked_ok, detail) = commits_blocked(&samples, &writes);
+        r.add(
+            "commits block with no listed standby streaming",
+            blocked_ok,
+            detail,
+        );
         r.add(
             "synchronous names as the spec says",
             worst <= 2_000_000_000,
@@ -346,6 +387,80 @@ pub fn check(ops: &[Op], seen: &Observed, windows: &[Window], fin: &Final, sync:
     r
 }
 
+/// `synchronous_standby_names` as (number required, names listed).
+fn parse_sync_names(v: &str) -> (usize, Vec<String>) {
+    let v = v.trim();
+    if v.is_empty() {
+        return (0, Vec::new());
+    }
+    let (head, list) = match v.split_once('(') {
+        Some((h, l)) => (h.trim(), l.trim_end().trim_end_matches(')')),
+        None => ("", v),
+    };
+    let names: Vec<String> = list
+        .split(',')
+        .map(|n| n.trim().trim_matches('"').to_owned())
+        .filter(|n| !n.is_empty())
+        .collect();
+    let n = head
+        .split_whitespace()
+        .last()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    (n, names)
+}
+
+/// In synchronous mode a commit is acknowledged only once enough listed
+/// standbys confirmed it, and PostgreSQL counts only walsenders in state
+/// `streaming`. Between two looks at the same primary with the same
+/// setting, fewer listed standbys streaming (in either look) than the
+/// setting needs means no write on that server may be acknowledged in
+/// between. Looks more than 2 s apart are not paired: a standby could
+/// have come and gone unseen.
+fn commits_blocked(samples: &[crate::observe::SyncSample], writes: &[&Op]) -> (bool, String) {
+    let mut bad = Vec::new();
+    let mut windows = 0usize;
+    for pair in samples.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        if a.primary != b.primary
+            || a.running != b.running
+            || b.began_ns.saturating_sub(a.at_ns) > 2_000_000_000
+        {
+            continue;
+        }
+        let (need, listed) = parse_sync_names(&a.running);
+        let streaming = listed
+            .iter()
+            .filter(|n| a.streaming.contains(n) || b.streaming.contains(n))
+            .count();
+        if streaming >= need.max(1) {
+            continue;
+        }
+        windows += 1;
+        for o in writes.iter().filter(|o| {
+            o.outcome == Outcome::Ok
+                && o.complete_ns > a.at_ns
+                && o.complete_ns < b.began_ns
+                && o.server.as_deref().and_then(|s| s.split('/').next()) == Some(a.addr.as_str())
+        }) {
+            bad.push(format!(
+                "id {} acknowledged by {} ({:?}, streaming {:?})",
+                o.value, a.primary, a.running, a.streaming
+            ));
+        }
+    }
+    if bad.is_empty() {
+        (
+            true,
+            format!("0 acknowledged in {windows} stretches with too few listed standbys streaming"),
+        )
+    } else {
+        let n = bad.len();
+        bad.truncate(4);
+        (false, format!("{n} acknowledged, e.g. {}", bad.join("; ")))
+    }
+}
+
 /// p50 and p99 of durations.
 pub fn percentiles(mut d: Vec<Duration>) -> (Duration, Duration) {
     if d.is_empty() {
@@ -373,6 +488,39 @@ mod tests {
             lsn: None,
             error: None,
         }
+    }
+
+    #[test]
+    fn synchronous_names_parse() {
+        assert_eq!(parse_sync_names(""), (0, vec![]));
+        assert_eq!(
+            parse_sync_names("FIRST 2 (\"k2\", \"k3\")"),
+            (2, vec!["k2".to_owned(), "k3".to_owned()])
+        );
+        assert_eq!(parse_sync_names("ANY 1 (a, b)").0, 1);
+        assert_eq!(parse_sync_names("k2").1, vec!["k2".to_owned()]);
+    }
+
+    #[test]
+    fn a_commit_acknowledged_with_no_listed_standby_streaming_is_found() {
+        let look = |at: u64, streaming: &[&str]| crate::observe::SyncSample {
+            at_ns: at,
+            began_ns: at - 1,
+            primary: "k1".into(),
+            wanted: "FIRST 1 (\"k2\")".into(),
+            running: "FIRST 1 (\"k2\")".into(),
+            addr: "10.0.0.1".into(),
+            streaming: streaming.iter().map(|s| s.to_string()).collect(),
+        };
+        let w = op("10.0.0.1/32", 1, 15, 20);
+        let other = op("10.0.0.2/32", 2, 15, 20);
+        let writes = [&w, &other];
+        assert!(!commits_blocked(&[look(10, &[]), look(30, &[])], &writes).0);
+        // One of the looks saw k2 streaming: it may have confirmed.
+        assert!(commits_blocked(&[look(10, &["k2"]), look(30, &[])], &writes).0);
+        // Only k3 streams, and k3 is not listed.
+        assert!(!commits_blocked(&[look(10, &["k3"]), look(30, &["k3"])], &writes).0);
+        assert!(commits_blocked(&[look(10, &[]), look(30, &[])], &[&other]).0);
     }
 
     #[test]

@@ -175,12 +175,14 @@ async fn run(args: Args) -> Result<usize> {
         lab.primary().await.map_or(0, |p| p + 1)
     );
     let result = drive(&mut lab, &args, &clock).await;
-    let results = save(&lab, &args, &label, result.as_ref().ok());
+    let results = save(&lab, &args, &label);
     lab.down();
     let (report, steps) = result?;
-    print_report(&label, &report, &steps);
+    let text = report_text(&label, &report, &steps);
+    print!("{text}");
     if let Some(dir) = results {
-        println!("history and logs: {}", dir.display());
+        let _ = std::fs::write(dir.join("report.txt"), &text);
+        println!("report, history and logs: {}", dir.display());
     }
     Ok(report.violations().len())
 }
@@ -201,7 +203,9 @@ async fn drive(lab: &mut cluster::Lab, args: &Args, clock: &Clock) -> Result<Out
         } else {
             Vec::new()
         },
-        (0..lab.nodes.len()).map(|i| lab.socket_conn(i)).collect(),
+        (0..lab.nodes.len())
+            .map(|i| (lab.nodes[i].addr.to_string(), lab.socket_conn(i)))
+            .collect(),
         lab.sync && keelson,
         (!keelson).then(|| "/service/lab/leader".to_owned()),
     );
@@ -325,6 +329,12 @@ async fn final_state(lab: &cluster::Lab, quiescent: bool) -> check::Final {
     };
     fin.bank_total =
         workload::query_i64(&lab.socket_conn(p), "SELECT sum(bal)::bigint FROM bank").await;
+    fin.primary_timeline = workload::query_i64(
+        &lab.socket_conn(p),
+        "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int::bigint",
+    )
+    .await;
+    let primary_addr = lab.nodes[p].addr.to_string();
     for i in (0..lab.nodes.len()).filter(|i| *i != p) {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut got = None;
@@ -339,13 +349,24 @@ async fn final_state(lab: &cluster::Lab, quiescent: bool) -> check::Final {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         fin.standby_rows.push((format!("n{}", i + 1), got));
+        // What the standby's WAL receiver streams: from whom, on which
+        // timeline.
+        let rx = workload::query_i64(
+            &lab.socket_conn(i),
+            &format!(
+                "SELECT received_tli::bigint FROM pg_stat_wal_receiver \
+                 WHERE status = 'streaming' AND sender_host = '{primary_addr}'"
+            ),
+        )
+        .await;
+        fin.standby_timelines.push((format!("n{}", i + 1), rx));
     }
     fin.rows = rows;
     fin
 }
 
 /// Keeps the logs and the history of the run under `dir/results/<label>`.
-fn save(lab: &cluster::Lab, args: &Args, label: &str, _done: Option<&Outcome>) -> Option<PathBuf> {
+fn save(lab: &cluster::Lab, args: &Args, label: &str) -> Option<PathBuf> {
     let dest = args.dir.join("results").join(label.replace(' ', "-"));
     let _ = std::fs::remove_dir_all(&dest);
     std::fs::create_dir_all(&dest).ok()?;
@@ -372,19 +393,29 @@ fn copy_logs(from: &Path, to: &Path) {
     }
 }
 
-fn print_report(label: &str, r: &check::Report, windows: &[check::Window]) {
-    println!();
-    println!("== lab report: {label} ==");
-    println!(
+fn report_text(label: &str, r: &check::Report, windows: &[check::Window]) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(o);
+    let _ = writeln!(o, "== lab report: {label} ==");
+    let _ = writeln!(
+        o,
         "{} faults; {} writes acknowledged, {} in doubt",
         windows.len(),
         r.acked,
         r.in_doubt
     );
-    println!();
-    println!("{:<40} {:<6} detail", "check", "result");
+    let (refused, doubt, all) = r.proxy_errors;
+    let _ = writeln!(
+        o,
+        "client-visible errors through proxies: {} of {all} writes ({refused} refused, {doubt} in doubt)",
+        refused + doubt
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(o, "{:<40} {:<6} detail", "check", "result");
     for l in &r.lines {
-        println!(
+        let _ = writeln!(
+            o,
             "{:<40} {:<6} {}",
             l.check,
             if l.ok { "ok" } else { "FAIL" },
@@ -392,14 +423,16 @@ fn print_report(label: &str, r: &check::Report, windows: &[check::Window]) {
         );
     }
     let (p50, p99) = check::percentiles(r.outages.iter().map(|(_, d)| *d).collect());
-    println!();
-    println!(
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
         "longest stretch without a write acknowledged through a proxy, per fault: p50 {:.1} s, p99 {:.1} s",
         p50.as_secs_f64(),
         p99.as_secs_f64()
     );
     for ((k, d), w) in r.outages.iter().zip(windows) {
-        println!(
+        let _ = writeln!(
+            o,
             "  {:<28} {:<40} fault {:4.1} s, no write for {:.1} s",
             k.name(),
             w.target.chars().take(40).collect::<String>(),
@@ -408,10 +441,11 @@ fn print_report(label: &str, r: &check::Report, windows: &[check::Window]) {
         );
     }
     let v = r.violations();
-    println!();
+    let _ = writeln!(o);
     if v.is_empty() {
-        println!("no violations");
+        let _ = writeln!(o, "no violations");
     } else {
-        println!("{} VIOLATIONS", v.len());
+        let _ = writeln!(o, "{} VIOLATIONS", v.len());
     }
+    o
 }

@@ -59,6 +59,13 @@ pub struct SyncSample {
     pub wanted: String,
     /// `SHOW synchronous_standby_names`.
     pub running: String,
+    /// The primary's address, as `inet_server_addr()` reads it.
+    pub addr: String,
+    /// `application_name` of every walsender in state `streaming`, read
+    /// in the same session right after the `SHOW`.
+    pub streaming: Vec<String>,
+    /// When the look began (the sample's `at_ns` is when it ended).
+    pub began_ns: u64,
 }
 
 #[derive(Debug, Default)]
@@ -80,7 +87,7 @@ impl Observers {
         store: AnyStore,
         keys: Keys,
         proxies: Vec<(String, String)>,
-        sockets: Vec<String>,
+        sockets: Vec<(String, String)>,
         sync: bool,
         leader_key: Option<String>,
     ) -> Observers {
@@ -204,13 +211,14 @@ impl Observers {
                     let Some(i) = m.strip_prefix('k').and_then(|n| n.parse::<usize>().ok()) else {
                         continue;
                     };
-                    let Some(sock) = sockets.get(i - 1) else {
+                    let Some((addr, sock)) = sockets.get(i - 1) else {
                         continue;
                     };
                     let wanted = keeper::names::synchronous_standby_names(
                         &d.dbs[&m].spec.synchronous_standbys,
                     );
-                    if let Some(running) = show(sock).await {
+                    let began_ns = mono_ns();
+                    if let Some((running, streaming)) = show(sock).await {
                         seen.sync
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -219,6 +227,9 @@ impl Observers {
                                 primary: m,
                                 wanted,
                                 running,
+                                addr: addr.clone(),
+                                streaming,
+                                began_ns,
                             });
                     }
                 }
@@ -237,7 +248,9 @@ impl Observers {
     }
 }
 
-async fn show(conn: &str) -> Option<String> {
+/// `SHOW synchronous_standby_names` and the standbys streaming, in one
+/// session.
+async fn show(conn: &str) -> Option<(String, Vec<String>)> {
     let (c, connection) = tokio::time::timeout(
         Duration::from_secs(2),
         tokio_postgres::connect(conn, tokio_postgres::NoTls),
@@ -246,13 +259,22 @@ async fn show(conn: &str) -> Option<String> {
     .ok()?
     .ok()?;
     tokio::spawn(connection);
-    tokio::time::timeout(
-        Duration::from_secs(2),
-        c.query_one("SHOW synchronous_standby_names", &[]),
-    )
-    .await
-    .ok()?
-    .ok()?
-    .try_get(0)
-    .ok()
+    let q = async {
+        let names: String = c
+            .query_one("SHOW synchronous_standby_names", &[])
+            .await?
+            .try_get(0)?;
+        let rows = c
+            .query(
+                "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'",
+                &[],
+            )
+            .await?;
+        let streaming = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
+        Ok::<_, tokio_postgres::Error>((names, streaming))
+    };
+    tokio::time::timeout(Duration::from_secs(2), q)
+        .await
+        .ok()?
+        .ok()
 }
