@@ -54,6 +54,10 @@ pub struct Report {
     /// Writes through a proxy that a client saw fail: (refused, in doubt,
     /// all attempted).
     pub proxy_errors: (usize, usize, usize),
+    pub lost: usize,
+    /// The worst overlap of acknowledged writes on two servers, ms:
+    /// through proxies, and direct.
+    pub overlap_ms: (f64, f64),
 }
 
 impl Report {
@@ -158,6 +162,7 @@ pub fn check(ops: &[Op], seen: &Observed, windows: &[Window], fin: &Final, sync:
         .copied()
         .collect();
     lost.sort();
+    r.lost = lost.len();
     r.add(
         "lost acknowledged writes",
         lost.is_empty(),
@@ -205,7 +210,14 @@ pub fn check(ops: &[Op], seen: &Observed, windows: &[Window], fin: &Final, sync:
                 true,
                 format!("no overlap ({} acknowledged)", ok_ops.len()),
             ),
-            Some((_, d)) => r.add(label, false, d),
+            Some((over, d)) => {
+                if kind == "proxy" {
+                    r.overlap_ms.0 = ms(over);
+                } else {
+                    r.overlap_ms.1 = ms(over);
+                }
+                r.add(label, false, d)
+            }
         }
     }
 

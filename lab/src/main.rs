@@ -3,6 +3,7 @@
 //! ```text
 //! lab run [--minutes M] [--seed S] [--store etcd|file] [--mode sync|async]
 //!         [--target keelson|patroni] [--quick] [--dir DIR]
+//! lab table [--dir DIR]
 //! lab cleanup [--dir DIR]
 //! ```
 //!
@@ -12,7 +13,8 @@
 //! checks the whole history. It prints the schedule as it goes and the
 //! checker's table at the end, keeps every log and the history under
 //! `DIR/results/`, and exits 1 on any violation. `--quick` runs every fault
-//! class once with short durations (the CI subset). `cleanup` removes
+//! class once with short durations (the CI subset). `table` prints a
+//! Markdown table of every run kept under `DIR/results/`. `cleanup` removes
 //! whatever a crashed run left behind.
 
 mod check;
@@ -117,6 +119,10 @@ fn main() -> Result<()> {
             println!("removed the lab's namespaces, links, cgroups and mounts");
             Ok(())
         }
+        "table" => {
+            print!("{}", table(&args.dir)?);
+            Ok(())
+        }
         "run" => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -128,7 +134,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        _ => bail!("usage: lab run [--minutes M] [--seed S] [--store etcd|file] [--mode sync|async] [--target keelson|patroni] [--quick] | lab cleanup"),
+        _ => bail!("usage: lab run [--minutes M] [--seed S] [--store etcd|file] [--mode sync|async] [--target keelson|patroni] [--quick] | lab table | lab cleanup"),
     }
 }
 
@@ -182,6 +188,10 @@ async fn run(args: Args) -> Result<usize> {
     print!("{text}");
     if let Some(dir) = results {
         let _ = std::fs::write(dir.join("report.txt"), &text);
+        let _ = std::fs::write(
+            dir.join("summary.json"),
+            summary(&label, &args, &report, &steps).to_string(),
+        );
         println!("report, history and logs: {}", dir.display());
     }
     Ok(report.violations().len())
@@ -448,4 +458,105 @@ fn report_text(label: &str, r: &check::Report, windows: &[check::Window]) -> Str
         let _ = writeln!(o, "{} VIOLATIONS", v.len());
     }
     o
+}
+
+/// The figures of one run, for `lab table`.
+fn summary(
+    label: &str,
+    args: &Args,
+    r: &check::Report,
+    windows: &[check::Window],
+) -> serde_json::Value {
+    let (p50, p99) = check::percentiles(r.outages.iter().map(|(_, d)| *d).collect());
+    serde_json::json!({
+        "label": label,
+        "target": if args.patroni { "patroni" } else { "keelson" },
+        "seed": args.seed,
+        "mode": if args.sync { "sync" } else { "async" },
+        "store": match args.store {
+            cluster::StoreKind::Etcd => "etcd",
+            cluster::StoreKind::File => "file",
+        },
+        "minutes": if args.quick { 0.0 } else { args.minutes },
+        "faults": windows.len(),
+        "acked": r.acked,
+        "in_doubt": r.in_doubt,
+        "lost": r.lost,
+        "overlap_proxy_ms": r.overlap_ms.0,
+        "overlap_direct_ms": r.overlap_ms.1,
+        "proxy_refused": r.proxy_errors.0,
+        "proxy_in_doubt": r.proxy_errors.1,
+        "proxy_writes": r.proxy_errors.2,
+        "outage_p50_s": p50.as_secs_f64(),
+        "outage_p99_s": p99.as_secs_f64(),
+        "violations": r.violations().iter().map(|l| format!("{}: {}", l.check, l.detail)).collect::<Vec<_>>(),
+    })
+}
+
+/// A Markdown table of every run under `dir/results` with a summary.
+fn table(dir: &Path) -> Result<String> {
+    use std::fmt::Write;
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    for e in std::fs::read_dir(dir.join("results"))
+        .context("no results yet")?
+        .flatten()
+    {
+        if let Ok(t) = std::fs::read_to_string(e.path().join("summary.json")) {
+            if let Ok(v) = serde_json::from_str(&t) {
+                rows.push(v);
+            }
+        }
+    }
+    rows.sort_by_key(|v| {
+        (
+            v["minutes"].as_f64().unwrap_or(0.0) == 0.0,
+            v["seed"].as_u64(),
+            v["target"].as_str().map(str::to_owned),
+        )
+    });
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "| target | seed | mode | store | min | faults | acked | in doubt | lost | two primaries, proxies (ms) | two primaries, direct (ms) | client errors (proxy writes) | no-write stretch p50 / p99 (s) | violations |"
+    );
+    let _ = writeln!(
+        o,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for v in rows {
+        let errs =
+            v["proxy_refused"].as_u64().unwrap_or(0) + v["proxy_in_doubt"].as_u64().unwrap_or(0);
+        let viol: Vec<String> = v["violations"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {} of {} | {:.1} / {:.1} | {} |",
+            v["target"].as_str().unwrap_or("?"),
+            v["seed"],
+            v["mode"].as_str().unwrap_or("?"),
+            v["store"].as_str().unwrap_or("?"),
+            match v["minutes"].as_f64() {
+                Some(m) if m > 0.0 => format!("{m}"),
+                _ => "quick".into(),
+            },
+            v["faults"],
+            v["acked"],
+            v["in_doubt"],
+            v["lost"],
+            v["overlap_proxy_ms"].as_f64().unwrap_or(0.0),
+            v["overlap_direct_ms"].as_f64().unwrap_or(0.0),
+            errs,
+            v["proxy_writes"],
+            v["outage_p50_s"].as_f64().unwrap_or(0.0),
+            v["outage_p99_s"].as_f64().unwrap_or(0.0),
+            if viol.is_empty() { "none".to_owned() } else { viol.join("; ").replace('|', "/") },
+        );
+    }
+    Ok(o)
 }
