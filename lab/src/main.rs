@@ -264,7 +264,9 @@ async fn drive(lab: &mut cluster::Lab, args: &Args, clock: &Clock) -> Result<Out
         let healed_ns = workload::mono_ns();
         tokio::time::sleep(step.settle).await;
         let settled_ns = workload::mono_ns();
+        let master_after = lab.primary().await.map(|i| format!("k{}", i + 1));
         windows.push(check::Window {
+            master_after,
             kind: step.fault,
             target: applied.target,
             start_ns,
@@ -304,7 +306,11 @@ async fn drive(lab: &mut cluster::Lab, args: &Args, clock: &Clock) -> Result<Out
             .collect::<Vec<_>>()
             .join("\n"),
     )?;
-    Ok((check::check(&ops, &seen, &windows, &fin, lab.sync), windows))
+    let mode = check::Mode {
+        sync: lab.sync,
+        sync_observed: lab.sync && lab.target == cluster::Target::Keelson,
+    };
+    Ok((check::check(&ops, &seen, &windows, &fin, mode), windows))
 }
 
 async fn ids(conn: &str) -> Option<HashSet<i64>> {
@@ -332,9 +338,11 @@ async fn final_state(lab: &cluster::Lab, quiescent: bool) -> check::Final {
         ..Default::default()
     };
     let Some(p) = lab.primary().await else {
+        fin.unreadable = Some("no primary named".into());
         return fin;
     };
     let Some(rows) = ids(&lab.socket_conn(p)).await else {
+        fin.unreadable = Some(format!("cannot read the ledger on n{}", p + 1));
         return fin;
     };
     fin.bank_total =
@@ -428,7 +436,13 @@ fn report_text(label: &str, r: &check::Report, windows: &[check::Window]) -> Str
             o,
             "{:<40} {:<6} {}",
             l.check,
-            if l.ok { "ok" } else { "FAIL" },
+            if !l.ok {
+                "FAIL"
+            } else if l.limit {
+                "limit"
+            } else {
+                "ok"
+            },
             l.detail
         );
     }

@@ -210,6 +210,7 @@ async fn bank(name: String, target: String, stop: Arc<AtomicBool>, history: Hist
         while !stop.load(Ordering::Relaxed) {
             let invoke_ns = mono_ns();
             let read = rng.below(3) == 0;
+            let mut moved: Option<i32> = None;
             let r = if read {
                 tokio::time::timeout(
                     Duration::from_secs(5),
@@ -224,13 +225,26 @@ async fn bank(name: String, target: String, stop: Arc<AtomicBool>, history: Hist
                 let a = 1 + rng.below(ACCOUNTS as u64) as i32;
                 let b = 1 + rng.below(ACCOUNTS as u64) as i32;
                 let amount = 1 + rng.below(50) as i64;
+                // One simple query is one implicit transaction; its last
+                // statement says where it ran, on which timeline.
                 let sql = format!(
                     "UPDATE bank SET bal = bal - {amount} WHERE id = {a}; \
-                     UPDATE bank SET bal = bal + {amount} WHERE id = {b}"
+                     UPDATE bank SET bal = bal + {amount} WHERE id = {b}; \
+                     SELECT inet_server_addr()::text, \
+                     ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int::text"
                 );
-                tokio::time::timeout(Duration::from_secs(5), client.batch_execute(&sql))
+                tokio::time::timeout(Duration::from_secs(5), client.simple_query(&sql))
                     .await
-                    .map(|r| r.map(|()| (None, None)))
+                    .map(|r| {
+                        r.map(|msgs| {
+                            let row = msgs.iter().find_map(|m| match m {
+                                tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+                                _ => None,
+                            });
+                            moved = row.and_then(|r| r.get(1)).and_then(|t| t.parse().ok());
+                            (None, row.and_then(|r| r.get(0)).map(str::to_owned))
+                        })
+                    })
             };
             let complete_ns = mono_ns();
             let (outcome, value, server, error, broken) = match r {
@@ -246,7 +260,7 @@ async fn bank(name: String, target: String, stop: Arc<AtomicBool>, history: Hist
                 complete_ns,
                 outcome,
                 server,
-                tli: None,
+                tli: moved,
                 lsn: None,
                 error,
             });
