@@ -246,6 +246,7 @@ pub async fn apply(lab: &mut Lab, kind: FaultKind, rng: &mut Rng) -> Result<Appl
             let i = pick(lab, who, rng).await;
             let skew = if who == Who::Primary { "-3s" } else { "+3s" };
             let n = format!("k{}", i + 1);
+            let patroni = lab.target == Target::Patroni;
             let p = lab.proc(&n);
             p.env = vec![
                 (
@@ -253,7 +254,15 @@ pub async fn apply(lab: &mut Lab, kind: FaultKind, rng: &mut Rng) -> Result<Appl
                     "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".into(),
                 ),
                 ("FAKETIME".into(), skew.into()),
-                ("DONT_FAKE_MONOTONIC".into(), "1".into()),
+                // keelson's timers are monotonic: leave that clock alone,
+                // so only the wall clock is wrong. Python's sleep fails
+                // with EINVAL under libfaketime 0.9.10 when the monotonic
+                // clock is left alone (clock_nanosleep), so Patroni gets
+                // both clocks offset, its only way to run skewed.
+                (
+                    "DONT_FAKE_MONOTONIC".into(),
+                    if patroni { "0" } else { "1" }.into(),
+                ),
             ];
             p.restart()?;
             (format!("{n} wall clock {skew}"), Heal::Unskew(i))

@@ -162,6 +162,13 @@ fn haproxy_config(lab: &Lab, i: usize) -> String {
 
 /// Starts Patroni and HAProxy on every node.
 pub fn start(lab: &mut Lab, fast: bool) -> Result<()> {
+    if !Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        bail!("the Patroni target needs HAProxy: apt-get install haproxy");
+    }
     let v = venv(lab.dir.parent().unwrap_or(&lab.dir))?;
     for i in 0..lab.nodes.len() {
         let d = lab.node_dir(i);
