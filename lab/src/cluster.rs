@@ -178,6 +178,26 @@ impl Lab {
         self.dir.join(format!("n{}", i + 1))
     }
 
+    /// Makes node `i`'s directory a tmpfs of a fixed size (so that a
+    /// disk-full fault is real), owned by the postgres account.
+    pub fn mount_node_dir(&self, i: usize) -> Result<PathBuf> {
+        let d = self.node_dir(i);
+        std::fs::create_dir_all(&d)?;
+        net::sh(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=768m",
+                "tmpfs",
+                &d.display().to_string(),
+            ],
+        )?;
+        chown(&d);
+        Ok(d)
+    }
+
     pub fn proc(&mut self, name: &str) -> &mut Proc {
         let i = self
             .procs
@@ -295,20 +315,7 @@ impl Lab {
             lab.procs.push(p);
         }
         for i in 0..lab.nodes.len() {
-            let d = lab.node_dir(i);
-            std::fs::create_dir_all(&d)?;
-            net::sh(
-                "mount",
-                &[
-                    "-t",
-                    "tmpfs",
-                    "-o",
-                    "size=768m",
-                    "tmpfs",
-                    &d.display().to_string(),
-                ],
-            )?;
-            chown(&d);
+            lab.mount_node_dir(i)?;
             let mut k = lab.keeper_proc(i);
             k.start()?;
             lab.procs.push(k);

@@ -59,11 +59,7 @@ fn ctl(lab: &Lab, args: &[&str]) -> Result<String> {
         .args(["ctl", "--store", &lab.store_url, "--cluster", "lab"])
         .args(args)
         .output()?;
-    Ok(format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    ))
+    Ok(crate::procs::output_text(&out))
 }
 
 /// Bytes free on the filesystem holding `path`.

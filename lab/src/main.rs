@@ -544,7 +544,8 @@ fn table(dir: &Path) -> Result<String> {
             .as_array()
             .map(|a| {
                 a.iter()
-                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .filter_map(|x| x.as_str())
+                    .map(|x| x.split(':').next().unwrap_or(x).to_owned())
                     .collect()
             })
             .unwrap_or_default();

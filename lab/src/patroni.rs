@@ -171,22 +171,7 @@ pub fn start(lab: &mut Lab, fast: bool) -> Result<()> {
     }
     let v = venv(lab.dir.parent().unwrap_or(&lab.dir))?;
     for i in 0..lab.nodes.len() {
-        let d = lab.node_dir(i);
-        std::fs::create_dir_all(&d)?;
-        crate::net::sh(
-            "mount",
-            &[
-                "-t",
-                "tmpfs",
-                "-o",
-                "size=768m",
-                "tmpfs",
-                &d.display().to_string(),
-            ],
-        )?;
-        if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
-            let _ = std::os::unix::fs::chown(&d, Some(uid), Some(gid));
-        }
+        let d = lab.mount_node_dir(i)?;
         let yml = d.join("patroni.yml");
         std::fs::write(&yml, config(lab, i, fast))?;
         let h = lab.nodes[i].clone();
@@ -249,9 +234,5 @@ pub fn patronictl(lab: &Lab, args: &[&str]) -> Result<String> {
         .arg(lab.node_dir(0).join("patroni.yml"))
         .args(args)
         .output()?;
-    Ok(format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    ))
+    Ok(crate::procs::output_text(&out))
 }

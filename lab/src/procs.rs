@@ -102,3 +102,12 @@ impl Drop for Proc {
         self.kill();
     }
 }
+
+/// A finished command's standard output, then its standard error.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
