@@ -314,14 +314,7 @@ async fn drive(lab: &mut cluster::Lab, args: &Args, clock: &Clock) -> Result<Out
 }
 
 async fn ids(conn: &str) -> Option<HashSet<i64>> {
-    let (c, connection) = tokio::time::timeout(
-        Duration::from_secs(3),
-        tokio_postgres::connect(conn, tokio_postgres::NoTls),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    tokio::spawn(connection);
+    let c = workload::connect(conn).await?;
     let rows = tokio::time::timeout(
         Duration::from_secs(20),
         c.query("SELECT id FROM ledger", &[]),

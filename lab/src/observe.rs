@@ -251,14 +251,7 @@ impl Observers {
 /// `SHOW synchronous_standby_names` and the standbys streaming, in one
 /// session.
 async fn show(conn: &str) -> Option<(String, Vec<String>)> {
-    let (c, connection) = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio_postgres::connect(conn, tokio_postgres::NoTls),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    tokio::spawn(connection);
+    let c = crate::workload::connect(conn).await?;
     let q = async {
         let names: String = c
             .query_one("SHOW synchronous_standby_names", &[])

@@ -95,7 +95,8 @@ impl History {
     }
 }
 
-async fn connect(c: &str) -> Option<tokio_postgres::Client> {
+/// A session within 3 s, its connection driven on the runtime.
+pub async fn connect(c: &str) -> Option<tokio_postgres::Client> {
     let (client, connection) =
         tokio::time::timeout(Duration::from_secs(3), tokio_postgres::connect(c, NoTls))
             .await
