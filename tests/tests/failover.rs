@@ -796,42 +796,74 @@ async fn three_keepers_replicate_and_failkeeper_moves_the_primary() {
     let store = cluster::open(&url).await.unwrap();
     let mut c = LocalCluster::up_with(&url, store, ClusterSpec::default(), 1, 3).await;
     c.assert_streams_to_all().await;
-    // A row written through the proxy reaches both standbys.
+    // A row written through the proxy reaches both standbys (the writers
+    // below use positive ids).
     let client = try_connect(&c.conn).await.unwrap();
     client
-        .batch_execute("INSERT INTO w VALUES (7)")
+        .batch_execute("INSERT INTO w VALUES (-7)")
         .await
         .unwrap();
-    c.wait_standbys_see("SELECT count(*) FROM w WHERE x = 7", 1)
+    c.wait_standbys_see("SELECT count(*) FROM w WHERE x = -7", 1)
         .await;
 
     // Bad input is explained.
     let err = c.ctl(&["failkeeper", "nobody"]).unwrap_err();
     assert!(err.contains("no keeper \"nobody\""), "{err}");
 
-    // failkeeper on the (healthy) primary moves it to a standby at once.
+    // failkeeper on the (healthy) primary moves it to a standby at once,
+    // under write load.
+    let writer = Writer::start(&c.conn, 2);
+    writer.wait_more(50, Duration::from_secs(20)).await;
     let old = c.master;
     let t = Instant::now();
     let out = c.ctl(&["failkeeper", &format!("k{old}")]).unwrap();
     assert!(out.contains("failover from"), "{out}");
-    let (port, _) = c
-        .next_write(
-            "INSERT INTO w VALUES (8) RETURNING inet_server_port()",
-            Duration::from_secs(30),
-        )
-        .await;
-    eprintln!("failkeeper moved writes in {:?}", t.elapsed());
-    let new = c.ports.iter().position(|p| *p == port).unwrap() + 1;
-    assert_ne!(new, old, "writes moved off k{old}");
+    // Until the proxies see the fenced view, a write may still land on the
+    // old primary (seen in CI 127 ms after `failkeeper` returned): each one
+    // acknowledged there must survive the failover.
+    let mut on_old = 0;
+    let new = loop {
+        let (port, _) = c
+            .next_write(
+                &format!(
+                    "INSERT INTO w VALUES ({}) RETURNING inet_server_port()",
+                    -100 - on_old
+                ),
+                Duration::from_secs(30),
+            )
+            .await;
+        let i = c.ports.iter().position(|p| *p == port).unwrap() + 1;
+        if i != old {
+            break i;
+        }
+        on_old += 1;
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "writes still land on k{old} {:?} after failkeeper",
+            t.elapsed()
+        );
+    };
+    eprintln!(
+        "failkeeper moved writes in {:?}, {on_old} probe(s) acknowledged on k{old} first",
+        t.elapsed(),
+    );
     c.master = new;
+    writer.wait_more(50, Duration::from_secs(20)).await;
+    let (acked, unknown) = writer.stop().await;
+    c.assert_nothing_lost(&acked, &unknown).await;
+    assert_eq!(
+        c.direct(new, "SELECT count(*) FROM w WHERE x <= -100")
+            .await,
+        Some(i64::from(on_old) + 1),
+        "every probe acknowledged on k{old} before the fence reached the proxy"
+    );
     // The old primary, still running, rejoins through pg_rewind; the other
     // standby follows the new primary; each streams through its slot.
     c.wait_standby(old).await;
     c.assert_rewound(old);
     c.assert_streams_to_all().await;
-    // The other standby follows the new primary.
-    c.wait_standbys_see("SELECT count(*) FROM w WHERE x = 8", 1)
-        .await;
+    let total = c.direct(new, "SELECT count(*) FROM w").await.unwrap();
+    c.wait_standbys_see("SELECT count(*) FROM w", total).await;
     drop(client);
     c.keepers.clear();
 }
