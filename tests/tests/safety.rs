@@ -874,7 +874,7 @@ fn assert_no_two_primaries(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_cut_from_the_store_fences_itself_before_the_standby_is_promoted() {
     let etcd = crate::support::EtcdServer::start().await;
-    let links = vec![
+    let links = [
         crate::support::Link::start(etcd.port()).await,
         crate::support::Link::start(etcd.port()).await,
     ];
