@@ -1,14 +1,14 @@
 //! Startup-phase codec: parsing a typical StartupMessage and an SSLRequest,
 //! and writing an ErrorResponse.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use proxy_core::protocol::{
     encode_startup, parse_startup, write_error, Severity, NEGOTIATE_SSL_CODE,
 };
 
 fn startup(c: &mut Criterion) {
-    let params: Vec<(String, String)> = [
+    let params: Vec<(Bytes, Bytes)> = [
         ("user", "app_user"),
         ("database", "orders"),
         ("application_name", "checkout-service"),
@@ -17,7 +17,12 @@ fn startup(c: &mut Criterion) {
         ("extra_float_digits", "3"),
     ]
     .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .map(|(k, v)| {
+        (
+            Bytes::from_static(k.as_bytes()),
+            Bytes::from_static(v.as_bytes()),
+        )
+    })
     .collect();
     let mut msg = BytesMut::new();
     encode_startup(&mut msg, 0, &params, |_| false);

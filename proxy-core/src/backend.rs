@@ -101,7 +101,7 @@ pub enum AuthResult {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Negotiation {
     pub minor: u16,
-    pub unrecognized: Vec<String>,
+    pub unrecognized: Vec<Bytes>,
 }
 
 impl Negotiation {
@@ -110,19 +110,13 @@ impl Negotiation {
     /// the lower minor version and the union of unrecognised options.
     fn write(&self, out: &mut BytesMut, backend_npv: Option<&[u8]>) {
         let mut minor = self.minor;
-        let mut options: Vec<&str> = self.unrecognized.iter().map(String::as_str).collect();
-        let mut theirs = Vec::new();
+        let mut options: Vec<&[u8]> = self.unrecognized.iter().map(|o| o.as_ref()).collect();
         if let Some(body) = backend_npv.filter(|b| b.len() >= 8) {
             minor = minor.min(u16::from_be_bytes([body[2], body[3]]));
-            theirs = body[8..]
-                .split(|&b| b == 0)
-                .filter(|s| !s.is_empty())
-                .map(|s| String::from_utf8_lossy(s).into_owned())
-                .collect();
-        }
-        for t in &theirs {
-            if !options.contains(&t.as_str()) {
-                options.push(t);
+            for t in body[8..].split(|&b| b == 0).filter(|s| !s.is_empty()) {
+                if !options.contains(&t) {
+                    options.push(t);
+                }
             }
         }
         protocol::write_negotiate_protocol_version(out, minor, &options);

@@ -4,18 +4,25 @@
 //! cancel. Each session registers its key with the backend it is on, so a
 //! cancel goes to exactly that backend. A key this proxy instance does not
 //! know (its session may live on another proxy) is sent to every backend of
-//! every view the proxy routes by (its own and those of its SNI clusters),
-//! all at once: PostgreSQL ignores keys it does not own, so this is safe and
-//! needs no state shared between proxies, and one hung backend does not
-//! delay the others. Requests are rate-limited, since each one costs the
-//! proxy and the servers a connection.
+//! the views it may belong to (the cluster of the cancel connection's SNI
+//! name, or else the proxy's own and all its SNI clusters), all at once:
+//! PostgreSQL ignores keys it does not own, so this is safe and needs no
+//! state shared between proxies, and one hung backend does not delay the
+//! others. Only these broadcasts are rate-limited, since each costs a
+//! connection to every server; a cancel of a known key always goes.
+//!
+//! PostgreSQL closes a cancel connection only once it has signalled the
+//! backend, and clients rely on it: libpq waits for that close so that the
+//! next command is not the one cancelled. So the proxy closes the client's
+//! cancel connection only after every backend it contacted closed its side
+//! (each within a bound).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Duration;
 
 use crate::backend::{connect, SocketOptions};
@@ -24,10 +31,20 @@ use crate::view::{Backend, View};
 
 type Key = (u32, Bytes);
 
+/// Shards of the key map: sessions start and end on every worker at once
+/// (all clients reconnect together after a failover), so one lock would be
+/// contended by all of them.
+const SHARDS: usize = 32;
+
+/// How long the proxy waits for a backend to close a cancel connection
+/// (PostgreSQL's sign that it signalled the backend) after the request was
+/// sent.
+pub const CANCEL_COMPLETION_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Where each known cancel key lives.
 #[derive(Debug)]
 pub struct CancelRegistry {
-    keys: Mutex<HashMap<Key, Backend>>,
+    shards: Box<[Mutex<HashMap<Key, Backend>>]>,
     limiter: Mutex<TokenBucket>,
 }
 
@@ -40,7 +57,7 @@ pub struct CancelGuard {
 impl Drop for CancelGuard {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            self.registry.lock().remove(&key);
+            self.registry.shard(key.0).remove(&key);
         }
     }
 }
@@ -52,7 +69,7 @@ pub enum CancelRoute {
     Known,
     /// The key is unknown here: to every backend of every view.
     Broadcast,
-    /// Dropped by the rate limit.
+    /// A broadcast dropped by the rate limit.
     RateLimited,
 }
 
@@ -67,22 +84,27 @@ impl CancelRoute {
 }
 
 impl CancelRegistry {
-    /// `per_second` cancels are allowed on average, in bursts of as many.
+    /// `per_second` broadcasts (cancels of unknown keys) are allowed on
+    /// average, in bursts of as many.
     pub fn new(per_second: u32) -> Self {
         CancelRegistry {
-            keys: Mutex::new(HashMap::new()),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             limiter: Mutex::new(TokenBucket::new(per_second)),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Backend>> {
-        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    /// The shard of a key, by its backend pid (PostgreSQL's pids spread
+    /// evenly enough; the secret decides nothing here).
+    fn shard(&self, pid: u32) -> std::sync::MutexGuard<'_, HashMap<Key, Backend>> {
+        self.shards[pid as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Records that `backend` issued this key. Called once per session.
     pub fn register(self: &Arc<Self>, pid: u32, secret: Bytes, backend: Backend) -> CancelGuard {
         let key = (pid, secret);
-        self.lock().insert(key.clone(), backend);
+        self.shard(pid).insert(key.clone(), backend);
         CancelGuard {
             registry: self.clone(),
             key: Some(key),
@@ -91,20 +113,27 @@ impl CancelRegistry {
 
     /// Number of sessions whose keys are known.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Decides where a cancel goes, consuming a rate-limit token. An
-    /// unknown key goes to every backend of `views`, each once.
+    /// Decides where a cancel goes. A known key goes to its backend; an
+    /// unknown one, if the rate limit allows, to every backend of `views`,
+    /// each once.
     pub fn route<'v>(
         &self,
         req: &CancelRequest,
         views: impl IntoIterator<Item = &'v View>,
     ) -> (CancelRoute, Vec<Backend>) {
+        if let Some(b) = self.shard(req.pid).get(&(req.pid, req.key.clone())) {
+            return (CancelRoute::Known, vec![b.clone()]);
+        }
         let allowed = self
             .limiter
             .lock()
@@ -112,9 +141,6 @@ impl CancelRegistry {
             .take(Instant::now());
         if !allowed {
             return (CancelRoute::RateLimited, Vec::new());
-        }
-        if let Some(b) = self.lock().get(&(req.pid, req.key.clone())) {
-            return (CancelRoute::Known, vec![b.clone()]);
         }
         let mut all: Vec<Backend> = Vec::new();
         for b in views.into_iter().flat_map(View::backends) {
@@ -127,27 +153,43 @@ impl CancelRegistry {
 }
 
 /// Sends the raw cancel packet to every backend at once, and returns when
-/// all are done (each within `limit`). Failures are logged only: PostgreSQL
-/// sends no reply to a cancel, so the client expects none.
+/// each has closed the connection (PostgreSQL's sign that it signalled the
+/// backend), or `connect_timeout` plus [`CANCEL_COMPLETION_TIMEOUT`] passed.
+/// Failures are logged only: PostgreSQL sends no reply to a cancel, so the
+/// client expects none.
 pub async fn send(
     req: &CancelRequest,
     backends: &[Backend],
-    limit: Duration,
+    connect_timeout: Duration,
     opts: &SocketOptions,
 ) {
     let one = |b: &Backend| {
         let (b, raw, opts) = (b.clone(), req.raw.clone(), *opts);
         async move {
-            match connect(b.addr(), limit, &opts).await {
-                Ok(mut s) => {
-                    if let Err(e) = s.write_all(&raw).await {
-                        tracing::debug!(backend = %b, error = %e, "could not send cancel request");
-                    }
-                    let _ = s.shutdown().await;
-                }
+            let mut s = match connect(b.addr(), connect_timeout, &opts).await {
+                Ok(s) => s,
                 Err(e) => {
-                    tracing::debug!(backend = %b, error = %e, "could not send cancel request")
+                    tracing::debug!(backend = %b, error = %e, "could not send cancel request");
+                    return;
                 }
+            };
+            if let Err(e) = s.write_all(&raw).await {
+                tracing::debug!(backend = %b, error = %e, "could not send cancel request");
+                return;
+            }
+            // PostgreSQL sends nothing back; anything read is discarded.
+            let closed = tokio::time::timeout(CANCEL_COMPLETION_TIMEOUT, async {
+                let mut sink = [0u8; 64];
+                while let Ok(n) = s.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
+            if closed.is_err() {
+                tracing::info!(backend = %b, timeout = ?CANCEL_COMPLETION_TIMEOUT,
+                    "the server did not close the cancel connection in time");
             }
         }
     };
@@ -269,12 +311,20 @@ mod tests {
     }
 
     #[test]
-    fn rate_limit() {
-        let reg = CancelRegistry::new(5);
+    fn only_broadcasts_are_rate_limited() {
+        let reg = Arc::new(CancelRegistry::new(5));
         let view = View::default();
         let limited = (0..20)
             .filter(|_| reg.route(&req(1, b"k"), [&view]).0 == CancelRoute::RateLimited)
             .count();
         assert!(limited >= 14, "{limited}");
+        // With the bucket empty, known keys still go.
+        let guards: Vec<CancelGuard> = (0..200)
+            .map(|pid| reg.register(pid, Bytes::from_static(b"abcd"), Backend::new("a:1")))
+            .collect();
+        assert!((0..200).all(|pid| reg.route(&req(pid, b"abcd"), [&view]).0 == CancelRoute::Known));
+        assert_eq!(reg.len(), 200);
+        drop(guards);
+        assert!(reg.is_empty());
     }
 }

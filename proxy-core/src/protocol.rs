@@ -67,28 +67,29 @@ pub struct CancelRequest {
 pub struct StartupMessage {
     pub major: u16,
     pub minor: u16,
-    /// Parameters in the order the client sent them. Names and values are
-    /// decoded lossily; `raw` holds the exact bytes.
-    pub params: Vec<(String, String)>,
+    /// Parameters in the order the client sent them, as the client's bytes
+    /// (slices of `raw`, without their NULs): PostgreSQL takes any bytes
+    /// here, and a rebuilt startup message must carry them unchanged.
+    pub params: Vec<(Bytes, Bytes)>,
     pub raw: Bytes,
 }
 
 impl StartupMessage {
     /// The value of a startup parameter, if the client sent it.
-    pub fn param(&self, name: &str) -> Option<&str> {
+    pub fn param(&self, name: &str) -> Option<&[u8]> {
         self.params
             .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .find(|(k, _)| k.as_ref() == name.as_bytes())
+            .map(|(_, v)| v.as_ref())
     }
 
-    /// The user the session is for (required by PostgreSQL).
-    pub fn user(&self) -> Option<&str> {
+    /// The user the session is for (required by PostgreSQL), as bytes.
+    pub fn user(&self) -> Option<&[u8]> {
         self.param("user")
     }
 
     /// The database; PostgreSQL defaults it to the user name.
-    pub fn database(&self) -> Option<&str> {
+    pub fn database(&self) -> Option<&[u8]> {
         self.param("database").or_else(|| self.user())
     }
 }
@@ -156,7 +157,7 @@ pub fn parse_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Protoc
             if major != PROTOCOL_MAJOR {
                 return Err(ProtocolError::UnsupportedProtocol(major, minor));
             }
-            let params = parse_params(&raw[8..])?;
+            let params = parse_params(&raw, 8)?;
             StartupPacket::Startup(StartupMessage {
                 major,
                 minor,
@@ -168,63 +169,71 @@ pub fn parse_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Protoc
     Ok(Some(packet))
 }
 
-/// Parses the NUL-terminated name/value pairs of a StartupMessage, which end
-/// with one extra NUL.
-fn parse_params(mut body: &[u8]) -> Result<Vec<(String, String)>, ProtocolError> {
+/// Parses the NUL-terminated name/value pairs of a StartupMessage from
+/// `raw[at..]`, which end with one extra NUL. Names and values are slices of
+/// `raw`.
+fn parse_params(raw: &Bytes, mut at: usize) -> Result<Vec<(Bytes, Bytes)>, ProtocolError> {
     let mut params = Vec::new();
     loop {
-        let Some((&last, _)) = body.split_first() else {
+        let Some(&first) = raw.get(at) else {
             return Err(ProtocolError::BadLayout("missing terminator"));
         };
-        if last == 0 {
-            if body.len() != 1 {
+        if first == 0 {
+            if at + 1 != raw.len() {
                 return Err(ProtocolError::BadLayout("bytes after the terminator"));
             }
             return Ok(params);
         }
-        let name = take_cstr(&mut body)?;
-        let value = take_cstr(&mut body)?;
+        let name = take_cstr(raw, &mut at)?;
+        let value = take_cstr(raw, &mut at)?;
         params.push((name, value));
     }
 }
 
-fn take_cstr(body: &mut &[u8]) -> Result<String, ProtocolError> {
-    let nul = body
+fn take_cstr(raw: &Bytes, at: &mut usize) -> Result<Bytes, ProtocolError> {
+    let nul = raw[*at..]
         .iter()
         .position(|&b| b == 0)
         .ok_or(ProtocolError::BadLayout("unterminated string"))?;
-    let s = String::from_utf8_lossy(&body[..nul]).into_owned();
-    *body = &body[nul + 1..];
+    let s = raw.slice(*at..*at + nul);
+    *at += nul + 1;
     Ok(s)
 }
 
-/// Rebuilds a StartupMessage with another minor version and without the
-/// given parameters. Used after NegotiateProtocolVersion, when the session
-/// continues at the version the proxy offered.
+/// Builds a StartupMessage at another minor version from `params` (the
+/// client's bytes, unchanged), without those `skip` selects. Used after a
+/// `keelson.route` setting was taken out, and after NegotiateProtocolVersion
+/// when the session continues at the version the proxy offered.
 pub fn encode_startup(
     buf: &mut BytesMut,
     minor: u16,
-    params: &[(String, String)],
-    skip: impl Fn(&str) -> bool,
+    params: &[(Bytes, Bytes)],
+    skip: impl Fn(&[u8]) -> bool,
 ) {
     let start = buf.len();
     buf.put_u32(0);
     buf.put_u16(PROTOCOL_MAJOR);
     buf.put_u16(minor);
     for (k, v) in params.iter().filter(|(k, _)| !skip(k)) {
-        put_cstr(buf, k);
-        put_cstr(buf, v);
+        put_cbytes(buf, k);
+        put_cbytes(buf, v);
     }
     buf.put_u8(0);
     fill_len(buf, start, start);
 }
 
-fn put_cstr(buf: &mut BytesMut, s: &str) {
-    // A NUL inside a value would end the string early on the server side;
-    // values come from the client's own NUL-terminated strings, so they
-    // hold none.
-    buf.put_slice(s.as_bytes());
+/// A NUL-terminated string of the client's bytes. A NUL inside one would
+/// end it early on the server side; they come from the client's own
+/// NUL-terminated strings, so they hold none.
+fn put_cbytes(buf: &mut BytesMut, s: &[u8]) {
+    buf.put_slice(s);
     buf.put_u8(0);
+}
+
+/// A NUL-terminated string the proxy writes itself (its messages hold no
+/// NUL).
+fn put_cstr(buf: &mut BytesMut, s: &str) {
+    put_cbytes(buf, s.as_bytes());
 }
 
 /// Writes the length word at `len_at`, counting from `from` to the end.
@@ -282,7 +291,7 @@ pub fn write_error(
 pub fn write_negotiate_protocol_version(
     buf: &mut BytesMut,
     newest_minor: u16,
-    unrecognized: &[&str],
+    unrecognized: &[&[u8]],
 ) {
     let start = buf.len();
     buf.put_u8(b'v');
@@ -290,7 +299,7 @@ pub fn write_negotiate_protocol_version(
     buf.put_u32((u32::from(PROTOCOL_MAJOR) << 16) | u32::from(newest_minor));
     buf.put_u32(unrecognized.len() as u32);
     for opt in unrecognized {
-        put_cstr(buf, opt);
+        put_cbytes(buf, opt);
     }
     fill_len(buf, start + 1, start + 1);
 }
@@ -374,12 +383,33 @@ mod tests {
 
     fn startup(minor: u16, params: &[(&str, &str)]) -> BytesMut {
         let mut b = BytesMut::new();
-        let p: Vec<(String, String)> = params
+        let p: Vec<(Bytes, Bytes)> = params
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| (Bytes::from(k.to_string()), Bytes::from(v.to_string())))
             .collect();
         encode_startup(&mut b, minor, &p, |_| false);
         b
+    }
+
+    #[test]
+    fn non_utf8_parameters_survive_a_rebuild_byte_for_byte() {
+        let mut b = BytesMut::new();
+        let p = vec![
+            (Bytes::from_static(b"user"), Bytes::from_static(b"alice")),
+            (
+                Bytes::from_static(b"application_name"),
+                Bytes::from_static(b"caf\xe9 \xff\xfe"),
+            ),
+        ];
+        encode_startup(&mut b, 0, &p, |_| false);
+        let raw = b.clone().freeze();
+        let Some(StartupPacket::Startup(m)) = parse_startup(&mut b).unwrap() else {
+            panic!("not a startup")
+        };
+        assert_eq!(m.param("application_name"), Some(&b"caf\xe9 \xff\xfe"[..]));
+        let mut again = BytesMut::new();
+        encode_startup(&mut again, 0, &m.params, |_| false);
+        assert_eq!(again.freeze(), raw);
     }
 
     #[test]
@@ -395,8 +425,8 @@ mod tests {
                 let Some(StartupPacket::Startup(m)) = r else {
                     panic!("not a startup")
                 };
-                assert_eq!(m.user(), Some("alice"));
-                assert_eq!(m.database(), Some("db"));
+                assert_eq!(m.user(), Some(&b"alice"[..]));
+                assert_eq!(m.database(), Some(&b"db"[..]));
                 assert_eq!(m.minor, 0);
                 assert_eq!(&m.raw[..], &full[..]);
             }

@@ -424,11 +424,18 @@ async fn session(
     let (message, pipelined) = match startup {
         Ok(Startup::Session { message, pipelined }) => (message, pipelined),
         Ok(Startup::Cancel(req)) => {
-            // The session may be on any cluster this proxy routes to.
-            let views: Vec<Arc<View>> = std::iter::once(&shared.view)
-                .chain(shared.cfg.server_names.values())
-                .map(ViewHandle::load)
-                .collect();
+            // Under SNI the session is on that name's cluster; otherwise it
+            // may be on any cluster this proxy routes to.
+            let views: Vec<Arc<View>> = match client
+                .server_name()
+                .and_then(|n| shared.cfg.server_names.get(n))
+            {
+                Some(v) => vec![v.load()],
+                None => std::iter::once(&shared.view)
+                    .chain(shared.cfg.server_names.values())
+                    .map(ViewHandle::load)
+                    .collect(),
+            };
             let (route, to) = shared.cancel.route(&req, views.iter().map(|v| &**v));
             m::cancel(route.as_str());
             tracing::debug!(route = route.as_str(), pid = req.pid, "cancel request");
@@ -461,8 +468,9 @@ async fn session(
         opts.route,
     );
     let span = tracing::Span::current();
-    span.record("user", message.user().unwrap_or(""));
-    span.record("database", message.database().unwrap_or(""));
+    let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).into_owned();
+    span.record("user", text(message.user()));
+    span.record("database", text(message.database()));
     span.record("route", route.as_str());
     let r = run_session(&shared, &mut client, message, pipelined, accepted_at, route).await;
     if let Err(e) = r {
@@ -507,7 +515,7 @@ fn negotiate(message: &StartupMessage) -> (Bytes, Option<Negotiation>) {
     } else {
         0
     };
-    let is_option = |k: &str| k.starts_with("_pq_.");
+    let is_option = |k: &[u8]| k.starts_with(b"_pq_.");
     let unrecognized = message
         .params
         .iter()

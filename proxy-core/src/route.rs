@@ -8,6 +8,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
 use ipnet::IpNet;
 
 use crate::protocol::StartupMessage;
@@ -83,8 +84,8 @@ pub struct Rule {
 
 impl Rule {
     pub fn matches(&self, msg: &StartupMessage, client: Option<IpAddr>) -> bool {
-        let field = |want: &Option<String>, got: Option<&str>| {
-            want.as_deref().is_none_or(|w| got == Some(w))
+        let field = |want: &Option<String>, got: Option<&[u8]>| {
+            want.as_deref().is_none_or(|w| got == Some(w.as_bytes()))
         };
         field(&self.database, msg.database())
             && field(&self.user, msg.user())
@@ -120,8 +121,8 @@ impl LagLimit {
     }
 }
 
-/// Startup parameters, name and value, in order.
-pub type Params = Vec<(String, String)>;
+/// Startup parameters, name and value, in order, as the client's bytes.
+pub type Params = Vec<(Bytes, Bytes)>;
 
 /// Why the `keelson.route` setting was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -131,23 +132,22 @@ pub struct BadRoute(pub String);
 /// Takes the `keelson.route` setting out of a startup message's
 /// parameters: from `options` (`-c keelson.route=X`, `-ckeelson.route=X`
 /// or `--keelson.route=X`) or from a parameter of that name. Returns the
-/// route and the parameters without it, or `None` if it was not given.
-pub fn take_route_setting(
-    params: &[(String, String)],
-) -> Result<Option<(Route, Params)>, BadRoute> {
-    let mut found: Option<String> = None;
+/// route and the parameters without it (every other byte as the client sent
+/// it), or `None` if it was not given.
+pub fn take_route_setting(params: &[(Bytes, Bytes)]) -> Result<Option<(Route, Params)>, BadRoute> {
+    let mut found: Option<Vec<u8>> = None;
     let mut out = Vec::with_capacity(params.len());
     for (k, v) in params {
-        if k == ROUTE_SETTING {
-            found = Some(v.clone());
+        if k.as_ref() == ROUTE_SETTING.as_bytes() {
+            found = Some(v.to_vec());
             continue;
         }
-        if k == "options" {
+        if k.as_ref() == b"options" {
             let (value, rest) = take_from_options(v);
             if let Some(value) = value {
                 found = Some(value);
                 if !rest.is_empty() {
-                    out.push((k.clone(), rest));
+                    out.push((k.clone(), Bytes::from(rest)));
                 }
                 continue;
             }
@@ -156,32 +156,36 @@ pub fn take_route_setting(
     }
     match found {
         None => Ok(None),
-        Some(v) => match Route::parse(v.trim()) {
-            Some(r) => Ok(Some((r, out))),
-            None => Err(BadRoute(v)),
-        },
+        Some(v) => {
+            let text = String::from_utf8_lossy(&v);
+            match Route::parse(text.trim()) {
+                Some(r) => Ok(Some((r, out))),
+                None => Err(BadRoute(text.into_owned())),
+            }
+        }
     }
 }
 
-/// Splits `options` the way PostgreSQL does (`pg_split_opts`: whitespace
-/// separates, a backslash escapes the next character), removes the route
-/// setting, and joins the rest back with the same escaping.
-fn take_from_options(options: &str) -> (Option<String>, String) {
-    let mut words = Vec::new();
-    let mut chars = options.chars().peekable();
+/// Splits `options` the way PostgreSQL does (`pg_split_opts`: ASCII
+/// whitespace separates, a backslash escapes the next byte), removes the
+/// route setting, and joins the rest back with the same escaping. Works on
+/// bytes, as PostgreSQL does: other bytes pass unchanged.
+fn take_from_options(options: &[u8]) -> (Option<Vec<u8>>, Vec<u8>) {
+    let mut words: Vec<Vec<u8>> = Vec::new();
+    let mut bytes = options.iter().copied().peekable();
     loop {
-        while chars.peek().is_some_and(|c| c.is_ascii_whitespace()) {
-            chars.next();
+        while bytes.peek().is_some_and(|c| c.is_ascii_whitespace()) {
+            bytes.next();
         }
-        if chars.peek().is_none() {
+        if bytes.peek().is_none() {
             break;
         }
-        let mut w = String::new();
-        while let Some(c) = chars.next() {
+        let mut w = Vec::new();
+        while let Some(c) = bytes.next() {
             match c {
                 c if c.is_ascii_whitespace() => break,
-                '\\' => {
-                    if let Some(n) = chars.next() {
+                b'\\' => {
+                    if let Some(n) = bytes.next() {
                         w.push(n);
                     }
                 }
@@ -190,44 +194,50 @@ fn take_from_options(options: &str) -> (Option<String>, String) {
         }
         words.push(w);
     }
-    let setting = |w: &str| -> Option<String> {
-        let (name, value) = w.split_once('=')?;
-        (name.replace('-', "_") == ROUTE_SETTING).then(|| value.to_owned())
+    let setting = |w: &[u8]| -> Option<Vec<u8>> {
+        let eq = w.iter().position(|&b| b == b'=')?;
+        let name: Vec<u8> = w[..eq]
+            .iter()
+            .map(|&b| if b == b'-' { b'_' } else { b })
+            .collect();
+        (name == ROUTE_SETTING.as_bytes()).then(|| w[eq + 1..].to_vec())
     };
     let mut found = None;
-    let mut kept: Vec<String> = Vec::new();
+    let mut kept: Vec<&[u8]> = Vec::new();
     let mut i = 0;
     while i < words.len() {
-        let w = &words[i];
-        if w == "-c" {
+        let w = &words[i][..];
+        if w == b"-c" {
             if let Some(v) = words.get(i + 1).and_then(|n| setting(n)) {
                 found = Some(v);
                 i += 2;
                 continue;
             }
         } else if let Some(v) = w
-            .strip_prefix("-c")
-            .or_else(|| w.strip_prefix("--"))
+            .strip_prefix(b"-c")
+            .or_else(|| w.strip_prefix(b"--"))
             .and_then(setting)
         {
             found = Some(v);
             i += 1;
             continue;
         }
-        kept.push(w.clone());
+        kept.push(w);
         i += 1;
     }
-    let escape = |w: &String| {
-        let mut s = String::with_capacity(w.len());
-        for c in w.chars() {
-            if c == '\\' || c.is_ascii_whitespace() {
-                s.push('\\');
-            }
-            s.push(c);
+    let mut joined = Vec::with_capacity(options.len());
+    for (n, w) in kept.iter().enumerate() {
+        if n > 0 {
+            joined.push(b' ');
         }
-        s
-    };
-    (found, kept.iter().map(escape).collect::<Vec<_>>().join(" "))
+        for &c in *w {
+            if c == b'\\' || c.is_ascii_whitespace() {
+                joined.push(b'\\');
+            }
+            joined.push(c);
+        }
+    }
+    (found, joined)
 }
 
 /// The route of a session: its own setting, else the first matching rule,
@@ -302,10 +312,41 @@ mod tests {
     use super::*;
     use crate::view::Backend;
 
-    fn params(p: &[(&str, &str)]) -> Vec<(String, String)> {
+    fn params(p: &[(&str, &str)]) -> Params {
         p.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| (Bytes::from(k.to_string()), Bytes::from(v.to_string())))
             .collect()
+    }
+
+    #[test]
+    fn non_utf8_bytes_pass_the_route_setting_unchanged() {
+        let p: Params = vec![
+            (Bytes::from_static(b"user"), Bytes::from_static(b"u\xff")),
+            (
+                Bytes::from_static(b"options"),
+                Bytes::from_static(b"-c keelson.route=replica -c x.y=\xe9\\ \xfe"),
+            ),
+            (
+                Bytes::from_static(b"application_name"),
+                Bytes::from_static(b"\xe9"),
+            ),
+        ];
+        let (r, rest) = take_route_setting(&p).unwrap().unwrap();
+        assert_eq!(r, Route::Replica);
+        assert_eq!(
+            rest,
+            vec![
+                (Bytes::from_static(b"user"), Bytes::from_static(b"u\xff")),
+                (
+                    Bytes::from_static(b"options"),
+                    Bytes::from_static(b"-c x.y=\xe9\\ \xfe")
+                ),
+                (
+                    Bytes::from_static(b"application_name"),
+                    Bytes::from_static(b"\xe9")
+                ),
+            ]
+        );
     }
 
     #[test]
@@ -337,7 +378,7 @@ mod tests {
                 Some(r) => {
                     let (got_r, got_p) = got.unwrap();
                     assert_eq!(got_r, *r, "{opts}");
-                    let want: Vec<(String, String)> = match rest {
+                    let want: Params = match rest {
                         Some(rest) => params(&[("user", "u"), ("options", rest)]),
                         None => params(&[("user", "u")]),
                     };

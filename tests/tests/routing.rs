@@ -705,3 +705,42 @@ async fn a_stale_proxy_serves_no_replica_sessions() {
         "replica sessions did not come back"
     );
 }
+
+/// Startup parameters are the client's bytes: PostgreSQL accepts any, and
+/// when the proxy rebuilds the startup message (here, to take out
+/// `keelson.route`, and to rewrite protocol 3.1 to 3.0) what PostgreSQL
+/// receives is what the client sent, not U+FFFD replacements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_utf8_startup_parameters_reach_postgres_unchanged_through_a_rewrite() {
+    let pg = crate::support::PgServer::start().await;
+    let proxy = crate::support::TestProxy::start(&pg.addr(), ProxyConfig::default()).await;
+    let direct = pg.superuser().await;
+    for minor in [0u16, 1] {
+        let startup = crate::support::startup_packet_bytes(
+            minor,
+            &[
+                (b"user", b"postgres"),
+                (b"application_name", b"caf\xe9"),
+                (b"options", b"-c keelson.route=primary"),
+            ],
+        );
+        let mut s = crate::support::RawSession::start(proxy.addr, &startup)
+            .await
+            .unwrap();
+        s.query("SELECT 1").await.unwrap();
+        // PostgreSQL shows a non-ASCII byte of application_name as `?`
+        // (up to 15) or `\xE9` (16 and later); U+FFFD would be 3 bytes.
+        let name: String = direct
+            .query_one(
+                "SELECT application_name FROM pg_stat_activity WHERE pid = $1",
+                &[&(s.pid as i32)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            name == "caf?" || name == "caf\\xE9",
+            "protocol 3.{minor}: PostgreSQL received application_name {name:?}"
+        );
+    }
+}

@@ -973,3 +973,121 @@ pub async fn admin_get(addr: &str, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// A minimal frontend over one TCP connection (trust authentication), for
+/// tests that need the cancel key or byte-exact startup parameters, which
+/// tokio-postgres does not expose.
+pub struct RawSession {
+    pub stream: tokio::net::TcpStream,
+    pub pid: u32,
+    pub secret: Vec<u8>,
+}
+
+impl RawSession {
+    /// Sends `startup` (a whole StartupMessage) and reads until ReadyForQuery.
+    pub async fn start(addr: SocketAddr, startup: &[u8]) -> Result<RawSession, String> {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.write_all(startup).await.map_err(|e| e.to_string())?;
+        let mut s = RawSession {
+            stream,
+            pid: 0,
+            secret: Vec::new(),
+        };
+        s.until_ready().await?;
+        Ok(s)
+    }
+
+    /// Reads messages until ReadyForQuery; an ErrorResponse's SQLSTATE is
+    /// the error.
+    async fn until_ready(&mut self) -> Result<(), String> {
+        use tokio::io::AsyncReadExt;
+        let mut error = None;
+        loop {
+            let mut head = [0u8; 5];
+            self.stream
+                .read_exact(&mut head)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            let mut body = vec![0u8; len.saturating_sub(4)];
+            self.stream
+                .read_exact(&mut body)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            match head[0] {
+                b'K' if body.len() >= 8 => {
+                    self.pid = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    self.secret = body[4..].to_vec();
+                }
+                b'E' => {
+                    let mut whole = head.to_vec();
+                    whole.extend_from_slice(&body);
+                    let (severity, code, _) = parse_error(&whole).unwrap_or_default();
+                    // A FATAL ends the connection: no ReadyForQuery follows.
+                    if severity == "FATAL" {
+                        return Err(code);
+                    }
+                    error = Some(code);
+                }
+                b'Z' => return error.map_or(Ok(()), Err),
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs one simple query; Err carries the SQLSTATE of its error.
+    pub async fn query(&mut self, sql: &str) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        let mut m = vec![b'Q'];
+        m.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+        m.extend_from_slice(sql.as_bytes());
+        m.push(0);
+        self.stream
+            .write_all(&m)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        self.until_ready().await
+    }
+
+    /// The CancelRequest packet for this session.
+    pub fn cancel_packet(&self) -> Vec<u8> {
+        let mut p = ((12 + self.secret.len()) as u32).to_be_bytes().to_vec();
+        p.extend_from_slice(&80877102u32.to_be_bytes());
+        p.extend_from_slice(&self.pid.to_be_bytes());
+        p.extend_from_slice(&self.secret);
+        p
+    }
+}
+
+/// Sends a CancelRequest to `addr` and, as libpq's `PQcancel` does, waits
+/// until the server closes the connection: PostgreSQL closes it only after
+/// it has signalled the backend. Returns how long the close took.
+pub async fn cancel_like_libpq(addr: SocketAddr, packet: &[u8]) -> Duration {
+    use tokio::io::AsyncWriteExt;
+    let t = std::time::Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(packet).await.unwrap();
+    let (_, closed) = read_to_close(&mut s, Duration::from_secs(10)).await;
+    assert!(closed, "the cancel connection was not closed within 10 s");
+    t.elapsed()
+}
+
+/// A StartupMessage with parameters given as bytes.
+pub fn startup_packet_bytes(minor: u16, params: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&3u16.to_be_bytes());
+    body.extend_from_slice(&minor.to_be_bytes());
+    for (k, v) in params {
+        body.extend_from_slice(k);
+        body.push(0);
+        body.extend_from_slice(v);
+        body.push(0);
+    }
+    body.push(0);
+    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    p.extend(body);
+    p
+}
