@@ -97,6 +97,10 @@ pub struct ProxyArgs {
     /// Also end the sessions of a replica that falls beyond the lag limits.
     #[arg(long, env = "KEELSON_REPLICA_LAG_FENCE")]
     pub replica_lag_fence: Option<bool>,
+    /// Send refused clients the full error (backend address, OS error) as
+    /// the ErrorResponse detail [default: false].
+    #[arg(long, env = "KEELSON_ERROR_DETAIL")]
+    pub error_detail: Option<bool>,
     /// Accept PROXY protocol v2 headers from these networks (comma
     /// separated CIDRs), and require them from there; off unless set.
     #[arg(long, env = "KEELSON_PROXY_PROTOCOL_TRUSTED", value_delimiter = ',')]
@@ -130,6 +134,7 @@ pub struct FileConfig {
     pub max_replica_lag_bytes: Option<u64>,
     pub max_replica_lag: Option<String>,
     pub replica_lag_fence: Option<bool>,
+    pub error_detail: Option<bool>,
     pub proxy_protocol_trusted: Option<Vec<String>>,
     /// More listeners, each with its own default route.
     #[serde(default)]
@@ -226,6 +231,8 @@ pub struct ProxySettings {
     pub rules: Vec<proxy_core::Rule>,
     pub replica_lag: proxy_core::LagLimit,
     pub replica_lag_fence: bool,
+    /// Refused clients get the full error as the ErrorResponse detail.
+    pub error_detail: bool,
     /// Networks trusted to send PROXY protocol headers; empty = off.
     pub proxy_protocol_trusted: Vec<ipnet::IpNet>,
     /// SNI routing: server name -> cluster name (store mode).
@@ -430,6 +437,7 @@ impl ProxySettings {
                 .replica_lag_fence
                 .or(file.replica_lag_fence)
                 .unwrap_or(false),
+            error_detail: args.error_detail.or(file.error_detail).unwrap_or(false),
             proxy_protocol_trusted,
             sni: file.sni,
             source,

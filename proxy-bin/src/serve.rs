@@ -41,6 +41,7 @@ pub fn proxy_config(s: &ProxySettings) -> Result<ProxyConfig> {
         replica_lag: s.replica_lag,
         replica_lag_fence: s.replica_lag_fence,
         server_names: Default::default(),
+        error_detail: s.error_detail,
     })
 }
 
@@ -91,8 +92,10 @@ pub fn run(settings: ProxySettings) -> Result<()> {
         .iter()
         .map(|(name, _, v)| (name.clone(), v.clone()))
         .collect();
-    let proxy = Proxy::new(cfg, view.clone());
+    // The proxy registers its metric handles when it is built: the
+    // recorder must be installed first.
     let metrics = admin::install_metrics()?;
+    let proxy = Proxy::new(cfg, view.clone());
 
     // Each listener gets one SO_REUSEPORT socket per worker.
     let trusted: Option<Arc<[ipnet::IpNet]>> = if settings.proxy_protocol_trusted.is_empty() {

@@ -15,7 +15,8 @@ use tokio::time::{timeout, timeout_at, Duration, Instant};
 use crate::error::SessionError;
 use crate::forward::MessageTracker;
 use crate::protocol::{
-    self, parse_message, Side, AUTH_REQ_OK, MAX_AUTH_MESSAGE_LENGTH, MAX_CANCEL_KEY_LENGTH,
+    self, parse_message, Side, StartupMessage, AUTH_REQ_OK, MAX_AUTH_MESSAGE_LENGTH,
+    MAX_CANCEL_KEY_LENGTH, PROTOCOL_NEWEST_MINOR,
 };
 
 /// The largest server message accepted before ReadyForQuery. Startup
@@ -102,6 +103,38 @@ pub enum AuthResult {
 pub struct Negotiation {
     pub minor: u16,
     pub unrecognized: Vec<Bytes>,
+}
+
+/// The startup message to send to the backend and, for a protocol version
+/// the proxy does not speak, the negotiation owed to the client: 3.1 was
+/// never used and goes to 3.0; anything newer than 3.2 goes to 3.2. The
+/// protocol options (`_pq_.*`) are taken out and reported as unrecognised.
+pub(crate) fn negotiate(message: &StartupMessage) -> (Bytes, Option<Negotiation>) {
+    if message.minor == 0 || message.minor == PROTOCOL_NEWEST_MINOR {
+        return (message.raw.clone(), None);
+    }
+    let minor = if message.minor > PROTOCOL_NEWEST_MINOR {
+        PROTOCOL_NEWEST_MINOR
+    } else {
+        0
+    };
+    let is_option = |k: &[u8]| k.starts_with(b"_pq_.");
+    let unrecognized = message
+        .params
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| is_option(k))
+        .cloned()
+        .collect();
+    let mut startup = BytesMut::new();
+    protocol::encode_startup(&mut startup, minor, &message.params, is_option);
+    (
+        startup.freeze(),
+        Some(Negotiation {
+            minor,
+            unrecognized,
+        }),
+    )
 }
 
 impl Negotiation {

@@ -206,6 +206,31 @@ pub async fn send(
     }
 }
 
+/// Step 3 of a session that is a CancelRequest: routes it (to the backend
+/// of a known key, else to every backend of `cluster`, or of every cluster
+/// when the cancel came without an SNI name) and sends it; returns once
+/// every backend closed its side.
+pub(crate) async fn relay(
+    shared: &crate::proxy::Shared,
+    cluster: Option<&crate::view::ViewHandle>,
+    req: &CancelRequest,
+) {
+    let to = {
+        let guards: Vec<_> = match cluster {
+            Some(v) => vec![v.load()],
+            None => std::iter::once(&shared.view)
+                .chain(shared.cfg.server_names.values())
+                .map(crate::view::ViewHandle::load)
+                .collect(),
+        };
+        let (route, to) = shared.cancel.route(req, guards.iter().map(|v| &**v));
+        shared.metrics.cancel(route.as_str());
+        tracing::debug!(route = route.as_str(), pid = req.pid, "cancel request");
+        to
+    };
+    send(req, &to, shared.cfg.connect_timeout, &shared.cfg.socket).await;
+}
+
 /// A token bucket with a burst equal to its rate.
 #[derive(Debug)]
 struct TokenBucket {

@@ -1,14 +1,24 @@
-//! Session errors, classified once: which side failed (a metric label), the
-//! SQLSTATE the client receives, and a message a person can act on.
+//! Session errors, classified once. Each variant has one row in
+//! [`SessionError::meta`]: the side at fault ([`ErrorKind`], a metric
+//! label), a stable reason label, the SQLSTATE the client receives, the
+//! message and hint it reads, and whether retrying is safe.
+//!
+//! Two texts per error: `Display` is the log line, with backend addresses
+//! and OS error text; [`SessionError::client_message`] is what a client that
+//! has not authenticated yet reads, and holds neither. The log line can be
+//! sent as the ErrorResponse detail behind [`crate::ProxyConfig::error_detail`].
 //!
 //! SQLSTATE codes come from PostgreSQL's `src/backend/utils/errcodes.txt`.
 
+use std::borrow::Cow;
 use std::io;
 use std::time::Duration;
 
 use crate::protocol::ProtocolError;
+use crate::proxy_protocol::ProxyHeaderError;
 
-/// Which part of the system an error belongs to. Used as a metric label.
+/// Which part of the system an error belongs to: the `kind` label of
+/// `keelson_connections_rejected_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// The client misbehaved or went away.
@@ -17,8 +27,6 @@ pub enum ErrorKind {
     Backend,
     /// The proxy refused the session by policy (limits, shutdown, no primary).
     Policy,
-    /// A bug or resource problem in the proxy.
-    Internal,
 }
 
 impl ErrorKind {
@@ -27,9 +35,25 @@ impl ErrorKind {
             ErrorKind::Client => "client",
             ErrorKind::Backend => "backend",
             ErrorKind::Policy => "policy",
-            ErrorKind::Internal => "internal",
         }
     }
+}
+
+/// Everything known about one kind of session error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub kind: ErrorKind,
+    /// A short, stable label (`rejected{reason=...}`).
+    pub reason: &'static str,
+    /// The SQLSTATE the client receives, or `None` when no ErrorResponse
+    /// can or should be sent (the client is gone, or TLS failed).
+    pub sqlstate: Option<&'static str>,
+    /// What the client reads: no addresses, no OS error text.
+    pub message: Cow<'static, str>,
+    /// What the user can do about it.
+    pub hint: Option<&'static str>,
+    /// Whether the client may safely retry: nothing reached a server.
+    pub retryable: bool,
 }
 
 /// SQLSTATE `08P01` protocol_violation.
@@ -42,8 +66,6 @@ pub const CANNOT_CONNECT_NOW: &str = "57P03";
 pub const TOO_MANY_CONNECTIONS: &str = "53300";
 /// SQLSTATE `57P01` admin_shutdown.
 pub const ADMIN_SHUTDOWN: &str = "57P01";
-/// SQLSTATE `08001` sqlclient_unable_to_establish_sqlconnection.
-pub const UNABLE_TO_CONNECT: &str = "08001";
 /// SQLSTATE `22023` invalid_parameter_value.
 pub const INVALID_PARAMETER_VALUE: &str = "22023";
 
@@ -66,8 +88,6 @@ pub enum SessionError {
     ClientIo(io::Error),
     #[error("too many client connections: this proxy is at its limit of {0}")]
     TooManyConnections(usize),
-    #[error("no primary server is available to route to; the cluster may be failing over")]
-    NoPrimary,
     #[error("no primary server became available within {0:?}; the cluster may be failing over or the proxy cannot reach its cluster store")]
     NoPrimaryAfter(Duration),
     #[error("could not connect to server {addr}: {source}")]
@@ -89,7 +109,7 @@ pub enum SessionError {
     #[error("server {addr} is {}, but this session's route needs {}; the cluster is changing", if *.is_standby { "a standby" } else { "a primary" }, if *.is_standby { "the primary" } else { "a standby" })]
     WrongServerRole { addr: String, is_standby: bool },
     #[error("{0}")]
-    ProxyHeader(String),
+    ProxyHeader(ProxyHeaderError),
     #[error(
         "the client sent a TLS handshake without ALPN \"postgresql\" (direct TLS requires it)"
     )]
@@ -97,103 +117,227 @@ pub enum SessionError {
 }
 
 impl SessionError {
+    /// The one table of what each error means. Exhaustive: a new variant
+    /// does not compile until it has its row.
+    pub fn meta(&self) -> Meta {
+        use ErrorKind::{Backend, Client, Policy};
+        use SessionError::*;
+        let shown = |m: String| Cow::Owned(m);
+        let fixed = Cow::Borrowed;
+        let safe_connect =
+            "Check that PostgreSQL is running and reachable from the proxy; retrying is safe.";
+        let row = |kind, reason, sqlstate, message, hint, retryable| Meta {
+            kind,
+            reason,
+            sqlstate,
+            message,
+            hint,
+            retryable,
+        };
+        match self {
+            Protocol(e) => row(
+                Client,
+                "protocol",
+                Some(PROTOCOL_VIOLATION),
+                shown(e.to_string()),
+                None,
+                false,
+            ),
+            SslInjection => row(
+                Client,
+                "protocol",
+                Some(PROTOCOL_VIOLATION),
+                shown(self.to_string()),
+                None,
+                false,
+            ),
+            RepeatedRequest(_) => row(
+                Client,
+                "protocol",
+                Some(PROTOCOL_VIOLATION),
+                shown(self.to_string()),
+                None,
+                false,
+            ),
+            StartupTimeout(_) => row(
+                Client,
+                "startup_timeout",
+                Some(CONNECTION_FAILURE),
+                shown(self.to_string()),
+                None,
+                false,
+            ),
+            // The client cannot read an ErrorResponse: TLS failed or it left.
+            ClientTls(_) => row(
+                Client,
+                "tls",
+                None,
+                fixed("the TLS handshake with the client failed"),
+                None,
+                false,
+            ),
+            ClientGone => row(
+                Client,
+                "client_closed",
+                None,
+                shown(self.to_string()),
+                None,
+                false,
+            ),
+            ClientIo(_) => row(
+                Client,
+                "client_closed",
+                None,
+                fixed("client connection error"),
+                None,
+                false,
+            ),
+            TooManyConnections(_) => row(
+                Policy,
+                "limit",
+                Some(TOO_MANY_CONNECTIONS),
+                shown(self.to_string()),
+                Some("Close idle connections or raise the proxy's max_connections."),
+                true,
+            ),
+            NoPrimaryAfter(_) => row(
+                Policy,
+                "no_primary",
+                Some(CANNOT_CONNECT_NOW),
+                shown(self.to_string()),
+                Some("Retry in a few seconds."),
+                true,
+            ),
+            BackendConnect { .. } => row(
+                Backend,
+                "backend_unavailable",
+                Some(CONNECTION_FAILURE),
+                fixed("could not connect to the database server"),
+                Some(safe_connect),
+                true,
+            ),
+            BackendConnectTimeout { timeout, .. } => row(
+                Backend,
+                "backend_unavailable",
+                Some(CONNECTION_FAILURE),
+                shown(format!(
+                    "connecting to the database server timed out after {timeout:?}"
+                )),
+                Some(safe_connect),
+                true,
+            ),
+            AuthTimeout { timeout, .. } => row(
+                Backend,
+                "backend_error",
+                Some(CONNECTION_FAILURE),
+                shown(format!(
+                    "the database server did not finish authentication within {timeout:?}"
+                )),
+                None,
+                false,
+            ),
+            BackendIo { .. } => row(
+                Backend,
+                "backend_error",
+                Some(CONNECTION_FAILURE),
+                fixed("lost the connection to the database server"),
+                None,
+                false,
+            ),
+            ShuttingDown => row(
+                Policy,
+                "shutdown",
+                Some(CANNOT_CONNECT_NOW),
+                shown(self.to_string()),
+                Some("Retry in a few seconds."),
+                true,
+            ),
+            FencedWhileConnecting => row(
+                Policy,
+                "fenced",
+                Some(CANNOT_CONNECT_NOW),
+                shown(self.to_string()),
+                Some("Retry: new sessions go to the new primary."),
+                true,
+            ),
+            BadRoute(_) => row(
+                Client,
+                "bad_route",
+                Some(INVALID_PARAMETER_VALUE),
+                shown(self.to_string()),
+                None,
+                false,
+            ),
+            NoReplicaAfter(_) => row(
+                Policy,
+                "no_replica",
+                Some(CANNOT_CONNECT_NOW),
+                shown(self.to_string()),
+                Some(
+                    "Retry later, or use keelson.route=prefer-replica to fall back to the primary.",
+                ),
+                true,
+            ),
+            WrongServerRole { is_standby, .. } => {
+                row(
+                    Policy,
+                    "wrong_server_role",
+                    Some(CANNOT_CONNECT_NOW),
+                    shown(format!(
+                    "the server is {}, but this session's route needs {}; the cluster is changing",
+                    if *is_standby { "a standby" } else { "a primary" },
+                    if *is_standby { "the primary" } else { "a standby" }
+                )),
+                    Some("Retry: nothing was run on that server."),
+                    true,
+                )
+            }
+            ProxyHeader(_) => row(
+                Client,
+                "proxy_protocol",
+                Some(PROTOCOL_VIOLATION),
+                shown(self.to_string()),
+                None,
+                false,
+            ),
+            DirectTlsWithoutAlpn => row(
+                Client,
+                "tls",
+                Some(PROTOCOL_VIOLATION),
+                shown(self.to_string()),
+                None,
+                false,
+            ),
+        }
+    }
+
     /// The side at fault, as a metric label.
     pub fn kind(&self) -> ErrorKind {
-        use SessionError::*;
-        match self {
-            Protocol(_) | SslInjection | RepeatedRequest(_) | StartupTimeout(_) | ClientTls(_)
-            | ClientGone | ClientIo(_) => ErrorKind::Client,
-            TooManyConnections(_)
-            | NoPrimary
-            | NoPrimaryAfter(_)
-            | ShuttingDown
-            | FencedWhileConnecting
-            | NoReplicaAfter(_)
-            | WrongServerRole { .. } => ErrorKind::Policy,
-            BadRoute(_) | ProxyHeader(_) | DirectTlsWithoutAlpn => ErrorKind::Client,
-            BackendConnect { .. }
-            | BackendConnectTimeout { .. }
-            | AuthTimeout { .. }
-            | BackendIo { .. } => ErrorKind::Backend,
-        }
+        self.meta().kind
     }
 
     /// A short, stable label for metrics (`rejected{reason=...}`).
     pub fn reason(&self) -> &'static str {
-        use SessionError::*;
-        match self {
-            Protocol(_) | SslInjection | RepeatedRequest(_) => "protocol",
-            StartupTimeout(_) => "startup_timeout",
-            ClientTls(_) => "tls",
-            ClientGone | ClientIo(_) => "client_closed",
-            TooManyConnections(_) => "limit",
-            NoPrimary | NoPrimaryAfter(_) => "no_primary",
-            BackendConnect { .. } | BackendConnectTimeout { .. } => "backend_unavailable",
-            AuthTimeout { .. } | BackendIo { .. } => "backend_error",
-            ShuttingDown => "shutdown",
-            FencedWhileConnecting => "fenced",
-            BadRoute(_) => "bad_route",
-            NoReplicaAfter(_) => "no_replica",
-            WrongServerRole { .. } => "wrong_server_role",
-            ProxyHeader(_) => "proxy_protocol",
-            DirectTlsWithoutAlpn => "tls",
-        }
+        self.meta().reason
     }
 
-    /// The SQLSTATE the client receives, or `None` when no ErrorResponse can
-    /// or should be sent (the client is gone, or TLS failed).
+    /// The SQLSTATE the client receives, if it receives one.
     pub fn sqlstate(&self) -> Option<&'static str> {
-        use SessionError::*;
-        match self {
-            Protocol(_) | SslInjection | RepeatedRequest(_) => Some(PROTOCOL_VIOLATION),
-            StartupTimeout(_) => Some(CONNECTION_FAILURE),
-            ClientTls(_) | ClientGone | ClientIo(_) => None,
-            TooManyConnections(_) => Some(TOO_MANY_CONNECTIONS),
-            NoPrimary | NoPrimaryAfter(_) => Some(CANNOT_CONNECT_NOW),
-            BackendConnect { .. }
-            | BackendConnectTimeout { .. }
-            | AuthTimeout { .. }
-            | BackendIo { .. } => Some(CONNECTION_FAILURE),
-            ShuttingDown | FencedWhileConnecting => Some(CANNOT_CONNECT_NOW),
-            BadRoute(_) => Some(INVALID_PARAMETER_VALUE),
-            NoReplicaAfter(_) | WrongServerRole { .. } => Some(CANNOT_CONNECT_NOW),
-            ProxyHeader(_) | DirectTlsWithoutAlpn => Some(PROTOCOL_VIOLATION),
-        }
+        self.meta().sqlstate
+    }
+
+    /// The message the client receives: no addresses, no OS error text.
+    pub fn client_message(&self) -> Cow<'static, str> {
+        self.meta().message
     }
 
     /// What the user can do about it, sent as the ErrorResponse hint.
     pub fn hint(&self) -> Option<&'static str> {
-        use SessionError::*;
-        match self {
-            TooManyConnections(_) => {
-                Some("Close idle connections or raise the proxy's max_connections.")
-            }
-            NoPrimary | NoPrimaryAfter(_) | ShuttingDown => Some("Retry in a few seconds."),
-            FencedWhileConnecting => Some("Retry: new sessions go to the new primary."),
-            NoReplicaAfter(_) => Some(
-                "Retry later, or use keelson.route=prefer-replica to fall back to the primary.",
-            ),
-            WrongServerRole { .. } => Some("Retry: nothing was run on that server."),
-            BackendConnect { .. } | BackendConnectTimeout { .. } => Some(
-                "Check that PostgreSQL is running and reachable from the proxy; retrying is safe.",
-            ),
-            _ => None,
-        }
+        self.meta().hint
     }
 
     /// Whether the client may safely retry (nothing reached the server).
     pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            SessionError::TooManyConnections(_)
-                | SessionError::NoPrimary
-                | SessionError::NoPrimaryAfter(_)
-                | SessionError::ShuttingDown
-                | SessionError::FencedWhileConnecting
-                | SessionError::NoReplicaAfter(_)
-                | SessionError::WrongServerRole { .. }
-                | SessionError::BackendConnect { .. }
-                | SessionError::BackendConnectTimeout { .. }
-        )
+        self.meta().retryable
     }
 }

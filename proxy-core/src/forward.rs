@@ -37,7 +37,7 @@ use tokio::time::Sleep;
 
 use crate::fence::{Fence, FenceReason};
 use crate::pool::PooledBuf;
-use crate::protocol::{self, Severity, HEADER_LEN};
+use crate::protocol::{self, Severity, Side, HEADER_LEN};
 use crate::view::Deadline;
 
 /// Follows message boundaries in the server-to-client byte stream.
@@ -103,7 +103,7 @@ impl MessageTracker {
 }
 
 /// How a forwarded session ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Outcome {
     /// The client closed its side (normally after Terminate).
     ClientClosed,
@@ -112,8 +112,23 @@ pub enum Outcome {
     /// A fence fired; the client was sent a FATAL unless `clean` is false
     /// (no boundary could be reached in time).
     Fenced { label: &'static str, clean: bool },
-    /// A socket error; `client` tells which side.
-    Error { client: bool, error: String },
+    /// A socket error, and the side it came from.
+    Error { side: Side, error: io::Error },
+}
+
+/// Errors compare by side and [`io::ErrorKind`].
+impl PartialEq for Outcome {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Outcome::Error { side: a, error: e }, Outcome::Error { side: b, error: f }) => {
+                a == b && e.kind() == f.kind()
+            }
+            (Outcome::Fenced { label: a, clean: c }, Outcome::Fenced { label: b, clean: d }) => {
+                a == b && c == d
+            }
+            (a, b) => std::mem::discriminant(a) == std::mem::discriminant(b),
+        }
+    }
 }
 
 impl Outcome {
@@ -123,8 +138,13 @@ impl Outcome {
             Outcome::ClientClosed => "client_closed",
             Outcome::BackendClosed => "backend_closed",
             Outcome::Fenced { label, .. } => label,
-            Outcome::Error { client: true, .. } => "client_error",
-            Outcome::Error { client: false, .. } => "backend_error",
+            Outcome::Error {
+                side: Side::Client, ..
+            } => "client_error",
+            Outcome::Error {
+                side: Side::Backend,
+                ..
+            } => "backend_error",
         }
     }
 }
@@ -465,10 +485,8 @@ fn io_outcome(client: bool, e: io::Error) -> Outcome {
     {
         return Outcome::ClientClosed;
     }
-    Outcome::Error {
-        client,
-        error: e.to_string(),
-    }
+    let side = if client { Side::Client } else { Side::Backend };
+    Outcome::Error { side, error: e }
 }
 
 #[cfg(test)]

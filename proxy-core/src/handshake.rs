@@ -3,7 +3,7 @@
 //! limit, before any backend is involved.
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout_at, Duration, Instant};
 use tokio_rustls::TlsAcceptor;
 
@@ -16,7 +16,7 @@ const TLS_HANDSHAKE: u8 = 0x16;
 
 /// What the client wants once the startup phase is over.
 #[derive(Debug)]
-pub enum Startup {
+pub(crate) enum Startup {
     /// A session. `pipelined` holds bytes the client sent after the
     /// StartupMessage without waiting; they go to the backend after it.
     Session {
@@ -32,8 +32,8 @@ pub enum Startup {
 ///
 /// Not cancel-safe: bytes read so far live in a local buffer and are lost if
 /// the future is dropped. Timeouts are therefore applied inside, per read.
-pub async fn read_startup(
-    stream: &mut ClientStream,
+pub(crate) async fn read_startup<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut ClientStream<S>,
     tls: Option<&TlsAcceptor>,
     deadline: Instant,
     limit: Duration,
@@ -41,19 +41,21 @@ pub async fn read_startup(
     let mut buf = BytesMut::with_capacity(512);
     let mut gss_answered = false;
     let mut ssl_answered = false;
-    if let (ClientStream::Plain(tcp), Some(acceptor)) = (&*stream, tls) {
+    if let (ClientStream::Plain(io), Some(acceptor)) = (&mut *stream, tls) {
         // Direct TLS (PostgreSQL 17, `sslnegotiation=direct`): a TLS
         // handshake record instead of SSLRequest. A startup packet's first
-        // byte is 0 (lengths are below 10000), so 0x16 cannot be one.
-        let mut first = [0u8; 1];
-        let n = timeout_at(deadline, tcp.peek(&mut first))
+        // byte is 0 (lengths are below 10000), so 0x16 cannot be one. The
+        // byte stays buffered for whoever reads next.
+        let first = timeout_at(deadline, io.fill(1))
             .await
             .map_err(|_| SessionError::StartupTimeout(limit))?
-            .map_err(SessionError::ClientIo)?;
-        if n == 0 {
+            .map_err(SessionError::ClientIo)?
+            .first()
+            .copied();
+        let Some(first) = first else {
             return Err(SessionError::ClientGone);
-        }
-        if first[0] == TLS_HANDSHAKE {
+        };
+        if first == TLS_HANDSHAKE {
             timeout_at(deadline, stream.upgrade(acceptor))
                 .await
                 .map_err(|_| SessionError::StartupTimeout(limit))?
@@ -65,6 +67,11 @@ pub async fn read_startup(
             }
             ssl_answered = true;
         }
+    }
+    // Bytes read ahead (PROXY header, direct TLS check) count as received
+    // with the first packet: the SSLRequest injection check sees them.
+    if let ClientStream::Plain(io) = stream {
+        buf.extend_from_slice(&io.take_prefix());
     }
     loop {
         let packet = loop {

@@ -28,6 +28,7 @@ pub mod protocol;
 mod proxy;
 pub mod proxy_protocol;
 pub mod route;
+mod session;
 pub mod stream;
 pub mod tls;
 pub mod view;
@@ -35,8 +36,6 @@ pub mod view;
 pub use backend::SocketOptions;
 pub use error::{ErrorKind, SessionError};
 pub use fence::{FenceReason, Role};
-pub use proxy::{
-    Applied, Ended, ListenerOptions, Proxy, ProxyConfig, ViewChange, FENCED_BACKEND_LINGER,
-};
-pub use route::{LagLimit, Route, Rule};
+pub use proxy::{Applied, Ended, ListenerOptions, Proxy, ProxyConfig, ViewChange};
+pub use route::{LagLimit, Route, Rule, FENCED_BACKEND_LINGER};
 pub use view::{Backend, Deadline, Replica, View, ViewHandle};

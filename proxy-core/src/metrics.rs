@@ -5,13 +5,17 @@
 //! The embedder installs the recorder (the `keelson` binary uses
 //! Prometheus); without one every call is a no-op.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Unit,
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Gauge, Histogram, Unit,
 };
 
-use crate::route::LagLimit;
+use crate::error::ErrorKind;
+use crate::route::{LagLimit, Route};
 use crate::view::View;
 
 pub const CONNECTIONS_ACCEPTED: &str = "keelson_connections_accepted_total";
@@ -43,7 +47,7 @@ pub fn describe() {
     );
     describe_counter!(
         CONNECTIONS_REJECTED,
-        "Client connections refused before a session was established, by reason."
+        "Client connections refused before a session was established, by the side at fault (kind: client, backend, policy) and reason."
     );
     describe_counter!(
         SESSIONS_ENDED,
@@ -97,71 +101,169 @@ pub fn describe() {
     describe_counter!(VIEW_CHANGES, "Views applied, by cluster.");
 }
 
-/// Handles a session uses on its data path.
-pub struct SessionCounters {
-    pub to_backend: Counter,
-    pub to_client: Counter,
+/// The handles of the metrics every session touches, registered once per
+/// [`crate::Proxy`]: the common path of a session (accept, route, connect,
+/// authenticate, forward, end) takes no registry lock. Refusals and rare
+/// outcomes look their handle up when they happen.
+pub(crate) struct Metrics {
+    accepted: Counter,
+    active: Gauge,
+    backend_connect: Histogram,
+    handshake: Histogram,
+    to_backend: Counter,
+    to_client: Counter,
+    /// By route (in [`Route::ALL`] order), then primary (0) or standby (1).
+    routed: [[Counter; 2]; 4],
+    client_closed: Counter,
+    backend_closed: Counter,
+    proxy_headers: Counter,
 }
 
-impl SessionCounters {
-    pub fn new() -> Self {
-        SessionCounters {
+impl Metrics {
+    /// Registers the handles with the recorder installed now (a no-op
+    /// recorder if none is).
+    pub(crate) fn new() -> Self {
+        let routed = Route::ALL.map(|r| {
+            ["primary", "standby"]
+                .map(|server| counter!(SESSIONS_ROUTED, "route" => r.as_str(), "server" => server))
+        });
+        Metrics {
+            accepted: counter!(CONNECTIONS_ACCEPTED),
+            active: gauge!(CONNECTIONS_ACTIVE),
+            backend_connect: histogram!(BACKEND_CONNECT_SECONDS),
+            handshake: histogram!(HANDSHAKE_SECONDS),
             to_backend: counter!(BYTES, "direction" => "client_to_server"),
             to_client: counter!(BYTES, "direction" => "server_to_client"),
+            routed,
+            client_closed: counter!(SESSIONS_ENDED, "reason" => "client_closed"),
+            backend_closed: counter!(SESSIONS_ENDED, "reason" => "backend_closed"),
+            proxy_headers: counter!(PROXY_HEADERS),
+        }
+    }
+
+    pub(crate) fn accepted(&self) {
+        self.accepted.increment(1);
+    }
+
+    pub(crate) fn active(&self, delta: f64) {
+        self.active.increment(delta);
+    }
+
+    /// A refused connection, by the side at fault and the reason.
+    #[cold]
+    pub(crate) fn rejected(&self, kind: ErrorKind, reason: &'static str) {
+        counter!(CONNECTIONS_REJECTED, "kind" => kind.as_str(), "reason" => reason).increment(1);
+    }
+
+    pub(crate) fn ended(&self, reason: &'static str) {
+        match reason {
+            "client_closed" => self.client_closed.increment(1),
+            "backend_closed" => self.backend_closed.increment(1),
+            other => counter!(SESSIONS_ENDED, "reason" => other).increment(1),
+        }
+    }
+
+    pub(crate) fn backend_connect(&self, took: Duration) {
+        self.backend_connect.record(took.as_secs_f64());
+    }
+
+    pub(crate) fn handshake(&self, took: Duration) {
+        self.handshake.record(took.as_secs_f64());
+    }
+
+    #[cold]
+    pub(crate) fn cancel(&self, route: &'static str) {
+        counter!(CANCEL_REQUESTS, "route" => route).increment(1);
+    }
+
+    #[cold]
+    pub(crate) fn held(
+        &self,
+        took: Duration,
+        outcome: &'static str,
+        route: Route,
+        cluster: Arc<str>,
+    ) {
+        histogram!(HOLD_SECONDS, "outcome" => outcome, "route" => route.as_str(), "cluster" => cluster)
+            .record(took.as_secs_f64());
+    }
+
+    pub(crate) fn proxy_header_accepted(&self) {
+        self.proxy_headers.increment(1);
+    }
+
+    pub(crate) fn routed(&self, route: Route, standby: bool) {
+        let r = Route::ALL.iter().position(|x| *x == route).unwrap_or(0);
+        self.routed[r][usize::from(standby)].increment(1);
+    }
+
+    #[cold]
+    pub(crate) fn route_refused(&self, route: Route, reason: &'static str) {
+        counter!(ROUTE_REFUSED, "route" => route.as_str(), "reason" => reason).increment(1);
+    }
+}
+
+/// Bytes one session forwarded that are not yet in the shared counter.
+/// The session owns it, so counting a read batch writes no cache line that
+/// another worker writes; it is flushed once it holds [`FLUSH_BYTES`] and
+/// when the session ends.
+pub struct LocalBytes {
+    pending: AtomicU64,
+    shared: Counter,
+}
+
+/// Unflushed bytes per session and direction, at most.
+pub const FLUSH_BYTES: u64 = 1 << 20;
+
+impl LocalBytes {
+    pub fn new(shared: Counter) -> Self {
+        LocalBytes {
+            pending: AtomicU64::new(0),
+            shared,
+        }
+    }
+
+    fn flush(&self) {
+        let n = self.pending.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            self.shared.increment(n);
         }
     }
 }
 
-impl Default for SessionCounters {
-    fn default() -> Self {
-        Self::new()
+impl crate::forward::ByteCounter for LocalBytes {
+    #[inline]
+    fn add(&self, n: u64) {
+        // Only this session's task touches `pending`: uncontended.
+        let now = self.pending.load(Ordering::Relaxed) + n;
+        if now >= FLUSH_BYTES {
+            self.pending.store(0, Ordering::Relaxed);
+            self.shared.increment(now);
+        } else {
+            self.pending.store(now, Ordering::Relaxed);
+        }
     }
 }
 
-pub(crate) fn accepted() {
-    counter!(CONNECTIONS_ACCEPTED).increment(1);
+impl Drop for LocalBytes {
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
-pub(crate) fn active(delta: f64) {
-    gauge!(CONNECTIONS_ACTIVE).increment(delta);
+/// The byte counters of one session.
+pub(crate) struct SessionCounters {
+    pub to_backend: LocalBytes,
+    pub to_client: LocalBytes,
 }
 
-pub(crate) fn rejected(reason: &'static str) {
-    counter!(CONNECTIONS_REJECTED, "reason" => reason).increment(1);
-}
-
-pub(crate) fn ended(reason: &'static str) {
-    counter!(SESSIONS_ENDED, "reason" => reason).increment(1);
-}
-
-pub(crate) fn backend_connect(secs: f64) {
-    histogram!(BACKEND_CONNECT_SECONDS).record(secs);
-}
-
-pub(crate) fn handshake(secs: f64) {
-    histogram!(HANDSHAKE_SECONDS).record(secs);
-}
-
-pub(crate) fn cancel(route: &'static str) {
-    counter!(CANCEL_REQUESTS, "route" => route).increment(1);
-}
-
-pub(crate) fn held(secs: f64, outcome: &'static str, route: &'static str, cluster: Arc<str>) {
-    histogram!(HOLD_SECONDS, "outcome" => outcome, "route" => route, "cluster" => cluster)
-        .record(secs);
-}
-
-pub(crate) fn proxy_header_accepted() {
-    counter!(PROXY_HEADERS).increment(1);
-}
-
-pub(crate) fn routed(route: &'static str, standby: bool) {
-    let server = if standby { "standby" } else { "primary" };
-    counter!(SESSIONS_ROUTED, "route" => route, "server" => server).increment(1);
-}
-
-pub(crate) fn route_refused(route: &'static str, reason: &'static str) {
-    counter!(ROUTE_REFUSED, "route" => route, "reason" => reason).increment(1);
+impl SessionCounters {
+    pub(crate) fn new(m: &Metrics) -> Self {
+        SessionCounters {
+            to_backend: LocalBytes::new(m.to_backend.clone()),
+            to_client: LocalBytes::new(m.to_client.clone()),
+        }
+    }
 }
 
 /// Publishes a view that replaces `old`: its generation, and its replicas'

@@ -267,6 +267,18 @@ pub fn write_error(
     message: &str,
     hint: Option<&str>,
 ) {
+    write_error_with_detail(buf, severity, sqlstate, message, None, hint)
+}
+
+/// [`write_error`] with a detail field ('D').
+pub fn write_error_with_detail(
+    buf: &mut BytesMut,
+    severity: Severity,
+    sqlstate: &str,
+    message: &str,
+    detail: Option<&str>,
+    hint: Option<&str>,
+) {
     let start = buf.len();
     buf.put_u8(b'E');
     buf.put_u32(0);
@@ -278,6 +290,10 @@ pub fn write_error(
     put_cstr(buf, sqlstate);
     buf.put_u8(b'M');
     put_cstr(buf, message);
+    if let Some(detail) = detail {
+        buf.put_u8(b'D');
+        put_cstr(buf, detail);
+    }
     if let Some(hint) = hint {
         buf.put_u8(b'H');
         put_cstr(buf, hint);

@@ -1,42 +1,35 @@
-//! The listener and the life of one session: accept, startup phase, route,
-//! connect, relay authentication, forward, close.
+//! The [`Proxy`] handle: its configuration, listeners, views and shutdown.
+//! One session's life, accept to close, is in `session.rs`.
 //!
 //! Invariants kept here:
 //! - a new view is stored before the sessions it removed are fenced
 //!   ([`Proxy::apply`]), so no session can be routed to a backend the
-//!   applied view no longer names;
-//! - a session is routed from one lock-free snapshot of the view and holds
-//!   the fence of the backend it was routed to before it connects, so a
-//!   fence that fires while it is still connecting ends it too;
+//!   applied view no longer names (a session re-reads the view after taking
+//!   its fence: `route.rs`);
 //! - a view whose deadline has passed routes nothing, and its primary
 //!   sessions forward nothing more;
-//! - every connection counts against `max_connections` from accept to close;
-//! - every refusal reaches the client as an ErrorResponse with a SQLSTATE
-//!   whenever the client can still read one.
+//! - every connection counts against `max_connections` from accept to close.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio::time::{timeout, Duration, Instant};
+use tokio::time::{Duration, Instant};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
-use crate::backend::{self, AuthResult, Negotiation, SocketOptions};
-use crate::cancel::{self, CancelRegistry, CancelRoute};
+use crate::backend::SocketOptions;
+use crate::cancel::CancelRegistry;
 use crate::error::{SessionError, ADMIN_SHUTDOWN};
 use crate::fence::{Fence, FenceReason, Fences, Role};
-use crate::forward::{forward, Outcome};
 use crate::handshake::{read_startup, Startup};
-use crate::metrics::{self as m, SessionCounters};
-use crate::protocol::{self, Severity, StartupMessage, PROTOCOL_NEWEST_MINOR};
-use crate::route::{self, LagLimit, Route, Rule};
-use crate::stream::ClientStream;
+use crate::metrics::{self as m, Metrics};
+use crate::route::{LagLimit, Route, Rule};
+use crate::stream::{ClientStream, Prefixed};
 use crate::view::{Backend, View, ViewHandle};
 
 /// Runtime settings of the data path, already validated.
@@ -71,6 +64,10 @@ pub struct ProxyConfig {
     /// SNI routing: TLS sessions whose server name is a key here route by
     /// that cluster's view instead of the proxy's own.
     pub server_names: std::collections::HashMap<String, ViewHandle>,
+    /// Send a refused client the full error, backend address and OS error
+    /// text included, as the ErrorResponse detail. Off by default: clients
+    /// that have not authenticated should not learn the network's layout.
+    pub error_detail: bool,
 }
 
 /// Options of one listening socket.
@@ -100,6 +97,7 @@ impl Default for ProxyConfig {
             replica_lag: LagLimit::default(),
             replica_lag_fence: false,
             server_names: Default::default(),
+            error_detail: false,
         }
     }
 }
@@ -111,17 +109,20 @@ const MAX_REJECTING: usize = 256;
 /// be told why it is refused.
 const REJECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-struct Shared {
-    cfg: ProxyConfig,
-    tls: Option<TlsAcceptor>,
-    view: ViewHandle,
-    fences: Fences,
-    cancel: Arc<CancelRegistry>,
+/// What every session of a proxy shares.
+pub(crate) struct Shared {
+    pub(crate) cfg: ProxyConfig,
+    pub(crate) tls: Option<TlsAcceptor>,
+    pub(crate) view: ViewHandle,
+    pub(crate) fences: Fences,
+    pub(crate) cancel: Arc<CancelRegistry>,
+    pub(crate) metrics: Metrics,
     active: AtomicUsize,
     rejecting: AtomicUsize,
     idle: Notify,
     stop_accepting: CancellationToken,
-    terminating: AtomicBool,
+    /// Set by [`Proxy::shutdown`] once the grace period is over.
+    pub(crate) terminating: AtomicBool,
 }
 
 /// A PostgreSQL proxy. Cheap to clone; clones share all state, so one
@@ -141,11 +142,11 @@ impl std::fmt::Debug for Proxy {
 }
 
 /// Counts a connection from accept to close.
-struct ActiveGuard(Arc<Shared>);
+pub(crate) struct ActiveGuard(Arc<Shared>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        m::active(-1.0);
+        self.0.metrics.active(-1.0);
         if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
         }
@@ -153,6 +154,9 @@ impl Drop for ActiveGuard {
 }
 
 impl Proxy {
+    /// A proxy routing by `view`. It registers its metric handles with the
+    /// recorder installed now: install the embedder's recorder first (the
+    /// metrics are no-ops without one).
     pub fn new(cfg: ProxyConfig, view: ViewHandle) -> Self {
         let tls = cfg.tls.clone().map(TlsAcceptor::from);
         let cancel = Arc::new(CancelRegistry::new(cfg.cancel_rate_per_second));
@@ -163,6 +167,7 @@ impl Proxy {
                 view,
                 fences: Fences::default(),
                 cancel,
+                metrics: Metrics::new(),
                 active: AtomicUsize::new(0),
                 rejecting: AtomicUsize::new(0),
                 idle: Notify::new(),
@@ -286,23 +291,41 @@ impl Proxy {
                     continue;
                 }
             };
+            if let Err(e) = self.shared.cfg.socket.apply(&tcp) {
+                tracing::debug!(error = %e, "could not set client socket options");
+            }
             self.admit(tcp, peer, &opts);
         }
     }
 
-    fn admit(&self, tcp: TcpStream, peer: SocketAddr, opts: &Arc<ListenerOptions>) {
-        m::accepted();
+    /// Serves one client connection that the embedder accepted itself (a
+    /// Unix socket, an in-memory stream, a connection handed over by
+    /// another listener): it counts against `max_connections` and runs as a
+    /// task on the current runtime, as if [`Proxy::serve_with`] had
+    /// accepted it from `peer`.
+    pub fn serve_connection<S>(&self, io: S, peer: SocketAddr, opts: &Arc<ListenerOptions>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.admit(io, peer, opts);
+    }
+
+    fn admit<S>(&self, io: S, peer: SocketAddr, opts: &Arc<ListenerOptions>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let shared = &self.shared;
+        shared.metrics.accepted();
         let prev = shared.active.fetch_add(1, Ordering::AcqRel);
-        m::active(1.0);
+        shared.metrics.active(1.0);
         let guard = ActiveGuard(shared.clone());
         if prev >= shared.cfg.max_connections {
             drop(guard);
-            m::rejected("limit");
+            shared.metrics.rejected(crate::ErrorKind::Policy, "limit");
             if shared.rejecting.fetch_add(1, Ordering::AcqRel) < MAX_REJECTING {
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    refuse_over_limit(&shared, tcp).await;
+                    refuse_over_limit(&shared, io).await;
                     shared.rejecting.fetch_sub(1, Ordering::AcqRel);
                 });
             } else {
@@ -318,7 +341,8 @@ impl Proxy {
             user = field::Empty,
             database = field::Empty,
         );
-        tokio::spawn(session(shared.clone(), tcp, peer, opts.clone(), guard).instrument(span));
+        let session = crate::session::run(shared.clone(), io, peer, opts.clone(), guard);
+        tokio::spawn(session.instrument(span));
     }
 
     /// Stops every `serve` loop; open sessions continue.
@@ -364,484 +388,18 @@ impl Proxy {
 
 /// Answers a connection over the limit: finish its startup phase (so that
 /// TLS clients can read the answer), then 53300.
-async fn refuse_over_limit(shared: &Shared, tcp: TcpStream) {
-    let mut client = ClientStream::Plain(tcp);
+async fn refuse_over_limit<S>(shared: &Shared, io: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut client = ClientStream::Plain(Prefixed::new(io));
     let deadline = Instant::now() + REJECT_TIMEOUT;
     if let Ok(Startup::Session { .. }) =
         read_startup(&mut client, shared.tls.as_ref(), deadline, REJECT_TIMEOUT).await
     {
         let err = SessionError::TooManyConnections(shared.cfg.max_connections);
-        send_error(&mut client, &err).await;
+        crate::session::tell(shared, &mut client, &err).await;
     }
-}
-
-/// One client connection, accept to close. The futures of the setup steps
-/// are boxed: they are done once the session forwards, and unboxed they
-/// would stay in every idle session's task (measured: the session future is
-/// 1760 bytes with them boxed, 3328 without).
-async fn session(
-    shared: Arc<Shared>,
-    mut tcp: TcpStream,
-    peer: SocketAddr,
-    opts: Arc<ListenerOptions>,
-    _guard: ActiveGuard,
-) {
-    let accepted_at = Instant::now();
-    if let Err(e) = shared.cfg.socket.apply(&tcp) {
-        tracing::debug!(error = %e, "could not set client socket options");
-    }
-    let limit = shared.cfg.startup_timeout;
-    let client_addr = match &opts.proxy_protocol {
-        None => peer,
-        Some(trusted) => {
-            match Box::pin(crate::proxy_protocol::read(
-                &mut tcp,
-                peer,
-                trusted,
-                accepted_at + limit,
-            ))
-            .await
-            {
-                Ok(addr) => {
-                    if addr != peer {
-                        m::proxy_header_accepted();
-                    }
-                    tracing::Span::current().record("client.addr", field::display(addr));
-                    addr
-                }
-                Err(e) => return refuse(&mut ClientStream::Plain(tcp), e).await,
-            }
-        }
-    };
-    let mut client = ClientStream::Plain(tcp);
-    let startup = Box::pin(read_startup(
-        &mut client,
-        shared.tls.as_ref(),
-        accepted_at + limit,
-        limit,
-    ))
-    .await;
-    let (message, pipelined) = match startup {
-        Ok(Startup::Session { message, pipelined }) => (message, pipelined),
-        Ok(Startup::Cancel(req)) => {
-            // Under SNI the session is on that name's cluster; otherwise it
-            // may be on any cluster this proxy routes to.
-            let views: Vec<Arc<View>> = match client
-                .server_name()
-                .and_then(|n| shared.cfg.server_names.get(n))
-            {
-                Some(v) => vec![v.load()],
-                None => std::iter::once(&shared.view)
-                    .chain(shared.cfg.server_names.values())
-                    .map(ViewHandle::load)
-                    .collect(),
-            };
-            let (route, to) = shared.cancel.route(&req, views.iter().map(|v| &**v));
-            m::cancel(route.as_str());
-            tracing::debug!(route = route.as_str(), pid = req.pid, "cancel request");
-            if route != CancelRoute::RateLimited {
-                cancel::send(&req, &to, shared.cfg.connect_timeout, &shared.cfg.socket).await;
-            }
-            return;
-        }
-        Err(e) => return refuse(&mut client, e).await,
-    };
-    let (explicit, message) = match route::take_route_setting(&message.params) {
-        Ok(None) => (None, message),
-        Ok(Some((r, params))) => {
-            let mut raw = BytesMut::new();
-            protocol::encode_startup(&mut raw, message.minor, &params, |_| false);
-            let message = StartupMessage {
-                params,
-                raw: raw.freeze(),
-                ..message
-            };
-            (Some(r), message)
-        }
-        Err(e) => return refuse(&mut client, e.into()).await,
-    };
-    let route = route::resolve(
-        explicit,
-        &shared.cfg.rules,
-        &message,
-        Some(client_addr.ip()),
-        opts.route,
-    );
-    let span = tracing::Span::current();
-    let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).into_owned();
-    span.record("user", text(message.user()));
-    span.record("database", text(message.database()));
-    span.record("route", route.as_str());
-    let r = run_session(&shared, &mut client, message, pipelined, accepted_at, route).await;
-    if let Err(e) = r {
-        m::route_refused(route.as_str(), e.reason());
-        refuse(&mut client, e).await;
-    }
-}
-
-#[cold]
-async fn refuse(client: &mut ClientStream, e: SessionError) {
-    m::rejected(e.reason());
-    match e.kind() {
-        crate::ErrorKind::Client => tracing::debug!(error = %e, "client refused"),
-        _ => tracing::info!(error = %e, retryable = e.retryable(), "session refused"),
-    }
-    send_error(client, &e).await;
-}
-
-/// Writes `e` as a FATAL ErrorResponse, if it has a SQLSTATE, and closes.
-async fn send_error<S: AsyncWrite + Unpin>(client: &mut S, e: &SessionError) {
-    if let Some(code) = e.sqlstate() {
-        let mut buf = BytesMut::new();
-        protocol::write_error(&mut buf, Severity::Fatal, code, &e.to_string(), e.hint());
-        let _ = timeout(Duration::from_secs(1), async {
-            client.write_all(&buf).await?;
-            client.flush().await?;
-            client.shutdown().await
-        })
-        .await;
-    }
-}
-
-/// The startup message to send to the backend and, for a protocol version
-/// the proxy does not speak, the negotiation owed to the client.
-fn negotiate(message: &StartupMessage) -> (Bytes, Option<Negotiation>) {
-    if message.minor == 0 || message.minor == PROTOCOL_NEWEST_MINOR {
-        return (message.raw.clone(), None);
-    }
-    // 3.1 was never used; anything newer than 3.2 falls back to 3.2.
-    let minor = if message.minor > PROTOCOL_NEWEST_MINOR {
-        PROTOCOL_NEWEST_MINOR
-    } else {
-        0
-    };
-    let is_option = |k: &[u8]| k.starts_with(b"_pq_.");
-    let unrecognized = message
-        .params
-        .iter()
-        .map(|(k, _)| k)
-        .filter(|k| is_option(k))
-        .cloned()
-        .collect();
-    let mut startup = BytesMut::new();
-    protocol::encode_startup(&mut startup, minor, &message.params, is_option);
-    (
-        startup.freeze(),
-        Some(Negotiation {
-            minor,
-            unrecognized,
-        }),
-    )
-}
-
-/// How long the backend connection of a fenced session stays open (idle:
-/// nothing is read from or written to it) after its client was told.
-///
-/// Closing a backend connection makes its PostgreSQL process exit, which
-/// costs the server about a millisecond of CPU. When a fence ends a thousand
-/// sessions at once, closing their backends at once starves everything else
-/// on a small host, the clients' reconnection to the new primary included:
-/// measured here, 1000 fenced sessions took 1.4 s to close with immediate
-/// backend closes and 0.08 s with this delay. No traffic can flow on a
-/// lingering connection, so the delay costs nothing in safety.
-pub const FENCED_BACKEND_LINGER: Duration = Duration::from_secs(1);
-
-#[cold]
-fn linger_then_close(server: TcpStream) {
-    tokio::spawn(async move {
-        tokio::time::sleep(FENCED_BACKEND_LINGER).await;
-        drop(server);
-    });
-}
-
-/// Runs `work` unless and until `fence` fires.
-async fn until_fenced<T>(
-    fence: &Fence,
-    work: impl std::future::Future<Output = Result<T, SessionError>>,
-) -> Result<T, SessionError> {
-    let notified = fence.notified();
-    let mut notified = std::pin::pin!(notified);
-    notified.as_mut().enable();
-    if fence.is_fired() {
-        return Err(SessionError::FencedWhileConnecting);
-    }
-    tokio::select! {
-        r = work => r,
-        _ = notified => Err(SessionError::FencedWhileConnecting),
-    }
-}
-
-/// Where a session was routed.
-struct Routed {
-    backend: Backend,
-    /// Taken before connecting, so a fence fired from now on ends the session.
-    fence: Arc<Fence>,
-    /// Whether the server must turn out to be a standby or a primary.
-    want_standby: Option<bool>,
-    /// Chosen among the replicas.
-    standby: bool,
-    /// A primary session of a view with a deadline: it stops forwarding
-    /// once the deadline passes.
-    deadline: bool,
-}
-
-/// Picks a backend for `route` from the current view, skipping replicas in
-/// `unreachable`. While there is none it holds the client for up to the
-/// hold timeout, unless replicas were skipped: then `None` (the caller
-/// reports why they were unreachable).
-async fn route_session(
-    shared: &Shared,
-    view: &ViewHandle,
-    route: Route,
-    unreachable: &[Backend],
-) -> Result<Option<Routed>, SessionError> {
-    let limit = &shared.cfg.replica_lag;
-    let sessions = |b: &Backend| shared.fences.sessions(b);
-    // Only a held client needs to hear about view changes; the common path
-    // takes no subscription.
-    let mut changes = None;
-    let mut held_since: Option<Instant> = None;
-    let deadline = view.deadline();
-    loop {
-        let current = view.load();
-        // A view past its deadline routes nothing, whatever it names: its
-        // owner could not confirm it in time.
-        let chosen = if deadline.passed() {
-            None
-        } else {
-            route::pick(&current, route, limit, sessions, unreachable)
-                .map(|p| (p.backend.clone(), p.standby))
-        };
-        if let Some((backend, standby)) = chosen {
-            let role = if standby {
-                Role::Standby
-            } else {
-                Role::Primary
-            };
-            let fence = shared.fences.for_backend(&backend, role);
-            // The view may have changed between the load and taking the
-            // fence; a fence fired in between would be missed. Whoever
-            // changes the view stores it before fencing, so re-reading it
-            // settles the race.
-            let now = view.load();
-            let still = !deadline.passed()
-                && if standby {
-                    now.replicas
-                        .iter()
-                        .any(|r| r.backend == backend && limit.admits(r))
-                } else {
-                    now.primary.as_ref() == Some(&backend)
-                };
-            if still {
-                if let Some(t) = held_since {
-                    let secs = t.elapsed().as_secs_f64();
-                    m::held(secs, "released", route.as_str(), view.name_label());
-                }
-                m::routed(route.as_str(), standby);
-                return Ok(Some(Routed {
-                    backend,
-                    fence,
-                    want_standby: route.wants_standby(),
-                    standby,
-                    deadline: !standby && deadline.is_set(),
-                }));
-            }
-            continue;
-        }
-        if !unreachable.is_empty() {
-            return Ok(None);
-        }
-        if shared.terminating.load(Ordering::Acquire) {
-            return Err(SessionError::ShuttingDown);
-        }
-        let hold = view.hold_timeout().unwrap_or(shared.cfg.hold_timeout);
-        let since = *held_since.get_or_insert_with(|| {
-            tracing::debug!(hold = ?hold, "no server for the route; holding the client");
-            Instant::now()
-        });
-        let changes = changes.get_or_insert_with(|| view.subscribe());
-        changes.borrow_and_update();
-        if !deadline.passed()
-            && route::pick(&view.load(), route, limit, sessions, unreachable).is_some()
-        {
-            continue;
-        }
-        if tokio::time::timeout_at(since + hold, changes.changed())
-            .await
-            .is_err()
-        {
-            let secs = since.elapsed().as_secs_f64();
-            m::held(secs, "timed_out", route.as_str(), view.name_label());
-            return Err(match route {
-                Route::Replica => SessionError::NoReplicaAfter(hold),
-                _ => SessionError::NoPrimaryAfter(hold),
-            });
-        }
-    }
-}
-
-async fn run_session(
-    shared: &Shared,
-    client: &mut ClientStream,
-    message: StartupMessage,
-    pipelined: BytesMut,
-    accepted_at: Instant,
-    route: Route,
-) -> Result<(), SessionError> {
-    if shared.terminating.load(Ordering::Acquire) {
-        return Err(SessionError::ShuttingDown);
-    }
-    let view = client
-        .server_name()
-        .and_then(|n| shared.cfg.server_names.get(n))
-        .unwrap_or(&shared.view);
-    // A replica that cannot be reached is skipped for the next one (or the
-    // primary, for prefer-replica and any): nothing has been sent yet.
-    let mut unreachable = Vec::new();
-    let mut last_error = None;
-    let (routed, mut server) = loop {
-        let Some(r) = Box::pin(route_session(shared, view, route, &unreachable)).await? else {
-            return Err(last_error.unwrap_or(SessionError::NoReplicaAfter(Duration::ZERO)));
-        };
-        // Connecting can hang on a server that is hung itself; a fence
-        // (the primary changed) ends the wait at once.
-        let connect = async {
-            let t0 = Instant::now();
-            let s = backend::connect(
-                r.backend.addr(),
-                shared.cfg.connect_timeout,
-                &shared.cfg.socket,
-            )
-            .await?;
-            m::backend_connect(t0.elapsed().as_secs_f64());
-            Ok(s)
-        };
-        match Box::pin(until_fenced(&r.fence, connect)).await {
-            Ok(s) => break (r, s),
-            Err(
-                e @ (SessionError::BackendConnect { .. }
-                | SessionError::BackendConnectTimeout { .. }),
-            ) if r.standby => {
-                tracing::info!(backend = %r.backend, error = %e, "replica unreachable; trying another server");
-                unreachable.push(r.backend);
-                last_error = Some(e);
-            }
-            Err(e) => return Err(e),
-        }
-    };
-    let Routed {
-        backend,
-        fence,
-        want_standby,
-        deadline,
-        ..
-    } = routed;
-    let deadline = deadline.then(|| view.deadline());
-    tracing::Span::current().record("backend.addr", backend.addr());
-
-    let (startup, negotiation) = negotiate(&message);
-    let setup = async {
-        let mut first = BytesMut::with_capacity(startup.len() + pipelined.len());
-        first.extend_from_slice(&startup);
-        first.extend_from_slice(&pipelined);
-        let auth_limit = shared.cfg.auth_timeout;
-        let auth = backend::authenticate(
-            &mut *client,
-            &mut server,
-            backend.addr(),
-            &first,
-            backend::Expect {
-                negotiation,
-                want_standby,
-            },
-            Instant::now() + auth_limit,
-            auth_limit,
-        )
-        .await?;
-        Ok(auth)
-    };
-    let auth = Box::pin(until_fenced(&fence, setup)).await?;
-    let mut est = match auth {
-        AuthResult::Ready(est) => est,
-        AuthResult::Refused => {
-            m::ended("refused_by_server");
-            return Ok(());
-        }
-    };
-    m::handshake(accepted_at.elapsed().as_secs_f64());
-    let _cancel = est
-        .cancel_key
-        .take()
-        .map(|(pid, secret)| shared.cancel.register(pid, secret, backend.clone()));
-    // The client is ready once it reads this: its cancel key is known now.
-    client
-        .write_all(&est.to_client)
-        .await
-        .map_err(SessionError::ClientIo)?;
-    drop(std::mem::take(&mut est.to_client));
-    // Past the deadline nothing more reaches the primary; `forward` then
-    // ends the session at once.
-    if !est.to_backend.is_empty() && !deadline.is_some_and(|d| d.passed()) {
-        server
-            .write_all(&est.to_backend)
-            .await
-            .map_err(|source| SessionError::BackendIo {
-                addr: backend.addr().to_owned(),
-                source,
-            })?;
-    }
-    drop(est.to_backend);
-    tracing::debug!("session established");
-
-    let counters = SessionCounters::new();
-    let tracker = &mut est.tracker;
-    let (outcome, totals) = match client {
-        ClientStream::Plain(s) => {
-            forward(
-                s,
-                &mut server,
-                tracker,
-                &fence,
-                deadline,
-                &counters.to_backend,
-                &counters.to_client,
-            )
-            .await
-        }
-        ClientStream::Tls(s) => {
-            forward(
-                s.as_mut(),
-                &mut server,
-                tracker,
-                &fence,
-                deadline,
-                &counters.to_backend,
-                &counters.to_client,
-            )
-            .await
-        }
-        ClientStream::Closed => (Outcome::ClientClosed, Default::default()),
-    };
-    m::ended(outcome.label());
-    if matches!(outcome, Outcome::Fenced { .. }) {
-        linger_then_close(server);
-    }
-    match &outcome {
-        Outcome::Error { client, error } => tracing::info!(
-            client_side = client,
-            error = %error,
-            to_server = totals.client_to_backend,
-            to_client = totals.backend_to_client,
-            "session ended with an error"
-        ),
-        o => tracing::debug!(
-            reason = o.label(),
-            to_server = totals.client_to_backend,
-            to_client = totals.backend_to_client,
-            "session ended"
-        ),
-    }
-    Ok(())
 }
 
 /// Why a view is applied; it picks the words of the FATAL that the sessions

@@ -10,11 +10,39 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::AsyncRead;
 use tokio::time::{timeout_at, Instant};
 
 use crate::error::SessionError;
+use crate::stream::Prefixed;
+
+/// Why a PROXY header was refused. The texts name no address: they reach
+/// the client (the address is in the session's log span).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyHeaderError {
+    #[error("no PROXY protocol header arrived in time")]
+    Timeout,
+    #[error("the connection closed in the middle of a PROXY protocol header")]
+    Incomplete,
+    #[error(
+        "expected a PROXY protocol v2 header: this connection comes from a trusted proxy address"
+    )]
+    Missing,
+    #[error("a PROXY protocol header came from an address that is not a trusted proxy; connect directly, or add its network to proxy_protocol_trusted")]
+    Untrusted,
+    #[error("PROXY protocol version 1 (text) is not supported; configure the load balancer to send version 2")]
+    Version1,
+    #[error("PROXY protocol v2 header of {0} bytes is too long")]
+    TooLong(usize),
+    #[error("not a PROXY protocol v2 header")]
+    NotV2,
+    #[error("PROXY protocol version {0} is not supported")]
+    Version(u8),
+    #[error("unknown PROXY protocol command {0}")]
+    Command(u8),
+    #[error("PROXY protocol v2 address block too short")]
+    Short,
+}
 
 /// The 12-byte signature that starts every version 2 header.
 pub const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
@@ -58,21 +86,21 @@ fn classify(b: &[u8]) -> Start {
 
 /// Parses a whole version 2 header; returns the client address, or `None`
 /// for a LOCAL header (the proxy's own health check) or an unknown family.
-pub fn parse_v2(h: &[u8]) -> Result<Option<SocketAddr>, String> {
+pub fn parse_v2(h: &[u8]) -> Result<Option<SocketAddr>, ProxyHeaderError> {
     if h.len() < FIXED || h[..12] != SIGNATURE {
-        return Err("not a PROXY protocol v2 header".into());
+        return Err(ProxyHeaderError::NotV2);
     }
     let (ver, cmd) = (h[12] >> 4, h[12] & 0x0f);
     if ver != 2 {
-        return Err(format!("PROXY protocol version {ver} is not supported"));
+        return Err(ProxyHeaderError::Version(ver));
     }
     let body = &h[FIXED..];
     match cmd {
         0 => return Ok(None),
         1 => {}
-        c => return Err(format!("unknown PROXY protocol command {c}")),
+        c => return Err(ProxyHeaderError::Command(c)),
     }
-    let short = || "PROXY protocol v2 address block too short".to_string();
+    let short = || ProxyHeaderError::Short;
     match h[13] >> 4 {
         1 => {
             let a = body.get(..12).ok_or_else(short)?;
@@ -105,74 +133,53 @@ fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
 
 /// Reads the PROXY header a connection from `peer` starts with, if it must
 /// have one, and returns the real client address. Bytes after the header
-/// stay in the socket for the startup phase.
-pub async fn read(
-    tcp: &mut TcpStream,
+/// stay buffered in `io` for the startup phase.
+pub(crate) async fn read<S: AsyncRead + Unpin>(
+    io: &mut Prefixed<S>,
     peer: SocketAddr,
     trusted: &[IpNet],
     deadline: Instant,
 ) -> Result<SocketAddr, SessionError> {
     let trusted = is_trusted(trusted, peer.ip());
-    let mut head = [0u8; FIXED];
+    let fail = |e: ProxyHeaderError| Err(SessionError::ProxyHeader(e));
+    let mut want = 1;
     let start = loop {
-        let n = timeout_at(deadline, tcp.peek(&mut head))
+        let head = timeout_at(deadline, io.fill(want))
             .await
-            .map_err(|_| SessionError::ProxyHeader(format!("no data from {peer} in time")))?
+            .map_err(|_| SessionError::ProxyHeader(ProxyHeaderError::Timeout))?
             .map_err(SessionError::ClientIo)?;
-        if n == 0 {
+        if head.is_empty() {
             return Err(SessionError::ClientGone);
         }
-        match classify(&head[..n]) {
-            // The rest of a header that began to arrive; peek returns at
-            // once while some bytes are buffered, so pause briefly.
-            Start::Unknown => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+        match classify(&head[..head.len().min(FIXED)]) {
+            Start::Unknown if head.len() < want => {
+                return fail(ProxyHeaderError::Incomplete);
+            }
+            Start::Unknown => want = (head.len() + 1).min(FIXED),
             s => break s,
         }
     };
-    let refuse = |tcp: &mut TcpStream, msg: String| {
-        discard_pending(tcp);
-        Err(SessionError::ProxyHeader(msg))
-    };
     match (start, trusted) {
         (Start::Direct, false) => Ok(peer),
-        (Start::Direct, true) => refuse(tcp, format!(
-            "expected a PROXY protocol v2 header from {peer}, a trusted proxy address"
-        )),
-        (_, false) => refuse(tcp, format!(
-            "a PROXY protocol header came from {peer}, which is not a trusted proxy; \
-             connect directly, or add its network to proxy_protocol_trusted"
-        )),
-        (Start::V1, true) => refuse(tcp,
-            "PROXY protocol version 1 (text) is not supported; configure the load balancer to send version 2".into(),
-        ),
+        (Start::Direct, true) => fail(ProxyHeaderError::Missing),
+        (_, false) => fail(ProxyHeaderError::Untrusted),
+        (Start::V1, true) => fail(ProxyHeaderError::Version1),
         (Start::V2 { len }, true) => {
             if len > MAX_BODY {
-                return Err(SessionError::ProxyHeader(format!(
-                    "PROXY protocol v2 header of {len} bytes is too long"
-                )));
+                return fail(ProxyHeaderError::TooLong(len));
             }
-            let mut h = vec![0u8; FIXED + len];
-            timeout_at(deadline, tcp.read_exact(&mut h))
+            let h = timeout_at(deadline, io.fill(FIXED + len))
                 .await
-                .map_err(|_| SessionError::ProxyHeader(format!("incomplete PROXY header from {peer}")))?
+                .map_err(|_| SessionError::ProxyHeader(ProxyHeaderError::Timeout))?
                 .map_err(SessionError::ClientIo)?;
-            Ok(parse_v2(&h).map_err(SessionError::ProxyHeader)?.unwrap_or(peer))
+            if h.len() < FIXED + len {
+                return fail(ProxyHeaderError::Incomplete);
+            }
+            let addr = parse_v2(&h[..FIXED + len]).map_err(SessionError::ProxyHeader)?;
+            io.consume(FIXED + len);
+            Ok(addr.unwrap_or(peer))
         }
-        (Start::Unknown, true) => unreachable!("the loop ends only on a decided start"),
-    }
-}
-
-/// Reads and drops what the client has sent so far (only peeked at), so
-/// that closing the socket after the error sends FIN, not RST: with unread
-/// data the kernel resets the connection, and the client may lose the
-/// ErrorResponse.
-fn discard_pending(tcp: &mut TcpStream) {
-    let mut buf = [0u8; 4096];
-    for _ in 0..16 {
-        match tcp.try_read(&mut buf) {
-            Ok(n) if n > 0 => continue,
-            _ => break,
-        }
+        (Start::Unknown, true) => fail(ProxyHeaderError::Incomplete),
     }
 }
 

@@ -45,12 +45,14 @@ async fn backend_down_gives_08006_with_a_clear_message() {
     let e = must_fail(try_connect(&proxy.conn("postgres")).await, "must fail");
     assert_eq!(sqlstate(&e).as_deref(), Some("08006"), "{e}");
     let db = e.as_db_error().unwrap();
-    assert!(
-        db.message()
-            .contains(&format!("could not connect to server 127.0.0.1:{port}")),
-        "{}",
-        db.message()
+    // A client that has not authenticated learns nothing of the network:
+    // the address and the OS error are in the proxy's log only.
+    assert_eq!(
+        db.message(),
+        "could not connect to the database server",
+        "{db:?}"
     );
+    assert!(db.detail().is_none(), "{db:?}");
     assert!(db.hint().unwrap_or("").contains("retrying is safe"));
 }
 
