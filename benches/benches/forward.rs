@@ -4,7 +4,8 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use proxy_core::fence::Fence;
-use proxy_core::forward::{forward, MessageTracker};
+use proxy_core::forward::forward;
+use proxy_core::protocol::MessageTracker;
 use proxy_core::{View, ViewHandle};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -4,8 +4,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use proxy_core::forward::MessageTracker;
-use proxy_core::protocol::{parse_message, Side};
+use proxy_core::protocol::{parse_message, MessageTracker, Side};
 
 fuzz_target!(|data: &[u8]| {
     let (step, data) = match data.split_first() {

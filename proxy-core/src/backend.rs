@@ -13,10 +13,9 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Duration, Instant};
 
 use crate::error::SessionError;
-use crate::forward::MessageTracker;
 use crate::protocol::{
-    self, parse_message, Side, StartupMessage, AUTH_REQ_OK, MAX_AUTH_MESSAGE_LENGTH,
-    MAX_CANCEL_KEY_LENGTH, PROTOCOL_NEWEST_MINOR,
+    self, parse_message, MessageTracker, Side, StartupMessage, AUTH_REQ_OK,
+    MAX_AUTH_MESSAGE_LENGTH, MAX_CANCEL_KEY_LENGTH, PROTOCOL_NEWEST_MINOR,
 };
 
 /// The largest server message accepted before ReadyForQuery. Startup

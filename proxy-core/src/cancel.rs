@@ -119,6 +119,7 @@ impl CancelRegistry {
             .sum()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -224,6 +225,7 @@ pub(crate) async fn relay(
                 .collect(),
         };
         let (route, to) = shared.cancel.route(req, guards.iter().map(|v| &**v));
+        drop(guards);
         shared.metrics.cancel(route.as_str());
         tracing::debug!(route = route.as_str(), pid = req.pid, "cancel request");
         to

@@ -13,7 +13,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
 
 use tokio::sync::Notify;
 
@@ -151,44 +153,88 @@ pub enum Role {
 }
 
 /// The current fence of every backend that sessions have been routed to.
+///
+/// Read on every session's setup and written only when a backend is first
+/// routed to or fenced, so the map is copied on write and read without a
+/// lock: sessions starting on every worker at once (all clients reconnect
+/// together after a failover) do not queue on a mutex.
 #[derive(Debug, Default)]
-pub struct Fences {
-    by_backend: Mutex<HashMap<(Backend, Role), Arc<Fence>>>,
+pub(crate) struct Fences {
+    by_backend: ArcSwap<HashMap<Backend, [Option<Arc<Fence>>; 2]>>,
+}
+
+fn slot(role: Role) -> usize {
+    match role {
+        Role::Primary => 0,
+        Role::Standby => 1,
+    }
 }
 
 impl Fences {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<(Backend, Role), Arc<Fence>>> {
-        self.by_backend.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// The fence a session routed to `backend` as `role` now should hold.
-    pub fn for_backend(&self, backend: &Backend, role: Role) -> Arc<Fence> {
-        self.map()
-            .entry((backend.clone(), role))
-            .or_default()
-            .clone()
+    pub(crate) fn for_backend(&self, backend: &Backend, role: Role) -> Arc<Fence> {
+        if let Some(f) = self
+            .by_backend
+            .load()
+            .get(backend)
+            .and_then(|s| s[slot(role)].clone())
+        {
+            return f;
+        }
+        let fresh = Arc::new(Fence::default());
+        let mut got = fresh.clone();
+        self.by_backend.rcu(|m| {
+            if let Some(f) = m.get(backend).and_then(|s| s[slot(role)].clone()) {
+                got = f;
+                return Arc::clone(m);
+            }
+            let mut m = HashMap::clone(m);
+            m.entry(backend.clone()).or_default()[slot(role)] = Some(fresh.clone());
+            got = fresh.clone();
+            Arc::new(m)
+        });
+        got
     }
 
     /// Sessions routed to `backend`, in either role, that are still open.
-    pub fn sessions(&self, backend: &Backend) -> usize {
-        let map = self.map();
-        [Role::Primary, Role::Standby]
-            .iter()
-            .filter_map(|r| map.get(&(backend.clone(), *r)))
-            .map(|f| Arc::strong_count(f).saturating_sub(1))
-            .sum()
+    pub(crate) fn sessions(&self, backend: &Backend) -> usize {
+        self.by_backend.load().get(backend).map_or(0, |s| {
+            s.iter()
+                .flatten()
+                .map(|f| Arc::strong_count(f).saturating_sub(1))
+                .sum()
+        })
     }
 
     /// Ends every session routed to `backend` as `role` so far. Returns the
     /// fired fence, if any such session had been routed there.
-    pub fn fence(&self, backend: &Backend, role: Role, reason: FenceReason) -> Option<Arc<Fence>> {
-        let old = self.map().remove(&(backend.clone(), role));
+    pub(crate) fn fence(
+        &self,
+        backend: &Backend,
+        role: Role,
+        reason: FenceReason,
+    ) -> Option<Arc<Fence>> {
+        let mut old = None;
+        self.by_backend.rcu(|m| {
+            old = m.get(backend).and_then(|s| s[slot(role)].clone());
+            if old.is_none() {
+                return Arc::clone(m);
+            }
+            let mut m = HashMap::clone(m);
+            if let Some(s) = m.get_mut(backend) {
+                s[slot(role)] = None;
+                if s.iter().all(Option::is_none) {
+                    m.remove(backend);
+                }
+            }
+            Arc::new(m)
+        });
         old.inspect(|f| f.trigger(reason))
     }
 
     /// Ends every session routed to `backend` so far, in either role.
     /// Returns the fired fences.
-    pub fn fence_backend(&self, backend: &Backend, reason: FenceReason) -> Vec<Arc<Fence>> {
+    pub(crate) fn fence_backend(&self, backend: &Backend, reason: FenceReason) -> Vec<Arc<Fence>> {
         [Role::Primary, Role::Standby]
             .into_iter()
             .filter_map(|r| self.fence(backend, r, reason.clone()))
@@ -196,10 +242,40 @@ impl Fences {
     }
 
     /// Ends every session on every backend.
-    pub fn fence_all(&self, reason: FenceReason) {
-        let all: Vec<Arc<Fence>> = self.map().drain().map(|(_, f)| f).collect();
-        for f in all {
+    pub(crate) fn fence_all(&self, reason: FenceReason) {
+        let all = self.by_backend.swap(Arc::new(HashMap::new()));
+        for f in all.values().flatten().flatten() {
             f.trigger(reason.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_share_a_fence_until_it_fires_then_get_a_fresh_one() {
+        let fences = Fences::default();
+        let (a, b) = (Backend::new("a:1"), Backend::new("b:1"));
+        let f1 = fences.for_backend(&a, Role::Primary);
+        let f2 = fences.for_backend(&a, Role::Primary);
+        assert!(Arc::ptr_eq(&f1, &f2));
+        let s = fences.for_backend(&a, Role::Standby);
+        assert!(!Arc::ptr_eq(&f1, &s));
+        let _other = fences.for_backend(&b, Role::Primary);
+        assert_eq!(fences.sessions(&a), 3);
+        let fired = fences.fence(&a, Role::Primary, FenceReason::primary_changed());
+        assert!(fired.is_some_and(|f| Arc::ptr_eq(&f, &f1)));
+        assert!(f1.is_fired() && !s.is_fired());
+        assert_eq!(fences.sessions(&a), 1, "the standby session only");
+        let f3 = fences.for_backend(&a, Role::Primary);
+        assert!(!f3.is_fired() && !Arc::ptr_eq(&f1, &f3));
+        assert!(fences
+            .fence(&b, Role::Standby, FenceReason::primary_changed())
+            .is_none());
+        fences.fence_all(FenceReason::primary_changed());
+        assert!(f3.is_fired() && s.is_fired() && _other.is_fired());
+        assert_eq!(fences.sessions(&a), 0);
     }
 }

@@ -16,26 +16,31 @@
 //! forwarding once it passes. This crate has no store or CLI code (the
 //! `keelson-follow` crate follows keelson's cluster store).
 
-pub mod backend;
-pub mod cancel;
+// The public API: the proxy handle and its configuration (re-exported
+// below), views, fences, errors, routes, metric names, TLS loading, the
+// wire codec and the forwarding loop.
 pub mod error;
 pub mod fence;
 pub mod forward;
-pub mod handshake;
 pub mod metrics;
-pub mod pool;
 pub mod protocol;
-mod proxy;
 pub mod proxy_protocol;
 pub mod route;
-mod session;
-pub mod stream;
 pub mod tls;
 pub mod view;
+
+// Internals: one session's steps and what they share.
+mod backend;
+mod cancel;
+mod handshake;
+mod pool;
+mod proxy;
+mod session;
+mod stream;
 
 pub use backend::SocketOptions;
 pub use error::{ErrorKind, SessionError};
 pub use fence::{FenceReason, Role};
 pub use proxy::{Applied, Ended, ListenerOptions, Proxy, ProxyConfig, ViewChange};
 pub use route::{LagLimit, Route, Rule, FENCED_BACKEND_LINGER};
-pub use view::{Backend, Deadline, Replica, View, ViewHandle};
+pub use view::{Backend, Deadline, Replica, View, ViewGuard, ViewHandle};

@@ -77,8 +77,9 @@ impl DerefMut for PooledBuf {
     }
 }
 
-/// Buffers currently pooled on this thread (for tests and metrics).
-pub fn pooled_on_this_thread() -> usize {
+/// Buffers currently pooled on this thread.
+#[cfg(test)]
+fn pooled_on_this_thread() -> usize {
     POOL.try_with(|p| p.borrow().len()).unwrap_or(0)
 }
 

@@ -393,6 +393,68 @@ pub fn auth_needs_reply(code: u32) -> bool {
 /// `AUTH_REQ_OK`.
 pub const AUTH_REQ_OK: u32 = 0;
 
+/// Follows message boundaries in the server-to-client byte stream.
+#[derive(Debug, Clone, Default)]
+pub struct MessageTracker {
+    header: [u8; HEADER_LEN],
+    header_len: u8,
+    body_left: usize,
+    /// Set when the server sent a length below 4; boundaries are unknown from
+    /// then on (PostgreSQL never does this).
+    lost: bool,
+}
+
+impl MessageTracker {
+    /// Accounts for bytes about to be forwarded.
+    #[inline]
+    pub fn observe(&mut self, mut data: &[u8]) {
+        while !data.is_empty() && !self.lost {
+            if self.body_left > 0 {
+                let n = self.body_left.min(data.len());
+                self.body_left -= n;
+                data = &data[n..];
+            } else if self.header_len == 0 && data.len() >= HEADER_LEN {
+                self.start_body(data[1], data[2], data[3], data[4]);
+                data = &data[HEADER_LEN..];
+            } else {
+                let have = usize::from(self.header_len);
+                let n = (HEADER_LEN - have).min(data.len());
+                self.header[have..have + n].copy_from_slice(&data[..n]);
+                self.header_len += n as u8;
+                data = &data[n..];
+                if usize::from(self.header_len) == HEADER_LEN {
+                    self.header_len = 0;
+                    let h = self.header;
+                    self.start_body(h[1], h[2], h[3], h[4]);
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn start_body(&mut self, a: u8, b: u8, c: u8, d: u8) {
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        match len.checked_sub(4) {
+            Some(body) => self.body_left = body,
+            None => self.lost = true,
+        }
+    }
+
+    /// Bytes still to forward before the stream is at a message boundary:
+    /// `Some(0)` at a boundary, `None` if boundaries were lost. While a
+    /// header is incomplete this is the rest of the header only; call again
+    /// after observing it.
+    pub fn to_boundary(&self) -> Option<usize> {
+        if self.lost {
+            None
+        } else if self.header_len > 0 {
+            Some(HEADER_LEN - usize::from(self.header_len))
+        } else {
+            Some(self.body_left)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -217,11 +217,27 @@ pub struct ViewHandle {
     shared: Arc<Shared>,
 }
 
+/// A borrowed view ([`ViewHandle::load`]).
+pub struct ViewGuard(arc_swap::Guard<Arc<View>>);
+
+impl std::ops::Deref for ViewGuard {
+    type Target = View;
+    fn deref(&self) -> &View {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ViewGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        View::fmt(self, f)
+    }
+}
+
 impl fmt::Debug for ViewHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ViewHandle")
             .field("name", &self.name())
-            .field("view", &self.load())
+            .field("view", &*self.load())
             .field("deadline", &self.shared.deadline)
             .finish()
     }
@@ -257,8 +273,15 @@ impl ViewHandle {
         self.shared.name.clone()
     }
 
-    /// The current view. Lock-free.
-    pub fn load(&self) -> Arc<View> {
+    /// The current view, borrowed: lock-free, and no reference count is
+    /// touched. Hold it briefly (not across an `.await`); use
+    /// [`ViewHandle::load_full`] to keep a view.
+    pub fn load(&self) -> ViewGuard {
+        ViewGuard(self.shared.current.load())
+    }
+
+    /// The current view, owned.
+    pub fn load_full(&self) -> Arc<View> {
         self.shared.current.load_full()
     }
 

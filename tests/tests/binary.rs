@@ -237,3 +237,58 @@ async fn binary_static_replicas_behind_a_replica_listener() {
     );
     assert_eq!(recovery(on(listen)).await, Some((false, pair.primary.port)));
 }
+
+/// `proxy-core/examples/embed.rs`, the embedding example, run as its users
+/// would: it serves clients through a real PostgreSQL, and a view fed from
+/// its own code (stdin) ends the old primary's sessions with a FATAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedding_example_serves_and_applies_views_from_its_own_code() {
+    use std::io::Write;
+    let pg = crate::support::PgServer::start().await;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-p", "proxy-core", "--example", "embed"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the example failed");
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/embed");
+    let port = free_port();
+    let mut child = Command::new(bin)
+        .args([format!("127.0.0.1:{port}"), pg.addr()])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let conn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    crate::assert_eventually!(
+        crate::support::try_connect(&conn).await.is_ok(),
+        Duration::from_secs(10),
+        "the example never served a client"
+    );
+    let (client, watched) = connect_watched(&conn).await;
+    client.simple_query("SELECT 1").await.unwrap();
+    // The embedder's code says: no primary now.
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "none").unwrap();
+    let e = ended_with(watched, Duration::from_secs(5), "the old primary's session").await;
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e}");
+    // Back to the primary; closing stdin shuts the example down cleanly.
+    writeln!(stdin, "{}", pg.addr()).unwrap();
+    crate::assert_eventually!(
+        crate::support::try_connect(&conn).await.is_ok(),
+        Duration::from_secs(10),
+        "no session after the primary came back"
+    );
+    drop(stdin);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
