@@ -1,11 +1,12 @@
 //! Configuration of `keelson proxy`, loaded in two steps.
 //!
-//! 1. [`ProxyArgs`] holds raw values from flags and `KEELSON_*` environment
-//!    variables (clap reads both; a flag wins over its variable), and
-//!    [`FileConfig`] holds those of the TOML file given by `--config`.
-//! 2. [`ProxySettings::resolve`] merges them, flag/env over file over
-//!    default, and validates everything into typed values that need no
-//!    further parsing.
+//! 1. [`ProxyArgs`] is the one schema of its settings: clap reads them from
+//!    flags, `KEELSON_*` variables and the `--config` file (laid under them,
+//!    see `args.rs`). The file's structured sections (`[[listeners]]`,
+//!    `[[rules]]`, `[sni]`) are [`FileConfig`].
+//! 2. [`ProxySettings::resolve`] applies the defaults, which come from one
+//!    table ([`default_of`], itself [`ProxyConfig::default`] and two
+//!    constants), and validates everything into typed values.
 //!
 //! Durations are humantime strings (`10s`, `1m30s`).
 
@@ -14,17 +15,52 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use proxy_core::ProxyConfig;
 use serde::Deserialize;
+
+/// Where the proxy listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
+/// How long sessions get to finish on SIGTERM/SIGINT unless told otherwise.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The default of each `keelson proxy` flag that has one, as written on the
+/// command line: the one table the help text, the resolver and the check of
+/// docs/configuration.md use.
+pub fn default_of(flag: &str) -> Option<String> {
+    let d = ProxyConfig::default();
+    let dur = |d: Duration| humantime::format_duration(d).to_string();
+    Some(match flag {
+        "listen" => DEFAULT_LISTEN.into(),
+        "prefix" => cluster::store::DEFAULT_PREFIX.into(),
+        "max-connections" => d.max_connections.to_string(),
+        "startup-timeout" => dur(d.startup_timeout),
+        "connect-timeout" => dur(d.connect_timeout),
+        "auth-timeout" => dur(d.auth_timeout),
+        "shutdown-grace" => dur(DEFAULT_SHUTDOWN_GRACE),
+        "keepalive-idle" => dur(d.socket.keepalive.map_or(Duration::ZERO, |k| k.0)),
+        "keepalive-interval" => dur(d.socket.keepalive.map_or(Duration::ZERO, |k| k.1)),
+        "cancel-rate" => d.cancel_rate_per_second.to_string(),
+        "max-replica-lag-bytes" => d.replica_lag.bytes.to_string(),
+        "max-replica-lag" => dur(d.replica_lag.time),
+        "replica-lag-fence" => d.replica_lag_fence.to_string(),
+        "error-detail" => d.error_detail.to_string(),
+        _ => return None,
+    })
+}
+
+/// `text`, followed by the flag's default.
+fn with_default(text: &str, flag: &str) -> String {
+    match default_of(flag) {
+        Some(d) => format!("{text} [default: {d}]"),
+        None => text.to_owned(),
+    }
+}
 
 /// Flags of `keelson proxy`. Every one can also come from `KEELSON_<FLAG>`
 /// or the config file.
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct ProxyArgs {
-    /// TOML file with any of these settings (flags and env win over it).
-    #[arg(long, env = "KEELSON_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Address to accept PostgreSQL clients on [default: 127.0.0.1:6432].
-    #[arg(long, env = "KEELSON_LISTEN")]
+    #[arg(long, env = "KEELSON_LISTEN", help = with_default("Address to accept PostgreSQL clients on.", "listen"))]
     pub listen: Option<String>,
     /// The PostgreSQL server to send sessions to, as HOST:PORT (static mode).
     #[arg(long, env = "KEELSON_BACKEND")]
@@ -36,8 +72,7 @@ pub struct ProxyArgs {
     /// Name of the cluster in the store (with --store).
     #[arg(long, env = "KEELSON_CLUSTER")]
     pub cluster: Option<String>,
-    /// Key prefix in the store [default: keelson].
-    #[arg(long, env = "KEELSON_PREFIX")]
+    #[arg(long, env = "KEELSON_PREFIX", help = with_default("Key prefix in the store.", "prefix"))]
     pub prefix: Option<String>,
     /// This proxy's name in the store [default: proxy-<hostname>-<pid>].
     #[arg(long, env = "KEELSON_UID")]
@@ -51,29 +86,21 @@ pub struct ProxyArgs {
     /// PEM private key for TLS to clients (needs --tls-cert).
     #[arg(long, env = "KEELSON_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
-    /// Client connections open at once before new ones get 53300 [default: 10000].
-    #[arg(long, env = "KEELSON_MAX_CONNECTIONS")]
+    #[arg(long, env = "KEELSON_MAX_CONNECTIONS", help = with_default("Client connections open at once before new ones get 53300.", "max-connections"))]
     pub max_connections: Option<usize>,
-    /// Time a client has to complete the startup phase [default: 10s].
-    #[arg(long, env = "KEELSON_STARTUP_TIMEOUT")]
+    #[arg(long, env = "KEELSON_STARTUP_TIMEOUT", help = with_default("Time a client has to complete the startup phase.", "startup-timeout"))]
     pub startup_timeout: Option<String>,
-    /// Time to open a connection to the backend [default: 5s].
-    #[arg(long, env = "KEELSON_CONNECT_TIMEOUT")]
+    #[arg(long, env = "KEELSON_CONNECT_TIMEOUT", help = with_default("Time to open a connection to the backend.", "connect-timeout"))]
     pub connect_timeout: Option<String>,
-    /// Time to complete authentication with the backend [default: 60s].
-    #[arg(long, env = "KEELSON_AUTH_TIMEOUT")]
+    #[arg(long, env = "KEELSON_AUTH_TIMEOUT", help = with_default("Time to complete authentication with the backend.", "auth-timeout"))]
     pub auth_timeout: Option<String>,
-    /// On SIGTERM/SIGINT, time sessions get to finish before they are closed [default: 30s].
-    #[arg(long, env = "KEELSON_SHUTDOWN_GRACE")]
+    #[arg(long, env = "KEELSON_SHUTDOWN_GRACE", help = with_default("On SIGTERM/SIGINT, time sessions get to finish before they are closed.", "shutdown-grace"))]
     pub shutdown_grace: Option<String>,
-    /// TCP keepalive idle time on both sockets; "off" to disable [default: 60s].
-    #[arg(long, env = "KEELSON_KEEPALIVE_IDLE")]
+    #[arg(long, env = "KEELSON_KEEPALIVE_IDLE", help = with_default("TCP keepalive idle time on both sockets; \"off\" to disable.", "keepalive-idle"))]
     pub keepalive_idle: Option<String>,
-    /// TCP keepalive probe interval [default: 10s].
-    #[arg(long, env = "KEELSON_KEEPALIVE_INTERVAL")]
+    #[arg(long, env = "KEELSON_KEEPALIVE_INTERVAL", help = with_default("TCP keepalive probe interval.", "keepalive-interval"))]
     pub keepalive_interval: Option<String>,
-    /// Cancel requests forwarded per second [default: 100].
-    #[arg(long, env = "KEELSON_CANCEL_RATE")]
+    #[arg(long, env = "KEELSON_CANCEL_RATE", help = with_default("Cancel requests of unknown keys broadcast per second.", "cancel-rate"))]
     pub cancel_rate: Option<u32>,
     /// Worker threads, each with its own event loop and listener socket
     /// [default: the number of CPUs].
@@ -86,20 +113,13 @@ pub struct ProxyArgs {
     /// (no lag information; follow a store for lag limits).
     #[arg(long, env = "KEELSON_REPLICAS", value_delimiter = ',')]
     pub replicas: Option<Vec<String>>,
-    /// Replicas further behind the primary than this many WAL bytes get no
-    /// new sessions [default: 16MiB, written as bytes].
-    #[arg(long, env = "KEELSON_MAX_REPLICA_LAG_BYTES")]
+    #[arg(long, env = "KEELSON_MAX_REPLICA_LAG_BYTES", help = with_default("Replicas further behind the primary than this many WAL bytes get no new sessions.", "max-replica-lag-bytes"))]
     pub max_replica_lag_bytes: Option<u64>,
-    /// Replicas whose replay is behind by more than this time get no new
-    /// sessions [default: 10s].
-    #[arg(long, env = "KEELSON_MAX_REPLICA_LAG")]
+    #[arg(long, env = "KEELSON_MAX_REPLICA_LAG", help = with_default("Replicas whose replay is behind by more than this time get no new sessions.", "max-replica-lag"))]
     pub max_replica_lag: Option<String>,
-    /// Also end the sessions of a replica that falls beyond the lag limits.
-    #[arg(long, env = "KEELSON_REPLICA_LAG_FENCE")]
+    #[arg(long, env = "KEELSON_REPLICA_LAG_FENCE", help = with_default("Also end the sessions of a replica that falls beyond the lag limits.", "replica-lag-fence"))]
     pub replica_lag_fence: Option<bool>,
-    /// Send refused clients the full error (backend address, OS error) as
-    /// the ErrorResponse detail [default: false].
-    #[arg(long, env = "KEELSON_ERROR_DETAIL")]
+    #[arg(long, env = "KEELSON_ERROR_DETAIL", help = with_default("Send refused clients the full error (backend address, OS error) as the ErrorResponse detail.", "error-detail"))]
     pub error_detail: Option<bool>,
     /// Accept PROXY protocol v2 headers from these networks (comma
     /// separated CIDRs), and require them from there; off unless set.
@@ -107,35 +127,10 @@ pub struct ProxyArgs {
     pub proxy_protocol_trusted: Option<Vec<String>>,
 }
 
-/// The same settings, from a TOML file.
+/// The structured sections of the proxy's config file, at its top level
+/// or in its `[proxy]` table. Its other keys are flags (`args.rs`).
 #[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    pub listen: Option<String>,
-    pub backend: Option<String>,
-    pub store: Option<String>,
-    pub cluster: Option<String>,
-    pub prefix: Option<String>,
-    pub uid: Option<String>,
-    pub admin_listen: Option<String>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub max_connections: Option<usize>,
-    pub startup_timeout: Option<String>,
-    pub connect_timeout: Option<String>,
-    pub auth_timeout: Option<String>,
-    pub shutdown_grace: Option<String>,
-    pub keepalive_idle: Option<String>,
-    pub keepalive_interval: Option<String>,
-    pub cancel_rate: Option<u32>,
-    pub workers: Option<usize>,
-    pub replica_listen: Option<String>,
-    pub replicas: Option<Vec<String>>,
-    pub max_replica_lag_bytes: Option<u64>,
-    pub max_replica_lag: Option<String>,
-    pub replica_lag_fence: Option<bool>,
-    pub error_detail: Option<bool>,
-    pub proxy_protocol_trusted: Option<Vec<String>>,
     /// More listeners, each with its own default route.
     #[serde(default)]
     pub listeners: Vec<ListenerConfig>,
@@ -194,7 +189,14 @@ impl FileConfig {
     }
 
     pub fn parse(text: &str) -> Result<Self> {
-        Ok(toml::from_str(text)?)
+        let mut table: toml::Table = toml::from_str(text)?;
+        let mut sections = toml::Table::new();
+        if let Some(toml::Value::Table(proxy)) = table.remove("proxy") {
+            sections.extend(proxy);
+        }
+        sections.extend(table);
+        sections.retain(|k, _| crate::args::PROXY_SECTIONS.contains(&k));
+        Ok(sections.try_into()?)
     }
 }
 
@@ -245,8 +247,11 @@ pub fn default_uid() -> String {
     format!("proxy-{}-{}", host.trim(), std::process::id())
 }
 
-fn duration(name: &str, v: Option<String>, default: &str) -> Result<Duration> {
-    let s = v.unwrap_or_else(|| default.to_owned());
+/// The duration setting `name` (its file key), or its default.
+fn duration(name: &str, v: Option<String>) -> Result<Duration> {
+    let s = v
+        .or_else(|| default_of(&name.replace('_', "-")))
+        .unwrap_or_default();
     humantime::parse_duration(&s).with_context(|| {
         format!("{name} = {s:?} is not a duration; write it like \"10s\" or \"1m30s\"")
     })
@@ -261,12 +266,10 @@ fn socket_addr(name: &str, s: &str) -> Result<SocketAddr> {
 impl ProxySettings {
     /// Merges flags/env over the file over defaults, and validates.
     pub fn resolve(args: ProxyArgs, file: FileConfig) -> Result<Self> {
-        let listen = args
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| "127.0.0.1:6432".into());
+        let defaults = ProxyConfig::default();
+        let listen = args.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
         let listen = socket_addr("listen", &listen)?;
-        let source = match (args.backend.or(file.backend), args.store.or(file.store)) {
+        let source = match (args.backend, args.store) {
             (Some(_), Some(_)) => bail!("give either backend (static mode) or store (follow a cluster), not both"),
             (None, None) => bail!(
                 "no backend given: pass --backend HOST:PORT for a fixed server, or --store URL --cluster NAME to follow a cluster (or set them in the environment or the config file)"
@@ -281,64 +284,52 @@ impl ProxySettings {
                     }
                 };
                 host_port("backend", &backend)?;
-                let replicas = args.replicas.clone().or(file.replicas.clone()).unwrap_or_default();
+                let replicas = args.replicas.clone().unwrap_or_default();
                 for r in &replicas {
                     host_port("replicas", r)?;
                 }
                 Source::Static(backend, replicas)
             }
             (None, Some(url)) => {
-                if args.replicas.is_some() || file.replicas.is_some() {
+                if args.replicas.is_some() {
                     bail!("replicas are for static mode; in store mode the cluster names them");
                 }
-                let Some(cluster) = args.cluster.or(file.cluster) else {
+                let Some(cluster) = args.cluster else {
                     bail!("--store needs --cluster NAME: the name of the cluster to follow");
                 };
-                let uid = args.uid.or(file.uid).unwrap_or_else(default_uid);
+                let uid = args.uid.unwrap_or_else(default_uid);
                 Source::Store {
                     url,
                     cluster,
-                    prefix: args.prefix.or(file.prefix).unwrap_or_else(|| "keelson".into()),
+                    prefix: args.prefix.unwrap_or_else(|| cluster::store::DEFAULT_PREFIX.into()),
                     uid,
                 }
             }
         };
         let admin_listen = args
             .admin_listen
-            .or(file.admin_listen)
             .map(|a| socket_addr("admin_listen", &a))
             .transpose()?;
-        let tls = match (
-            args.tls_cert.or(file.tls_cert),
-            args.tls_key.or(file.tls_key),
-        ) {
+        let tls = match (args.tls_cert, args.tls_key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
             _ => bail!("TLS needs both tls_cert and tls_key"),
         };
-        let max_connections = args
-            .max_connections
-            .or(file.max_connections)
-            .unwrap_or(10_000);
+        let max_connections = args.max_connections.unwrap_or(defaults.max_connections);
         if max_connections == 0 {
             bail!("max_connections must be at least 1");
         }
-        let keepalive_idle = args.keepalive_idle.or(file.keepalive_idle);
+        let keepalive_idle = args.keepalive_idle;
         let keepalive = if keepalive_idle.as_deref() == Some("off") {
             None
         } else {
             Some((
-                duration("keepalive_idle", keepalive_idle, "60s")?,
-                duration(
-                    "keepalive_interval",
-                    args.keepalive_interval.or(file.keepalive_interval),
-                    "10s",
-                )?,
+                duration("keepalive_idle", keepalive_idle)?,
+                duration("keepalive_interval", args.keepalive_interval)?,
             ))
         };
         let workers = args
             .workers
-            .or(file.workers)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         if workers == 0 {
             bail!("workers must be at least 1");
@@ -348,7 +339,7 @@ impl ProxySettings {
             route: proxy_core::Route::Primary,
             proxy_protocol: true,
         }];
-        if let Some(r) = args.replica_listen.or(file.replica_listen) {
+        if let Some(r) = args.replica_listen {
             listeners.push(Listener {
                 addr: socket_addr("replica_listen", &r)?,
                 route: proxy_core::Route::Replica,
@@ -397,21 +388,13 @@ impl ProxySettings {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let default_lag = proxy_core::LagLimit::default();
+        let default_lag = defaults.replica_lag;
         let replica_lag = proxy_core::LagLimit {
-            bytes: args
-                .max_replica_lag_bytes
-                .or(file.max_replica_lag_bytes)
-                .unwrap_or(default_lag.bytes),
-            time: duration(
-                "max_replica_lag",
-                args.max_replica_lag.or(file.max_replica_lag),
-                "10s",
-            )?,
+            bytes: args.max_replica_lag_bytes.unwrap_or(default_lag.bytes),
+            time: duration("max_replica_lag", args.max_replica_lag)?,
         };
         let proxy_protocol_trusted = args
             .proxy_protocol_trusted
-            .or(file.proxy_protocol_trusted)
             .unwrap_or_default()
             .iter()
             .map(|s| {
@@ -433,46 +416,28 @@ impl ProxySettings {
             listeners,
             rules,
             replica_lag,
-            replica_lag_fence: args
-                .replica_lag_fence
-                .or(file.replica_lag_fence)
-                .unwrap_or(false),
-            error_detail: args.error_detail.or(file.error_detail).unwrap_or(false),
+            replica_lag_fence: args.replica_lag_fence.unwrap_or(defaults.replica_lag_fence),
+            error_detail: args.error_detail.unwrap_or(defaults.error_detail),
             proxy_protocol_trusted,
             sni: file.sni,
             source,
             admin_listen,
             tls,
             max_connections,
-            startup_timeout: duration(
-                "startup_timeout",
-                args.startup_timeout.or(file.startup_timeout),
-                "10s",
-            )?,
-            connect_timeout: duration(
-                "connect_timeout",
-                args.connect_timeout.or(file.connect_timeout),
-                "5s",
-            )?,
-            auth_timeout: duration(
-                "auth_timeout",
-                args.auth_timeout.or(file.auth_timeout),
-                "60s",
-            )?,
-            shutdown_grace: duration(
-                "shutdown_grace",
-                args.shutdown_grace.or(file.shutdown_grace),
-                "30s",
-            )?,
+            startup_timeout: duration("startup_timeout", args.startup_timeout)?,
+            connect_timeout: duration("connect_timeout", args.connect_timeout)?,
+            auth_timeout: duration("auth_timeout", args.auth_timeout)?,
+            shutdown_grace: duration("shutdown_grace", args.shutdown_grace)?,
             keepalive,
-            cancel_rate_per_second: args.cancel_rate.or(file.cancel_rate).unwrap_or(100),
+            cancel_rate_per_second: args.cancel_rate.unwrap_or(defaults.cancel_rate_per_second),
             workers,
         })
     }
 
-    /// Loads the file named by `--config` (if any) and resolves.
-    pub fn load(args: ProxyArgs) -> Result<Self> {
-        let file = match &args.config {
+    /// Reads the sections of the file named by `--config` (if any; its
+    /// other keys are already in `args`) and resolves.
+    pub fn load(args: ProxyArgs, config: Option<&Path>) -> Result<Self> {
+        let file = match config {
             Some(p) => FileConfig::load(p)?,
             None => FileConfig::default(),
         };
@@ -484,9 +449,25 @@ impl ProxySettings {
 mod tests {
     use super::*;
 
+    /// `keelson proxy ARGS --config FILE` with FILE holding `toml`.
+    fn settings(args: &[&str], toml: &str) -> Result<ProxySettings> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("proxy.toml");
+        std::fs::write(&file, toml).unwrap();
+        let mut argv: Vec<std::ffi::OsString> = vec!["keelson".into(), "proxy".into()];
+        argv.extend(args.iter().map(Into::into));
+        argv.extend(["--config".into(), file.clone().into_os_string()]);
+        let cli = crate::args::parse(argv)?;
+        let crate::Command::Proxy(a) = cli.command else {
+            panic!("not the proxy")
+        };
+        ProxySettings::load(a, Some(&file))
+    }
+
     #[test]
     fn flags_win_over_file_over_defaults() {
-        let file = FileConfig::parse(
+        let s = settings(
+            &["--listen", "127.0.0.1:7001"],
             r#"
             listen = "0.0.0.0:7000"
             backend = "db:5432"
@@ -495,11 +476,6 @@ mod tests {
             "#,
         )
         .unwrap();
-        let args = ProxyArgs {
-            listen: Some("127.0.0.1:7001".into()),
-            ..Default::default()
-        };
-        let s = ProxySettings::resolve(args, file).unwrap();
         assert_eq!(s.listeners[0].addr.to_string(), "127.0.0.1:7001");
         assert_eq!(s.source, Source::Static("db:5432".into(), vec![]));
         assert_eq!(s.startup_timeout, Duration::from_secs(3));
@@ -510,7 +486,8 @@ mod tests {
 
     #[test]
     fn routing_settings() {
-        let file = FileConfig::parse(
+        let s = settings(
+            &[],
             r#"
             store = "file:///x"
             cluster = "main"
@@ -533,7 +510,6 @@ mod tests {
             "#,
         )
         .unwrap();
-        let s = ProxySettings::resolve(ProxyArgs::default(), file).unwrap();
         let routes: Vec<_> = s
             .listeners
             .iter()
@@ -554,16 +530,16 @@ mod tests {
         assert_eq!(s.rules[0].route, proxy_core::Route::Any);
         assert_eq!(s.sni["b.example.com"], "b");
         let bad = |toml: &str| {
-            let f = FileConfig::parse(&format!("backend = \"h:1\"\n{toml}")).unwrap();
             format!(
                 "{:#}",
-                ProxySettings::resolve(ProxyArgs::default(), f).unwrap_err()
+                settings(&[], &format!("backend = \"h:1\"\n{toml}")).unwrap_err()
             )
         };
         assert!(bad("[[rules]]\nroute = \"sideways\"").contains("rules[0]: route \"sideways\""));
         assert!(bad("[[rules]]\nsource = \"nope\"\nroute = \"any\"").contains("not a network"));
         assert!(bad("proxy_protocol_trusted = [\"x\"]").contains("proxy_protocol_trusted"));
         assert!(bad("[sni]\n\"a\" = \"b\"").contains("store mode"));
+        assert!(bad("bogus = 1").contains("no setting \"bogus\""));
     }
 
     #[test]
@@ -586,7 +562,6 @@ mod tests {
         };
         let e = ProxySettings::resolve(bad_duration, FileConfig::default()).unwrap_err();
         assert!(format!("{e:#}").contains("startup_timeout"));
-        assert!(FileConfig::parse("bogus = 1").is_err());
         let both = ProxyArgs {
             backend: Some("h:1".into()),
             store: Some("file:///x".into()),
@@ -598,5 +573,56 @@ mod tests {
             ..Default::default()
         };
         assert!(err(no_cluster).contains("--cluster"));
+    }
+
+    /// docs/configuration.md lists every flag of `keelson proxy` with its
+    /// file key and its default from [`default_of`], and nothing else: the
+    /// page cannot drift from the schema.
+    #[test]
+    fn the_configuration_page_matches_the_schema() {
+        use clap::CommandFactory;
+        let page = include_str!("../../docs/configuration.md");
+        let rows: Vec<Vec<String>> = page
+            .lines()
+            .filter(|l| l.starts_with("| `--"))
+            .map(|l| l.split('|').map(|c| c.trim().to_owned()).collect())
+            .collect();
+        let cmd = crate::Cli::command();
+        let proxy = cmd.find_subcommand("proxy").unwrap();
+        let mut documented = std::collections::BTreeSet::new();
+        for row in &rows {
+            // | `--a`, `--b` | `a`, `b` | default | meaning |
+            for (flag, key) in row[1].split(", ").zip(row[2].split(", ")) {
+                let flag = flag.trim_matches('`').trim_start_matches("--").to_owned();
+                documented.insert(flag.clone());
+                if flag == "log" || flag == "config" {
+                    continue;
+                }
+                let arg = proxy
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some(flag.as_str()))
+                    .unwrap_or_else(|| panic!("--{flag} is documented but not a flag"));
+                assert_eq!(key.trim_matches('`'), flag.replace('-', "_"), "--{flag}");
+                let env = format!("KEELSON_{}", flag.replace('-', "_").to_uppercase());
+                assert_eq!(
+                    arg.get_env().and_then(|e| e.to_str()),
+                    Some(env.as_str()),
+                    "--{flag}"
+                );
+                if let Some(d) = default_of(&flag) {
+                    assert_eq!(row[3], format!("`{d}`"), "the default of --{flag}");
+                }
+            }
+        }
+        for a in proxy.get_arguments() {
+            if let Some(l) = a.get_long() {
+                if l != "help" {
+                    assert!(
+                        documented.contains(l),
+                        "--{l} is not in docs/configuration.md"
+                    );
+                }
+            }
+        }
     }
 }

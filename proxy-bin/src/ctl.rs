@@ -9,7 +9,7 @@ use cluster::{AnyStore, Cas, ClusterData, ClusterSpec, Keys, Store};
 #[derive(Debug, Clone, clap::Args)]
 pub struct CtlArgs {
     #[command(flatten)]
-    pub cluster: crate::roles::ClusterArgs,
+    pub cluster: crate::args::ClusterArgs,
     #[command(subcommand)]
     pub command: CtlCommand,
 }

@@ -2,6 +2,7 @@
 //! each role. `main` only starts tracing and calls [`run`].
 
 pub mod admin;
+pub mod args;
 pub mod config;
 pub mod ctl;
 pub mod roles;
@@ -20,6 +21,11 @@ pub struct Cli {
     /// Log filter, as in RUST_LOG (e.g. "info" or "proxy_core=debug").
     #[arg(long, global = true, env = "KEELSON_LOG", default_value = "info")]
     pub log: String,
+    /// TOML file with settings of any command: keys are flag names in snake
+    /// case, at the top level or in a table named after the command
+    /// (flags and KEELSON_* variables win over it).
+    #[arg(long, global = true, env = "KEELSON_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -61,7 +67,9 @@ pub fn init_tracing(filter: &str) {
 /// Runs the command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Proxy(args) => serve::run(config::ProxySettings::load(args)?),
+        Command::Proxy(args) => {
+            serve::run(config::ProxySettings::load(args, cli.config.as_deref())?)
+        }
         Command::Ctl(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?

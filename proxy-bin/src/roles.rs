@@ -8,25 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use cluster::{Cas, ClusterData, ClusterSpec, Keys, Store};
 
-/// Where a role finds its cluster.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ClusterArgs {
-    /// Cluster store: file:///dir or etcd://host:2379[,host:2379...].
-    #[arg(long, env = "KEELSON_STORE")]
-    pub store: String,
-    /// Name of the cluster.
-    #[arg(long, env = "KEELSON_CLUSTER")]
-    pub cluster: String,
-    /// Key prefix in the store.
-    #[arg(long, env = "KEELSON_PREFIX", default_value = cluster::store::DEFAULT_PREFIX)]
-    pub prefix: String,
-}
-
-impl ClusterArgs {
-    pub fn keys(&self) -> Keys {
-        Keys::new(&self.prefix, &self.cluster)
-    }
-}
+pub use crate::args::ClusterArgs;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct KeeperArgs {
@@ -103,16 +85,16 @@ pub struct SentinelArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     /// Directory for the demo's store and data [default: a new temporary directory].
-    #[arg(long)]
+    #[arg(long, env = "KEELSON_DIR")]
     pub dir: Option<PathBuf>,
     /// Number of keepers (PostgreSQL instances).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "KEELSON_KEEPERS", default_value_t = 2)]
     pub keepers: usize,
     /// Address of the proxy.
-    #[arg(long, default_value = "127.0.0.1:6432")]
+    #[arg(long, env = "KEELSON_LISTEN", default_value = crate::config::DEFAULT_LISTEN)]
     pub listen: SocketAddr,
     /// Address of the proxy's replica route [default: the next port].
-    #[arg(long)]
+    #[arg(long, env = "KEELSON_REPLICA_LISTEN")]
     pub replica_listen: Option<SocketAddr>,
 }
 
@@ -263,8 +245,11 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let common = ["--store", &store_url, "--cluster", "demo"];
     let mut children = Children(Vec::new());
     let spawn = |name: &str, args: &[&str], children: &mut Children| -> Result<()> {
+        // The demo's roles get every setting as a flag; a config file
+        // meant for the demo command is not theirs.
         let c = Command::new(&exe)
             .args(args)
+            .env_remove("KEELSON_CONFIG")
             .stdout(log(name)?)
             .stderr(log(name)?)
             .spawn()

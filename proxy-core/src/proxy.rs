@@ -386,6 +386,25 @@ impl Proxy {
     }
 }
 
+/// The size of one session's future over `S` (for a test of its size).
+#[cfg(test)]
+pub(crate) fn session_future_size<S>(io: S) -> usize
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let proxy = Proxy::new(ProxyConfig::default(), ViewHandle::new(View::default()));
+    let guard = ActiveGuard(proxy.shared.clone());
+    proxy.shared.active.fetch_add(1, Ordering::AcqRel);
+    let f = crate::session::run(
+        proxy.shared.clone(),
+        io,
+        SocketAddr::from(([127, 0, 0, 1], 1)),
+        Arc::new(ListenerOptions::default()),
+        guard,
+    );
+    std::mem::size_of_val(&f)
+}
+
 /// Answers a connection over the limit: finish its startup phase (so that
 /// TLS clients can read the answer), then 53300.
 async fn refuse_over_limit<S>(shared: &Shared, io: S)

@@ -518,3 +518,14 @@ fn no_variant_shows_an_address_or_os_error_to_clients() {
     };
     assert!(e.to_string().contains("10.1.2.3:5432") && e.to_string().contains("os error 111"));
 }
+
+/// Every idle session keeps its whole future: the setup and refusal steps
+/// are boxed so that only the forwarding state stays (1760 bytes over TCP
+/// when this was measured; it was 3328 with the steps inline).
+#[test]
+fn the_session_future_stays_small() {
+    let (_a, b) = tokio::io::duplex(64);
+    let size = crate::proxy::session_future_size(b);
+    eprintln!("session future: {size} bytes");
+    assert!(size <= 2048, "the session future grew to {size} bytes");
+}
