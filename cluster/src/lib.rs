@@ -5,6 +5,7 @@
 pub mod data;
 pub mod etcd;
 pub mod file;
+pub mod status;
 pub mod store;
 
 use std::time::Duration;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use cluster::status::ClusterStatus;
 use cluster::{AnyStore, Cas, ClusterData, ClusterSpec, Keys, Store};
 
 /// Options shared by every `ctl` command.
@@ -99,10 +100,6 @@ async fn read(store: &AnyStore, keys: &Keys) -> Result<(ClusterData, i64)> {
     Ok((ClusterData::from_json(&kv.value)?, kv.mod_revision))
 }
 
-fn lsn(v: u64) -> String {
-    format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
-}
-
 /// Reads a spec file an operator wrote: JSON, every field optional,
 /// unknown fields refused (a typo must not be silently ignored).
 fn read_spec(path: &std::path::Path) -> Result<ClusterSpec> {
@@ -120,54 +117,6 @@ fn read_spec(path: &std::path::Path) -> Result<ClusterSpec> {
     }
     spec.validate()?;
     Ok(spec)
-}
-
-/// The `status --json` document.
-pub async fn status_json(store: &AnyStore, keys: &Keys) -> Result<serde_json::Value> {
-    let (data, _) = read(store, keys).await?;
-    let master = data.proxy.master_db.as_ref().and_then(|m| data.dbs.get(m));
-    let keepers: Vec<_> = data
-        .dbs
-        .values()
-        .map(|db| {
-            let mut k = serde_json::json!({
-                "uid": db.keeper,
-                "role": db.spec.role.as_str(),
-                "healthy": db.status.healthy,
-                "address": db.status.address,
-                // Never known (a keeper that has not reported a running
-                // PostgreSQL yet) is not 0/0.
-                "lsn": (db.status.lsn > 0 || db.status.timeline > 0).then(|| lsn(db.status.lsn)),
-                "lag_bytes": master.map(|m| m.status.lsn.saturating_sub(db.status.lsn)),
-                "timeline": db.status.timeline,
-                "streaming": db.status.streaming,
-                "problem": db.status.problem,
-            });
-            if db.spec.role == cluster::data::Role::Master {
-                k["synchronous_standbys"] = serde_json::json!(db.spec.synchronous_standbys);
-                k["sync_confirmed"] = serde_json::json!(db.status.sync_confirmed);
-            }
-            k
-        })
-        .collect();
-    let (proxies, _) = store.list(&keys.proxies()).await?;
-    let proxies: Vec<_> = proxies
-        .iter()
-        .filter_map(|kv| serde_json::from_str::<cluster::data::ProxyReport>(&kv.value).ok())
-        .map(|p| serde_json::json!({ "uid": p.uid, "generation": p.generation }))
-        .collect();
-    Ok(serde_json::json!({
-        "cluster": keys.base(),
-        "phase": data.phase,
-        "generation": data.proxy.generation,
-        "master": master.map(|m| serde_json::json!({ "keeper": m.keeper, "address": m.status.address })),
-        "failover": data.failover.as_ref().map(|f| serde_json::json!({
-            "reason": f.reason, "from": f.from, "to": f.to,
-        })),
-        "notice": data.notice,
-        "keepers": keepers,
-        "proxies": proxies,
-    }))
 }
 
 /// Marks `uid` failed and reports what the sentinel did about it.
@@ -341,7 +290,7 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             println!("keeper {uid} removed; stop its process, or it joins again as a new standby");
         }
         CtlCommand::Status { json } => {
-            let s = status_json(&store, &keys).await?;
+            let s = cluster::status::read(&store, &keys).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -352,34 +301,35 @@ pub async fn run(args: CtlArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_table(s: &serde_json::Value) {
-    let text = |v: &serde_json::Value| match v {
-        serde_json::Value::Null => "-".to_owned(),
-        v => v
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| v.to_string()),
-    };
-    println!("cluster:    {}", text(&s["cluster"]));
-    println!("phase:      {}", text(&s["phase"]));
-    println!("generation: {}", s["generation"]);
-    match s["master"].as_object() {
+fn print_table(s: &ClusterStatus) {
+    let or_dash = |v: Option<&str>| v.unwrap_or("-").to_owned();
+    let num = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    println!("cluster:    {}", s.cluster);
+    println!(
+        "phase:      {}",
+        serde_json::to_value(s.phase)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    );
+    println!("generation: {}", s.generation);
+    match &s.master {
         Some(m) => println!(
             "primary:    {} at {}",
-            text(&m["keeper"]),
-            text(&m["address"])
+            m.keeper,
+            or_dash(m.address.as_deref())
         ),
         None => println!("primary:    none"),
     }
-    if let Some(f) = s["failover"].as_object() {
+    if let Some(f) = &s.failover {
         println!(
             "{}: from {} to {}",
-            text(&f["reason"]),
-            text(&f["from"]),
-            f["to"].as_str().unwrap_or("(not chosen yet)")
+            f.reason,
+            f.from,
+            f.to.as_deref().unwrap_or("(not chosen yet)")
         );
     }
-    if let Some(n) = s["notice"].as_str() {
+    if let Some(n) = &s.notice {
         println!("notice:     {n}");
     }
     println!();
@@ -387,34 +337,25 @@ fn print_table(s: &serde_json::Value) {
         "{:<16} {:<8} {:<8} {:<22} {:<12} {:>10} {:>8}",
         "KEEPER", "ROLE", "HEALTHY", "ADDRESS", "LSN", "LAG", "TIMELINE"
     );
-    for k in s["keepers"].as_array().into_iter().flatten() {
+    for k in &s.keepers {
         println!(
             "{:<16} {:<8} {:<8} {:<22} {:<12} {:>10} {:>8}",
-            text(&k["uid"]),
-            text(&k["role"]),
-            text(&k["healthy"]),
-            text(&k["address"]),
-            text(&k["lsn"]),
-            text(&k["lag_bytes"]),
-            text(&k["timeline"])
+            k.uid,
+            k.role,
+            k.healthy,
+            or_dash(k.address.as_deref()),
+            or_dash(k.lsn.as_deref()),
+            num(k.lag_bytes),
+            k.timeline
         );
-        if let Some(p) = k["problem"].as_str() {
-            println!("    {}: {p}", text(&k["uid"]));
+        if let Some(p) = &k.problem {
+            println!("    {}: {p}", k.uid);
         }
-        if let Some(sync) = k["synchronous_standbys"]
-            .as_array()
-            .filter(|a| !a.is_empty())
-        {
-            let names: Vec<String> = sync.iter().map(text).collect();
-            let confirmed: Vec<String> = k["sync_confirmed"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(text)
-                .collect();
+        if let Some(sync) = k.synchronous_standbys.as_ref().filter(|a| !a.is_empty()) {
+            let confirmed = k.sync_confirmed.clone().unwrap_or_default();
             println!(
                 "    synchronous standbys: {} (confirmed: {})",
-                names.join(", "),
+                sync.join(", "),
                 if confirmed.is_empty() {
                     "none".into()
                 } else {
@@ -425,7 +366,7 @@ fn print_table(s: &serde_json::Value) {
     }
     println!();
     println!("{:<32} {:>10}", "PROXY", "GENERATION");
-    for p in s["proxies"].as_array().into_iter().flatten() {
-        println!("{:<32} {:>10}", text(&p["uid"]), text(&p["generation"]));
+    for p in &s.proxies {
+        println!("{:<32} {:>10}", p.uid, p.generation);
     }
 }

@@ -305,11 +305,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let status = rt.block_on(async {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
-            if let Ok(s) = crate::ctl::status_json(&store, &keys).await {
-                let standbys_ready = s["keepers"].as_array().is_some_and(|k| {
-                    k.iter().filter(|k| k["healthy"] == true).count() >= args.keepers
-                });
-                if !s["master"].is_null() && standbys_ready {
+            if let Ok(s) = cluster::status::read(&store, &keys).await {
+                if s.master.is_some() && s.healthy_keepers() >= args.keepers {
                     return Ok(s);
                 }
             }
