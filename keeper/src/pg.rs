@@ -388,7 +388,10 @@ impl Instance {
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            let in_recovery: bool = c.query_one("SELECT pg_is_in_recovery()", &[]).await?.get(0);
+            let in_recovery: bool = c
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await?
+                .try_get(0)?;
             Ok(!in_recovery)
         })
         .await
@@ -824,8 +827,8 @@ impl Instance {
                 )
                 .await?
                 .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<std::result::Result<_, tokio_postgres::Error>>()?;
             for w in wanted {
                 if !have.iter().any(|(h, _)| h == w) {
                     c.execute("SELECT pg_create_physical_replication_slot($1, true)", &[w])

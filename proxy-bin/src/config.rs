@@ -247,14 +247,24 @@ pub fn default_uid() -> String {
     format!("proxy-{}-{}", host.trim(), std::process::id())
 }
 
-/// The duration setting `name` (its file key), or its default.
+/// The duration setting `name` (its file key), or its default. Longer
+/// than [`cluster::data::MAX_DURATION`] is refused: deadlines are computed
+/// by adding it to the clock, which must not overflow.
 fn duration(name: &str, v: Option<String>) -> Result<Duration> {
     let s = v
         .or_else(|| default_of(&name.replace('_', "-")))
         .unwrap_or_default();
-    humantime::parse_duration(&s).with_context(|| {
+    let d = humantime::parse_duration(&s).with_context(|| {
         format!("{name} = {s:?} is not a duration; write it like \"10s\" or \"1m30s\"")
-    })
+    })?;
+    let max = cluster::data::MAX_DURATION;
+    if d > max {
+        bail!(
+            "{name} = {s:?} is longer than the limit of {}",
+            humantime::format_duration(max)
+        );
+    }
+    Ok(d)
 }
 
 fn socket_addr(name: &str, s: &str) -> Result<SocketAddr> {
@@ -562,6 +572,21 @@ mod tests {
         };
         let e = ProxySettings::resolve(bad_duration, FileConfig::default()).unwrap_err();
         assert!(format!("{e:#}").contains("startup_timeout"));
+        // A duration that would overflow the clock is refused, not a panic
+        // at the first session.
+        let huge = ProxyArgs {
+            backend: Some("h:1".into()),
+            auth_timeout: Some("100000y".into()),
+            ..Default::default()
+        };
+        let e = format!(
+            "{:#}",
+            ProxySettings::resolve(huge, FileConfig::default()).unwrap_err()
+        );
+        assert!(
+            e.contains("auth_timeout") && e.contains("longer than the limit"),
+            "{e}"
+        );
         let both = ProxyArgs {
             backend: Some("h:1".into()),
             store: Some("file:///x".into()),

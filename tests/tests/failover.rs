@@ -649,7 +649,12 @@ async fn switchover_under_write_load_loses_nothing_and_refuses_no_one() {
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Writes flow before the switchover begins.
+    crate::assert_eventually!(
+        acked.lock().unwrap().len() >= 50,
+        Duration::from_secs(20),
+        "the writer got no acknowledgements"
+    );
     let out = Command::new(keelson_bin())
         .args([
             "ctl",
@@ -677,7 +682,13 @@ async fn switchover_under_write_load_loses_nothing_and_refuses_no_one() {
         "the switchover did not complete"
     );
     let took = started.elapsed();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // And flow again after it, on the new primary.
+    let before = acked.lock().unwrap().len();
+    crate::assert_eventually!(
+        acked.lock().unwrap().len() >= before + 50,
+        Duration::from_secs(20),
+        "no writes acknowledged after the switchover"
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
     eprintln!("switchover named the new primary after {took:?}");

@@ -133,11 +133,25 @@ async fn graceful_shutdown_lets_work_finish_then_ends_the_rest() {
     idle.simple_query("SELECT 1").await.unwrap();
     let busy = connect(&proxy.conn("postgres")).await;
     let busy_query = tokio::spawn(async move {
-        let r = busy.simple_query("SELECT pg_sleep(0.5)").await;
+        let r = busy.simple_query("SELECT pg_sleep(1)").await;
         drop(busy);
         r
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The busy query is running before shutdown begins.
+    let direct = pg.superuser().await;
+    crate::assert_eventually!(
+        direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query = 'SELECT pg_sleep(1)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) == 1)
+            .unwrap_or(false),
+        Duration::from_millis(900),
+        "the busy query never started"
+    );
     let p = proxy.proxy.clone();
     let shutdown = tokio::spawn(async move { p.shutdown(Duration::from_secs(2)).await });
     // New connections are refused from now on.
