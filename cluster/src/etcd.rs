@@ -59,10 +59,11 @@ impl Fail {
 }
 
 async fn deadline<T>(
+    limit: Duration,
     f: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
 ) -> std::result::Result<T, Fail> {
     use etcd_client::Error as E;
-    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+    match tokio::time::timeout(limit, f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(E::TransportError(e))) => Err(Fail::Retry(e.to_string())),
         Ok(Err(E::GRpcStatus(s)))
@@ -77,14 +78,18 @@ async fn deadline<T>(
             Err(Fail::Retry(s.to_string()))
         }
         Ok(Err(e)) => Err(Fail::Final(unavailable(e))),
-        Err(_) => Err(Fail::Retry(format!("no answer within {REQUEST_TIMEOUT:?}"))),
+        Err(_) => Err(Fail::Retry(format!("no answer within {limit:?}"))),
     }
 }
 
 /// Runs one request against the endpoints in turn, starting with the one
-/// that answered last, until one answers.
+/// that answered last, until one answers; each gets [`REQUEST_TIMEOUT`], or
+/// the limit given first.
 macro_rules! call {
-    ($self:ident, |$c:ident| $req:expr) => {{
+    ($self:ident, |$c:ident| $req:expr) => {
+        call!($self, REQUEST_TIMEOUT, |$c| $req)
+    };
+    ($self:ident, $limit:expr, |$c:ident| $req:expr) => {{
         let n = $self.clients.len();
         let start = $self.current.load(Ordering::Relaxed);
         let mut result = Err(StoreError::Unavailable("etcd: no endpoint".into()));
@@ -92,7 +97,7 @@ macro_rules! call {
             let idx = (start + i) % n;
             #[allow(unused_mut)]
             let mut $c = $self.clients[idx].clone();
-            match deadline($req).await {
+            match deadline($limit, $req).await {
                 Ok(v) => {
                     $self.current.store(idx, Ordering::Relaxed);
                     result = Ok(v);
@@ -309,7 +314,11 @@ impl Store for EtcdStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
-        let r = call!(self, |c| async move {
+        self.keep_alive_within(lease, REQUEST_TIMEOUT).await
+    }
+
+    async fn keep_alive_within(&self, lease: LeaseId, attempt: Duration) -> Result<()> {
+        let r = call!(self, attempt.min(REQUEST_TIMEOUT), |c| async move {
             let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
             keeper.keep_alive().await?;
             stream.message().await

@@ -90,6 +90,9 @@ impl Store for AnyStore {
     async fn keep_alive(&self, lease: LeaseId) -> store::Result<()> {
         delegate!(self, s => s.keep_alive(lease).await)
     }
+    async fn keep_alive_within(&self, lease: LeaseId, attempt: Duration) -> store::Result<()> {
+        delegate!(self, s => s.keep_alive_within(lease, attempt).await)
+    }
     async fn revoke(&self, lease: LeaseId) -> store::Result<()> {
         delegate!(self, s => s.revoke(lease).await)
     }

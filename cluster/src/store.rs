@@ -119,6 +119,19 @@ pub trait Store: Send + Sync + 'static {
     fn grant(&self, ttl: Duration) -> impl Future<Output = Result<LeaseId>> + Send;
     /// Renews a lease once. Fails with `LeaseExpired` if it is gone.
     fn keep_alive(&self, lease: LeaseId) -> impl Future<Output = Result<()>> + Send;
+    /// [`Store::keep_alive`], giving each server of the store at most
+    /// `attempt` before trying the next one (a store with several servers;
+    /// the others ignore `attempt`). A holder that must renew within a
+    /// budget (the keeper's lease, within `fence_timeout`) bounds what one
+    /// hung server can cost it: `attempt`, not [`REQUEST_TIMEOUT`].
+    fn keep_alive_within(
+        &self,
+        lease: LeaseId,
+        attempt: Duration,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = attempt;
+        self.keep_alive(lease)
+    }
     /// Revokes a lease, deleting its keys.
     fn revoke(&self, lease: LeaseId) -> impl Future<Output = Result<()>> + Send;
 

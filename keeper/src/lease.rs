@@ -17,7 +17,16 @@
 //!   already be failing the primary over, and the keeper must learn that
 //!   before it counts itself safe;
 //! - the fence is watched by a thread of its own, not a task, so that a
-//!   stalled runtime cannot keep it from firing.
+//!   stalled runtime cannot keep it from firing;
+//! - a renewal gives each store server one keep-alive period `P` before it
+//!   tries the next (`Store::keep_alive_within`). With `F` the fence
+//!   timeout: a keep-alive sent at `t` follows one sent at `t - P`, so when
+//!   the server it goes to hangs, the next server must answer before
+//!   `t - P + F`; the hung one costs `P`, so that leaves `F - 2P` for it,
+//!   at least `F / 3` since the spec validates `F >= 3P` (1 s with the
+//!   defaults). With the store's 2 s request timeout instead, it left
+//!   250 ms, and a primary whose etcd member was cut from its peers fenced
+//!   itself (seen in the fault lab's `EtcdMinority`).
 //!
 //! Times are `CLOCK_BOOTTIME` milliseconds, which go on while the machine
 //! is suspended: a host that wakes up finds its fence expired.
@@ -210,7 +219,10 @@ pub async fn renew(store: AnyStore, lease: Arc<Lease>, saved: std::path::PathBuf
             }
         } else {
             let sent = now_ms();
-            match store.keep_alive(id).await {
+            // One hung store server may cost one period, not the store's
+            // request timeout (module doc).
+            let period = Duration::from_millis(lease.period_ms.load(Ordering::Relaxed).max(50));
+            match store.keep_alive_within(id, period).await {
                 Ok(()) => {
                     if lease.id() == id {
                         lease.sent_ms.store(sent, Ordering::Release);

@@ -272,3 +272,45 @@ async fn etcd_history_is_compacted_and_old_watches_are_told() {
         "{got:?}"
     );
 }
+
+/// The keeper renews its lease within `fence_timeout` (F), every keep-alive
+/// period (P). When the etcd member it talks to hangs (cut from its peers,
+/// or its link stalls), the renewal must reach another member in time:
+/// each member gets P, so the hung one costs P and the renewal lands by
+/// 2P + a round trip, within F (>= 3P). With the store's 2 s request
+/// timeout per member, a renewal took over 2 s, leaving 250 ms of a 3 s
+/// fence timeout: the fault lab saw a primary fence itself that way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_renewal_moves_past_a_hung_etcd_member_within_one_period() {
+    let etcd = EtcdServer::start().await;
+    let hung = crate::support::Link::start(etcd.port).await;
+    let good = crate::support::Link::start(etcd.port).await;
+    let url = format!("etcd://127.0.0.1:{},127.0.0.1:{}", hung.port, good.port);
+    let s = cluster::open(&url).await.unwrap();
+    let lease = s.grant(Duration::from_secs(10)).await.unwrap();
+    s.keep_alive(lease).await.unwrap();
+    // The first endpoint answered; now it stalls.
+    hung.cut();
+    // The fault lab's spec: F = 3 s, so P = 750 ms.
+    let spec = cluster::ClusterSpec {
+        fence_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    spec.validate().unwrap();
+    let (period, fence) = (spec.keeper_keepalive_period(), spec.fence_timeout);
+    let t = std::time::Instant::now();
+    s.keep_alive_within(lease, period).await.unwrap();
+    let took = t.elapsed();
+    eprintln!("renewal past a hung member took {took:?} (period {period:?}, fence {fence:?})");
+    // It must land before the previous renewal's time plus F, that is
+    // within F - P of being sent, and keep a third of F to spare for a
+    // slow round trip on a loaded host.
+    assert!(
+        took + period <= fence - fence / 3,
+        "a renewal past a hung member took {took:?}: with a {period:?} period it leaves less than a third of the {fence:?} fence timeout"
+    );
+    // The next renewal starts from the member that answered.
+    let t = std::time::Instant::now();
+    s.keep_alive_within(lease, period).await.unwrap();
+    assert!(t.elapsed() < period, "{:?}", t.elapsed());
+}
