@@ -156,3 +156,55 @@ pub fn of(data: &ClusterData, cluster: &str, proxies: Vec<ProxyStatus>) -> Clust
         proxies,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Db, DbSpec, DbStatus};
+    use crate::ClusterSpec;
+
+    #[test]
+    fn the_status_names_the_primary_lags_and_unknown_positions() {
+        let mut d = ClusterData::new(ClusterSpec::default());
+        let db = |keeper: &str, role: Role, lsn: u64, timeline: u32| Db {
+            keeper: keeper.into(),
+            spec: DbSpec {
+                role,
+                synchronous_standbys: vec!["k2".into()],
+                ..Default::default()
+            },
+            status: DbStatus {
+                healthy: true,
+                address: Some(format!("{keeper}:5432")),
+                lsn,
+                timeline,
+                sync_confirmed: vec!["k2".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        d.dbs
+            .insert("k1".into(), db("k1", Role::Master, 0x1_0000_0100, 2));
+        d.dbs
+            .insert("k2".into(), db("k2", Role::Standby, 0x1_0000_0000, 2));
+        d.dbs.insert("k3".into(), db("k3", Role::Standby, 0, 0));
+        d.proxy.master_db = Some("k1".into());
+        let s = of(&d, "keelson/main", vec![]);
+        assert_eq!(s.master.as_ref().map(|m| m.keeper.as_str()), Some("k1"));
+        assert_eq!(s.keepers[0].lsn.as_deref(), Some("1/100"));
+        assert_eq!(s.keepers[1].lag_bytes, Some(0x100));
+        assert_eq!(s.keepers[2].lsn, None, "never reported is not 0/0");
+        assert_eq!(
+            s.keepers[0].synchronous_standbys.as_deref(),
+            Some(&["k2".to_owned()][..])
+        );
+        assert!(
+            s.keepers[1].synchronous_standbys.is_none(),
+            "only on the primary"
+        );
+        assert_eq!(s.healthy_keepers(), 3);
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["master"]["keeper"], "k1");
+        assert!(json["keepers"][1].get("synchronous_standbys").is_none());
+    }
+}

@@ -118,197 +118,53 @@ pub enum SessionError {
 
 impl SessionError {
     /// The one table of what each error means. Exhaustive: a new variant
-    /// does not compile until it has its row.
+    /// does not compile until it has its row. Columns: side at fault,
+    /// reason label, SQLSTATE (`None`: the client cannot read one), the
+    /// client's message (`log`: the Display text, which names no address
+    /// or OS error for these variants), hint, retry safe.
+    #[rustfmt::skip]
     pub fn meta(&self) -> Meta {
         use ErrorKind::{Backend, Client, Policy};
         use SessionError::*;
-        let shown = |m: String| Cow::Owned(m);
+        let log = || Cow::Owned(self.to_string());
+        let said = |m: String| Cow::Owned(m);
         let fixed = Cow::Borrowed;
-        let safe_connect =
-            "Check that PostgreSQL is running and reachable from the proxy; retrying is safe.";
-        let row = |kind, reason, sqlstate, message, hint, retryable| Meta {
-            kind,
-            reason,
-            sqlstate,
-            message,
-            hint,
-            retryable,
+        let retry = Some("Retry in a few seconds.");
+        let check = Some("Check that PostgreSQL is running and reachable from the proxy; retrying is safe.");
+        let (kind, reason, sqlstate, message, hint, retryable) = match self {
+            Protocol(_)                => (Client,  "protocol",            Some(PROTOCOL_VIOLATION),      log(), None, false),
+            SslInjection               => (Client,  "protocol",            Some(PROTOCOL_VIOLATION),      log(), None, false),
+            RepeatedRequest(_)         => (Client,  "protocol",            Some(PROTOCOL_VIOLATION),      log(), None, false),
+            StartupTimeout(_)          => (Client,  "startup_timeout",     Some(CONNECTION_FAILURE),      log(), None, false),
+            ClientTls(_)               => (Client,  "tls",                 None, fixed("the TLS handshake with the client failed"), None, false),
+            ClientGone                 => (Client,  "client_closed",       None,                          log(), None, false),
+            ClientIo(_)                => (Client,  "client_closed",       None, fixed("client connection error"), None, false),
+            TooManyConnections(_)      => (Policy,  "limit",               Some(TOO_MANY_CONNECTIONS),    log(),
+                                           Some("Close idle connections or raise the proxy's max_connections."), true),
+            NoPrimaryAfter(_)          => (Policy,  "no_primary",          Some(CANNOT_CONNECT_NOW),      log(), retry, true),
+            BackendConnect { .. }      => (Backend, "backend_unavailable", Some(CONNECTION_FAILURE),
+                                           fixed("could not connect to the database server"), check, true),
+            BackendConnectTimeout { timeout, .. } => (Backend, "backend_unavailable", Some(CONNECTION_FAILURE),
+                                           said(format!("connecting to the database server timed out after {timeout:?}")), check, true),
+            AuthTimeout { timeout, .. } => (Backend, "backend_error",      Some(CONNECTION_FAILURE),
+                                           said(format!("the database server did not finish authentication within {timeout:?}")), None, false),
+            BackendIo { .. }           => (Backend, "backend_error",       Some(CONNECTION_FAILURE),
+                                           fixed("lost the connection to the database server"), None, false),
+            ShuttingDown               => (Policy,  "shutdown",            Some(CANNOT_CONNECT_NOW),      log(), retry, true),
+            FencedWhileConnecting      => (Policy,  "fenced",              Some(CANNOT_CONNECT_NOW),      log(),
+                                           Some("Retry: new sessions go to the new primary."), true),
+            BadRoute(_)                => (Client,  "bad_route",           Some(INVALID_PARAMETER_VALUE), log(), None, false),
+            NoReplicaAfter(_)          => (Policy,  "no_replica",          Some(CANNOT_CONNECT_NOW),      log(),
+                                           Some("Retry later, or use keelson.route=prefer-replica to fall back to the primary."), true),
+            WrongServerRole { is_standby, .. } => (Policy, "wrong_server_role", Some(CANNOT_CONNECT_NOW),
+                                           said(format!("the server is {}, but this session's route needs {}; the cluster is changing",
+                                               if *is_standby { "a standby" } else { "a primary" },
+                                               if *is_standby { "the primary" } else { "a standby" })),
+                                           Some("Retry: nothing was run on that server."), true),
+            ProxyHeader(_)             => (Client,  "proxy_protocol",      Some(PROTOCOL_VIOLATION),      log(), None, false),
+            DirectTlsWithoutAlpn       => (Client,  "tls",                 Some(PROTOCOL_VIOLATION),      log(), None, false),
         };
-        match self {
-            Protocol(e) => row(
-                Client,
-                "protocol",
-                Some(PROTOCOL_VIOLATION),
-                shown(e.to_string()),
-                None,
-                false,
-            ),
-            SslInjection => row(
-                Client,
-                "protocol",
-                Some(PROTOCOL_VIOLATION),
-                shown(self.to_string()),
-                None,
-                false,
-            ),
-            RepeatedRequest(_) => row(
-                Client,
-                "protocol",
-                Some(PROTOCOL_VIOLATION),
-                shown(self.to_string()),
-                None,
-                false,
-            ),
-            StartupTimeout(_) => row(
-                Client,
-                "startup_timeout",
-                Some(CONNECTION_FAILURE),
-                shown(self.to_string()),
-                None,
-                false,
-            ),
-            // The client cannot read an ErrorResponse: TLS failed or it left.
-            ClientTls(_) => row(
-                Client,
-                "tls",
-                None,
-                fixed("the TLS handshake with the client failed"),
-                None,
-                false,
-            ),
-            ClientGone => row(
-                Client,
-                "client_closed",
-                None,
-                shown(self.to_string()),
-                None,
-                false,
-            ),
-            ClientIo(_) => row(
-                Client,
-                "client_closed",
-                None,
-                fixed("client connection error"),
-                None,
-                false,
-            ),
-            TooManyConnections(_) => row(
-                Policy,
-                "limit",
-                Some(TOO_MANY_CONNECTIONS),
-                shown(self.to_string()),
-                Some("Close idle connections or raise the proxy's max_connections."),
-                true,
-            ),
-            NoPrimaryAfter(_) => row(
-                Policy,
-                "no_primary",
-                Some(CANNOT_CONNECT_NOW),
-                shown(self.to_string()),
-                Some("Retry in a few seconds."),
-                true,
-            ),
-            BackendConnect { .. } => row(
-                Backend,
-                "backend_unavailable",
-                Some(CONNECTION_FAILURE),
-                fixed("could not connect to the database server"),
-                Some(safe_connect),
-                true,
-            ),
-            BackendConnectTimeout { timeout, .. } => row(
-                Backend,
-                "backend_unavailable",
-                Some(CONNECTION_FAILURE),
-                shown(format!(
-                    "connecting to the database server timed out after {timeout:?}"
-                )),
-                Some(safe_connect),
-                true,
-            ),
-            AuthTimeout { timeout, .. } => row(
-                Backend,
-                "backend_error",
-                Some(CONNECTION_FAILURE),
-                shown(format!(
-                    "the database server did not finish authentication within {timeout:?}"
-                )),
-                None,
-                false,
-            ),
-            BackendIo { .. } => row(
-                Backend,
-                "backend_error",
-                Some(CONNECTION_FAILURE),
-                fixed("lost the connection to the database server"),
-                None,
-                false,
-            ),
-            ShuttingDown => row(
-                Policy,
-                "shutdown",
-                Some(CANNOT_CONNECT_NOW),
-                shown(self.to_string()),
-                Some("Retry in a few seconds."),
-                true,
-            ),
-            FencedWhileConnecting => row(
-                Policy,
-                "fenced",
-                Some(CANNOT_CONNECT_NOW),
-                shown(self.to_string()),
-                Some("Retry: new sessions go to the new primary."),
-                true,
-            ),
-            BadRoute(_) => row(
-                Client,
-                "bad_route",
-                Some(INVALID_PARAMETER_VALUE),
-                shown(self.to_string()),
-                None,
-                false,
-            ),
-            NoReplicaAfter(_) => row(
-                Policy,
-                "no_replica",
-                Some(CANNOT_CONNECT_NOW),
-                shown(self.to_string()),
-                Some(
-                    "Retry later, or use keelson.route=prefer-replica to fall back to the primary.",
-                ),
-                true,
-            ),
-            WrongServerRole { is_standby, .. } => {
-                row(
-                    Policy,
-                    "wrong_server_role",
-                    Some(CANNOT_CONNECT_NOW),
-                    shown(format!(
-                    "the server is {}, but this session's route needs {}; the cluster is changing",
-                    if *is_standby { "a standby" } else { "a primary" },
-                    if *is_standby { "the primary" } else { "a standby" }
-                )),
-                    Some("Retry: nothing was run on that server."),
-                    true,
-                )
-            }
-            ProxyHeader(_) => row(
-                Client,
-                "proxy_protocol",
-                Some(PROTOCOL_VIOLATION),
-                shown(self.to_string()),
-                None,
-                false,
-            ),
-            DirectTlsWithoutAlpn => row(
-                Client,
-                "tls",
-                Some(PROTOCOL_VIOLATION),
-                shown(self.to_string()),
-                None,
-                false,
-            ),
-        }
+        Meta { kind, reason, sqlstate, message, hint, retryable }
     }
 
     /// The side at fault, as a metric label.
