@@ -65,6 +65,36 @@ pub(crate) struct LocalCluster {
     pub(crate) keeper_urls: Vec<Option<String>>,
 }
 
+/// A failed test keeps its cluster's logs (keepers, sentinels): its
+/// temporary directory, data and all, is removed with it.
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let keep = std::env::temp_dir().join(format!(
+            "keelson-failed-{}-{}",
+            std::process::id(),
+            std::thread::current()
+                .name()
+                .unwrap_or("test")
+                .replace("::", "-")
+        ));
+        let _ = std::fs::create_dir_all(&keep);
+        for e in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = e.path();
+            if path.extension().is_some_and(|x| x == "log") {
+                let _ = std::fs::copy(&path, keep.join(e.file_name()));
+            }
+        }
+        eprintln!("the cluster's logs are kept in {}", keep.display());
+    }
+}
+
 impl LocalCluster {
     pub(crate) fn keeper_role(&self, i: usize) -> Role {
         let data = self.dir.path().join(format!("k{i}")).display().to_string();
