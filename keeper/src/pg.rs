@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use cluster::data::KeeperReport;
 use tokio::process::{Child, Command};
-use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, NoTls};
 
 /// Why an operation on PostgreSQL failed.
@@ -896,17 +895,21 @@ impl Instance {
     async fn query_report(&self, r: &mut KeeperReport) -> Result<()> {
         let c = self.connect().await?;
         let q = "SELECT pg_is_in_recovery(), \
-                 CASE WHEN pg_is_in_recovery() \
-                      THEN greatest(coalesce(pg_last_wal_receive_lsn(), '0/0'), coalesce(pg_last_wal_replay_lsn(), '0/0')) \
-                      ELSE pg_current_wal_lsn() END, \
+                 (CASE WHEN pg_is_in_recovery() \
+                       THEN greatest(coalesce(pg_last_wal_receive_lsn(), '0/0'), coalesce(pg_last_wal_replay_lsn(), '0/0')) \
+                       ELSE pg_current_wal_lsn() END - '0/0')::text, \
                  (SELECT timeline_id FROM pg_control_checkpoint())::int, \
                  (SELECT system_identifier FROM pg_control_system())::text, \
                  coalesce((SELECT array_agg(application_name::text ORDER BY application_name) FROM pg_stat_replication WHERE sync_state = 'sync'), '{}')";
         let row = c.query_one(q, &[]).await?;
-        // pg_lsn values decoded as such (postgres-types' PgLsn), not as text.
-        let number = |v: PgLsn| u64::from(v);
+        let number = |v: String| {
+            v.parse::<u64>().map_err(|_| PgError::Program {
+                program: "report".into(),
+                detail: format!("unexpected LSN {v:?}"),
+            })
+        };
         r.in_recovery = row.try_get(0)?;
-        r.lsn = Some(number(row.try_get(1)?));
+        r.lsn = Some(number(row.try_get(1)?)?);
         r.timeline = Some(row.try_get::<_, i32>(2)?.max(0) as u32);
         r.system_id = Some(row.try_get(3)?);
         r.synchronous_standbys = Some(row.try_get(4)?);
@@ -915,7 +918,7 @@ impl Instance {
             // followed a promotion; the received one is current.
             let q = "SELECT (SELECT received_tli FROM pg_stat_wal_receiver), \
                      coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false), \
-                     coalesce(pg_last_wal_replay_lsn(), '0/0'), \
+                     (coalesce(pg_last_wal_replay_lsn(), '0/0') - '0/0')::text, \
                      CASE WHEN coalesce(pg_last_wal_receive_lsn(), '0/0') <= coalesce(pg_last_wal_replay_lsn(), '0/0') THEN 0 \
                           ELSE (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END";
             let row = c.query_one(q, &[]).await?;
@@ -923,7 +926,7 @@ impl Instance {
                 r.timeline = r.timeline.max(Some(tli.max(0) as u32));
             }
             r.streaming = row.try_get(1)?;
-            r.replay_lsn = number(row.try_get(2)?);
+            r.replay_lsn = number(row.try_get(2)?)?;
             r.replay_lag_ms = row.try_get::<_, Option<i64>>(3)?.map(|ms| ms.max(0) as u64);
         }
         Ok(())
