@@ -199,6 +199,7 @@ pub async fn renew(store: AnyStore, lease: Arc<Lease>, saved: std::path::PathBuf
         }
     }
     loop {
+        let period = Duration::from_millis(lease.period_ms.load(Ordering::Relaxed).max(50));
         let id = lease.id();
         if id == 0 && !lease.spec_known.load(Ordering::Acquire) {
             // The first lease waits for the cluster's spec, whose
@@ -221,7 +222,6 @@ pub async fn renew(store: AnyStore, lease: Arc<Lease>, saved: std::path::PathBuf
             let sent = now_ms();
             // One hung store server may cost one period, not the store's
             // request timeout (module doc).
-            let period = Duration::from_millis(lease.period_ms.load(Ordering::Relaxed).max(50));
             match store.keep_alive_within(id, period).await {
                 Ok(()) => {
                     if lease.id() == id {
@@ -241,8 +241,7 @@ pub async fn renew(store: AnyStore, lease: Arc<Lease>, saved: std::path::PathBuf
                 Err(e) => tracing::warn!(error = %e, "cannot renew the lease"),
             }
         }
-        let period = lease.period_ms.load(Ordering::Relaxed).max(50);
-        tokio::time::sleep(Duration::from_millis(period)).await;
+        tokio::time::sleep(period).await;
     }
 }
 

@@ -6,19 +6,7 @@ use tokio_postgres::NoTls;
 use crate::support::{connect, sqlstate, PgServer, TestProxy};
 
 async fn wait_until_sleeping(pg: &PgServer) {
-    let direct = pg.superuser().await;
-    crate::assert_eventually!(
-        direct
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(30)%' AND state = 'active'",
-                &[],
-            )
-            .await
-            .map(|r| r.get::<_, i64>(0) == 1)
-            .unwrap_or(false),
-        Duration::from_secs(10),
-        "the query never started"
-    );
+    crate::support::wait_until_running(pg, "SELECT pg_sleep(30)", 1, Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,19 +107,8 @@ async fn two_hundred_concurrent_cancels_of_known_keys_all_land() {
             (r, client)
         }));
     }
-    let direct = pg.superuser().await;
-    crate::assert_eventually!(
-        direct
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
-                &[],
-            )
-            .await
-            .map(|r| r.get::<_, i64>(0) == 200)
-            .unwrap_or(false),
-        Duration::from_secs(20),
-        "the 200 queries never all started"
-    );
+    crate::support::wait_until_running(&pg, "SELECT pg_sleep(30)", 200, Duration::from_secs(20))
+        .await;
     let asked = Instant::now();
     let sent: Vec<_> = tokens
         .into_iter()

@@ -138,20 +138,8 @@ async fn graceful_shutdown_lets_work_finish_then_ends_the_rest() {
         r
     });
     // The busy query is running before shutdown begins.
-    let direct = pg.superuser().await;
-    crate::assert_eventually!(
-        direct
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE query = 'SELECT pg_sleep(1)' AND state = 'active'",
-                &[],
-            )
-            .await
-            .map(|r| r.get::<_, i64>(0) == 1)
-            .unwrap_or(false),
-        Duration::from_millis(900),
-        "the busy query never started"
-    );
+    crate::support::wait_until_running(&pg, "SELECT pg_sleep(1)", 1, Duration::from_millis(900))
+        .await;
     let p = proxy.proxy.clone();
     let shutdown = tokio::spawn(async move { p.shutdown(Duration::from_secs(2)).await });
     // New connections are refused from now on.

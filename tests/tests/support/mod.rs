@@ -1091,3 +1091,20 @@ pub fn startup_packet_bytes(minor: u16, params: &[(&[u8], &[u8])]) -> Vec<u8> {
     p.extend(body);
     p
 }
+
+/// Waits until `n` sessions on `pg` are running exactly `query`.
+pub async fn wait_until_running(pg: &PgServer, query: &str, n: i64, limit: Duration) {
+    let direct = pg.superuser().await;
+    crate::assert_eventually!(
+        direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
+                &[&query],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) == n)
+            .unwrap_or(false),
+        limit,
+        "{n} sessions never ran {query:?} at once"
+    );
+}
