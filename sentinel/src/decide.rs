@@ -901,9 +901,17 @@ fn manage_sync(d: &mut ClusterData) {
         .iter()
         .filter(|c| !target.contains(c) && live(c) && sync_now(c))
         .collect();
-    let next = if !added.is_empty() && !dropped_live.is_empty() {
-        // Replacing a member that protects commits now: first the union,
-        // so the new members protect commits before the old one stops.
+    // The confirmed members hold every acknowledged commit, and only they
+    // can be promoted. A change that would leave none of them (a member
+    // that merely missed a report replaced at once) would leave a window
+    // in which the primary's failure could not be failed over.
+    let confirmed = &master_db.status.sync_confirmed;
+    let orphans_confirmed =
+        min > 0 && !confirmed.is_empty() && !target.iter().any(|t| confirmed.contains(t));
+    let next = if !added.is_empty() && (!dropped_live.is_empty() || orphans_confirmed) {
+        // Replacing a member that protects commits now, or the last
+        // confirmed one: first the union, so the new members protect
+        // commits (and are confirmed) before the old one leaves.
         let mut u = cur.clone();
         u.extend(added.into_iter().cloned());
         u.sort();
@@ -914,6 +922,10 @@ fn manage_sync(d: &mut ClusterData) {
     {
         // Shrinking away from a live synchronous member: only once the
         // members that stay are reported synchronous.
+        return;
+    } else if orphans_confirmed {
+        // Shrinking away from the last confirmed members: only once a
+        // member that stays is confirmed.
         return;
     } else {
         target

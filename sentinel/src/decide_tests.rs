@@ -1110,20 +1110,90 @@ fn cases() -> Vec<Case> {
             check: |d| assert_eq!(d.dbs["m"].spec.synchronous_standbys, vec!["s1".to_string()]),
         },
         Case {
-            name: "sync mode: a dead sync standby is replaced by a streaming one directly",
+            name: "sync mode: a dead confirmed sync standby is replaced through the union, never leaving none confirmed",
             run: || {
                 let d = sync_cluster("m", &["s1", "s2"], &["s1"]);
                 let o = with(observe(&d, &["s1"]), "m", |r| {
                     r.synchronous_standbys = Some(vec![])
                 });
-                decide(&d, &o, T0)
+                let d = decide(&d, &o, T0);
+                assert_eq!(
+                    d.dbs["m"].spec.synchronous_standbys,
+                    vec!["s1".to_string(), "s2".into()],
+                    "s2 joins before s1, the one confirmed member, leaves"
+                );
+                assert_eq!(
+                    d.dbs["m"].status.sync_confirmed,
+                    vec!["s1".to_string()],
+                    "s1 holds every acknowledged commit until s2 is confirmed"
+                );
+                // Not yet applied: nothing moves.
+                let d = decide(&d, &o, T0 + SEC);
+                assert_eq!(d.dbs["m"].status.sync_confirmed, vec!["s1".to_string()]);
+                assert_eq!(d.dbs["m"].spec.synchronous_standbys.len(), 2);
+                // The primary runs the union and reports s2 synchronous.
+                let gen = d.dbs["m"].generation;
+                let o = with(o, "m", |r| {
+                    r.applied_generation = gen;
+                    r.synchronous_standbys = Some(vec!["s2".into()]);
+                });
+                decide(&d, &o, T0 + 2 * SEC)
             },
             check: |d| {
                 assert_eq!(d.dbs["m"].spec.synchronous_standbys, vec!["s2".to_string()]);
-                assert!(
-                    d.dbs["m"].status.sync_confirmed.is_empty(),
-                    "s2 is not confirmed before PostgreSQL reports it synchronous"
+                assert_eq!(d.dbs["m"].status.sync_confirmed, vec!["s2".to_string()]);
+            },
+        },
+        Case {
+            name: "sync mode: a dead primary's stale report while its confirmed standby stops streaming first: still failed over to it",
+            run: || {
+                // The primary's host dies. Its last report still reads
+                // healthy for a while; s1, the confirmed standby, notices
+                // first and reports it no longer streams, while s2 still
+                // reports streaming. Swapping s1 for s2 now would leave no
+                // confirmed standby (the dead primary never confirms s2):
+                // no failover, ever.
+                let d0 = sync_cluster("m", &["s1", "s2"], &["s1"]);
+                let lost = |o: Observations| {
+                    with(o, "s1", |r| {
+                        r.streaming = false;
+                        r.streaming_age_ms = Some(500);
+                    })
+                };
+                let d = decide(&d0, &lost(observe(&d0, &[])), T0);
+                assert_eq!(d.dbs["m"].status.sync_confirmed, vec!["s1".to_string()]);
+                let o = lost(observe(&d0, &["m"]));
+                rounds(&d, &o, &[T0 + SEC, T0 + 6 * SEC, T0 + 6 * SEC + 1])
+            },
+            check: |d| {
+                let f = d.failover.as_ref();
+                assert_eq!(
+                    f.and_then(|f| f.to.as_deref()),
+                    Some("s1"),
+                    "the confirmed standby is promoted: {:?}",
+                    d.notice
                 );
+            },
+        },
+        Case {
+            name: "sync mode: the set does not shrink away from its last confirmed member",
+            run: || {
+                // {s1, s2} with only s2 confirmed; s2 dies. s1 stays, but
+                // s2 leaves only once s1 is confirmed.
+                let mut d = sync_cluster("m", &["s1", "s2"], &["s1", "s2"]);
+                d.spec.max_sync = 2;
+                d.dbs.get_mut("m").unwrap().status.sync_confirmed = vec!["s2".into()];
+                let o = with(observe(&d, &["s2"]), "m", |r| {
+                    r.synchronous_standbys = Some(vec![])
+                });
+                let d = decide(&d, &o, T0);
+                assert_eq!(d.dbs["m"].spec.synchronous_standbys.len(), 2, "s2 is kept");
+                let o = with(o, "m", |r| r.synchronous_standbys = Some(vec!["s1".into()]));
+                decide(&d, &o, T0 + SEC)
+            },
+            check: |d| {
+                assert_eq!(d.dbs["m"].spec.synchronous_standbys, vec!["s1".to_string()]);
+                assert_eq!(d.dbs["m"].status.sync_confirmed, vec!["s1".to_string()]);
             },
         },
         Case {

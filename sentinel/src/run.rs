@@ -220,6 +220,30 @@ async fn round_once(
             "cluster decision"
         );
     }
+    for (uid, db) in &next.dbs {
+        let before = data.dbs.get(uid).map(|d| &d.spec);
+        if before != Some(&db.spec) {
+            // Why a set changed is in what the members reported.
+            let members: Vec<String> = before
+                .into_iter()
+                .flat_map(|s| s.synchronous_standbys.iter())
+                .chain(db.spec.synchronous_standbys.iter())
+                .filter_map(|m| next.dbs.get(m).map(|x| (m, &x.status)))
+                .map(|(m, s)| format!("{m}: healthy={} streaming={}", s.healthy, s.streaming))
+                .collect();
+            tracing::info!(
+                db = %uid,
+                generation = db.generation,
+                role = db.spec.role.as_str(),
+                follow = ?db.spec.follow,
+                synchronous_standbys = ?db.spec.synchronous_standbys,
+                before = ?before.map(|s| &s.synchronous_standbys),
+                confirmed = ?db.status.sync_confirmed,
+                ?members,
+                "database spec changed"
+            );
+        }
+    }
     if next.notice != data.notice {
         if let Some(n) = &next.notice {
             tracing::warn!(notice = %n, "cluster waiting");

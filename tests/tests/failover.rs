@@ -66,14 +66,17 @@ pub(crate) struct LocalCluster {
 }
 
 /// A failed test keeps its cluster's logs (keepers, sentinels): its
-/// temporary directory, data and all, is removed with it.
+/// temporary directory, data and all, is removed with it. With
+/// `KEELSON_KEEP_LOGS` set, a test that passed keeps them too.
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
+        let failed = std::thread::panicking();
+        if !failed && std::env::var_os("KEELSON_KEEP_LOGS").is_none() {
             return;
         }
         let keep = std::env::temp_dir().join(format!(
-            "keelson-failed-{}-{}",
+            "keelson-{}-{}-{}",
+            if failed { "failed" } else { "passed" },
             std::process::id(),
             std::thread::current()
                 .name()
