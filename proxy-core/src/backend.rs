@@ -93,6 +93,21 @@ pub enum AuthResult {
     /// The server sent an ErrorResponse (wrong password, unknown database,
     /// too many connections...). It has been relayed to the client.
     Refused,
+    /// The server was not ready, and nothing has reached the client: the
+    /// session may try again.
+    NotReady(NotReady),
+}
+
+/// How a server that was not ready turned the session away.
+#[derive(Debug)]
+pub enum NotReady {
+    /// It answered the startup message with 57P03 (starting up, shutting
+    /// down, not yet accepting connections): what the client would have
+    /// been sent.
+    Refused(BytesMut),
+    /// It closed the connection, or reset it, before answering (a server
+    /// killed while the connection was in its listen backlog).
+    Closed(SessionError),
 }
 
 /// A protocol version negotiation the proxy owes the client: it asked for a
@@ -191,6 +206,44 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    // Whether the client has been sent anything, or the server may have
+    // run what the client sent: until then a refusal, or a server that
+    // closed the connection, can be tried again without the client knowing.
+    let mut relayed = false;
+    let r = relay_authentication(
+        client,
+        backend,
+        addr,
+        startup,
+        expect,
+        deadline,
+        limit,
+        &mut relayed,
+    )
+    .await;
+    match r {
+        Err(e @ SessionError::BackendIo { .. }) if !relayed => {
+            Ok(AuthResult::NotReady(NotReady::Closed(e)))
+        }
+        r => r,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay_authentication<C, B>(
+    client: &mut C,
+    backend: &mut B,
+    addr: &str,
+    startup: &[u8],
+    expect: Expect,
+    deadline: Instant,
+    limit: Duration,
+    relayed: &mut bool,
+) -> Result<AuthResult, SessionError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let backend_err = |source: io::Error| SessionError::BackendIo {
         addr: addr.to_owned(),
         source,
@@ -234,6 +287,7 @@ where
                     match code {
                         Some(AUTH_REQ_OK) => {}
                         Some(c) if protocol::auth_needs_reply(c) => {
+                            *relayed = true;
                             client
                                 .write_all(&to_client)
                                 .await
@@ -255,6 +309,9 @@ where
                     cancel_key = Some((pid, Bytes::copy_from_slice(&body[4..])));
                 }
                 b'E' => {
+                    if !*relayed && protocol::error_code(&body) == Some(b"57P03") {
+                        return Ok(AuthResult::NotReady(NotReady::Refused(to_client)));
+                    }
                     client
                         .write_all(&to_client)
                         .await
@@ -263,6 +320,9 @@ where
                     return Ok(AuthResult::Refused);
                 }
                 b'Z' => {
+                    // From here the server may run what the client sent
+                    // after its startup message: not to be tried again.
+                    *relayed = true;
                     if let Some(want) = want_standby {
                         let is_standby = match hot_standby {
                             Some(s) => s,

@@ -29,6 +29,7 @@ pub const CANCEL_REQUESTS: &str = "keelson_cancel_requests_total";
 pub const HOLD_SECONDS: &str = "keelson_hold_seconds";
 pub const SESSIONS_ROUTED: &str = "keelson_sessions_routed_total";
 pub const ROUTE_REFUSED: &str = "keelson_route_refused_total";
+pub const BACKEND_RETRIES: &str = "keelson_backend_retries_total";
 pub const REPLICA_LAG_BYTES: &str = "keelson_replica_lag_bytes";
 pub const REPLICA_SESSIONS_ALLOWED: &str = "keelson_replica_admitted";
 pub const PROXY_HEADERS: &str = "keelson_proxy_protocol_headers_total";
@@ -80,6 +81,10 @@ pub fn describe() {
     describe_counter!(
         ROUTE_REFUSED,
         "Sessions refused after their route was known, by route and reason."
+    );
+    describe_counter!(
+        BACKEND_RETRIES,
+        "Times a held client's server was tried again after it refused the connection or answered 57P03 (starting up, shutting down), by reason."
     );
     describe_gauge!(
         REPLICA_LAG_BYTES,
@@ -195,6 +200,11 @@ impl Metrics {
     pub(crate) fn routed(&self, route: Route, standby: bool) {
         let r = Route::ALL.iter().position(|x| *x == route).unwrap_or(0);
         self.routed[r][usize::from(standby)].increment(1);
+    }
+
+    #[cold]
+    pub(crate) fn retried(&self, reason: &'static str) {
+        counter!(BACKEND_RETRIES, "reason" => reason).increment(1);
     }
 
     #[cold]

@@ -393,6 +393,22 @@ pub fn auth_needs_reply(code: u32) -> bool {
 /// `AUTH_REQ_OK`.
 pub const AUTH_REQ_OK: u32 = 0;
 
+/// The SQLSTATE (`C` field) of an ErrorResponse or NoticeResponse body:
+/// fields of a type byte and a NUL-terminated string, ended by a NUL.
+pub fn error_code(mut body: &[u8]) -> Option<&[u8]> {
+    while let Some((&kind, rest)) = body.split_first() {
+        if kind == 0 {
+            return None;
+        }
+        let end = rest.iter().position(|b| *b == 0)?;
+        if kind == b'C' {
+            return Some(&rest[..end]);
+        }
+        body = &rest[end + 1..];
+    }
+    None
+}
+
 /// Follows message boundaries in the server-to-client byte stream.
 #[derive(Debug, Clone, Default)]
 pub struct MessageTracker {

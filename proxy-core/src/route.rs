@@ -380,14 +380,22 @@ pub(crate) struct Connected {
 /// to it unless its fence fires first. A replica that cannot be reached is
 /// skipped for the next one (or the primary, for prefer-replica and any):
 /// nothing has been sent yet.
-pub(crate) async fn connect(shared: &Shared, plan: &Plan<'_>) -> Result<Connected, SessionError> {
+///
+/// `held_since` is when the session began to be held, if it already is (a
+/// retry after a server refused it): the hold timeout counts from then.
+pub(crate) async fn connect(
+    shared: &Shared,
+    plan: &Plan<'_>,
+    held_since: Option<Instant>,
+) -> Result<Connected, SessionError> {
     if shared.terminating.load(Ordering::Acquire) {
         return Err(SessionError::ShuttingDown);
     }
     let mut unreachable = Vec::new();
     let mut last_error = None;
     loop {
-        let Some(r) = route_session(shared, plan.view, plan.route, &unreachable).await? else {
+        let routed = route_session(shared, plan.view, plan.route, &unreachable, held_since);
+        let Some(r) = routed.await? else {
             return Err(last_error.unwrap_or(SessionError::NoReplicaAfter(Duration::ZERO)));
         };
         // Connecting can hang on a server that is hung itself; a fence
@@ -478,13 +486,13 @@ async fn route_session(
     view: &ViewHandle,
     route: Route,
     unreachable: &[Backend],
+    mut held_since: Option<Instant>,
 ) -> Result<Option<Routed>, SessionError> {
     let limit = &shared.cfg.replica_lag;
     let sessions = |b: &Backend| shared.fences.sessions(b);
     // Only a held client needs to hear about view changes; the common path
     // takes no subscription.
     let mut changes = None;
-    let mut held_since: Option<Instant> = None;
     let deadline = view.deadline();
     loop {
         let chosen = {

@@ -19,6 +19,7 @@
 //! with them boxed, 3328 without; `the_session_future_stays_small`).
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -26,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout, Duration, Instant};
 use tracing::field;
 
-use crate::backend::{self, AuthResult};
+use crate::backend::{self, AuthResult, NotReady};
 use crate::error::SessionError;
 use crate::forward::{forward, Outcome};
 use crate::handshake::{read_startup, Startup};
@@ -117,47 +118,13 @@ async fn established<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // 5. Connect: pick a backend from the view (holding the client while
-    //    there is none), take its fence, open the TCP connection.
-    let mut conn = Box::pin(route::connect(shared, &plan)).await?;
-    tracing::Span::current().record("backend.addr", conn.backend.addr());
-
-    // 6. Authenticate: relay the exchange untouched, negotiate the protocol
-    //    version, check the server's role, learn the cancel key.
-    // The startup message and the bytes pipelined after it are copied into
-    // the first write and then dropped: an idle session keeps no buffer of
-    // its startup phase.
-    let (first, negotiation) = {
-        let (startup, negotiation) = backend::negotiate(&plan.message);
-        let mut first = BytesMut::with_capacity(startup.len() + pipelined.len());
-        first.extend_from_slice(&startup);
-        first.extend_from_slice(&pipelined);
-        (first, negotiation)
-    };
-    let Plan { route, view, .. } = plan;
-    drop(pipelined);
-    let auth = async {
-        let auth_limit = shared.cfg.auth_timeout;
-        backend::authenticate(
-            &mut *client,
-            &mut conn.server,
-            conn.backend.addr(),
-            &first,
-            backend::Expect {
-                negotiation,
-                want_standby: route.wants_standby(),
-            },
-            Instant::now() + auth_limit,
-            auth_limit,
-        )
-        .await
-    };
-    let mut est = match Box::pin(route::until_fenced(&conn.fence, auth)).await? {
-        AuthResult::Ready(est) => est,
-        AuthResult::Refused => {
-            shared.metrics.ended("refused_by_server");
-            return Ok(());
-        }
+    // 5. Connect and 6. authenticate (boxed: an idle session keeps none of
+    //    their state).
+    let view = plan.view;
+    let Some((mut conn, mut est)) =
+        Box::pin(connect_and_authenticate(shared, client, plan, pipelined)).await?
+    else {
+        return Ok(());
     };
     shared.metrics.handshake(accepted_at.elapsed());
     let _cancel = est
@@ -239,6 +206,135 @@ where
         ),
     }
     Ok(())
+}
+
+/// Steps 5 and 6 of a session: connect and authenticate. `None` once the
+/// server refused the client (its ErrorResponse was relayed).
+async fn connect_and_authenticate<S>(
+    shared: &Shared,
+    client: &mut ClientStream<S>,
+    plan: Plan<'_>,
+    pipelined: BytesMut,
+) -> Result<Option<(route::Connected, backend::Established)>, SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // 5. Connect: pick a backend from the view (holding the client while
+    //    there is none), take its fence, open the TCP connection.
+    // 6. Authenticate: relay the exchange untouched, negotiate the protocol
+    //    version, check the server's role, learn the cancel key.
+    // A server that refuses the connection or answers 57P03 (starting up,
+    // shutting down) before anything reached the client is treated like
+    // one that is not there yet: the client is held and both steps are
+    // tried again, with the view as it is then, until the hold timeout.
+    // Nothing but the startup message has reached a server at that point.
+    // The startup message and the bytes pipelined after it are copied into
+    // the first write and then dropped once authentication began: an idle
+    // session keeps no buffer of its startup phase.
+    let (first, negotiation) = {
+        let (startup, negotiation) = backend::negotiate(&plan.message);
+        let mut first = BytesMut::with_capacity(startup.len() + pipelined.len());
+        first.extend_from_slice(&startup);
+        first.extend_from_slice(&pipelined);
+        (first, negotiation)
+    };
+    drop(pipelined);
+    let route = plan.route;
+    let mut held_since: Option<Instant> = None;
+    loop {
+        let retry = |e: &SessionError| {
+            matches!(
+                e,
+                SessionError::BackendConnect { .. } | SessionError::BackendConnectTimeout { .. }
+            )
+        };
+        let conn = match Box::pin(route::connect(shared, &plan, held_since)).await {
+            Ok(conn) => conn,
+            Err(e) if retry(&e) => {
+                if !Box::pin(hold_for_retry(shared, &plan, &mut held_since, e.reason())).await {
+                    return Err(e);
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let mut conn = conn;
+        tracing::Span::current().record("backend.addr", conn.backend.addr());
+        let auth = async {
+            let auth_limit = shared.cfg.auth_timeout;
+            backend::authenticate(
+                &mut *client,
+                &mut conn.server,
+                conn.backend.addr(),
+                &first,
+                backend::Expect {
+                    negotiation: negotiation.clone(),
+                    want_standby: route.wants_standby(),
+                },
+                Instant::now() + auth_limit,
+                auth_limit,
+            )
+            .await
+        };
+        match Box::pin(route::until_fenced(&conn.fence, auth)).await? {
+            AuthResult::Ready(est) => return Ok(Some((conn, est))),
+            AuthResult::Refused => {
+                shared.metrics.ended("refused_by_server");
+                return Ok(None);
+            }
+            AuthResult::NotReady(not_ready) => {
+                let reason = match &not_ready {
+                    NotReady::Refused(_) => "server_not_ready",
+                    NotReady::Closed(_) => "server_closed",
+                };
+                if Box::pin(hold_for_retry(shared, &plan, &mut held_since, reason)).await {
+                    continue;
+                }
+                // Held long enough: the client hears the server's refusal.
+                match not_ready {
+                    NotReady::Refused(reply) => {
+                        let _ = client.write_all(&reply).await;
+                        let _ = client.flush().await;
+                        shared.metrics.ended("refused_by_server");
+                        return Ok(None);
+                    }
+                    NotReady::Closed(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// How often a held session tries a server that refused it again.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// After a server refused a session that can be tried again: holds it for
+/// [`RETRY_PAUSE`] and returns true, or returns false once the hold timeout
+/// (counted from the first refusal) would pass.
+async fn hold_for_retry(
+    shared: &Shared,
+    plan: &Plan<'_>,
+    held_since: &mut Option<Instant>,
+    reason: &'static str,
+) -> bool {
+    let hold = plan.view.hold_timeout().unwrap_or(shared.cfg.hold_timeout);
+    let since = *held_since.get_or_insert_with(Instant::now);
+    if since.elapsed() + RETRY_PAUSE >= hold || shared.terminating.load(Ordering::Acquire) {
+        shared.metrics.held(
+            since.elapsed(),
+            "timed_out",
+            plan.route,
+            plan.view.name_label(),
+        );
+        return false;
+    }
+    shared.metrics.retried(reason);
+    tracing::debug!(
+        reason,
+        "the server refused the session for now; holding the client"
+    );
+    tokio::time::sleep(RETRY_PAUSE).await;
+    true
 }
 
 /// Refuses the session: counts it, logs the full error, and tells the

@@ -529,3 +529,138 @@ fn the_session_future_stays_small() {
     eprintln!("session future: {size} bytes");
     assert!(size <= 2048, "the session future grew to {size} bytes");
 }
+
+/// An ErrorResponse body with SQLSTATE `code`.
+fn error_body(code: &str, text: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (k, v) in [(b'S', "FATAL"), (b'C', code), (b'M', text)] {
+        b.push(k);
+        b.extend_from_slice(v.as_bytes());
+        b.push(0);
+    }
+    b.push(0);
+    b
+}
+
+/// A primary that answers its first `refusals` connections with 57P03
+/// ("the database system is starting up"), then lets clients in.
+async fn starting_primary(refusals: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let seen = Arc::new(AtomicUsize::new(0));
+    let n = seen.clone();
+    let (addr, _) = fake_backend(move |mut s| {
+        let n = n.clone();
+        async move {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            if n.fetch_add(1, Ordering::SeqCst) < refusals {
+                let e = msg(
+                    b'E',
+                    &error_body("57P03", "the database system is starting up"),
+                );
+                let _ = s.write_all(&e).await;
+                return;
+            }
+            let mut v = msg(b'R', &0u32.to_be_bytes());
+            v.extend(msg(b'S', b"in_hot_standby\0off\0"));
+            v.extend(msg(b'K', &[0, 0, 0, 9, 1, 2, 3, 4]));
+            v.extend(msg(b'Z', b"I"));
+            let _ = s.write_all(&v).await;
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+fn primary_proxy(addr: &str, hold: Duration) -> Proxy {
+    let view = View {
+        generation: 1,
+        primary: Some(Backend::new(addr)),
+        replicas: Vec::new(),
+    };
+    let c = ProxyConfig {
+        hold_timeout: hold,
+        ..cfg()
+    };
+    Proxy::new(c, ViewHandle::new(view))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_is_starting_up_holds_the_client_until_it_lets_it_in() {
+    let (addr, seen) = starting_primary(4).await;
+    let proxy = primary_proxy(&addr, Duration::from_secs(5));
+    let out = exchange(
+        &proxy,
+        ListenerOptions::default(),
+        &startup(&[("user", "u")]),
+    )
+    .await;
+    assert_eq!(out.first(), Some(&b'R'), "the client was let in: {out:?}");
+    assert!(!out.contains(&b'E'), "no error reached the client: {out:?}");
+    assert!(out.ends_with(&msg(b'Z', b"I")), "{out:?}");
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_still_starting_after_the_hold_timeout_refuses_with_its_own_error() {
+    let (addr, seen) = starting_primary(usize::MAX).await;
+    let proxy = primary_proxy(&addr, Duration::from_millis(300));
+    let t = std::time::Instant::now();
+    let out = exchange(
+        &proxy,
+        ListenerOptions::default(),
+        &startup(&[("user", "u")]),
+    )
+    .await;
+    let fields = error_fields(&out);
+    assert_eq!(field(&fields, b'C'), Some("57P03"), "{out:?}");
+    assert_eq!(
+        field(&fields, b'M'),
+        Some("the database system is starting up")
+    );
+    assert!(
+        seen.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+        "it was tried again"
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_refuses_connections_is_tried_again_until_it_listens() {
+    // A port that refuses for a while, then a server on it.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    let proxy = primary_proxy(&addr.to_string(), Duration::from_secs(5));
+    let server = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let l = TcpListener::bind(addr).await.unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        let mut v = msg(b'R', &0u32.to_be_bytes());
+        v.extend(msg(b'S', b"in_hot_standby\0off\0"));
+        v.extend(msg(b'Z', b"I"));
+        s.write_all(&v).await.unwrap();
+    });
+    let out = exchange(
+        &proxy,
+        ListenerOptions::default(),
+        &startup(&[("user", "u")]),
+    )
+    .await;
+    assert_eq!(out.first(), Some(&b'R'), "the client was let in: {out:?}");
+    assert!(!out.contains(&b'E'), "{out:?}");
+    server.await.unwrap();
+}
+
+#[test]
+fn the_sqlstate_is_read_from_an_error_body() {
+    assert_eq!(
+        protocol::error_code(&error_body("57P03", "x")),
+        Some(&b"57P03"[..])
+    );
+    assert_eq!(protocol::error_code(b"Mno code\0\0"), None);
+    assert_eq!(protocol::error_code(b"Cunterminated"), None);
+    assert_eq!(protocol::error_code(b""), None);
+}

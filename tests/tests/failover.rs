@@ -1054,3 +1054,105 @@ impl LocalCluster {
         assert!(stray.is_empty(), "rows nobody wrote: {stray:?}");
     }
 }
+
+/// What a client that opens a new connection every 20 ms saw.
+struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, Vec<String>, Duration)>,
+}
+
+impl Prober {
+    fn start(conn: &str) -> Prober {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, conn) = (stop.clone(), conn.to_owned());
+        let task = tokio::spawn(async move {
+            let (mut ok, mut failed, mut longest) = (0, Vec::new(), Duration::ZERO);
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let r = tokio::time::timeout(Duration::from_secs(30), async {
+                    let cl = try_connect(&conn).await?;
+                    cl.query_one("SELECT 1", &[]).await
+                })
+                .await;
+                longest = longest.max(t.elapsed());
+                match r {
+                    Ok(Ok(_)) => ok += 1,
+                    Ok(Err(e)) => failed.push(format!(
+                        "after {:?}: {:?} {e}",
+                        t.elapsed(),
+                        crate::support::sqlstate(&e)
+                    )),
+                    Err(_) => failed.push("no answer within 30 s".into()),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed, longest)
+        });
+        Prober { stop, task }
+    }
+
+    async fn stop(self) -> (usize, Vec<String>, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+/// Issue 12: a client connecting every 20 ms through the proxy sees no
+/// failed connection attempt while the primary's PostgreSQL is SIGKILLed
+/// and restarted in place by its live keeper, nor across a full failover
+/// (keeper and PostgreSQL SIGKILLed): it is held and the server is tried
+/// again until it lets the client in, or a new primary is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_connecting_every_20ms_sees_no_failed_attempt_across_a_restart_and_a_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let store = cluster::open(&url).await.unwrap();
+    let mut c = LocalCluster::up(&url, store).await;
+    let old = c.master;
+
+    let probe = Prober::start(&c.conn);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = c.pg_pid(old);
+    c.kill_postgres(old);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    crate::assert_eventually!(
+        c.direct(old, "SELECT 1::bigint").await == Some(1) && c.pg_pid(old) != pid,
+        Duration::from_secs(30),
+        "k{old}'s keeper did not restart its PostgreSQL"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ok, failed, longest) = probe.stop().await;
+    eprintln!(
+        "restart in place: {ok} connections, {} failed, longest {longest:?}",
+        failed.len()
+    );
+    assert!(ok > 10, "the prober hardly ran: {ok}");
+    assert!(
+        failed.is_empty(),
+        "connection attempts failed across the restart: {failed:#?}"
+    );
+    assert!(
+        c.data().await.failover.is_none(),
+        "the restart caused a failover"
+    );
+
+    let probe = Prober::start(&c.conn);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.kill_primary();
+    let new = c.wait_new_primary(old, Duration::from_secs(40)).await;
+    crate::assert_eventually!(
+        landing_port(&c.conn).await == Some(c.ports[new - 1]),
+        Duration::from_secs(20),
+        "the proxy never routed to the new primary"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ok, failed, longest) = probe.stop().await;
+    eprintln!(
+        "failover k{old} -> k{new}: {ok} connections, {} failed, longest {longest:?}",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "connection attempts failed across the failover: {failed:#?}"
+    );
+}
