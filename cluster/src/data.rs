@@ -353,6 +353,10 @@ pub struct DbStatus {
     pub streaming: bool,
     /// What is wrong, in words, when it is not healthy.
     pub problem: Option<String>,
+    /// Parameters PostgreSQL reports changed in its configuration but not
+    /// in effect until a restart (`pg_settings.pending_restart`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pending_restart: Vec<String>,
 }
 
 /// One PostgreSQL instance, managed by one keeper.
@@ -421,6 +425,11 @@ pub struct KeeperReport {
     /// Keeper settings, taken into the cluster data when it joins.
     pub priority: i32,
     pub never_primary: bool,
+    /// Parameters changed in the configuration PostgreSQL runs with that
+    /// take effect only at a restart (`pg_settings.pending_restart`);
+    /// `None` when unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_restart: Option<Vec<String>>,
 }
 
 /// A failover in progress: the fencing handshake and the promotion.
@@ -491,9 +500,37 @@ pub struct ClusterData {
     /// not yet acknowledged, ...); `None` when nothing is blocked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
+    /// Maintenance mode (`ctl pause`): no automatic failover, and keepers
+    /// leave PostgreSQL as it is; a switchover or `failkeeper` on request
+    /// still works.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// Every change of primary, oldest first (the last [`HISTORY_LEN`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<PrimaryChange>,
     /// Fields from a newer keelson, kept as they are.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// How many primary changes [`ClusterData::history`] keeps.
+pub const HISTORY_LEN: usize = 100;
+
+/// One change of primary, as `ctl history` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct PrimaryChange {
+    /// When the new primary was named: milliseconds since the Unix epoch,
+    /// by the deciding sentinel's wall clock (for people to read; no timer
+    /// depends on it).
+    pub at_ms: u64,
+    /// `failover`, `switchover`, or `initial` (the first primary).
+    pub reason: String,
+    pub from: Option<String>,
+    pub to: String,
+    /// The new primary's timeline and WAL position when it was named.
+    pub timeline: u32,
+    pub lsn: u64,
 }
 
 /// Why stored cluster data could not be used.
@@ -543,6 +580,8 @@ impl ClusterData {
             failover: None,
             init_existing: None,
             notice: None,
+            paused: false,
+            history: Vec::new(),
             extra: BTreeMap::new(),
         }
     }

@@ -35,6 +35,8 @@ pub struct ClusterStatus {
     pub notice: Option<String>,
     pub keepers: Vec<KeeperStatus>,
     pub proxies: Vec<ProxyStatus>,
+    /// Maintenance mode (`ctl pause`).
+    pub paused: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -72,6 +74,9 @@ pub struct KeeperStatus {
     pub synchronous_standbys: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sync_confirmed: Option<Vec<String>>,
+    /// Parameters that take effect only at a restart.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pending_restart: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -135,6 +140,7 @@ pub fn of(data: &ClusterData, cluster: &str, proxies: Vec<ProxyStatus>) -> Clust
                 problem: db.status.problem.clone(),
                 synchronous_standbys: primary.then(|| db.spec.synchronous_standbys.clone()),
                 sync_confirmed: primary.then(|| db.status.sync_confirmed.clone()),
+                pending_restart: db.status.pending_restart.clone(),
             }
         })
         .collect();
@@ -152,6 +158,7 @@ pub fn of(data: &ClusterData, cluster: &str, proxies: Vec<ProxyStatus>) -> Clust
             to: f.to.clone(),
         }),
         notice: data.notice.clone(),
+        paused: data.paused,
         keepers,
         proxies,
     }

@@ -464,8 +464,11 @@ impl Instance {
             ),
             ("wal_level", "replica".into()),
             ("hot_standby", "on".into()),
-            ("max_wal_senders", "10".into()),
-            ("max_replication_slots", "10".into()),
+            ("max_wal_senders", at_least(user, "max_wal_senders", 10)),
+            (
+                "max_replication_slots",
+                at_least(user, "max_replication_slots", 10),
+            ),
             ("wal_log_hints", "on".into()),
             ("password_encryption", "'scram-sha-256'".into()),
             // Only the keeper (root or the owner) uses the socket, where
@@ -900,7 +903,8 @@ impl Instance {
                        ELSE pg_current_wal_lsn() END - '0/0')::text, \
                  (SELECT timeline_id FROM pg_control_checkpoint())::int, \
                  (SELECT system_identifier FROM pg_control_system())::text, \
-                 coalesce((SELECT array_agg(application_name::text ORDER BY application_name) FROM pg_stat_replication WHERE sync_state = 'sync'), '{}')";
+                 coalesce((SELECT array_agg(application_name::text ORDER BY application_name) FROM pg_stat_replication WHERE sync_state = 'sync'), '{}'), \
+                 coalesce((SELECT array_agg(name::text ORDER BY name) FROM pg_settings WHERE pending_restart), '{}')";
         let row = c.query_one(q, &[]).await?;
         let number = |v: String| {
             v.parse::<u64>().map_err(|_| PgError::Program {
@@ -913,6 +917,7 @@ impl Instance {
         r.timeline = Some(row.try_get::<_, i32>(2)?.max(0) as u32);
         r.system_id = Some(row.try_get(3)?);
         r.synchronous_standbys = Some(row.try_get(4)?);
+        r.pending_restart = Some(row.try_get(5)?);
         if r.in_recovery {
             // The checkpoint's timeline lags behind on a standby that has
             // followed a promotion; the received one is current.
@@ -931,6 +936,16 @@ impl Instance {
         }
         Ok(())
     }
+}
+
+/// The user's value of `name` where it is a number of at least `min`
+/// (what keelson needs), else `min`.
+fn at_least(user: &BTreeMap<String, String>, name: &str, min: u32) -> String {
+    let n = user
+        .get(name)
+        .and_then(|v| v.trim().trim_matches('\'').parse::<u32>().ok())
+        .map_or(min, |v| v.max(min));
+    n.to_string()
 }
 
 impl Drop for Instance {

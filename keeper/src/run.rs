@@ -36,6 +36,9 @@ pub struct Desired {
     pub hold_clients: bool,
     /// Copy the data afresh from the upstream (see `DbSpec::reinit`).
     pub reinit: bool,
+    /// Maintenance mode (`ctl pause`): a stopped PostgreSQL is left
+    /// stopped, unless its role changes (a switchover asked for).
+    pub paused: bool,
 }
 
 /// What the keeper sees locally.
@@ -67,6 +70,9 @@ pub struct Observed {
     /// Stuck again after a rewind that changed nothing: the WAL it needs
     /// may be gone; only a fresh copy helps.
     pub rewind_did_not_help: bool,
+    /// The cluster's `pg_parameters` differ from those last written into
+    /// the configuration (a `ctl spec update`): written and reloaded.
+    pub params_changed: bool,
 }
 
 /// How long a standby may fail to stream from its upstream before the
@@ -143,6 +149,10 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
                 a.extend([InitDb, WriteConfig, Start]);
             } else if !o.running {
                 let restart = o.configured_upstream.is_none();
+                if restart && d.paused {
+                    // The operator may be working on it.
+                    return a;
+                }
                 if restart && d.hold_clients && !d.synchronous_standbys.is_empty() {
                     // A synchronous primary restarting in place (after a
                     // crash) may hold commits no standby confirmed: no
@@ -204,10 +214,22 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
                     a.push(if o.was_primary { StopNow } else { Stop });
                 }
                 a.extend([Rewind { from: up }, WriteConfig, Start]);
-            } else if !o.running {
+            } else if !o.running && !d.paused {
                 a.extend([WriteConfig, Start]);
             }
         }
+    }
+    if a.is_empty() && o.running && o.params_changed && d.role != Role::None {
+        // New parameters reach a running server by reload; what needs a
+        // restart is then reported as pending (pg_settings).
+        a.extend([
+            if o.clients_held {
+                HoldClients
+            } else {
+                WriteConfig
+            },
+            Reload,
+        ]);
     }
     a
 }
@@ -415,6 +437,9 @@ struct Keeper {
     /// When a rewind that a stuck standby got ended.
     rewound_at: Option<Instant>,
     upstream_file: PathBuf,
+    /// The cluster's `pg_parameters` as this keeper last wrote them into
+    /// the configuration; `None` before its first write.
+    written_params: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl Keeper {
@@ -464,6 +489,7 @@ impl Keeper {
                 .rewound_at
                 .is_some_and(|t| t.elapsed() < 4 * STUCK_AFTER)
             && self.streamed_at.is_none_or(|s| Some(s) < self.rewound_at);
+        obs.params_changed = self.written_params.as_ref() != Some(&data.spec.pg_parameters);
         let steps = plan(desired, obs);
         if !steps.is_empty() {
             tracing::info!(?steps, role = desired.role.as_str(), "reconciling");
@@ -484,6 +510,7 @@ impl Keeper {
             .iter()
             .any(|s| matches!(s, Action::WriteConfig | Action::HoldClients))
         {
+            self.written_params = Some(data.spec.pg_parameters.clone());
             let up = obs.configured_upstream.clone().unwrap_or_default();
             let _ = std::fs::write(&self.upstream_file, up);
             let held = self.upstream_file.with_file_name("clients-held");
@@ -693,6 +720,7 @@ fn desired_of(data: &ClusterData, uid: &str) -> Option<Desired> {
         system_id,
         hold_clients: data.spec.synchronous_replication && data.spec.min_sync > 0,
         reinit: db.spec.reinit,
+        paused: data.paused,
     })
 }
 
@@ -877,6 +905,7 @@ mod tests {
             system_id: Some("sys".into()),
             hold_clients: false,
             reinit: false,
+            paused: false,
         }
     }
 
@@ -903,7 +932,59 @@ mod tests {
             synchronous_standbys: vec!["s1".into()],
             ..desired(Role::Master, None)
         };
+        let paused = |d: Desired| Desired { paused: true, ..d };
+        let stopped_primary = Observed {
+            initialized: true,
+            system_id: Some("sys".into()),
+            ..Default::default()
+        };
         let table: Vec<(&str, Desired, Observed, Vec<Action>)> = vec![
+            (
+                "paused: a stopped primary is left stopped",
+                paused(desired(Role::Master, None)),
+                stopped_primary.clone(),
+                vec![],
+            ),
+            (
+                "paused: a stopped standby is left stopped",
+                paused(desired(Role::Standby, Some("a:1"))),
+                Observed {
+                    configured_upstream: Some("a:1".into()),
+                    ..stopped_primary.clone()
+                },
+                vec![],
+            ),
+            (
+                "paused: a standby asked to become primary (a switchover) is promoted",
+                paused(desired(Role::Master, None)),
+                Observed {
+                    configured_upstream: Some("a:1".into()),
+                    ..stopped_primary.clone()
+                },
+                vec![WriteConfig, Start, Promote],
+            ),
+            (
+                "new parameters reach a running primary by reload",
+                desired(Role::Master, None),
+                Observed {
+                    params_changed: true,
+                    ..running_primary.clone()
+                },
+                vec![WriteConfig, Reload],
+            ),
+            (
+                "new parameters on a primary holding clients out keep them out",
+                Desired {
+                    hold_clients: true,
+                    ..desired(Role::Master, None)
+                },
+                Observed {
+                    params_changed: true,
+                    clients_held: true,
+                    ..running_primary.clone()
+                },
+                vec![HoldClients, Reload],
+            ),
             (
                 "new primary",
                 Desired {

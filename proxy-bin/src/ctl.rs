@@ -50,6 +50,19 @@ pub enum CtlCommand {
         /// The keeper's uid.
         uid: String,
     },
+    /// Maintenance mode: no automatic failover, and keepers leave
+    /// PostgreSQL as it is (a stopped one stays stopped); `switchover` and
+    /// `failkeeper` still work.
+    Pause,
+    /// End maintenance mode: a primary that failed meanwhile is failed
+    /// over at once.
+    Resume,
+    /// Every change of primary: when, why, from and to, timeline and LSN.
+    History {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Planned switchover: hold new clients, stop the primary, promote a
     /// standby once it has everything, release the clients to it.
     Switchover {
@@ -238,6 +251,34 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             }
         },
         CtlCommand::Failkeeper { uid } => failkeeper(&store, &keys, &uid).await?,
+        CtlCommand::Pause | CtlCommand::Resume => {
+            let pause = matches!(args.command, CtlCommand::Pause);
+            let mut was = false;
+            update(&store, &keys, |d| {
+                was = d.paused;
+                d.paused = pause;
+                Ok(())
+            })
+            .await?;
+            println!(
+                "{}",
+                match (pause, was) {
+                    (true, false) =>
+                        "cluster paused: no automatic failover; keepers leave PostgreSQL as it is",
+                    (true, true) => "cluster was already paused",
+                    (false, true) => "cluster resumed: automatic failover is on again",
+                    (false, false) => "cluster was not paused",
+                }
+            );
+        }
+        CtlCommand::History { json } => {
+            let (data, _) = read(&store, &keys).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&data.history)?);
+            } else {
+                print_history(&data.history);
+            }
+        }
         CtlCommand::Spec(SpecCommand::Show) => {
             let (data, _) = read(&store, &keys).await?;
             println!("{}", serde_json::to_string_pretty(&data.spec)?);
@@ -301,9 +342,31 @@ pub async fn run(args: CtlArgs) -> Result<()> {
     Ok(())
 }
 
+fn print_history(h: &[cluster::data::PrimaryChange]) {
+    println!(
+        "{:<21} {:<11} {:<16} {:<16} {:>8} {:>14}",
+        "TIME (UTC)", "REASON", "FROM", "TO", "TIMELINE", "LSN"
+    );
+    for c in h {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(c.at_ms);
+        println!(
+            "{:<21} {:<11} {:<16} {:<16} {:>8} {:>14}",
+            humantime::format_rfc3339_seconds(at).to_string(),
+            c.reason,
+            c.from.as_deref().unwrap_or("-"),
+            c.to,
+            c.timeline,
+            cluster::status::format_lsn(c.lsn)
+        );
+    }
+}
+
 fn print_table(s: &ClusterStatus) {
     let or_dash = |v: Option<&str>| v.unwrap_or("-").to_owned();
     let num = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    if s.paused {
+        println!("PAUSED: no automatic failover; `keelson ctl resume` ends it");
+    }
     println!("cluster:    {}", s.cluster);
     println!(
         "phase:      {}",
@@ -350,6 +413,9 @@ fn print_table(s: &ClusterStatus) {
         );
         if let Some(p) = &k.problem {
             println!("    {}: {p}", k.uid);
+        }
+        if !k.pending_restart.is_empty() {
+            println!("    pending restart: {}", k.pending_restart.join(", "));
         }
         if let Some(sync) = k.synchronous_standbys.as_ref().filter(|a| !a.is_empty()) {
             let confirmed = k.sync_confirmed.clone().unwrap_or_default();

@@ -40,7 +40,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cluster::data::{
-    ClusterPhase, Db, DbSpec, Failover, Keeper, KeeperReport, ProxyReport, Role, SWITCHOVER,
+    ClusterPhase, Db, DbSpec, Failover, Keeper, KeeperReport, PrimaryChange, ProxyReport, Role,
+    HISTORY_LEN, SWITCHOVER,
 };
 use cluster::ClusterData;
 
@@ -65,6 +66,9 @@ pub struct Observations {
     /// When this sentinel first saw the failover in progress in its current
     /// step; `None` without one.
     pub failover_since_ms: Option<u64>,
+    /// The wall clock (ms since the Unix epoch), only to date history
+    /// entries: no decision depends on it.
+    pub wall_ms: u64,
 }
 
 /// Computes the next cluster data. Pure: same inputs, same output.
@@ -78,7 +82,7 @@ pub fn decide(current: &ClusterData, obs: &Observations, now_ms: u64) -> Cluster
     }
     rejoin(&mut d, obs);
     failover(&mut d, obs, now_ms);
-    name_primary(&mut d);
+    name_primary(&mut d, obs.wall_ms);
     manage_sync(&mut d);
     for k in d.keepers.values_mut() {
         k.failed = false;
@@ -241,6 +245,9 @@ fn update_status(d: &mut ClusterData, obs: &Observations) {
                 }
                 if let Some(sync) = &r.synchronous_standbys {
                     s.synchronous_standbys = sync.clone();
+                }
+                if let Some(p) = &r.pending_restart {
+                    s.pending_restart = p.clone();
                 }
                 s.applied_generation = r.applied_generation;
                 s.stopped_lsn = r.stopped_lsn;
@@ -655,8 +662,25 @@ fn failover(d: &mut ClusterData, obs: &Observations, now_ms: u64) {
     }
     let Some(m) = master(d) else { return };
     let marked = d.keepers.get(&d.dbs[&m].keeper).is_some_and(|k| k.failed);
-    let failed =
-        marked || unhealthy_for(d, obs, &m, now_ms) >= d.spec.fail_interval.as_millis() as u64;
+    let dead = unhealthy_for(d, obs, &m, now_ms) >= d.spec.fail_interval.as_millis() as u64;
+    if dead && !marked && d.paused {
+        // Maintenance: the operator may be working on it. Only a request
+        // (`failkeeper`, `switchover`) moves the primary.
+        let problem = d.dbs[&m]
+            .status
+            .problem
+            .clone()
+            .unwrap_or_else(|| "unhealthy".into());
+        note(
+            d,
+            format!(
+                "the primary {m} has failed ({problem}); the cluster is paused, so no automatic \
+                 failover happens: `keelson ctl resume` lets it happen"
+            ),
+        );
+        return;
+    }
+    let failed = marked || dead;
     if !failed {
         return;
     }
@@ -821,13 +845,32 @@ fn is_ready(db: &Db) -> bool {
     db.status.healthy && !db.status.in_recovery && db.status.applied_generation >= db.generation
 }
 
-fn name_primary(d: &mut ClusterData) {
+fn name_primary(d: &mut ClusterData, wall_ms: u64) {
     if d.failover.as_ref().is_some_and(|f| f.to.is_none()) {
         return;
     }
     let Some(m) = master(d) else { return };
     let ready = is_ready(&d.dbs[&m]);
     if ready && d.proxy.master_db.as_deref() != Some(m.as_str()) {
+        // A primary given back after a cancelled failover is no change.
+        let change = match &d.failover {
+            Some(f) => Some((f.reason.clone(), Some(f.from.clone()))),
+            None if d.proxy.generation == 0 => Some(("initial".to_owned(), None)),
+            None => None,
+        };
+        if let Some((reason, from)) = change {
+            let s = &d.dbs[&m].status;
+            d.history.push(PrimaryChange {
+                at_ms: wall_ms,
+                reason,
+                from,
+                to: m.clone(),
+                timeline: s.timeline,
+                lsn: s.lsn,
+            });
+            let excess = d.history.len().saturating_sub(HISTORY_LEN);
+            d.history.drain(..excess);
+        }
         d.set_proxy_master(Some(&m));
     }
     if ready {

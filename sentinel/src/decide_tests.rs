@@ -217,6 +217,81 @@ struct Case {
 
 fn cases() -> Vec<Case> {
     vec![
+        // ---- maintenance mode and history
+        Case {
+            name: "paused: a dead primary is not failed over, and the notice says why",
+            run: || {
+                let mut d = cluster("m", &["s1"]);
+                d.paused = true;
+                let o = observe(&d, &["m"]);
+                rounds(&d, &o, &[T0, T0 + 5 * SEC, T0 + 15 * SEC, T0 + 15 * SEC + 1])
+            },
+            check: |d| {
+                assert!(d.failover.is_none(), "{:?}", d.failover);
+                assert_eq!(d.proxy.master_db.as_deref(), Some("m"));
+                let n = d.notice.as_deref().unwrap_or_default();
+                assert!(n.contains("paused") && n.contains("ctl resume"), "{n}");
+            },
+        },
+        Case {
+            name: "paused: failkeeper still fails over",
+            run: || {
+                let mut d = cluster("m", &["s1"]);
+                d.paused = true;
+                d.keepers.get_mut("m").unwrap().failed = true;
+                decide(&d, &observe(&d, &[]), T0)
+            },
+            check: |d| assert_eq!(d.failover.as_ref().map(|f| f.from.as_str()), Some("m")),
+        },
+        Case {
+            name: "resumed: a primary that failed while paused is failed over at once",
+            run: || {
+                let mut d = cluster("m", &["s1"]);
+                d.paused = true;
+                let o = observe(&d, &["m"]);
+                let mut d = rounds(&d, &o, &[T0, T0 + 5 * SEC, T0 + 15 * SEC]);
+                assert!(d.failover.is_none());
+                d.paused = false;
+                decide(&d, &o, T0 + 15 * SEC + 1)
+            },
+            check: |d| assert_eq!(d.failover.as_ref().map(|f| f.from.as_str()), Some("m")),
+        },
+        Case {
+            name: "history: a failover is recorded once the new primary runs, with reason, timeline and LSN",
+            run: || {
+                let d = cluster("m", &["s1"]);
+                let d = fail_master(&d, "m", |o| o);
+                assert_eq!(d.failover.as_ref().and_then(|f| f.to.as_deref()), Some("s1"));
+                assert!(d.history.is_empty(), "not before it runs as primary");
+                let gen = d.dbs["s1"].generation;
+                let o = with(observe(&d, &["m"]), "s1", |r| {
+                    r.in_recovery = false;
+                    r.applied_generation = gen;
+                    r.timeline = Some(2);
+                    r.lsn = Some(300);
+                });
+                let o = Observations {
+                    wall_ms: 1_700_000_000_000,
+                    ..o
+                };
+                rounds(&d, &o, &[T0 + 7 * SEC, T0 + 8 * SEC])
+            },
+            check: |d| {
+                assert_eq!(d.proxy.master_db.as_deref(), Some("s1"));
+                assert_eq!(
+                    d.history,
+                    vec![cluster::data::PrimaryChange {
+                        at_ms: 1_700_000_000_000,
+                        reason: "failover".into(),
+                        from: Some("m".into()),
+                        to: "s1".into(),
+                        timeline: 2,
+                        lsn: 300,
+                    }],
+                    "recorded once"
+                );
+            },
+        },
         // ---- bring-up
         Case {
             name: "a new cluster with no keepers waits",

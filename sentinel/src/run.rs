@@ -133,6 +133,9 @@ pub async fn observe(
         (None, _) => None,
     };
     obs.failover_since_ms = mem.failover.as_ref().map(|(_, t)| *t);
+    obs.wall_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     Ok(obs)
 }
 

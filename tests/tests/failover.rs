@@ -1156,3 +1156,152 @@ async fn a_client_connecting_every_20ms_sees_no_failed_attempt_across_a_restart_
         "connection attempts failed across the failover: {failed:#?}"
     );
 }
+
+impl LocalCluster {
+    /// `keelson ctl spec update` with the current spec changed by `f`.
+    pub(crate) async fn update_spec(&self, f: impl FnOnce(&mut ClusterSpec)) {
+        let mut spec = self.data().await.spec;
+        f(&mut spec);
+        let file = self.dir.path().join("spec-update.json");
+        std::fs::write(&file, serde_json::to_string(&spec).unwrap()).unwrap();
+        self.ctl(&["spec", "update", "--file", file.to_str().unwrap()])
+            .expect("spec update");
+    }
+}
+
+/// Issue 12: a `pg_parameters` change reaches every running instance by
+/// reload; one that needs a restart is reported pending on each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameters_are_reloaded_on_every_instance_and_restart_ones_reported_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let store = cluster::open(&url).await.unwrap();
+    let c = LocalCluster::up_with(&url, store, ClusterSpec::default(), 1, 3).await;
+    let before = c.show(1, "max_connections").await.unwrap();
+    c.update_spec(|s| {
+        s.pg_parameters.insert("work_mem".into(), "'7MB'".into());
+        s.pg_parameters
+            .insert("max_connections".into(), "150".into());
+        // A user's value above what keelson needs is kept.
+        s.pg_parameters
+            .insert("max_wal_senders".into(), "12".into());
+    })
+    .await;
+    let t = Instant::now();
+    for i in 1..=3 {
+        crate::assert_eventually!(
+            c.show(i, "work_mem").await.as_deref() == Some("7MB"),
+            Duration::from_secs(10),
+            "k{i} runs work_mem {:?}",
+            c.show(i, "work_mem").await
+        );
+    }
+    eprintln!(
+        "work_mem reloaded on all 3 instances {:?} after the spec update",
+        t.elapsed()
+    );
+    crate::assert_eventually!(
+        c.data().await.dbs.values().all(|db| {
+            db.status.pending_restart == ["max_connections".to_string(), "max_wal_senders".into()]
+        }),
+        Duration::from_secs(10),
+        "not every instance reports the restart pending: {:?}",
+        c.data()
+            .await
+            .dbs
+            .values()
+            .map(|d| d.status.pending_restart.clone())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(c.show(1, "max_connections").await.unwrap(), before);
+    let status = c.ctl(&["status"]).unwrap();
+    assert!(
+        status.contains("pending restart: max_connections, max_wal_senders"),
+        "{status}"
+    );
+}
+
+/// Issue 12: while paused, a dead primary is not failed over (for three
+/// times `fail_interval`) and a keeper leaves its stopped PostgreSQL
+/// stopped; on resume the failover happens. `ctl history` then lists the
+/// first election, that failover, a switchover and a failkeeper failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_cluster_does_not_fail_over_until_resumed_and_history_lists_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let store = cluster::open(&url).await.unwrap();
+    let spec = ClusterSpec {
+        fail_interval: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let mut c = LocalCluster::up_with(&url, store, spec, 1, 3).await;
+    let first = c.master;
+    let standby = c.standbys()[0];
+    c.ctl(&["pause"]).unwrap();
+    let status = c.ctl(&["status"]).unwrap();
+    assert!(status.starts_with("PAUSED"), "{status}");
+
+    // A keeper leaves its stopped PostgreSQL as it is.
+    c.kill_postgres(standby);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        c.direct(standby, "SELECT 1::bigint").await,
+        None,
+        "k{standby}'s keeper restarted PostgreSQL while paused"
+    );
+
+    // No automatic failover.
+    c.kill_primary();
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let d = c.data().await;
+    assert!(
+        d.failover.is_none(),
+        "failed over while paused: {:?}",
+        d.failover
+    );
+    assert_eq!(d.proxy.master_db, Some(c.uid(first)));
+    let notice = d.notice.unwrap_or_default();
+    assert!(notice.contains("paused"), "{notice}");
+
+    c.ctl(&["resume"]).unwrap();
+    let second = c.wait_new_primary(first, Duration::from_secs(40)).await;
+    // The paused standby is started again and follows.
+    crate::assert_eventually!(
+        c.direct(standby, "SELECT 1::bigint").await == Some(1),
+        Duration::from_secs(30),
+        "k{standby} was not started after resume"
+    );
+
+    // The first primary rejoins; a switchover back to it, then failkeeper.
+    c.keepers[first - 1] = Some(c.keeper_role(first));
+    c.wait_standby(first).await;
+    c.ctl(&["switchover", "--to", &c.uid(first)]).unwrap();
+    let third = c.wait_new_primary(second, Duration::from_secs(60)).await;
+    assert_eq!(third, first);
+    c.wait_standby(second).await;
+    c.ctl(&["failkeeper", &c.uid(first)]).unwrap();
+    let fourth = c.wait_new_primary(first, Duration::from_secs(60)).await;
+
+    let history: Vec<cluster::data::PrimaryChange> =
+        serde_json::from_str(&c.ctl(&["history", "--json"]).unwrap()).unwrap();
+    let seen: Vec<(&str, Option<String>, String)> = history
+        .iter()
+        .map(|h| (h.reason.as_str(), h.from.clone(), h.to.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("initial", None, c.uid(first)),
+            ("failover", Some(c.uid(first)), c.uid(second)),
+            ("switchover", Some(c.uid(second)), c.uid(first)),
+            ("failover", Some(c.uid(first)), c.uid(fourth)),
+        ],
+        "{history:?}"
+    );
+    assert!(history
+        .windows(2)
+        .all(|w| w[0].at_ms <= w[1].at_ms && w[0].timeline < w[1].timeline));
+    let table = c.ctl(&["history"]).unwrap();
+    eprintln!("{table}");
+    assert_eq!(table.lines().count(), 5, "{table}");
+}
