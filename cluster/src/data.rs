@@ -267,11 +267,49 @@ pub struct Keeper {
     pub priority: i32,
     /// Never elect this keeper's database as primary.
     pub never_primary: bool,
+    /// Never choose this keeper's database as a synchronous standby.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub no_sync: bool,
+    /// Proxies send this keeper's database no replica sessions.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub no_loadbalance: bool,
+    /// The tags this keeper's flags last set (see [`KeeperReport::tags`]):
+    /// flags that change win over `ctl keeper set`; flags that stay do not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reported_tags: Option<Tags>,
     /// Set by `keelson ctl failkeeper`: the sentinel treats this keeper's
     /// database as failed (past `fail_interval`) for one decision, then
     /// clears the flag.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub failed: bool,
+}
+
+/// A keeper's tags: how the sentinel and the proxies treat its database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Tags {
+    pub priority: i32,
+    pub never_primary: bool,
+    pub no_sync: bool,
+    pub no_loadbalance: bool,
+}
+
+impl Keeper {
+    pub fn tags(&self) -> Tags {
+        Tags {
+            priority: self.priority,
+            never_primary: self.never_primary,
+            no_sync: self.no_sync,
+            no_loadbalance: self.no_loadbalance,
+        }
+    }
+
+    pub fn set_tags(&mut self, t: &Tags) {
+        self.priority = t.priority;
+        self.never_primary = t.never_primary;
+        self.no_sync = t.no_sync;
+        self.no_loadbalance = t.no_loadbalance;
+    }
 }
 
 /// The role a database should have.
@@ -422,9 +460,10 @@ pub struct KeeperReport {
     pub streaming_age_ms: Option<u64>,
     /// What is wrong, in words, when it is not healthy.
     pub problem: Option<String>,
-    /// Keeper settings, taken into the cluster data when it joins.
-    pub priority: i32,
-    pub never_primary: bool,
+    /// The tags the keeper's flags set, if any were given: taken into the
+    /// cluster data when it joins, and again whenever they change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Tags>,
     /// Parameters changed in the configuration PostgreSQL runs with that
     /// take effect only at a restart (`pg_settings.pending_restart`);
     /// `None` when unknown.
@@ -628,6 +667,10 @@ impl ClusterData {
                     && db.spec.role == Role::Standby
                     && db.status.healthy
                     && db.status.in_recovery
+                    && !self
+                        .keepers
+                        .get(&db.keeper)
+                        .is_some_and(|k| k.no_loadbalance)
             })
             .filter_map(|(_, db)| {
                 Some(ReplicaView {

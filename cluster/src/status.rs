@@ -77,6 +77,7 @@ pub struct KeeperStatus {
     /// Parameters that take effect only at a restart.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pending_restart: Vec<String>,
+    pub tags: crate::data::Tags,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -141,6 +142,11 @@ pub fn of(data: &ClusterData, cluster: &str, proxies: Vec<ProxyStatus>) -> Clust
                 synchronous_standbys: primary.then(|| db.spec.synchronous_standbys.clone()),
                 sync_confirmed: primary.then(|| db.status.sync_confirmed.clone()),
                 pending_restart: db.status.pending_restart.clone(),
+                tags: data
+                    .keepers
+                    .get(&db.keeper)
+                    .map(|k| k.tags())
+                    .unwrap_or_default(),
             }
         })
         .collect();

@@ -73,6 +73,10 @@ pub struct Observed {
     /// The cluster's `pg_parameters` differ from those last written into
     /// the configuration (a `ctl spec update`): written and reloaded.
     pub params_changed: bool,
+    /// The data was already copied afresh for this spec generation: a
+    /// `reinit` still set (the sentinel clears it once it sees the copy
+    /// run) is not done twice.
+    pub reinit_done: bool,
 }
 
 /// How long a standby may fail to stream from its upstream before the
@@ -192,7 +196,7 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
             }
             if !o.initialized {
                 a.extend([BaseBackup { from: up }, WriteConfig, Start]);
-            } else if d.reinit || (o.stuck && o.rewind_did_not_help) {
+            } else if (d.reinit && !o.reinit_done) || (o.stuck && o.rewind_did_not_help) {
                 a.push(WaitPrimary { from: up.clone() });
                 if o.running {
                     a.push(if o.was_primary { StopNow } else { Stop });
@@ -246,6 +250,8 @@ pub struct KeeperConfig {
     /// The command that runs the fence guard for a keeper directory (it is
     /// given the directory as its last argument); `None` runs none.
     pub guard: Option<(PathBuf, Vec<String>)>,
+    /// Tags set by flags (see [`cluster::data::KeeperReport::tags`]).
+    pub tags: Option<cluster::data::Tags>,
 }
 
 /// Errors that stop a keeper.
@@ -440,6 +446,8 @@ struct Keeper {
     /// The cluster's `pg_parameters` as this keeper last wrote them into
     /// the configuration; `None` before its first write.
     written_params: Option<std::collections::BTreeMap<String, String>>,
+    /// The spec generation the data was last copied afresh for.
+    reinit_generation: Option<u64>,
 }
 
 impl Keeper {
@@ -490,6 +498,7 @@ impl Keeper {
                 .is_some_and(|t| t.elapsed() < 4 * STUCK_AFTER)
             && self.streamed_at.is_none_or(|s| Some(s) < self.rewound_at);
         obs.params_changed = self.written_params.as_ref() != Some(&data.spec.pg_parameters);
+        obs.reinit_done = self.reinit_generation == Some(desired.generation);
         let steps = plan(desired, obs);
         if !steps.is_empty() {
             tracing::info!(?steps, role = desired.role.as_str(), "reconciling");
@@ -522,6 +531,9 @@ impl Keeper {
         }
         if done.iter().any(|s| matches!(s, Action::Rewind { .. })) {
             self.rewound_at = Some(Instant::now());
+        }
+        if done.iter().any(|s| matches!(s, Action::Reinit { .. })) {
+            self.reinit_generation = Some(desired.generation);
         }
         if done.iter().any(|s| matches!(s, Action::Rewind { .. })) {
             self.following_since = Some(Instant::now());
@@ -560,6 +572,7 @@ impl Keeper {
         r.instance = self.instance.clone();
         r.seq = self.seq;
         r.running = running;
+        r.tags = cfg.tags.clone();
         if r.healthy {
             obs.in_recovery = r.in_recovery;
         }
@@ -939,6 +952,19 @@ mod tests {
             ..Default::default()
         };
         let table: Vec<(&str, Desired, Observed, Vec<Action>)> = vec![
+            (
+                "a reinit already done for this generation is not done again",
+                Desired {
+                    reinit: true,
+                    ..desired(Role::Standby, Some("b:1"))
+                },
+                Observed {
+                    reinit_done: true,
+                    configured_upstream: Some("b:1".into()),
+                    ..running_standby.clone()
+                },
+                vec![],
+            ),
             (
                 "paused: a stopped primary is left stopped",
                 paused(desired(Role::Master, None)),

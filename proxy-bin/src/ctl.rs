@@ -50,6 +50,19 @@ pub enum CtlCommand {
         /// The keeper's uid.
         uid: String,
     },
+    /// Change a keeper's tags at run time.
+    Keeper {
+        /// The keeper's uid.
+        uid: String,
+        #[command(subcommand)]
+        action: KeeperCommand,
+    },
+    /// Copy a standby's data afresh from the primary (its data directory is
+    /// deleted first); refused for the primary.
+    Reinit {
+        /// The standby's keeper uid.
+        uid: String,
+    },
     /// Maintenance mode: no automatic failover, and keepers leave
     /// PostgreSQL as it is (a stopped one stays stopped); `switchover` and
     /// `failkeeper` still work.
@@ -69,6 +82,26 @@ pub enum CtlCommand {
         /// The standby to promote [default: the most advanced eligible one].
         #[arg(long)]
         to: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum KeeperCommand {
+    /// Set tags; those not given keep their values. A keeper restarted with
+    /// different tag flags takes its flags' values again.
+    Set {
+        /// Preferred at failover among equally advanced standbys (higher first).
+        #[arg(long, allow_negative_numbers = true)]
+        priority: Option<i32>,
+        /// Never promote this keeper's database.
+        #[arg(long, value_name = "BOOL")]
+        never_primary: Option<bool>,
+        /// Never choose it as a synchronous standby.
+        #[arg(long, value_name = "BOOL")]
+        no_sync: Option<bool>,
+        /// Proxies send it no replica sessions.
+        #[arg(long, value_name = "BOOL")]
+        no_loadbalance: Option<bool>,
     },
 }
 
@@ -251,6 +284,67 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             }
         },
         CtlCommand::Failkeeper { uid } => failkeeper(&store, &keys, &uid).await?,
+        CtlCommand::Keeper {
+            uid,
+            action:
+                KeeperCommand::Set {
+                    priority,
+                    never_primary,
+                    no_sync,
+                    no_loadbalance,
+                },
+        } => {
+            let mut tags = None;
+            update(&store, &keys, |d| {
+                let Some(k) = d.keepers.get_mut(&uid) else {
+                    bail!("the cluster has no keeper {uid:?}");
+                };
+                let mut t = k.tags();
+                if let Some(v) = priority {
+                    t.priority = v;
+                }
+                if let Some(v) = never_primary {
+                    t.never_primary = v;
+                }
+                if let Some(v) = no_sync {
+                    t.no_sync = v;
+                }
+                if let Some(v) = no_loadbalance {
+                    t.no_loadbalance = v;
+                }
+                k.set_tags(&t);
+                tags = Some(t);
+                Ok(())
+            })
+            .await?;
+            if let Some(t) = tags {
+                println!("keeper {uid}: {}", format_tags(&t));
+            }
+        }
+        CtlCommand::Reinit { uid } => {
+            update(&store, &keys, |d| {
+                let Some(db) = d.dbs.get_mut(&uid) else {
+                    bail!("the cluster has no keeper {uid:?}");
+                };
+                match db.spec.role {
+                    cluster::data::Role::Master => bail!(
+                        "{uid} is the primary: its data is the cluster's; run `keelson ctl switchover` first"
+                    ),
+                    cluster::data::Role::None => bail!(
+                        "{uid} has no role now (it is stopped, or taking part in a failover); \
+                         it is copied or rewound when it rejoins"
+                    ),
+                    cluster::data::Role::Standby => {}
+                }
+                if !db.spec.reinit {
+                    db.spec.reinit = true;
+                    db.generation += 1;
+                }
+                Ok(())
+            })
+            .await?;
+            println!("{uid} will copy its data afresh from the primary; `keelson ctl status` shows when it streams again");
+        }
         CtlCommand::Pause | CtlCommand::Resume => {
             let pause = matches!(args.command, CtlCommand::Pause);
             let mut was = false;
@@ -342,6 +436,14 @@ pub async fn run(args: CtlArgs) -> Result<()> {
     Ok(())
 }
 
+/// Tags as `ctl status` and `ctl keeper set` print them.
+fn format_tags(t: &cluster::data::Tags) -> String {
+    format!(
+        "priority={} never-primary={} no-sync={} no-loadbalance={}",
+        t.priority, t.never_primary, t.no_sync, t.no_loadbalance
+    )
+}
+
 fn print_history(h: &[cluster::data::PrimaryChange]) {
     println!(
         "{:<21} {:<11} {:<16} {:<16} {:>8} {:>14}",
@@ -413,6 +515,9 @@ fn print_table(s: &ClusterStatus) {
         );
         if let Some(p) = &k.problem {
             println!("    {}: {p}", k.uid);
+        }
+        if k.tags != cluster::data::Tags::default() {
+            println!("    tags: {}", format_tags(&k.tags));
         }
         if !k.pending_restart.is_empty() {
             println!("    pending restart: {}", k.pending_restart.join(", "));

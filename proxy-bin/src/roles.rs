@@ -40,9 +40,36 @@ pub struct KeeperArgs {
         conflicts_with = "pg_repl_password"
     )]
     pub pg_repl_password_file: Option<PathBuf>,
+    /// Tag: preferred at failover among equally advanced standbys (higher
+    /// first). Any tag flag sets all four tags (the others to their
+    /// defaults) whenever it changes; without one, `keelson ctl keeper UID
+    /// set` manages them.
+    #[arg(long, env = "KEELSON_PRIORITY", allow_negative_numbers = true)]
+    pub priority: Option<i32>,
+    /// Tag: never promote this keeper's database.
+    #[arg(long, env = "KEELSON_NEVER_PRIMARY")]
+    pub never_primary: bool,
+    /// Tag: never choose this keeper's database as a synchronous standby.
+    #[arg(long, env = "KEELSON_NO_SYNC")]
+    pub no_sync: bool,
+    /// Tag: proxies send this keeper's database no replica sessions.
+    #[arg(long, env = "KEELSON_NO_LOADBALANCE")]
+    pub no_loadbalance: bool,
 }
 
 impl KeeperArgs {
+    /// The tags the flags set, if any tag flag was given.
+    fn tags(&self) -> Option<cluster::data::Tags> {
+        let any =
+            self.priority.is_some() || self.never_primary || self.no_sync || self.no_loadbalance;
+        any.then(|| cluster::data::Tags {
+            priority: self.priority.unwrap_or(0),
+            never_primary: self.never_primary,
+            no_sync: self.no_sync,
+            no_loadbalance: self.no_loadbalance,
+        })
+    }
+
     fn replication(&self) -> Result<keeper::Replication> {
         let password = match (&self.pg_repl_password, &self.pg_repl_password_file) {
             (Some(p), _) => p.clone(),
@@ -118,6 +145,7 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
         })?;
     let replication = args.replication()?;
     let cfg = keeper::run::KeeperConfig {
+        tags: args.tags(),
         replication,
         uid: args.uid,
         dir: args.data_dir,

@@ -139,7 +139,16 @@ pub fn bytes(n: u64) -> String {
 fn join_keepers(d: &mut ClusterData, obs: &Observations) {
     let m = master(d);
     for (uid, r) in &obs.keepers {
-        if d.keepers.contains_key(uid) {
+        if let Some(k) = d.keepers.get_mut(uid) {
+            // Flags that changed (the keeper restarted with others) win
+            // over tags set with `ctl keeper set`; the same flags again
+            // change nothing.
+            if r.tags.is_some() && r.tags != k.reported_tags {
+                if let Some(t) = &r.tags {
+                    k.set_tags(t);
+                }
+                k.reported_tags = r.tags.clone();
+            }
             continue;
         }
         if let Some(other) = d
@@ -157,14 +166,14 @@ fn join_keepers(d: &mut ClusterData, obs: &Observations) {
             );
             continue;
         }
-        d.keepers.insert(
-            uid.clone(),
-            Keeper {
-                priority: r.priority,
-                never_primary: r.never_primary,
-                failed: false,
-            },
-        );
+        let mut k = Keeper {
+            reported_tags: r.tags.clone(),
+            ..Keeper::default()
+        };
+        if let Some(t) = &r.tags {
+            k.set_tags(t);
+        }
+        d.keepers.insert(uid.clone(), k);
         let spec = match &m {
             Some(m) => follower(m),
             None => DbSpec::default(),
@@ -914,10 +923,16 @@ fn manage_sync(d: &mut ClusterData) {
                 && db.status.streaming
         })
     };
+    let no_sync = |uid: &str| {
+        d.dbs
+            .get(uid)
+            .and_then(|db| d.keepers.get(&db.keeper))
+            .is_some_and(|k| k.no_sync)
+    };
     let sync_now = |uid: &str| reported.iter().any(|r| r == uid);
     // Current members first (no flapping between equally good standbys),
     // then the most advanced other streaming followers.
-    let mut candidates: Vec<&String> = d.dbs.keys().filter(|u| live(u)).collect();
+    let mut candidates: Vec<&String> = d.dbs.keys().filter(|u| live(u) && !no_sync(u)).collect();
     candidates.sort_by(|a, b| {
         let (ia, ib) = (cur.contains(a), cur.contains(b));
         ib.cmp(&ia)

@@ -217,6 +217,59 @@ struct Case {
 
 fn cases() -> Vec<Case> {
     vec![
+        // ---- tags
+        Case {
+            name: "tags: a no-sync standby is never chosen as synchronous, however advanced",
+            run: || {
+                let mut d = cluster("m", &["s1", "s2"]);
+                d.spec.synchronous_replication = true;
+                d.keepers.get_mut("s1").unwrap().no_sync = true;
+                let o = with(observe(&d, &[]), "s1", |r| r.lsn = Some(500));
+                rounds(&d, &o, &[T0, T0 + SEC])
+            },
+            check: |d| assert_eq!(d.dbs["m"].spec.synchronous_standbys, vec!["s2".to_string()]),
+        },
+        Case {
+            name: "tags: a no-loadbalance standby is left out of the proxies' replicas",
+            run: || {
+                let mut d = cluster("m", &["s1", "s2"]);
+                d.keepers.get_mut("s2").unwrap().no_loadbalance = true;
+                d
+            },
+            check: |d| {
+                let v = d.proxy_view();
+                let addrs: Vec<&str> = v.replicas.iter().map(|r| r.address.as_str()).collect();
+                assert_eq!(addrs, vec!["s1:5432"]);
+            },
+        },
+        Case {
+            name: "tags: flags are taken at join and when they change; the same flags leave ctl's values",
+            run: || {
+                let d = cluster("m", &["s1"]);
+                let flags = |p: i32| {
+                    Some(cluster::data::Tags {
+                        priority: p,
+                        ..Default::default()
+                    })
+                };
+                // A new keeper joins with its flags.
+                let o = with(observe(&d, &[]), "s2", |_| ());
+                let mut o = o;
+                let mut r = fresh_keeper("s2");
+                r.tags = flags(1);
+                o.keepers.insert("s2".into(), r);
+                let mut d = decide(&d, &o, T0);
+                assert_eq!(d.keepers["s2"].priority, 1, "taken at join");
+                // `ctl keeper s2 set --priority 7`; the keeper reports the same flags.
+                d.keepers.get_mut("s2").unwrap().priority = 7;
+                let d = decide(&d, &o, T0 + SEC);
+                assert_eq!(d.keepers["s2"].priority, 7, "unchanged flags do not undo ctl");
+                // Restarted with other flags: they win.
+                let o = with(o, "s2", |r| r.tags = flags(3));
+                decide(&d, &o, T0 + 2 * SEC)
+            },
+            check: |d| assert_eq!(d.keepers["s2"].priority, 3),
+        },
         // ---- maintenance mode and history
         Case {
             name: "paused: a dead primary is not failed over, and the notice says why",
@@ -326,7 +379,10 @@ fn cases() -> Vec<Case> {
                 let mut o = Observations::default();
                 o.keepers.insert("a".into(), fresh_keeper("a"));
                 let mut b = fresh_keeper("b");
-                b.priority = 5;
+                b.tags = Some(cluster::data::Tags {
+                    priority: 5,
+                    ..Default::default()
+                });
                 o.keepers.insert("b".into(), b);
                 decide(&ClusterData::new(ClusterSpec::default()), &o, T0)
             },
@@ -351,7 +407,10 @@ fn cases() -> Vec<Case> {
             run: || {
                 let mut o = Observations::default();
                 let mut a = fresh_keeper("a");
-                a.never_primary = true;
+                a.tags = Some(cluster::data::Tags {
+                    never_primary: true,
+                    ..Default::default()
+                });
                 o.keepers.insert("a".into(), a);
                 o.keepers.insert("b".into(), fresh_keeper("b"));
                 decide(&ClusterData::new(ClusterSpec::default()), &o, T0)
@@ -363,7 +422,10 @@ fn cases() -> Vec<Case> {
             run: || {
                 let mut o = Observations::default();
                 let mut a = fresh_keeper("a");
-                a.never_primary = true;
+                a.tags = Some(cluster::data::Tags {
+                    never_primary: true,
+                    ..Default::default()
+                });
                 o.keepers.insert("a".into(), a);
                 decide(&ClusterData::new(ClusterSpec::default()), &o, T0)
             },

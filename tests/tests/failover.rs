@@ -1305,3 +1305,164 @@ async fn a_paused_cluster_does_not_fail_over_until_resumed_and_history_lists_eve
     eprintln!("{table}");
     assert_eq!(table.lines().count(), 5, "{table}");
 }
+
+impl LocalCluster {
+    /// The port a new session through `conn` lands on.
+    async fn port_of(conn: &str) -> Option<u16> {
+        let cl = try_connect(conn).await.ok()?;
+        let p: i32 = cl
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .ok()?
+            .get(0);
+        u16::try_from(p).ok()
+    }
+}
+
+/// Issue 12: tags set at run time with `ctl keeper UID set` steer the
+/// election (never-primary wins over priority) and replica routing
+/// (no-loadbalance); `ctl reinit` copies a standby whose data directory was
+/// damaged afresh, and it streams again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_steer_election_and_replica_routing_and_reinit_recopies_a_damaged_standby() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let store = cluster::open(&url).await.unwrap();
+    let mut c = LocalCluster::up_with(&url, store, ClusterSpec::default(), 1, 3).await;
+    let m = c.master;
+    let (x, y) = (c.standbys()[0], c.standbys()[1]);
+    c.wait_standbys_see("SELECT count(*) FROM w", 0).await;
+
+    // no-loadbalance: every replica session lands on y.
+    let out = c
+        .ctl(&["keeper", &c.uid(x), "set", "--no-loadbalance", "true"])
+        .unwrap();
+    assert!(out.contains("no-loadbalance=true"), "{out}");
+    let replica = c.proxy.replica_conn().await;
+    crate::assert_eventually!(
+        c.proxy.proxy.view().load().replicas.len() == 1,
+        Duration::from_secs(10),
+        "k{x} is still in the view"
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            LocalCluster::port_of(&replica).await,
+            Some(c.ports[y - 1]),
+            "a replica session landed elsewhere than k{y}"
+        );
+    }
+    assert!(c.ctl(&["status"]).unwrap().contains("no-loadbalance=true"));
+
+    // never-primary wins over priority: x, preferred by priority among
+    // equally advanced standbys, is never promoted.
+    c.ctl(&[
+        "keeper",
+        &c.uid(x),
+        "set",
+        "--priority",
+        "10",
+        "--never-primary",
+        "true",
+    ])
+    .unwrap();
+    c.ctl(&["failkeeper", &c.uid(m)]).unwrap();
+    let new = c.wait_new_primary(m, Duration::from_secs(40)).await;
+    assert_eq!(new, y, "the never-primary standby was promoted");
+
+    // reinit: x's data directory loses its control file while its keeper
+    // is down; the keeper cannot start it; `ctl reinit` copies it afresh.
+    c.wait_standby(x).await;
+    c.kill_keeper_only(x);
+    c.kill_postgres(x);
+    let pgdata = c.dir.path().join(format!("k{x}")).join("pgdata");
+    std::fs::remove_file(pgdata.join("global/pg_control")).unwrap();
+    c.keepers[x - 1] = Some(c.keeper_role(x));
+    crate::assert_eventually!(
+        c.data().await.dbs[&c.uid(x)].status.problem.is_some(),
+        Duration::from_secs(20),
+        "k{x} did not report its damage"
+    );
+    let refused = c.ctl(&["reinit", &c.uid(new)]).unwrap_err();
+    assert!(refused.contains("is the primary"), "{refused}");
+    c.ctl(&["reinit", &c.uid(x)]).unwrap();
+    c.exec_via_proxy("INSERT INTO w VALUES (99)").await;
+    crate::assert_eventually!(
+        c.direct(x, "SELECT count(*) FROM w WHERE x = 99").await == Some(1),
+        Duration::from_secs(60),
+        "k{x} does not stream again:\n{}",
+        c.keeper_log(x)
+    );
+    crate::assert_eventually!(
+        c.is_standby(x).await,
+        Duration::from_secs(20),
+        "k{x} is not reported a healthy standby"
+    );
+    let log = c.keeper_log(x);
+    assert_eq!(
+        log.matches("Reinit {").count(),
+        1,
+        "copied once, afresh:\n{log}"
+    );
+}
+
+/// Issue 12: a no-sync standby never appears in the primary's
+/// `synchronous_standby_names`, even when it is the synchronous one when
+/// the tag is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_sync_standby_leaves_and_never_reenters_the_synchronous_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let store = cluster::open(&url).await.unwrap();
+    let spec = ClusterSpec {
+        synchronous_replication: true,
+        ..Default::default()
+    };
+    let c = LocalCluster::up_with(&url, store, spec, 1, 3).await;
+    let m = c.master;
+    let names = || async {
+        c.show(m, "synchronous_standby_names")
+            .await
+            .unwrap_or_default()
+    };
+    crate::assert_eventually!(
+        !names().await.is_empty(),
+        Duration::from_secs(30),
+        "no synchronous standby"
+    );
+    let sync = c.data().await.dbs[&c.uid(m)].spec.synchronous_standbys[0].clone();
+    let other = c
+        .standbys()
+        .into_iter()
+        .map(|i| c.uid(i))
+        .find(|u| *u != sync)
+        .unwrap();
+    c.ctl(&["keeper", &sync, "set", "--no-sync", "true"])
+        .unwrap();
+    crate::assert_eventually!(
+        names().await == format!("FIRST 1 (\"{other}\")"),
+        Duration::from_secs(20),
+        "the set did not move to {other}: {}",
+        names().await
+    );
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let n = names().await;
+        assert!(!n.contains(&format!("\"{sync}\"")), "{sync} came back: {n}");
+    }
+    // Commits go on with the other standby.
+    c.exec_via_proxy("INSERT INTO w VALUES (5)").await;
+}
+
+impl LocalCluster {
+    /// Runs `sql` through the proxy, retrying until it succeeds (30 s).
+    pub(crate) async fn exec_via_proxy(&self, sql: &str) {
+        crate::assert_eventually!(
+            match try_connect(&self.conn).await {
+                Ok(cl) => cl.batch_execute(sql).await.is_ok(),
+                Err(_) => false,
+            },
+            Duration::from_secs(30),
+            "{sql} did not succeed through the proxy"
+        );
+    }
+}
