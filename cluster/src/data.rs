@@ -69,6 +69,12 @@ pub struct ClusterSpec {
     pub max_standby_lag_bytes: u64,
     /// PostgreSQL parameters applied to every instance.
     pub pg_parameters: BTreeMap<String, String>,
+    /// Extra pg_hba.conf lines, in order, placed after keelson's own rules
+    /// (the keeper's local socket, the replication account) and before the
+    /// default client rules, so they can reject or admit clients before
+    /// those do. Applied by reload; not while a primary holds clients out.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pg_hba: Vec<String>,
     /// How long a failover or switchover step may wait (a candidate that
     /// never becomes primary, an old primary that never stops, a target that
     /// never catches up) before the sentinel tries another way or gives up.
@@ -92,10 +98,44 @@ impl Default for ClusterSpec {
             max_sync: 1,
             max_standby_lag_bytes: 16 * 1024 * 1024,
             pg_parameters: BTreeMap::new(),
+            pg_hba: Vec::new(),
             convergence_timeout: Duration::from_secs(60),
             extra: BTreeMap::new(),
         }
     }
+}
+
+/// Checks one pg_hba.conf line of the spec: a record of a known type with
+/// enough fields (PostgreSQL checks the rest at reload, and keeps its old
+/// rules if a line is wrong), on one line, with no include directive.
+fn check_hba_line(line: &str) -> Result<(), SpecError> {
+    let bad = |why: &str| SpecError(format!("pg_hba line {line:?}: {why}"));
+    if line.contains(['\n', '\r', '\0']) {
+        return Err(bad("must be a single line"));
+    }
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let min = match fields.first().copied() {
+        Some("local") => 4,
+        Some("host" | "hostssl" | "hostnossl" | "hostgssenc" | "hostnogssenc") => 5,
+        Some(t) if t.starts_with("include") => {
+            return Err(bad("include directives are not allowed"))
+        }
+        Some(t) if t.starts_with('#') => return Err(bad("a comment is not a rule")),
+        Some(t) => {
+            return Err(bad(&format!(
+                "unknown connection type {t:?} (local, host, hostssl, hostnossl, hostgssenc, hostnogssenc)"
+            )))
+        }
+        None => return Err(bad("is empty")),
+    };
+    if fields.len() < min {
+        return Err(bad(&format!(
+            "a {} record needs at least {min} fields (type, database, user{}, method)",
+            fields[0],
+            if min == 5 { ", address" } else { "" }
+        )));
+    }
+    Ok(())
 }
 
 /// `d` rounded up to whole seconds.
@@ -154,6 +194,9 @@ impl ClusterSpec {
     ///   like a failure;
     /// - `convergence_timeout` must leave a promotion time to finish.
     pub fn validate(&self) -> Result<(), SpecError> {
+        for line in &self.pg_hba {
+            check_hba_line(line)?;
+        }
         let positive = [
             ("keeper_report_interval", self.keeper_report_interval),
             ("fail_interval", self.fail_interval),
@@ -709,6 +752,31 @@ mod tests {
         assert!(d.to_json().contains("\"fail_interval\": \"5s\""));
         let spec: ClusterSpec = serde_json::from_str("{}").unwrap();
         assert_eq!(spec, ClusterSpec::default());
+    }
+
+    #[test]
+    fn pg_hba_lines_are_checked() {
+        let spec = |l: &str| ClusterSpec {
+            pg_hba: vec![l.to_owned()],
+            ..Default::default()
+        };
+        for ok in [
+            "host all mallory 0.0.0.0/0 reject",
+            "local all all peer",
+            "hostssl app app 10.0.0.0/8 scram-sha-256 clientcert=verify-full",
+        ] {
+            assert!(spec(ok).validate().is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("host all all reject", "at least 5 fields"),
+            ("hots all all 0.0.0.0/0 trust", "unknown connection type"),
+            ("include_dir /etc", "include"),
+            ("host all all 0/0 trust\nlocal all all trust", "single line"),
+            ("", "empty"),
+        ] {
+            let e = spec(bad).validate().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -439,7 +439,7 @@ impl Instance {
         upstream: Option<&Upstream>,
         synchronous_standbys: &[String],
     ) -> Result<()> {
-        self.write_config_with(user, upstream, synchronous_standbys, true)
+        self.write_config_with(user, upstream, synchronous_standbys, true, &[])
     }
 
     /// [`Instance::write_config`]; with `clients` false, pg_hba.conf lets
@@ -453,6 +453,7 @@ impl Instance {
         upstream: Option<&Upstream>,
         synchronous_standbys: &[String],
         clients: bool,
+        hba: &[String],
     ) -> Result<()> {
         let mut p = user.clone();
         let managed = [
@@ -515,8 +516,9 @@ impl Instance {
         let local_clients = if loopback { "trust" } else { "scram-sha-256" };
         let repl = quote_ident(&self.repl.user);
         let client_lines = if clients {
+            let spec: String = hba.iter().map(|l| format!("{l}\n")).collect();
             format!(
-                "host all all 127.0.0.1/32 {local_clients}\n\
+                "{spec}host all all 127.0.0.1/32 {local_clients}\n\
                  host all all ::1/128 {local_clients}\n\
                  host all all 0.0.0.0/0 scram-sha-256\n\
                  host all all ::/0 scram-sha-256\n"

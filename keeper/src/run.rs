@@ -70,8 +70,9 @@ pub struct Observed {
     /// Stuck again after a rewind that changed nothing: the WAL it needs
     /// may be gone; only a fresh copy helps.
     pub rewind_did_not_help: bool,
-    /// The cluster's `pg_parameters` differ from those last written into
-    /// the configuration (a `ctl spec update`): written and reloaded.
+    /// The cluster's `pg_parameters` or `pg_hba` differ from those last
+    /// written into the configuration (a `ctl spec update`): written and
+    /// reloaded.
     pub params_changed: bool,
     /// The data was already copied afresh for this spec generation: a
     /// `reinit` still set (the sentinel clears it once it sees the copy
@@ -443,9 +444,9 @@ struct Keeper {
     /// When a rewind that a stuck standby got ended.
     rewound_at: Option<Instant>,
     upstream_file: PathBuf,
-    /// The cluster's `pg_parameters` as this keeper last wrote them into
-    /// the configuration; `None` before its first write.
-    written_params: Option<std::collections::BTreeMap<String, String>>,
+    /// The cluster's `pg_parameters` and `pg_hba` as this keeper last wrote
+    /// them into the configuration; `None` before its first write.
+    written_params: Option<(std::collections::BTreeMap<String, String>, Vec<String>)>,
     /// The spec generation the data was last copied afresh for.
     reinit_generation: Option<u64>,
 }
@@ -497,7 +498,10 @@ impl Keeper {
                 .rewound_at
                 .is_some_and(|t| t.elapsed() < 4 * STUCK_AFTER)
             && self.streamed_at.is_none_or(|s| Some(s) < self.rewound_at);
-        obs.params_changed = self.written_params.as_ref() != Some(&data.spec.pg_parameters);
+        obs.params_changed = self
+            .written_params
+            .as_ref()
+            .is_none_or(|(p, h)| *p != data.spec.pg_parameters || *h != data.spec.pg_hba);
         obs.reinit_done = self.reinit_generation == Some(desired.generation);
         let steps = plan(desired, obs);
         if !steps.is_empty() {
@@ -519,7 +523,7 @@ impl Keeper {
             .iter()
             .any(|s| matches!(s, Action::WriteConfig | Action::HoldClients))
         {
-            self.written_params = Some(data.spec.pg_parameters.clone());
+            self.written_params = Some((data.spec.pg_parameters.clone(), data.spec.pg_hba.clone()));
             let up = obs.configured_upstream.clone().unwrap_or_default();
             let _ = std::fs::write(&self.upstream_file, up);
             let held = self.upstream_file.with_file_name("clients-held");
@@ -812,6 +816,7 @@ async fn act(
                     upstream.as_ref(),
                     &d.synchronous_standbys,
                     clients,
+                    &data.spec.pg_hba,
                 )?;
                 o.clients_held = !clients;
                 o.configured_upstream = if d.role == Role::Standby {

@@ -110,11 +110,138 @@ pub enum SpecCommand {
     /// Print the spec as JSON, defaults filled in.
     Show,
     /// Replace the spec with the one in FILE (JSON; missing fields take
-    /// their defaults), by compare-and-swap.
+    /// their defaults), or change only what --patch gives (a JSON merge
+    /// patch, RFC 7386: objects merge, null removes a key), by
+    /// compare-and-swap. Prints what changed and what needs a restart.
     Update {
-        #[arg(long)]
-        file: PathBuf,
+        #[arg(long, required_unless_present = "patch", conflicts_with = "patch")]
+        file: Option<PathBuf>,
+        /// e.g. '{"pg_parameters": {"work_mem": "64MB"}}'
+        #[arg(long, value_name = "JSON")]
+        patch: Option<String>,
     },
+}
+
+/// Parameters PostgreSQL (15) reads only at server start (`context =
+/// postmaster` in pg_settings): a change to one needs a restart.
+const RESTART_PARAMETERS: &[&str] = &[
+    "archive_mode",
+    "autovacuum_freeze_max_age",
+    "autovacuum_max_workers",
+    "autovacuum_multixact_freeze_max_age",
+    "bonjour",
+    "bonjour_name",
+    "cluster_name",
+    "data_directory",
+    "data_sync_retry",
+    "dynamic_shared_memory_type",
+    "event_source",
+    "external_pid_file",
+    "hba_file",
+    "hot_standby",
+    "huge_page_size",
+    "huge_pages",
+    "ident_file",
+    "jit_provider",
+    "listen_addresses",
+    "logging_collector",
+    "max_connections",
+    "max_files_per_process",
+    "max_locks_per_transaction",
+    "max_logical_replication_workers",
+    "max_pred_locks_per_transaction",
+    "max_prepared_transactions",
+    "max_replication_slots",
+    "max_wal_senders",
+    "max_worker_processes",
+    "min_dynamic_shared_memory",
+    "old_snapshot_threshold",
+    "port",
+    "shared_buffers",
+    "shared_memory_type",
+    "shared_preload_libraries",
+    "superuser_reserved_connections",
+    "track_activity_query_size",
+    "track_commit_timestamp",
+    "unix_socket_directories",
+    "unix_socket_group",
+    "unix_socket_permissions",
+    "wal_buffers",
+    "wal_decode_buffer_size",
+    "wal_level",
+    "wal_log_hints",
+];
+
+/// RFC 7386 JSON merge patch of `patch` onto `target`.
+fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    use serde_json::Value;
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Default::default());
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
+}
+
+/// What changes from `old` to `new`, one line each, and whether any
+/// change needs a restart.
+fn spec_changes(old: &ClusterSpec, new: &ClusterSpec) -> (Vec<String>, bool) {
+    let (a, b) = (
+        serde_json::to_value(old).unwrap_or_default(),
+        serde_json::to_value(new).unwrap_or_default(),
+    );
+    let show =
+        |v: Option<&serde_json::Value>| v.map_or_else(|| "(unset)".to_owned(), |v| v.to_string());
+    let mut lines = Vec::new();
+    let mut restart = false;
+    let empty = serde_json::Map::new();
+    let (ao, bo) = (
+        a.as_object().unwrap_or(&empty),
+        b.as_object().unwrap_or(&empty),
+    );
+    let keys: std::collections::BTreeSet<&String> = ao.keys().chain(bo.keys()).collect();
+    for k in keys {
+        let (x, y) = (ao.get(k), bo.get(k));
+        if x == y {
+            continue;
+        }
+        if k == "pg_parameters" {
+            let (px, py) = (
+                x.and_then(|v| v.as_object()).unwrap_or(&empty),
+                y.and_then(|v| v.as_object()).unwrap_or(&empty),
+            );
+            let names: std::collections::BTreeSet<&String> = px.keys().chain(py.keys()).collect();
+            for n in names {
+                if px.get(n) != py.get(n) {
+                    let needs = RESTART_PARAMETERS.contains(&n.as_str());
+                    restart |= needs;
+                    lines.push(format!(
+                        "pg_parameters.{n}: {} -> {}{}",
+                        show(px.get(n)),
+                        show(py.get(n)),
+                        if needs {
+                            " (needs a restart)"
+                        } else {
+                            " (reload)"
+                        }
+                    ));
+                }
+            }
+        } else {
+            lines.push(format!("{k}: {} -> {}", show(x), show(y)));
+        }
+    }
+    (lines, restart)
 }
 
 /// Reads, changes and writes clusterdata by compare-and-swap, retrying on
@@ -377,19 +504,61 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             let (data, _) = read(&store, &keys).await?;
             println!("{}", serde_json::to_string_pretty(&data.spec)?);
         }
-        CtlCommand::Spec(SpecCommand::Update { file }) => {
-            let spec = read_spec(&file)?;
+        CtlCommand::Spec(SpecCommand::Update { file, patch }) => {
+            let from_file = file.as_deref().map(read_spec).transpose()?;
+            let patch: Option<serde_json::Value> = patch
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .context("--patch is not valid JSON")?;
+            let mut changes = (Vec::new(), false);
             update(&store, &keys, |d| {
+                let spec = match (&from_file, &patch) {
+                    (Some(spec), _) => spec.clone(),
+                    (None, Some(p)) => {
+                        let mut v = serde_json::to_value(&d.spec)?;
+                        merge_patch(&mut v, p);
+                        let spec: ClusterSpec =
+                            serde_json::from_value(v).context("the patched spec is not valid")?;
+                        let unknown = spec
+                            .unknown_fields()
+                            .into_iter()
+                            .filter(|f| !d.spec.extra.contains_key(f))
+                            .collect::<Vec<_>>();
+                        if !unknown.is_empty() {
+                            bail!(
+                                "unknown field(s) {}; `keelson ctl spec show` lists the fields",
+                                unknown.join(", ")
+                            );
+                        }
+                        spec.validate()?;
+                        spec
+                    }
+                    (None, None) => bail!("give --file or --patch"),
+                };
                 // Fields a newer keelson wrote stay as they are.
                 let extra = d.spec.extra.clone();
-                d.spec = ClusterSpec {
-                    extra,
-                    ..spec.clone()
-                };
+                let spec = ClusterSpec { extra, ..spec };
+                changes = spec_changes(&d.spec, &spec);
+                d.spec = spec;
                 Ok(())
             })
             .await?;
-            println!("spec updated");
+            let (lines, restart) = changes;
+            if lines.is_empty() {
+                println!("spec unchanged");
+            } else {
+                println!("spec updated:");
+                for l in &lines {
+                    println!("  {l}");
+                }
+                if restart {
+                    println!(
+                        "some parameters take effect only after a restart of every instance; \
+                         `keelson ctl status` lists them as pending"
+                    );
+                }
+            }
         }
         CtlCommand::Removekeeper { uid } => {
             update(&store, &keys, |d| {
@@ -539,5 +708,43 @@ fn print_table(s: &ClusterStatus) {
     println!("{:<32} {:>10}", "PROXY", "GENERATION");
     for p in &s.proxies {
         println!("{:<32} {:>10}", p.uid, p.generation);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_merge_patch_changes_only_what_it_names() {
+        let mut v = serde_json::json!({"a": 1, "m": {"x": "1", "y": "2"}});
+        merge_patch(
+            &mut v,
+            &serde_json::json!({"m": {"x": null, "z": "3"}, "b": true}),
+        );
+        assert_eq!(
+            v,
+            serde_json::json!({"a": 1, "b": true, "m": {"y": "2", "z": "3"}})
+        );
+    }
+
+    #[test]
+    fn spec_changes_say_what_needs_a_restart() {
+        let old = ClusterSpec::default();
+        let mut new = old.clone();
+        new.fail_interval = std::time::Duration::from_secs(3);
+        new.pg_parameters.insert("work_mem".into(), "64MB".into());
+        let (lines, restart) = spec_changes(&old, &new);
+        assert_eq!(
+            lines,
+            vec![
+                r#"fail_interval: "5s" -> "3s""#.to_owned(),
+                r#"pg_parameters.work_mem: (unset) -> "64MB" (reload)"#.into()
+            ]
+        );
+        assert!(!restart);
+        new.pg_parameters
+            .insert("shared_buffers".into(), "1GB".into());
+        assert!(spec_changes(&old, &new).1);
     }
 }

@@ -1178,15 +1178,25 @@ async fn parameters_are_reloaded_on_every_instance_and_restart_ones_reported_pen
     let store = cluster::open(&url).await.unwrap();
     let c = LocalCluster::up_with(&url, store, ClusterSpec::default(), 1, 3).await;
     let before = c.show(1, "max_connections").await.unwrap();
-    c.update_spec(|s| {
-        s.pg_parameters.insert("work_mem".into(), "'7MB'".into());
-        s.pg_parameters
-            .insert("max_connections".into(), "150".into());
-        // A user's value above what keelson needs is kept.
-        s.pg_parameters
-            .insert("max_wal_senders".into(), "12".into());
-    })
-    .await;
+    // A user's value of max_wal_senders above what keelson needs is kept.
+    let out = c
+        .ctl(&[
+            "spec",
+            "update",
+            "--patch",
+            r#"{"pg_parameters": {"work_mem": "'7MB'", "max_connections": "150", "max_wal_senders": "12"}}"#,
+        ])
+        .unwrap();
+    eprintln!("{out}");
+    assert!(
+        out.contains(r#"pg_parameters.work_mem: (unset) -> "'7MB'" (reload)"#),
+        "{out}"
+    );
+    assert!(
+        out.contains(r#"pg_parameters.max_connections: (unset) -> "150" (needs a restart)"#),
+        "{out}"
+    );
+    assert!(out.contains("after a restart"), "{out}");
     let t = Instant::now();
     for i in 1..=3 {
         crate::assert_eventually!(
@@ -1200,6 +1210,15 @@ async fn parameters_are_reloaded_on_every_instance_and_restart_ones_reported_pen
         "work_mem reloaded on all 3 instances {:?} after the spec update",
         t.elapsed()
     );
+    let again = c
+        .ctl(&[
+            "spec",
+            "update",
+            "--patch",
+            r#"{"pg_parameters": {"work_mem": "'7MB'"}}"#,
+        ])
+        .unwrap();
+    assert!(again.contains("spec unchanged"), "{again}");
     crate::assert_eventually!(
         c.data().await.dbs.values().all(|db| {
             db.status.pending_restart == ["max_connections".to_string(), "max_wal_senders".into()]
@@ -1219,6 +1238,39 @@ async fn parameters_are_reloaded_on_every_instance_and_restart_ones_reported_pen
         status.contains("pending restart: max_connections, max_wal_senders"),
         "{status}"
     );
+
+    // A spec pg_hba rule that rejects a user is enforced after reload, on
+    // every instance; other clients still get in.
+    c.exec_via_proxy("CREATE ROLE mallory LOGIN").await;
+    let as_user = |i: usize, user: &str| {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname=postgres",
+            c.ports[i - 1]
+        )
+    };
+    c.wait_standbys_see("SELECT count(*) FROM pg_roles WHERE rolname = 'mallory'", 1)
+        .await;
+    assert!(try_connect(&as_user(1, "mallory")).await.is_ok());
+    let bad = c.ctl(&["spec", "show"]).map(|_| ()).and_then(|_| {
+        let file = c.dir.path().join("bad-hba.json");
+        std::fs::write(&file, r#"{"pg_hba": ["host all mallory reject"]}"#).unwrap();
+        c.ctl(&["spec", "update", "--file", file.to_str().unwrap()])
+    });
+    let bad = bad.unwrap_err();
+    assert!(bad.contains("at least 5 fields"), "{bad}");
+    c.update_spec(|s| s.pg_hba = vec!["host all mallory 127.0.0.1/32 reject".into()])
+        .await;
+    for i in 1..=3 {
+        crate::assert_eventually!(
+            try_connect(&as_user(i, "mallory"))
+                .await
+                .err()
+                .is_some_and(|e| crate::support::sqlstate(&e).as_deref() == Some("28000")),
+            Duration::from_secs(10),
+            "k{i} still lets mallory in"
+        );
+        assert!(try_connect(&as_user(i, "postgres")).await.is_ok());
+    }
 }
 
 /// Issue 12: while paused, a dead primary is not failed over (for three
