@@ -392,6 +392,20 @@ pub struct DbSpec {
     pub reinit: bool,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Settings a standby must have at least as high as the primary's, or it
+/// does not start (hot standby).
+pub const HOT_STANDBY_SETTINGS: [&str; 5] = [
+    "max_connections",
+    "max_locks_per_transaction",
+    "max_prepared_transactions",
+    "max_wal_senders",
+    "max_worker_processes",
+];
+
 /// What a database was last seen doing, from its keeper's reports.
 ///
 /// A report never erases what is known: a keeper whose PostgreSQL is down
@@ -438,6 +452,12 @@ pub struct DbStatus {
     /// in effect until a restart (`pg_settings.pending_restart`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pending_restart: Vec<String>,
+    /// The values of [`HOT_STANDBY_SETTINGS`] PostgreSQL runs with.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub running_settings: BTreeMap<String, String>,
+    /// The last [`Db::restart`] the keeper carried out.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub restarted: u64,
 }
 
 /// One PostgreSQL instance, managed by one keeper.
@@ -447,6 +467,10 @@ pub struct Db {
     pub keeper: String,
     /// Bumped whenever `spec` changes.
     pub generation: u64,
+    /// Bumped by `ctl restart`: the keeper restarts its running PostgreSQL
+    /// once for each new value (the sentinel never changes it).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub restart: u64,
     pub spec: DbSpec,
     pub status: DbStatus,
 }
@@ -512,6 +536,12 @@ pub struct KeeperReport {
     /// `None` when unknown.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pending_restart: Option<Vec<String>>,
+    /// The values of [`HOT_STANDBY_SETTINGS`] PostgreSQL runs with;
+    /// `None` when unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running_settings: Option<BTreeMap<String, String>>,
+    /// The last [`Db::restart`] this keeper carried out.
+    pub restarted: u64,
 }
 
 /// A failover in progress: the fencing handshake and the promotion.
@@ -573,6 +603,10 @@ pub struct ClusterData {
     /// A failover or switchover in progress.
     #[serde(default)]
     pub failover: Option<Failover>,
+    /// Bumped by `ctl reload`: every keeper rewrites its configuration and
+    /// reloads PostgreSQL once for each new value.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reload: u64,
     /// Set by `ctl init --existing UID`: the keeper whose existing data
     /// becomes the first primary. Without it, a new cluster whose keepers
     /// already hold data elects no one.
@@ -664,6 +698,7 @@ impl ClusterData {
             notice: None,
             paused: false,
             history: Vec::new(),
+            reload: 0,
             extra: BTreeMap::new(),
         }
     }

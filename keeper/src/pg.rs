@@ -486,11 +486,13 @@ impl Instance {
                 conninfo_value(&up.application_name)
             );
             p.insert("primary_conninfo".into(), quote_literal(&ci));
-            p.insert("recovery_target_timeline".into(), "'latest'".into());
             if let Some(slot) = &up.slot {
                 p.insert("primary_slot_name".into(), quote_literal(slot));
             }
         }
+        // Written for a primary too: it is read only at server start, so
+        // dropping it at promotion would show as a restart pending.
+        p.insert("recovery_target_timeline".into(), "'latest'".into());
         p.insert(
             "synchronous_standby_names".into(),
             quote_literal(&crate::names::synchronous_standby_names(
@@ -906,7 +908,10 @@ impl Instance {
                  (SELECT timeline_id FROM pg_control_checkpoint())::int, \
                  (SELECT system_identifier FROM pg_control_system())::text, \
                  coalesce((SELECT array_agg(application_name::text ORDER BY application_name) FROM pg_stat_replication WHERE sync_state = 'sync'), '{}'), \
-                 coalesce((SELECT array_agg(name::text ORDER BY name) FROM pg_settings WHERE pending_restart), '{}')";
+                 coalesce((SELECT array_agg(name::text ORDER BY name) FROM pg_settings WHERE pending_restart), '{}'), \
+                 coalesce((SELECT array_agg(name::text || '=' || setting ORDER BY name) FROM pg_settings \
+                           WHERE name IN ('max_connections', 'max_locks_per_transaction', \
+                                          'max_prepared_transactions', 'max_wal_senders', 'max_worker_processes')), '{}')";
         let row = c.query_one(q, &[]).await?;
         let number = |v: String| {
             v.parse::<u64>().map_err(|_| PgError::Program {
@@ -920,6 +925,14 @@ impl Instance {
         r.system_id = Some(row.try_get(3)?);
         r.synchronous_standbys = Some(row.try_get(4)?);
         r.pending_restart = Some(row.try_get(5)?);
+        let settings: Vec<String> = row.try_get(6)?;
+        r.running_settings = Some(
+            settings
+                .iter()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        );
         if r.in_recovery {
             // The checkpoint's timeline lags behind on a standby that has
             // followed a promotion; the received one is current.

@@ -41,6 +41,14 @@ pub struct Desired {
     pub paused: bool,
 }
 
+/// The `ctl restart` and `ctl reload` counters a keeper has carried out,
+/// kept in its directory across its own restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Requests {
+    pub restart: u64,
+    pub reload: u64,
+}
+
 /// What the keeper sees locally.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observed {
@@ -78,6 +86,8 @@ pub struct Observed {
     /// `reinit` still set (the sentinel clears it once it sees the copy
     /// run) is not done twice.
     pub reinit_done: bool,
+    /// `ctl restart` asks this running PostgreSQL to restart.
+    pub restart_requested: bool,
 }
 
 /// How long a standby may fail to stream from its upstream before the
@@ -223,6 +233,27 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
                 a.extend([WriteConfig, Start]);
             }
         }
+    }
+    if a.is_empty() && o.running && o.restart_requested && d.role != Role::None {
+        // A clean restart in place. A synchronous primary's stop ends the
+        // commits still waiting for a standby (flushed here, never
+        // acknowledged): clients are held out as after a crash.
+        a.push(Stop);
+        if d.role == Role::Master
+            && !o.in_recovery
+            && d.hold_clients
+            && !d.synchronous_standbys.is_empty()
+        {
+            a.push(HoldClients);
+        } else {
+            a.push(if o.clients_held {
+                HoldClients
+            } else {
+                WriteConfig
+            });
+        }
+        a.push(Start);
+        return a;
     }
     if a.is_empty() && o.running && o.params_changed && d.role != Role::None {
         // New parameters reach a running server by reload; what needs a
@@ -449,6 +480,9 @@ struct Keeper {
     written_params: Option<(std::collections::BTreeMap<String, String>, Vec<String>)>,
     /// The spec generation the data was last copied afresh for.
     reinit_generation: Option<u64>,
+    /// The `ctl restart`/`ctl reload` counters carried out; `None` until
+    /// read from the directory or first seen.
+    requests: Option<Requests>,
 }
 
 impl Keeper {
@@ -503,6 +537,22 @@ impl Keeper {
             .as_ref()
             .is_none_or(|(p, h)| *p != data.spec.pg_parameters || *h != data.spec.pg_hba);
         obs.reinit_done = self.reinit_generation == Some(desired.generation);
+        let wanted = Requests {
+            restart: data.dbs.get(&cfg.uid).map_or(0, |db| db.restart),
+            reload: data.reload,
+        };
+        let file = cfg.dir.join("requests");
+        let done_before = *self.requests.get_or_insert_with(|| {
+            // Requests made before this keeper ever ran are not for it.
+            std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or(wanted)
+        });
+        obs.restart_requested = wanted.restart != done_before.restart;
+        if wanted.reload != done_before.reload {
+            obs.params_changed = true;
+        }
         let steps = plan(desired, obs);
         if !steps.is_empty() {
             tracing::info!(?steps, role = desired.role.as_str(), "reconciling");
@@ -538,6 +588,21 @@ impl Keeper {
         }
         if done.iter().any(|s| matches!(s, Action::Reinit { .. })) {
             self.reinit_generation = Some(desired.generation);
+        }
+        let mut requests = self.requests.unwrap_or(wanted);
+        if obs.restart_requested && done.contains(&Action::Stop) {
+            requests.restart = wanted.restart;
+        }
+        if done
+            .iter()
+            .any(|s| *s == Action::Reload || *s == Action::Start)
+        {
+            // A start reads the configuration afresh too.
+            requests.reload = wanted.reload;
+        }
+        if Some(requests) != self.requests {
+            self.requests = Some(requests);
+            let _ = std::fs::write(&file, serde_json::to_string(&requests).unwrap_or_default());
         }
         if done.iter().any(|s| matches!(s, Action::Rewind { .. })) {
             self.following_since = Some(Instant::now());
@@ -577,6 +642,7 @@ impl Keeper {
         r.seq = self.seq;
         r.running = running;
         r.tags = cfg.tags.clone();
+        r.restarted = self.requests.map_or(0, |q| q.restart);
         if r.healthy {
             obs.in_recovery = r.in_recovery;
         }

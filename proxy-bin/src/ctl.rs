@@ -63,6 +63,20 @@ pub enum CtlCommand {
         /// The standby's keeper uid.
         uid: String,
     },
+    /// Restart PostgreSQL: standbys one at a time, then the primary role
+    /// moves by switchover and the old primary restarts as a standby.
+    Restart {
+        /// Only instances that report parameters pending a restart.
+        #[arg(long)]
+        pending: bool,
+        /// How long each step may take.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Restart only these keepers' instances [default: all].
+        uids: Vec<String>,
+    },
+    /// Every keeper rewrites its configuration and reloads PostgreSQL.
+    Reload,
     /// Maintenance mode: no automatic failover, and keepers leave
     /// PostgreSQL as it is (a stopped one stays stopped); `switchover` and
     /// `failkeeper` still work.
@@ -292,6 +306,225 @@ fn read_spec(path: &std::path::Path) -> Result<ClusterSpec> {
     Ok(spec)
 }
 
+/// Starts a planned switchover (to `to`, or the most advanced eligible
+/// standby); returns the primary it moves away from.
+async fn switchover(store: &AnyStore, keys: &Keys, to: Option<&str>) -> Result<String> {
+    loop {
+        let kv = store
+            .get(&keys.clusterdata())
+            .await?
+            .context("the cluster has no data in the store; create it with `keelson ctl init`")?;
+        let mut data = ClusterData::from_json(&kv.value)?;
+        let Some(from) = data.proxy.master_db.clone() else {
+            bail!("the cluster has no primary to switch over from");
+        };
+        if data.failover.is_some() {
+            bail!("a failover or switchover is already in progress; `keelson ctl status` shows it");
+        }
+        let obs = sentinel::run::observe_once(store, keys).await?;
+        match to {
+            Some(t) if !data.dbs.contains_key(t) => bail!("the cluster has no keeper {t}"),
+            Some(t) => {
+                if let Some(why) = sentinel::decide::ineligible(&data, &obs, &from, t, 0) {
+                    bail!("{t} cannot take over from {from}: it {why}");
+                }
+            }
+            None => {
+                if let Err(why) = sentinel::decide::choose_candidate(&data, &obs, &from, &[], 0) {
+                    bail!("cannot switch over from {from}: {why}");
+                }
+            }
+        }
+        let sync = data
+            .dbs
+            .get(&from)
+            .map(|db| db.spec.synchronous_standbys.clone())
+            .unwrap_or_default();
+        data.set_proxy_master(None);
+        data.failover = Some(cluster::data::Failover {
+            synchronous_standbys: sync,
+            from: from.clone(),
+            fence: vec![from.clone()],
+            excluded: Vec::new(),
+            fence_generation: data.proxy.generation,
+            to: None,
+            reason: cluster::data::SWITCHOVER.into(),
+            requested: to.map(str::to_owned),
+        });
+        if let Cas::Done(_) = store
+            .put_if_revision(&keys.clusterdata(), &data.to_json(), kv.mod_revision, 0)
+            .await?
+        {
+            return Ok(from);
+        }
+    }
+}
+
+/// Whether the spec lowers a setting standbys need at least as high as the
+/// primary's (see [`cluster::data::HOT_STANDBY_SETTINGS`]) below what the
+/// primary runs: then the primary restarts first.
+fn lowers_hot_standby_settings(d: &ClusterData, primary: &str) -> Vec<String> {
+    let Some(running) = d.dbs.get(primary).map(|db| &db.status.running_settings) else {
+        return Vec::new();
+    };
+    let num = |v: &str| v.trim().trim_matches('\'').parse::<i64>().ok();
+    cluster::data::HOT_STANDBY_SETTINGS
+        .iter()
+        .filter(|name| {
+            let wanted = d.spec.pg_parameters.get(**name).and_then(|v| num(v));
+            let now = running.get(**name).and_then(|v| num(v));
+            matches!((wanted, now), (Some(w), Some(n)) if w < n)
+        })
+        .map(|n| (*n).to_owned())
+        .collect()
+}
+
+/// Waits until `check` holds on the cluster data, up to `limit`.
+async fn wait_for(
+    store: &AnyStore,
+    keys: &Keys,
+    limit: std::time::Duration,
+    what: &str,
+    check: impl Fn(&ClusterData) -> bool,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let (d, _) = read(store, keys).await?;
+        if check(&d) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "{what} did not happen within {}; `keelson ctl status` shows where it stands",
+                humantime::format_duration(limit)
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Restarts `uid`'s PostgreSQL in place and waits until it runs again (a
+/// standby: streaming), with nothing pending.
+async fn restart_one(
+    store: &AnyStore,
+    keys: &Keys,
+    uid: &str,
+    limit: std::time::Duration,
+) -> Result<()> {
+    let t = std::time::Instant::now();
+    let mut want = 0;
+    update(store, keys, |d| {
+        let Some(db) = d.dbs.get_mut(uid) else {
+            bail!("the cluster has no keeper {uid:?}");
+        };
+        db.restart += 1;
+        want = db.restart;
+        Ok(())
+    })
+    .await?;
+    println!("restarting {uid} ...");
+    wait_for(store, keys, limit, &format!("the restart of {uid}"), |d| {
+        d.dbs.get(uid).is_some_and(|db| {
+            let s = &db.status;
+            s.restarted >= want
+                && s.healthy
+                && s.pending_restart.is_empty()
+                && (db.spec.role != cluster::data::Role::Standby || s.streaming)
+                && (db.spec.role != cluster::data::Role::Master
+                    || d.proxy.master_db.as_deref() == Some(uid))
+        })
+    })
+    .await?;
+    println!("{uid} restarted in {:.1}s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `ctl restart`: standbys one at a time, each streaming again before the
+/// next; then the primary role moves by switchover to a restarted standby,
+/// and the old primary restarts as it rejoins. A change lowering a setting
+/// standbys need at least as high as the primary's restarts the primary
+/// first, in place (a standby with the lower value would not start).
+async fn rolling_restart(
+    store: &AnyStore,
+    keys: &Keys,
+    uids: Vec<String>,
+    pending: bool,
+    limit: std::time::Duration,
+) -> Result<()> {
+    let (d, _) = read(store, keys).await?;
+    let Some(primary) = d.proxy.master_db.clone() else {
+        bail!("the cluster has no primary now; restart when `keelson ctl status` shows one");
+    };
+    if d.failover.is_some() {
+        bail!(
+            "a failover or switchover is in progress; wait for it to finish (`keelson ctl status`)"
+        );
+    }
+    for u in &uids {
+        if !d.dbs.contains_key(u) {
+            bail!("the cluster has no keeper {u:?}");
+        }
+    }
+    let mut targets: Vec<String> = d
+        .dbs
+        .iter()
+        .filter(|(u, db)| {
+            (uids.is_empty() || uids.contains(u))
+                && db.spec.role != cluster::data::Role::None
+                && (!pending || !db.status.pending_restart.is_empty())
+        })
+        .map(|(u, _)| u.clone())
+        .collect();
+    if targets.is_empty() {
+        println!("nothing to restart");
+        return Ok(());
+    }
+    let with_primary = targets.contains(&primary);
+    targets.retain(|u| *u != primary);
+    let lowered = lowers_hot_standby_settings(&d, &primary);
+    if with_primary && (!lowered.is_empty() || targets.is_empty()) {
+        if !lowered.is_empty() {
+            println!(
+                "{} lowered: the primary {primary} restarts first, in place",
+                lowered.join(", ")
+            );
+        }
+        restart_one(store, keys, &primary, limit).await?;
+    }
+    for s in &targets {
+        restart_one(store, keys, s, limit).await?;
+    }
+    if with_primary && lowered.is_empty() && !targets.is_empty() {
+        let t = std::time::Instant::now();
+        let from = switchover(store, keys, None).await?;
+        println!("switchover from {from} started (its clients are held, not refused) ...");
+        wait_for(store, keys, limit, "the switchover", |d| {
+            d.failover.is_none() && d.proxy.master_db.as_deref().is_some_and(|m| m != from)
+        })
+        .await?;
+        let (d, _) = read(store, keys).await?;
+        println!(
+            "{} is the primary after {:.1}s",
+            d.proxy.master_db.unwrap_or_default(),
+            t.elapsed().as_secs_f64()
+        );
+        wait_for(store, keys, limit, &format!("{from} rejoining"), |d| {
+            d.dbs.get(&from).is_some_and(|db| {
+                db.spec.role == cluster::data::Role::Standby
+                    && db.status.healthy
+                    && db.status.streaming
+                    && db.status.pending_restart.is_empty()
+            })
+        })
+        .await?;
+        println!(
+            "{from} restarted as a standby in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 /// Marks `uid` failed and reports what the sentinel did about it.
 async fn failkeeper(store: &AnyStore, keys: &Keys, uid: &str) -> Result<()> {
     let mut was_master = false;
@@ -360,56 +593,10 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 ),
             }
         }
-        CtlCommand::Switchover { to } => loop {
-            let kv = store.get(&keys.clusterdata()).await?.context(
-                "the cluster has no data in the store; create it with `keelson ctl init`",
-            )?;
-            let mut data = ClusterData::from_json(&kv.value)?;
-            let Some(from) = data.proxy.master_db.clone() else {
-                bail!("the cluster has no primary to switch over from");
-            };
-            if data.failover.is_some() {
-                bail!("a failover or switchover is already in progress; `keelson ctl status` shows it");
-            }
-            let obs = sentinel::run::observe_once(&store, &keys).await?;
-            match &to {
-                Some(t) if !data.dbs.contains_key(t) => bail!("the cluster has no keeper {t}"),
-                Some(t) => {
-                    if let Some(why) = sentinel::decide::ineligible(&data, &obs, &from, t, 0) {
-                        bail!("{t} cannot take over from {from}: it {why}");
-                    }
-                }
-                None => {
-                    if let Err(why) = sentinel::decide::choose_candidate(&data, &obs, &from, &[], 0)
-                    {
-                        bail!("cannot switch over from {from}: {why}");
-                    }
-                }
-            }
-            let sync = data
-                .dbs
-                .get(&from)
-                .map(|db| db.spec.synchronous_standbys.clone())
-                .unwrap_or_default();
-            data.set_proxy_master(None);
-            data.failover = Some(cluster::data::Failover {
-                synchronous_standbys: sync,
-                from: from.clone(),
-                fence: vec![from.clone()],
-                excluded: Vec::new(),
-                fence_generation: data.proxy.generation,
-                to: None,
-                reason: cluster::data::SWITCHOVER.into(),
-                requested: to.clone(),
-            });
-            if let Cas::Done(_) = store
-                .put_if_revision(&keys.clusterdata(), &data.to_json(), kv.mod_revision, 0)
-                .await?
-            {
-                println!("switchover from {from} started; new clients are held until the new primary takes them");
-                break;
-            }
-        },
+        CtlCommand::Switchover { to } => {
+            let from = switchover(&store, &keys, to.as_deref()).await?;
+            println!("switchover from {from} started; new clients are held until the new primary takes them");
+        }
         CtlCommand::Failkeeper { uid } => failkeeper(&store, &keys, &uid).await?,
         CtlCommand::Keeper {
             uid,
@@ -471,6 +658,19 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             })
             .await?;
             println!("{uid} will copy its data afresh from the primary; `keelson ctl status` shows when it streams again");
+        }
+        CtlCommand::Restart {
+            pending,
+            timeout,
+            uids,
+        } => rolling_restart(&store, &keys, uids, pending, timeout).await?,
+        CtlCommand::Reload => {
+            update(&store, &keys, |d| {
+                d.reload += 1;
+                Ok(())
+            })
+            .await?;
+            println!("every keeper reloads its PostgreSQL's configuration");
         }
         CtlCommand::Pause | CtlCommand::Resume => {
             let pause = matches!(args.command, CtlCommand::Pause);

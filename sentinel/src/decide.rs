@@ -184,7 +184,7 @@ fn join_keepers(d: &mut ClusterData, obs: &Observations) {
                 keeper: uid.clone(),
                 generation: 1,
                 spec,
-                status: Default::default(),
+                ..Db::default()
             },
         );
     }
@@ -258,6 +258,10 @@ fn update_status(d: &mut ClusterData, obs: &Observations) {
                 if let Some(p) = &r.pending_restart {
                     s.pending_restart = p.clone();
                 }
+                if let Some(v) = &r.running_settings {
+                    s.running_settings = v.clone();
+                }
+                s.restarted = s.restarted.max(r.restarted);
                 s.applied_generation = r.applied_generation;
                 s.stopped_lsn = r.stopped_lsn;
                 s.problem = if failed {

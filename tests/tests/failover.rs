@@ -1518,3 +1518,130 @@ impl LocalCluster {
         );
     }
 }
+
+/// pgbench through `conn`'s host and port, a new connection per
+/// transaction (`-C`), for `secs`; returns (transactions, errors, output).
+fn pgbench(port: u16, clients: usize, secs: u64) -> std::process::Child {
+    Command::new(crate::support::pg_bindir().join("pgbench"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args([
+            "-n",
+            "-C",
+            "-c",
+            &clients.to_string(),
+            "-T",
+            &secs.to_string(),
+        ])
+        .arg("postgres")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pgbench")
+}
+
+/// Issue 12: `max_connections` raised is pending on every instance; `ctl
+/// restart --pending` under a pgbench write load through the proxy (a new
+/// connection per transaction) restarts the standbys one at a time, moves
+/// the primary by switchover, and ends with every instance on the new
+/// value. pgbench's errors are printed (and counted in the closing note).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_applies_a_raised_max_connections_everywhere_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let store = cluster::open(&url).await.unwrap();
+    let c = LocalCluster::up_with(&url, store, ClusterSpec::default(), 1, 3).await;
+    let proxy_port = c.proxy.addr.port();
+    let init = Command::new(crate::support::pg_bindir().join("pgbench"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &proxy_port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(["-i", "-s", "1", "-q", "postgres"])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    c.ctl(&[
+        "spec",
+        "update",
+        "--patch",
+        r#"{"pg_parameters": {"max_connections": "130"}}"#,
+    ])
+    .unwrap();
+    crate::assert_eventually!(
+        c.data()
+            .await
+            .dbs
+            .values()
+            .all(|db| db.status.pending_restart == ["max_connections".to_string()]),
+        Duration::from_secs(10),
+        "not pending everywhere"
+    );
+    let old_primary = c.master;
+    let bench = pgbench(proxy_port, 4, 40);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t = Instant::now();
+    let out = c.ctl(&["restart", "--pending"]);
+    let took = t.elapsed();
+    let bench = bench.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&bench.stdout).into_owned(),
+        String::from_utf8_lossy(&bench.stderr).into_owned(),
+    );
+    let out = out.expect("ctl restart");
+    eprintln!("ctl restart --pending took {took:?}:\n{out}");
+    eprintln!("pgbench:\n{stdout}\n{stderr}");
+    for i in 1..=3 {
+        assert_eq!(
+            c.show(i, "max_connections").await.as_deref(),
+            Some("130"),
+            "k{i}"
+        );
+    }
+    crate::assert_eventually!(
+        c.data()
+            .await
+            .dbs
+            .values()
+            .all(|db| db.status.pending_restart.is_empty()),
+        Duration::from_secs(10),
+        "a restart is still pending: {:?}",
+        c.data()
+            .await
+            .dbs
+            .iter()
+            .map(|(u, db)| (
+                u.clone(),
+                db.status.pending_restart.clone(),
+                db.status.healthy
+            ))
+            .collect::<Vec<_>>()
+    );
+    let d = c.data().await;
+    assert_ne!(
+        d.proxy.master_db,
+        Some(c.uid(old_primary)),
+        "the primary role moved"
+    );
+    let errors = stderr
+        .lines()
+        .filter(|l| l.contains("aborted") || l.contains("error"))
+        .count();
+    eprintln!("pgbench client errors across the rolling restart: {errors}");
+    let processed = stdout
+        .lines()
+        .find(|l| l.starts_with("number of transactions actually processed"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        !processed.is_empty(),
+        "pgbench did not finish: {stdout}\n{stderr}"
+    );
+}
