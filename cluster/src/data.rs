@@ -192,10 +192,19 @@ impl ClusterSpec {
     /// - a report is stale after two report intervals, so `fail_interval`
     ///   must be at least two report intervals, or one late report looks
     ///   like a failure;
-    /// - `convergence_timeout` must leave a promotion time to finish.
+    /// - `convergence_timeout` must leave a promotion time to finish, and
+    ///   exceed [`SWITCHOVER_DRAIN`].
     pub fn validate(&self) -> Result<(), SpecError> {
         for line in &self.pg_hba {
             check_hba_line(line)?;
+        }
+        if self.convergence_timeout <= SWITCHOVER_DRAIN {
+            return Err(SpecError(format!(
+                "convergence_timeout ({}) must be longer than {}: a switchover's old primary \
+                 waits that long for open transactions before it stops",
+                humantime::format_duration(self.convergence_timeout),
+                humantime::format_duration(SWITCHOVER_DRAIN)
+            )));
         }
         let positive = [
             ("keeper_report_interval", self.keeper_report_interval),
@@ -233,11 +242,6 @@ impl ClusterSpec {
                 humantime::format_duration(self.fence_timeout),
                 humantime::format_duration(self.keeper_keepalive_period())
             )));
-        }
-        if self.convergence_timeout < Duration::from_secs(5) {
-            return Err(SpecError(
-                "convergence_timeout must be at least 5s: a promotion needs time to finish".into(),
-            ));
         }
         if self.min_sync > self.max_sync {
             return Err(SpecError(format!(
@@ -395,6 +399,12 @@ pub struct DbSpec {
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
+
+/// How long a primary leaving its role in a planned switchover waits for
+/// open transactions to end before it stops, and how long proxies let its
+/// sessions finish one (proxy-core's `fence::SWITCHOVER_DRAIN`, kept equal
+/// by a test).
+pub const SWITCHOVER_DRAIN: Duration = Duration::from_secs(5);
 
 /// Settings a standby must have at least as high as the primary's, or it
 /// does not start (hot standby).

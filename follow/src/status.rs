@@ -457,10 +457,15 @@ impl FollowStatus {
         if let Some(d) = &st.data {
             self.view.set_hold_timeout(d.spec.hold_timeout);
         }
-        let change = if fresh {
-            ViewChange::Update
-        } else {
-            ViewChange::Unconfirmed
+        let switchover = st.data.as_ref().is_some_and(|d| {
+            d.failover
+                .as_ref()
+                .is_some_and(|f| f.reason == cluster::data::SWITCHOVER)
+        });
+        let change = match (fresh, switchover) {
+            (false, _) => ViewChange::Unconfirmed,
+            (true, true) => ViewChange::Switchover,
+            (true, false) => ViewChange::Update,
         };
         let applied = self.proxy.apply(&self.view, view, change);
         for ended in applied.ended {

@@ -726,6 +726,45 @@ impl Instance {
         .await
     }
 
+    /// Waits until no client session has a transaction open, for up to
+    /// `limit` (a planned switchover: the proxies end sessions between
+    /// transactions meanwhile). Returns how many still had one.
+    pub async fn wait_for_transactions(&self, limit: Duration) -> Result<i64> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let c = self.connect().await?;
+        loop {
+            let open: i64 = within("counting open transactions", STATEMENT_TIMEOUT, async {
+                Ok(c.query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
+                       AND xact_start IS NOT NULL",
+                    &[],
+                )
+                .await?
+                .get(0))
+            })
+            .await?;
+            if open == 0 || tokio::time::Instant::now() >= deadline {
+                if open > 0 {
+                    let rows = c
+                        .query(
+                            "SELECT concat_ws(' ', pid, state, wait_event_type, wait_event, \
+                                    left(query, 60)) FROM pg_stat_activity \
+                             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
+                               AND xact_start IS NOT NULL",
+                            &[],
+                        )
+                        .await
+                        .unwrap_or_default();
+                    let open: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                    tracing::warn!(?open, "transactions still open");
+                }
+                return Ok(open);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Promotes a standby, waits for it to leave recovery, and checkpoints:
     /// a new primary records its timeline in its control file only at its
     /// next checkpoint, and until then pg_rewind sees "the same timeline"

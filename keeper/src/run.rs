@@ -95,6 +95,10 @@ pub struct Observed {
 /// not diverged).
 pub const STUCK_AFTER: Duration = Duration::from_secs(30);
 
+/// How long a primary leaving its role in a planned switchover waits for
+/// open transactions (see [`cluster::data::SWITCHOVER_DRAIN`]).
+pub const SWITCHOVER_DRAIN: Duration = cluster::data::SWITCHOVER_DRAIN;
+
 /// One step towards the desired state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -123,6 +127,9 @@ pub enum Action {
     /// Immediate shutdown (SIGQUIT): no checkpoint, no waiting for clients.
     StopNow,
     Reload,
+    /// A primary leaving its role in a planned switchover: waits (up to
+    /// the proxies' switchover drain) for open transactions to end.
+    WaitTransactions,
     Promote,
     /// Makes no change: the data directory must not be touched.
     Refuse {
@@ -140,6 +147,9 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
         // stopped, so that nobody writes to it.
         Role::None => {
             if o.running {
+                if d.switchover && !o.in_recovery {
+                    a.push(WaitTransactions);
+                }
                 a.push(if o.in_recovery || d.switchover {
                     Stop
                 } else {
@@ -913,6 +923,18 @@ async fn act(
                 o.running = false;
             }
             Action::Reload => pg.reload().await?,
+            Action::WaitTransactions => {
+                let t = Instant::now();
+                // Within the proxies' drain: their sessions end between
+                // transactions, so these end without an error.
+                match pg.wait_for_transactions(SWITCHOVER_DRAIN).await {
+                    Ok(0) => tracing::info!(took = ?t.elapsed(), "no transaction open; stopping"),
+                    Ok(n) => tracing::warn!(open = n, "transactions still open; stopping anyway"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot count open transactions; stopping")
+                    }
+                }
+            }
             Action::Promote => {
                 check_lease(lease)?;
                 if let Some(pid) = pg.pid() {

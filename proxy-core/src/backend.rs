@@ -193,6 +193,7 @@ pub struct Expect {
 ///
 /// Not cancel-safe: a dropped future leaves both connections mid-exchange;
 /// the caller closes them. The deadline is applied inside, per read.
+#[allow(clippy::too_many_arguments)]
 pub async fn authenticate<C, B>(
     client: &mut C,
     backend: &mut B,
@@ -201,28 +202,22 @@ pub async fn authenticate<C, B>(
     expect: Expect,
     deadline: Instant,
     limit: Duration,
+    relayed: &mut bool,
 ) -> Result<AuthResult, SessionError>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    // Whether the client has been sent anything, or the server may have
-    // run what the client sent: until then a refusal, or a server that
-    // closed the connection, can be tried again without the client knowing.
-    let mut relayed = false;
+    // `relayed`: whether the client has been sent anything, or the server
+    // may have run what the client sent. Until then a refusal, a server
+    // that closed the connection, or a fence that fired (the caller drops
+    // this future) can be tried again without the client knowing.
     let r = relay_authentication(
-        client,
-        backend,
-        addr,
-        startup,
-        expect,
-        deadline,
-        limit,
-        &mut relayed,
+        client, backend, addr, startup, expect, deadline, limit, relayed,
     )
     .await;
     match r {
-        Err(e @ SessionError::BackendIo { .. }) if !relayed => {
+        Err(e @ SessionError::BackendIo { .. }) if !*relayed => {
             Ok(AuthResult::NotReady(NotReady::Closed(e)))
         }
         r => r,
@@ -347,7 +342,7 @@ where
                     }
                     // Anything the server sent after ReadyForQuery belongs to
                     // the forwarded stream; the tracker must see it.
-                    let mut tracker = MessageTracker::default();
+                    let mut tracker = MessageTracker::after_ready();
                     tracker.observe(&from_backend);
                     to_client.put_slice(&from_backend);
                     return Ok(AuthResult::Ready(Established {

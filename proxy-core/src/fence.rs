@@ -28,7 +28,16 @@ pub struct FenceReason {
     pub message: String,
     /// Metric label for `sessions_ended_total{reason=...}`.
     pub label: &'static str,
+    /// End each session only once no transaction is open (at a
+    /// ReadyForQuery saying idle), within [`SWITCHOVER_DRAIN`]; after that,
+    /// at the next message boundary as usual.
+    pub drain: bool,
 }
+
+/// How long a session fenced by a planned switchover may take to finish
+/// its open transaction before it is ended anyway. The old primary's
+/// keeper waits as long for transactions before it stops PostgreSQL.
+pub const SWITCHOVER_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl FenceReason {
     fn admin_shutdown(message: impl Into<String>, label: &'static str) -> Self {
@@ -36,6 +45,19 @@ impl FenceReason {
             sqlstate: crate::error::ADMIN_SHUTDOWN,
             message: message.into(),
             label,
+            drain: false,
+        }
+    }
+
+    /// For sessions on a primary left in a planned switchover: they end
+    /// between transactions.
+    pub fn primary_switched_over() -> Self {
+        FenceReason {
+            drain: true,
+            ..Self::admin_shutdown(
+                "terminating connection because of a planned switchover; reconnect to reach the new primary",
+                "switchover",
+            )
         }
     }
 

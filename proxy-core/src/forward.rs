@@ -35,7 +35,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-use crate::fence::{Fence, FenceReason};
+use crate::fence::{Fence, FenceReason, SWITCHOVER_DRAIN};
 use crate::pool::PooledBuf;
 use crate::protocol::{self, MessageTracker, Severity, Side};
 use crate::view::Deadline;
@@ -226,6 +226,9 @@ pub const FENCE_DEADLINE: Duration = Duration::from_secs(1);
 enum FenceState {
     /// Not fenced yet; `registered` once the notification is armed.
     Open,
+    /// Fenced by a planned switchover: forwarding both ways until no
+    /// transaction is open, or the deadline passes.
+    Finishing(Pin<Box<Sleep>>, FenceReason),
     /// Forwarding server bytes up to the next boundary.
     Draining(Pin<Box<Sleep>>, FenceReason),
     /// Writing the FATAL; `pos` bytes of `msg` written.
@@ -272,10 +275,17 @@ where
                 FenceState::Open => {
                     if fence.is_fired() {
                         let reason = fence.reason().cloned().unwrap_or_else(default_reason);
-                        state = FenceState::Draining(
-                            Box::pin(tokio::time::sleep(FENCE_DEADLINE)),
-                            reason,
-                        );
+                        state = if reason.drain {
+                            FenceState::Finishing(
+                                Box::pin(tokio::time::sleep(SWITCHOVER_DRAIN)),
+                                reason,
+                            )
+                        } else {
+                            FenceState::Draining(
+                                Box::pin(tokio::time::sleep(FENCE_DEADLINE)),
+                                reason,
+                            )
+                        };
                         continue;
                     }
                     if let Poll::Ready(r) = up.poll_copy(
@@ -314,6 +324,69 @@ where
                     }
                     // Re-check: the fence may have fired while we copied.
                     if !fence.is_fired() {
+                        return Poll::Pending;
+                    }
+                }
+                FenceState::Finishing(limit, reason) => {
+                    // Checked before any client byte is forwarded: once
+                    // idle, nothing more reaches the server.
+                    let out_of_time = limit.as_mut().poll(cx).is_ready();
+                    if tracker.idle() || out_of_time {
+                        let reason = reason.clone();
+                        if tracker.idle() {
+                            let mut msg = BytesMut::new();
+                            protocol::write_error(
+                                &mut msg,
+                                Severity::Fatal,
+                                reason.sqlstate,
+                                &reason.message,
+                                None,
+                            );
+                            let sleep = Box::pin(tokio::time::sleep(FENCE_DEADLINE));
+                            state = FenceState::Telling(sleep, msg, 0, reason.label);
+                        } else {
+                            // A transaction still open: ended at the next
+                            // message boundary, as any fenced session.
+                            let sleep = Box::pin(tokio::time::sleep(FENCE_DEADLINE));
+                            state = FenceState::Draining(sleep, reason);
+                        }
+                        continue;
+                    }
+                    if let Poll::Ready(r) = up.poll_copy(
+                        cx,
+                        Pin::new(&mut *client),
+                        Pin::new(&mut *backend),
+                        None,
+                        false,
+                        deadline,
+                        to_backend_bytes,
+                    ) {
+                        if let Ok(Step::Expired) = r {
+                            state = expired();
+                            continue;
+                        }
+                        return Poll::Ready(match r {
+                            Ok(_) => Outcome::ClientClosed,
+                            Err(HalfError::Read(e)) => io_outcome(true, e),
+                            Err(HalfError::Write(e)) => io_outcome(false, e),
+                        });
+                    }
+                    if let Poll::Ready(r) = down.poll_copy(
+                        cx,
+                        Pin::new(&mut *backend),
+                        Pin::new(&mut *client),
+                        Some(&mut *tracker),
+                        false,
+                        None,
+                        to_client_bytes,
+                    ) {
+                        return Poll::Ready(match r {
+                            Ok(_) => Outcome::BackendClosed,
+                            Err(HalfError::Read(e)) => io_outcome(false, e),
+                            Err(HalfError::Write(e)) => io_outcome(true, e),
+                        });
+                    }
+                    if !tracker.idle() {
                         return Poll::Pending;
                     }
                 }
@@ -409,6 +482,7 @@ fn default_reason() -> FenceReason {
         sqlstate: crate::error::ADMIN_SHUTDOWN,
         message: "terminating connection: the proxy ended this session".into(),
         label: "fenced",
+        drain: false,
     }
 }
 
@@ -510,6 +584,7 @@ mod tests {
             sqlstate: "57P01",
             message: "primary changed".into(),
             label: "fenced",
+            drain: false,
         });
         tokio::task::yield_now().await;
         backend_end.write_all(&row[50..]).await.unwrap();
@@ -532,6 +607,96 @@ mod tests {
             &want[..],
             "the row completes, then FATAL, and nothing after"
         );
+    }
+
+    #[test]
+    fn tracker_knows_when_no_transaction_is_open() {
+        let mut t = MessageTracker::after_ready();
+        assert!(t.idle());
+        let mut stream = msg(b'C', b"BEGIN\0");
+        stream.extend(msg(b'Z', b"T"));
+        stream.extend(msg(b'C', b"COMMIT\0"));
+        stream.extend(msg(b'Z', b"I"));
+        // Byte by byte: idle only right after the last ReadyForQuery.
+        for (i, b) in stream.iter().enumerate() {
+            t.observe(std::slice::from_ref(b));
+            assert_eq!(t.idle(), i + 1 == stream.len(), "byte {i}");
+        }
+        t.observe(&msg(b'Z', b"E"));
+        assert!(!t.idle(), "a failed transaction is still open");
+    }
+
+    /// A planned switchover's fence lets the open transaction finish (its
+    /// statements go on both ways), then ends the session between
+    /// transactions.
+    #[tokio::test(start_paused = true)]
+    async fn a_switchover_fence_ends_the_session_between_transactions() {
+        let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
+        let (mut backend_end, mut backend) = tokio::io::duplex(1 << 16);
+        let fence = Arc::new(Fence::default());
+        let f2 = fence.clone();
+        let task = tokio::spawn(async move {
+            let mut t = MessageTracker::after_ready();
+            forward(&mut client, &mut backend, &mut t, &f2, None, &(), &()).await
+        });
+        // A transaction is open when the fence fires.
+        client_end.write_all(b"Q BEGIN").await.unwrap();
+        let mut got = [0u8; 7];
+        backend_end.read_exact(&mut got).await.unwrap();
+        let open = [msg(b'C', b"BEGIN\0"), msg(b'Z', b"T")].concat();
+        backend_end.write_all(&open).await.unwrap();
+        let mut got = vec![0u8; open.len()];
+        client_end.read_exact(&mut got).await.unwrap();
+        fence.trigger(FenceReason::primary_switched_over());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The rest of the transaction still reaches the server...
+        client_end.write_all(b"Q COMMIT").await.unwrap();
+        let mut got = [0u8; 8];
+        backend_end.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"Q COMMIT");
+        let done = [msg(b'C', b"COMMIT\0"), msg(b'Z', b"I")].concat();
+        backend_end.write_all(&done).await.unwrap();
+        // ...and its answer the client, then the FATAL.
+        let (outcome, _) = task.await.unwrap();
+        assert_eq!(
+            outcome,
+            Outcome::Fenced {
+                label: "switchover",
+                clean: true
+            }
+        );
+        let mut got = Vec::new();
+        client_end.read_to_end(&mut got).await.unwrap();
+        assert!(got.starts_with(&done), "{got:?}");
+        assert_eq!(got[done.len()], b'E');
+    }
+
+    /// A transaction that does not end within the drain is ended at the
+    /// next message boundary.
+    #[tokio::test(start_paused = true)]
+    async fn a_switchover_fence_does_not_wait_for_a_transaction_forever() {
+        let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
+        let (mut backend_end, mut backend) = tokio::io::duplex(1 << 16);
+        let fence = Arc::new(Fence::default());
+        let f2 = fence.clone();
+        let task = tokio::spawn(async move {
+            let mut t = MessageTracker::after_ready();
+            forward(&mut client, &mut backend, &mut t, &f2, None, &(), &()).await
+        });
+        backend_end.write_all(&msg(b'Z', b"T")).await.unwrap();
+        let mut got = vec![0u8; 6];
+        client_end.read_exact(&mut got).await.unwrap();
+        let t0 = tokio::time::Instant::now();
+        fence.trigger(FenceReason::primary_switched_over());
+        let (outcome, _) = task.await.unwrap();
+        assert!(matches!(
+            outcome,
+            Outcome::Fenced {
+                label: "switchover",
+                ..
+            }
+        ));
+        assert!(t0.elapsed() >= SWITCHOVER_DRAIN, "{:?}", t0.elapsed());
     }
 
     #[tokio::test(start_paused = true)]

@@ -409,7 +409,8 @@ pub fn error_code(mut body: &[u8]) -> Option<&[u8]> {
     None
 }
 
-/// Follows message boundaries in the server-to-client byte stream.
+/// Follows message boundaries in the server-to-client byte stream, and
+/// whether the last message was a ReadyForQuery saying idle.
 #[derive(Debug, Clone, Default)]
 pub struct MessageTracker {
     header: [u8; HEADER_LEN],
@@ -418,18 +419,47 @@ pub struct MessageTracker {
     /// Set when the server sent a length below 4; boundaries are unknown from
     /// then on (PostgreSQL never does this).
     lost: bool,
+    /// The type of the message being (or last) forwarded, and for a
+    /// ReadyForQuery its transaction status.
+    tag: u8,
+    status: u8,
 }
 
 impl MessageTracker {
+    /// A tracker for the stream right after a ReadyForQuery that said idle
+    /// (the end of authentication).
+    pub fn after_ready() -> Self {
+        MessageTracker {
+            tag: b'Z',
+            status: b'I',
+            ..Default::default()
+        }
+    }
+
+    /// Whether the stream is at a message boundary right after a
+    /// ReadyForQuery saying idle: no transaction is open.
+    pub fn idle(&self) -> bool {
+        !self.lost
+            && self.header_len == 0
+            && self.body_left == 0
+            && self.tag == b'Z'
+            && self.status == b'I'
+    }
+
     /// Accounts for bytes about to be forwarded.
     #[inline]
     pub fn observe(&mut self, mut data: &[u8]) {
         while !data.is_empty() && !self.lost {
             if self.body_left > 0 {
+                if self.tag == b'Z' && self.body_left == 1 {
+                    self.status = data[0];
+                }
                 let n = self.body_left.min(data.len());
                 self.body_left -= n;
                 data = &data[n..];
             } else if self.header_len == 0 && data.len() >= HEADER_LEN {
+                self.tag = data[0];
+                self.status = 0;
                 self.start_body(data[1], data[2], data[3], data[4]);
                 data = &data[HEADER_LEN..];
             } else {
@@ -441,6 +471,8 @@ impl MessageTracker {
                 if usize::from(self.header_len) == HEADER_LEN {
                     self.header_len = 0;
                     let h = self.header;
+                    self.tag = h[0];
+                    self.status = 0;
                     self.start_body(h[1], h[2], h[3], h[4]);
                 }
             }

@@ -364,6 +364,7 @@ impl Proxy {
             sqlstate: ADMIN_SHUTDOWN,
             message: "terminating connection because the proxy is shutting down".into(),
             label: "shutdown",
+            drain: false,
         });
         let deadline = Instant::now() + crate::forward::FENCE_DEADLINE + Duration::from_secs(1);
         self.wait_idle(deadline).await;
@@ -430,6 +431,11 @@ pub enum ViewChange {
     /// The view's owner could not confirm its view in time, so the view it
     /// applies names no servers; their sessions are told so.
     Unconfirmed,
+    /// A planned switchover: the old primary is still healthy and stops
+    /// cleanly once its transactions end, so its sessions end between
+    /// transactions (within [`crate::fence::SWITCHOVER_DRAIN`]), not in
+    /// the middle of one.
+    Switchover,
 }
 
 /// What [`Proxy::apply`] did.
@@ -466,10 +472,10 @@ fn removals(
     let mut out = Vec::new();
     if let Some(p) = &old.primary {
         if new.primary.as_ref() != Some(p) {
-            let reason = if unconfirmed {
-                FenceReason::primary_unconfirmed()
-            } else {
-                FenceReason::primary_changed()
+            let reason = match change {
+                ViewChange::Unconfirmed => FenceReason::primary_unconfirmed(),
+                ViewChange::Switchover => FenceReason::primary_switched_over(),
+                ViewChange::Update => FenceReason::primary_changed(),
             };
             out.push((p.clone(), Role::Primary, reason));
         }

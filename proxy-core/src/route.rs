@@ -374,6 +374,18 @@ pub(crate) struct Connected {
     /// A primary session of a view with a deadline: it stops forwarding
     /// once the deadline passes.
     pub deadline: bool,
+    /// Chosen among the replicas.
+    pub standby: bool,
+}
+
+impl Connected {
+    /// Whether the view still routes new sessions of this kind to this
+    /// backend (a fence that fired because the view changed: no).
+    pub(crate) fn still_routable(&self, shared: &Shared, plan: &Plan<'_>) -> bool {
+        let view = plan.view.load();
+        !plan.view.deadline().passed()
+            && still_routable(&view, &self.backend, self.standby, &shared.cfg.replica_lag)
+    }
 }
 
 /// Step 5 of a session: picks a backend ([`route_session`]), then connects
@@ -418,7 +430,20 @@ pub(crate) async fn connect(
                     fence: r.fence,
                     server,
                     deadline: r.deadline,
+                    standby: r.standby,
                 })
+            }
+            // The view changed while connecting: nothing was sent yet, so
+            // route again with the view as it is now.
+            Err(SessionError::FencedWhileConnecting)
+                if !still_routable(
+                    &plan.view.load(),
+                    &r.backend,
+                    r.standby,
+                    &shared.cfg.replica_lag,
+                ) =>
+            {
+                continue;
             }
             Err(
                 e @ (SessionError::BackendConnect { .. }

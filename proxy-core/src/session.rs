@@ -260,6 +260,7 @@ where
         };
         let mut conn = conn;
         tracing::Span::current().record("backend.addr", conn.backend.addr());
+        let mut relayed = false;
         let auth = async {
             let auth_limit = shared.cfg.auth_timeout;
             backend::authenticate(
@@ -273,10 +274,27 @@ where
                 },
                 Instant::now() + auth_limit,
                 auth_limit,
+                &mut relayed,
             )
             .await
         };
-        match Box::pin(route::until_fenced(&conn.fence, auth)).await? {
+        let authenticated = Box::pin(route::until_fenced(&conn.fence, auth)).await;
+        let authenticated = match authenticated {
+            // The primary changed while the session was being set up, and
+            // the client has seen nothing yet: set up again with the view
+            // as it is now.
+            Err(SessionError::FencedWhileConnecting)
+                if !relayed && !conn.still_routable(shared, &plan) =>
+            {
+                let reason = "fenced_while_connecting";
+                if Box::pin(hold_for_retry(shared, &plan, &mut held_since, reason)).await {
+                    continue;
+                }
+                return Err(SessionError::FencedWhileConnecting);
+            }
+            r => r?,
+        };
+        match authenticated {
             AuthResult::Ready(est) => return Ok(Some((conn, est))),
             AuthResult::Refused => {
                 shared.metrics.ended("refused_by_server");

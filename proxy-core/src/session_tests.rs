@@ -376,6 +376,7 @@ async fn every_refusal_reaches_the_client_with_a_sqlstate_and_no_address() {
                         sqlstate: "57P01",
                         message: "primary changed".into(),
                         label: "fenced",
+                        drain: false,
                     },
                 );
                 if !fired.is_empty() {
