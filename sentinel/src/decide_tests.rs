@@ -70,6 +70,7 @@ fn cluster(m: &str, standbys: &[&str]) -> ClusterData {
             Db {
                 keeper: uid.into(),
                 generation: 1,
+                restart: 0,
                 spec,
                 status: DbStatus {
                     healthy: true,

@@ -357,6 +357,7 @@ mod tests {
                 Db {
                     keeper: uid.into(),
                     generation: 1,
+                    restart: 0,
                     spec: DbSpec {
                         role,
                         follow: (role == Role::Standby).then(|| "m".to_owned()),
