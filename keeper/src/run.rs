@@ -1333,7 +1333,7 @@ mod tests {
                     ..desired(Role::None, None)
                 },
                 running_primary,
-                vec![Stop],
+                vec![WaitTransactions, Stop],
             ),
             (
                 "no role and stopped: nothing",
