@@ -288,39 +288,22 @@ where
                         };
                         continue;
                     }
-                    if let Poll::Ready(r) = up.poll_copy(
+                    let copied = copy_both(
                         cx,
-                        Pin::new(&mut *client),
-                        Pin::new(&mut *backend),
-                        None,
-                        false,
+                        (&mut up, &mut down),
+                        &mut *client,
+                        &mut *backend,
+                        tracker,
                         deadline,
-                        to_backend_bytes,
-                    ) {
-                        if let Ok(Step::Expired) = r {
+                        (to_backend_bytes, to_client_bytes),
+                    );
+                    match copied {
+                        Poll::Ready(None) => {
                             state = expired();
                             continue;
                         }
-                        return Poll::Ready(match r {
-                            Ok(_) => Outcome::ClientClosed,
-                            Err(HalfError::Read(e)) => io_outcome(true, e),
-                            Err(HalfError::Write(e)) => io_outcome(false, e),
-                        });
-                    }
-                    if let Poll::Ready(r) = down.poll_copy(
-                        cx,
-                        Pin::new(&mut *backend),
-                        Pin::new(&mut *client),
-                        Some(&mut *tracker),
-                        false,
-                        None,
-                        to_client_bytes,
-                    ) {
-                        return Poll::Ready(match r {
-                            Ok(_) => Outcome::BackendClosed,
-                            Err(HalfError::Read(e)) => io_outcome(false, e),
-                            Err(HalfError::Write(e)) => io_outcome(true, e),
-                        });
+                        Poll::Ready(Some(o)) => return Poll::Ready(o),
+                        Poll::Pending => {}
                     }
                     // Re-check: the fence may have fired while we copied.
                     if !fence.is_fired() {
@@ -352,39 +335,22 @@ where
                         }
                         continue;
                     }
-                    if let Poll::Ready(r) = up.poll_copy(
+                    let copied = copy_both(
                         cx,
-                        Pin::new(&mut *client),
-                        Pin::new(&mut *backend),
-                        None,
-                        false,
+                        (&mut up, &mut down),
+                        &mut *client,
+                        &mut *backend,
+                        tracker,
                         deadline,
-                        to_backend_bytes,
-                    ) {
-                        if let Ok(Step::Expired) = r {
+                        (to_backend_bytes, to_client_bytes),
+                    );
+                    match copied {
+                        Poll::Ready(None) => {
                             state = expired();
                             continue;
                         }
-                        return Poll::Ready(match r {
-                            Ok(_) => Outcome::ClientClosed,
-                            Err(HalfError::Read(e)) => io_outcome(true, e),
-                            Err(HalfError::Write(e)) => io_outcome(false, e),
-                        });
-                    }
-                    if let Poll::Ready(r) = down.poll_copy(
-                        cx,
-                        Pin::new(&mut *backend),
-                        Pin::new(&mut *client),
-                        Some(&mut *tracker),
-                        false,
-                        None,
-                        to_client_bytes,
-                    ) {
-                        return Poll::Ready(match r {
-                            Ok(_) => Outcome::BackendClosed,
-                            Err(HalfError::Read(e)) => io_outcome(false, e),
-                            Err(HalfError::Write(e)) => io_outcome(true, e),
-                        });
+                        Poll::Ready(Some(o)) => return Poll::Ready(o),
+                        Poll::Pending => {}
                     }
                     if !tracker.idle() {
                         return Poll::Pending;
@@ -465,6 +431,59 @@ where
         backend_to_client: down.total,
     };
     (outcome, totals)
+}
+
+/// Both directions of an open session, as far as they go now: `Ready`
+/// with how the session ended, or `Ready(None)` when the view's deadline
+/// passed; `Pending` once both wait. The client is read first.
+#[inline]
+fn copy_both<C, B, CC, BC>(
+    cx: &mut Context<'_>,
+    (up, down): (&mut Half, &mut Half),
+    client: &mut C,
+    backend: &mut B,
+    tracker: &mut MessageTracker,
+    deadline: Option<&Deadline>,
+    (to_backend_bytes, to_client_bytes): (&CC, &BC),
+) -> Poll<Option<Outcome>>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    CC: ByteCounter,
+    BC: ByteCounter,
+{
+    if let Poll::Ready(r) = up.poll_copy(
+        cx,
+        Pin::new(&mut *client),
+        Pin::new(&mut *backend),
+        None,
+        false,
+        deadline,
+        to_backend_bytes,
+    ) {
+        return Poll::Ready(match r {
+            Ok(Step::Expired) => None,
+            Ok(_) => Some(Outcome::ClientClosed),
+            Err(HalfError::Read(e)) => Some(io_outcome(true, e)),
+            Err(HalfError::Write(e)) => Some(io_outcome(false, e)),
+        });
+    }
+    if let Poll::Ready(r) = down.poll_copy(
+        cx,
+        Pin::new(&mut *backend),
+        Pin::new(&mut *client),
+        Some(tracker),
+        false,
+        None,
+        to_client_bytes,
+    ) {
+        return Poll::Ready(Some(match r {
+            Ok(_) => Outcome::BackendClosed,
+            Err(HalfError::Read(e)) => io_outcome(false, e),
+            Err(HalfError::Write(e)) => io_outcome(true, e),
+        }));
+    }
+    Poll::Pending
 }
 
 /// A primary session past its view's deadline: it ends as if fenced.
