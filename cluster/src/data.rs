@@ -198,6 +198,10 @@ impl ClusterSpec {
         for line in &self.pg_hba {
             check_hba_line(line)?;
         }
+        for (name, value) in &self.pg_parameters {
+            crate::params::check_spec_parameter(name, value)
+                .map_err(|e| SpecError(format!("pg_parameters: {e}")))?;
+        }
         if self.convergence_timeout <= SWITCHOVER_DRAIN {
             return Err(SpecError(format!(
                 "convergence_timeout ({}) must be longer than {}: a switchover's old primary \

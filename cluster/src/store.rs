@@ -224,6 +224,12 @@ impl Keys {
         format!("{}sentinels/", self.base)
     }
 
+    /// The parameter catalog a keeper read from its PostgreSQL
+    /// ([`crate::params::Catalog`]).
+    pub fn pg_settings(&self) -> String {
+        format!("{}pg_settings", self.base)
+    }
+
     pub fn leader(&self) -> String {
         format!("{}leader", self.base)
     }

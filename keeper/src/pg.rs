@@ -137,6 +137,7 @@ fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// An SQL string literal (standard_conforming_strings is on).
 fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
@@ -455,7 +456,17 @@ impl Instance {
         clients: bool,
         hba: &[String],
     ) -> Result<()> {
-        let mut p = user.clone();
+        // Every user value is written as a literal of the text PostgreSQL
+        // reads, so no value can end the line and add another setting.
+        let mut p: BTreeMap<String, String> = user
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    cluster::params::conf_literal(&cluster::params::text(v)),
+                )
+            })
+            .collect();
         let managed = [
             ("listen_addresses", format!("'{}'", self.host)),
             ("port", self.port.to_string()),
@@ -485,9 +496,15 @@ impl Instance {
                 self.repl_conninfo(&up.address)?,
                 conninfo_value(&up.application_name)
             );
-            p.insert("primary_conninfo".into(), quote_literal(&ci));
+            p.insert(
+                "primary_conninfo".into(),
+                cluster::params::conf_literal(&ci),
+            );
             if let Some(slot) = &up.slot {
-                p.insert("primary_slot_name".into(), quote_literal(slot));
+                p.insert(
+                    "primary_slot_name".into(),
+                    cluster::params::conf_literal(slot),
+                );
             }
         }
         // Written for a primary too: it is read only at server start, so
@@ -495,7 +512,7 @@ impl Instance {
         p.insert("recovery_target_timeline".into(), "'latest'".into());
         p.insert(
             "synchronous_standby_names".into(),
-            quote_literal(&crate::names::synchronous_standby_names(
+            cluster::params::conf_literal(&crate::names::synchronous_standby_names(
                 synchronous_standbys,
             )),
         );
@@ -938,6 +955,48 @@ impl Instance {
         r
     }
 
+    /// Every parameter the running server knows, for `ctl spec update` to
+    /// check values against ([`cluster::params::Catalog`]).
+    pub async fn settings_catalog(&self, keeper: &str) -> Result<cluster::params::Catalog> {
+        within("the parameter catalog", REPORT_TIMEOUT, async {
+            let c = self.connect().await?;
+            let rows = c
+                .query(
+                    "SELECT name::text, vartype::text, unit::text, min_val::text, max_val::text, \
+                     coalesce(enumvals, '{}')::text[], context::text FROM pg_settings",
+                    &[],
+                )
+                .await?;
+            let version = c
+                .query_one(
+                    "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+                    &[],
+                )
+                .await?;
+            let mut settings = BTreeMap::new();
+            for r in rows {
+                settings.insert(
+                    r.try_get::<_, String>(0)?,
+                    cluster::params::Setting {
+                        vartype: r.try_get(1)?,
+                        unit: r.try_get(2)?,
+                        min: r.try_get(3)?,
+                        max: r.try_get(4)?,
+                        enumvals: r.try_get(5)?,
+                        context: r.try_get(6)?,
+                    },
+                );
+            }
+            Ok(cluster::params::Catalog {
+                server_version_num: version.try_get::<_, i32>(0)?.max(0) as u32,
+                server_version: version.try_get(1)?,
+                keeper: keeper.to_owned(),
+                settings,
+            })
+        })
+        .await
+    }
+
     async fn query_report(&self, r: &mut KeeperReport) -> Result<()> {
         let c = self.connect().await?;
         let q = "SELECT pg_is_in_recovery(), \
@@ -997,7 +1056,7 @@ impl Instance {
 fn at_least(user: &BTreeMap<String, String>, name: &str, min: u32) -> String {
     let n = user
         .get(name)
-        .and_then(|v| v.trim().trim_matches('\'').parse::<u32>().ok())
+        .and_then(|v| cluster::params::text(v).trim().parse::<u32>().ok())
         .map_or(min, |v| v.max(min));
     n.to_string()
 }

@@ -414,6 +414,9 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
         });
         let report = k.report(&pg, &cfg, running, &mut obs).await;
         k.publish(&store, &keys, &lease, &cfg.uid, &report).await;
+        if report.healthy && !k.catalog_published {
+            k.catalog_published = publish_catalog(&pg, &store, &keys, &cfg.uid).await;
+        }
         // Wake at the next interval, or at once when the cluster data
         // changes (a promotion order must not wait for the next report).
         if watch.is_none() {
@@ -457,9 +460,46 @@ fn spawn_guard(program: &std::path::Path, args: &[String], dir: &std::path::Path
     }
 }
 
+/// Writes the running server's parameter catalog to the store where it
+/// differs from what is there; whether the store has it now.
+async fn publish_catalog(pg: &Instance, store: &impl Store, keys: &Keys, uid: &str) -> bool {
+    let catalog = match pg.settings_catalog(uid).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the parameter catalog");
+            return false;
+        }
+    };
+    let key = keys.pg_settings();
+    let stored = match store.get(&key).await {
+        Ok(kv) => {
+            kv.and_then(|kv| serde_json::from_str::<cluster::params::Catalog>(&kv.value).ok())
+        }
+        Err(_) => return false,
+    };
+    if stored.is_some_and(|s| {
+        s.server_version_num == catalog.server_version_num && s.settings == catalog.settings
+    }) {
+        return true;
+    }
+    let json = serde_json::to_string(&catalog).unwrap_or_default();
+    match store.put(&key, &json, 0).await {
+        Ok(_) => {
+            tracing::info!(version = %catalog.server_version, parameters = catalog.settings.len(), "parameter catalog written to the store");
+            true
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot write the parameter catalog");
+            false
+        }
+    }
+}
+
 /// The reconcile loop's own state.
 #[derive(Debug, Default)]
 struct Keeper {
+    /// This keeper's server's parameter catalog is in the store.
+    catalog_published: bool,
     instance: String,
     seq: u64,
     /// The generation of this database's spec last applied.

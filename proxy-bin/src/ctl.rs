@@ -186,6 +186,40 @@ const RESTART_PARAMETERS: &[&str] = &[
     "wal_log_hints",
 ];
 
+/// The parameter catalog a keeper wrote to the store, if any.
+async fn read_catalog(store: &AnyStore, keys: &Keys) -> Option<cluster::params::Catalog> {
+    let kv = store.get(&keys.pg_settings()).await.ok()??;
+    serde_json::from_str(&kv.value).ok()
+}
+
+/// Checks every parameter `new` sets differently from `old` against the
+/// servers' own catalog, with PostgreSQL's message for a refused value.
+fn check_parameters(
+    old: &ClusterSpec,
+    new: &ClusterSpec,
+    catalog: &cluster::params::Catalog,
+) -> Result<()> {
+    let refused: Vec<String> = new
+        .pg_parameters
+        .iter()
+        .filter(|(n, v)| old.pg_parameters.get(*n) != Some(*v))
+        .filter_map(|(n, v)| catalog.check(n, v).err())
+        .collect();
+    if !refused.is_empty() {
+        bail!(
+            "PostgreSQL {} would refuse {}: {}",
+            catalog.server_version,
+            if refused.len() == 1 {
+                "this value"
+            } else {
+                "these values"
+            },
+            refused.join("; ")
+        );
+    }
+    Ok(())
+}
+
 /// RFC 7386 JSON merge patch of `patch` onto `target`.
 fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
     use serde_json::Value;
@@ -209,7 +243,11 @@ fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
 
 /// What changes from `old` to `new`, one line each, and whether any
 /// change needs a restart.
-fn spec_changes(old: &ClusterSpec, new: &ClusterSpec) -> (Vec<String>, bool) {
+fn spec_changes(
+    old: &ClusterSpec,
+    new: &ClusterSpec,
+    catalog: Option<&cluster::params::Catalog>,
+) -> (Vec<String>, bool) {
     let (a, b) = (
         serde_json::to_value(old).unwrap_or_default(),
         serde_json::to_value(new).unwrap_or_default(),
@@ -237,7 +275,9 @@ fn spec_changes(old: &ClusterSpec, new: &ClusterSpec) -> (Vec<String>, bool) {
             let names: std::collections::BTreeSet<&String> = px.keys().chain(py.keys()).collect();
             for n in names {
                 if px.get(n) != py.get(n) {
-                    let needs = RESTART_PARAMETERS.contains(&n.as_str());
+                    let needs = catalog
+                        .and_then(|c| c.needs_restart(n))
+                        .unwrap_or_else(|| RESTART_PARAMETERS.contains(&n.as_str()));
                     restart |= needs;
                     lines.push(format!(
                         "pg_parameters.{n}: {} -> {}{}",
@@ -367,7 +407,7 @@ fn lowers_hot_standby_settings(d: &ClusterData, primary: &str) -> Vec<String> {
     let Some(running) = d.dbs.get(primary).map(|db| &db.status.running_settings) else {
         return Vec::new();
     };
-    let num = |v: &str| v.trim().trim_matches('\'').parse::<i64>().ok();
+    let num = |v: &str| cluster::params::text(v).trim().parse::<i64>().ok();
     cluster::data::HOT_STANDBY_SETTINGS
         .iter()
         .filter(|name| {
@@ -711,6 +751,7 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 .map(serde_json::from_str)
                 .transpose()
                 .context("--patch is not valid JSON")?;
+            let catalog = read_catalog(&store, &keys).await;
             let mut changes = (Vec::new(), false);
             update(&store, &keys, |d| {
                 let spec = match (&from_file, &patch) {
@@ -739,7 +780,10 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 // Fields a newer keelson wrote stay as they are.
                 let extra = d.spec.extra.clone();
                 let spec = ClusterSpec { extra, ..spec };
-                changes = spec_changes(&d.spec, &spec);
+                if let Some(c) = &catalog {
+                    check_parameters(&d.spec, &spec, c)?;
+                }
+                changes = spec_changes(&d.spec, &spec, catalog.as_ref());
                 d.spec = spec;
                 Ok(())
             })
@@ -934,7 +978,7 @@ mod tests {
         let mut new = old.clone();
         new.fail_interval = std::time::Duration::from_secs(3);
         new.pg_parameters.insert("work_mem".into(), "64MB".into());
-        let (lines, restart) = spec_changes(&old, &new);
+        let (lines, restart) = spec_changes(&old, &new, None);
         assert_eq!(
             lines,
             vec![
@@ -945,6 +989,6 @@ mod tests {
         assert!(!restart);
         new.pg_parameters
             .insert("shared_buffers".into(), "1GB".into());
-        assert!(spec_changes(&old, &new).1);
+        assert!(spec_changes(&old, &new, None).1);
     }
 }

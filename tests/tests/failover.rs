@@ -1178,6 +1178,76 @@ async fn parameters_are_reloaded_on_every_instance_and_restart_ones_reported_pen
     let store = cluster::open(&url).await.unwrap();
     let c = LocalCluster::up_with(&url, store, ClusterSpec::default(), 1, 3).await;
     let before = c.show(1, "max_connections").await.unwrap();
+
+    // Values the servers would refuse are refused by `spec update`, with
+    // PostgreSQL's own message (the catalog keepers wrote to the store).
+    crate::assert_eventually!(
+        c.store
+            .get(&c.keys.pg_settings())
+            .await
+            .ok()
+            .flatten()
+            .is_some(),
+        Duration::from_secs(10),
+        "no keeper wrote the parameter catalog"
+    );
+    let own = |i: usize| {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            c.ports[i - 1]
+        )
+    };
+    let pg = try_connect(&own(1)).await.unwrap();
+    for (name, value) in [
+        ("work_mem", "lots"),
+        ("work_mem", "5XB"),
+        ("work_mem", "32kB"),
+        ("statement_timeout", "5 kB"),
+        ("enable_seqscan", "maybe"),
+        ("log_min_messages", "loud"),
+        ("wrok_mem", "1MB"),
+    ] {
+        let theirs = pg
+            .batch_execute(&format!("SET {name} = '{value}'"))
+            .await
+            .expect_err(value);
+        let theirs = theirs.as_db_error().expect("a server error");
+        let patch = format!(r#"{{"pg_parameters": {{"{name}": "{value}"}}}}"#);
+        let ours = c.ctl(&["spec", "update", "--patch", &patch]).unwrap_err();
+        eprintln!("{name} = {value}: {ours}");
+        assert!(
+            ours.contains(theirs.message()),
+            "{ours} vs PostgreSQL's {theirs:?}"
+        );
+        if let Some(hint) = theirs.hint() {
+            assert!(ours.contains(hint), "{ours} lacks the hint {hint}");
+        }
+    }
+    let ours = c
+        .ctl(&[
+            "spec",
+            "update",
+            "--patch",
+            r#"{"pg_parameters": {"max_connections": "0"}}"#,
+        ])
+        .unwrap_err();
+    assert!(
+        ours.contains(
+            r#"0 is outside the valid range for parameter "max_connections" (1 .. 262143)"#
+        ),
+        "{ours}"
+    );
+    let ours = c
+        .ctl(&[
+            "spec",
+            "update",
+            "--patch",
+            r#"{"pg_parameters": {"port": "5999"}}"#,
+        ])
+        .unwrap_err();
+    assert!(ours.contains("set by keelson"), "{ours}");
+    assert!(c.data().await.spec.pg_parameters.is_empty());
+
     // A user's value of max_wal_senders above what keelson needs is kept.
     let out = c
         .ctl(&[
