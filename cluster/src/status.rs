@@ -35,6 +35,10 @@ pub struct ClusterStatus {
     pub notice: Option<String>,
     pub keepers: Vec<KeeperStatus>,
     pub proxies: Vec<ProxyStatus>,
+    /// Sentinels registered now (their leases alive), by uid.
+    pub sentinels: Vec<String>,
+    /// The sentinel that leads, if one does.
+    pub leader: Option<String>,
     /// Maintenance mode (`ctl pause`).
     pub paused: bool,
 }
@@ -115,7 +119,15 @@ pub async fn read(store: &impl Store, keys: &Keys) -> Result<ClusterStatus, Stat
             generation: p.generation,
         })
         .collect();
-    Ok(of(&data, keys.base(), proxies))
+    let mut s = of(&data, keys.base(), proxies);
+    let (sentinels, _) = store.list(&keys.sentinels()).await?;
+    s.sentinels = sentinels
+        .iter()
+        .filter_map(|kv| kv.key.strip_prefix(&keys.sentinels()))
+        .map(str::to_owned)
+        .collect();
+    s.leader = store.leader(&keys.leader()).await?;
+    Ok(s)
 }
 
 /// The status of `data` (pure).
@@ -167,6 +179,8 @@ pub fn of(data: &ClusterData, cluster: &str, proxies: Vec<ProxyStatus>) -> Clust
         paused: data.paused,
         keepers,
         proxies,
+        sentinels: Vec::new(),
+        leader: None,
     }
 }
 

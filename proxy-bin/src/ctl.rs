@@ -891,6 +891,15 @@ fn print_table(s: &ClusterStatus) {
             .unwrap_or_default()
     );
     println!("generation: {}", s.generation);
+    println!(
+        "sentinels:  {} (leader: {})",
+        if s.sentinels.is_empty() {
+            "none".to_owned()
+        } else {
+            s.sentinels.join(", ")
+        },
+        or_dash(s.leader.as_deref())
+    );
     match &s.master {
         Some(m) => println!(
             "primary:    {} at {}",

@@ -625,6 +625,11 @@ async fn failover_still_happens_after_the_sentinel_leader_dies() {
         .expect("a leader")
         .value;
     let li: usize = leader.trim_start_matches('s').parse().unwrap();
+    let status = c.ctl(&["status"]).unwrap();
+    assert!(
+        status.contains(&format!("sentinels:  s1, s2 (leader: {leader})")),
+        "{status}"
+    );
     if let Some(mut s) = c.sentinels[li - 1].take() {
         let _ = s.0.kill();
         let _ = s.0.wait();
@@ -646,6 +651,15 @@ async fn failover_still_happens_after_the_sentinel_leader_dies() {
         .expect("a leader")
         .value;
     assert_ne!(new_leader, leader, "another sentinel took over");
+    // The dead sentinel's registration goes with its lease.
+    crate::assert_eventually!(
+        c.ctl(&["status"])
+            .unwrap()
+            .contains(&format!("sentinels:  {new_leader} (leader: {new_leader})")),
+        Duration::from_secs(30),
+        "{}",
+        c.ctl(&["status"]).unwrap()
+    );
     eprintln!("failover with a new sentinel leader took {took:?}");
 }
 
@@ -1308,6 +1322,7 @@ async fn parameters_are_reloaded_on_every_instance_and_restart_ones_reported_pen
         status.contains("pending restart: max_connections, max_wal_senders"),
         "{status}"
     );
+    assert!(status.contains("sentinels:  s1 (leader: s1)"), "{status}");
 
     // A spec pg_hba rule that rejects a user is enforced after reload, on
     // every instance; other clients still get in.
