@@ -14,7 +14,22 @@ pub struct ControlData {
     pub checkpoint_lsn: u64,
     /// The latest checkpoint's timeline.
     pub timeline: u32,
+    /// The primary's values of the settings a standby needs at least as
+    /// high (from the last parameter change it replayed, or its own), by
+    /// parameter name: a standby started with less refuses to start
+    /// ("insufficient parameter settings").
+    pub hot_standby_minimums: Vec<(&'static str, i64)>,
 }
+
+/// `pg_controldata`'s line for each setting a standby needs at least as
+/// high as its primary's.
+const MINIMUM_FIELDS: &[(&str, &str)] = &[
+    ("max_connections setting", "max_connections"),
+    ("max_worker_processes setting", "max_worker_processes"),
+    ("max_wal_senders setting", "max_wal_senders"),
+    ("max_prepared_xacts setting", "max_prepared_transactions"),
+    ("max_locks_per_xact setting", "max_locks_per_transaction"),
+];
 
 impl ControlData {
     /// Whether the server was shut down cleanly as a primary: the latest
@@ -42,6 +57,10 @@ pub fn parse(text: &str) -> Option<ControlData> {
         state: field("Database cluster state")?.to_owned(),
         checkpoint_lsn: parse_lsn(field("Latest checkpoint location")?)?,
         timeline: field("Latest checkpoint's TimeLineID")?.parse().ok()?,
+        hot_standby_minimums: MINIMUM_FIELDS
+            .iter()
+            .filter_map(|(f, name)| Some((*name, field(f)?.parse().ok()?)))
+            .collect(),
     })
 }
 
@@ -58,12 +77,18 @@ mod tests {
                     pg_control last modified:             Tue 01 Dec 2026 10:00:00 PM UTC\n\
                     Latest checkpoint location:           16/B374D848\n\
                     Latest checkpoint's REDO location:    16/B374D810\n\
-                    Latest checkpoint's TimeLineID:       3\n";
+                    Latest checkpoint's TimeLineID:       3\n\
+                    max_connections setting:              150\n\
+                    max_locks_per_xact setting:           64\n";
         let c = parse(text).unwrap();
         assert_eq!(c.system_id, "7301634125178430000");
         assert!(c.shut_down_cleanly());
         assert_eq!(c.checkpoint_lsn, (0x16 << 32) | 0xB374_D848);
         assert_eq!(c.timeline, 3);
+        assert_eq!(
+            c.hot_standby_minimums,
+            vec![("max_connections", 150), ("max_locks_per_transaction", 64)]
+        );
         assert_eq!(parse("garbage"), None);
         assert_eq!(parse_lsn("0/3000060"), Some(0x300_0060));
         assert_eq!(parse_lsn("x/1"), None);

@@ -82,6 +82,10 @@ pub struct Observed {
     /// written into the configuration (a `ctl spec update`): written and
     /// reloaded.
     pub params_changed: bool,
+    /// Settings this standby was last started with above the spec's
+    /// value, its primary's from the control file (see
+    /// [`raise_to_primary_minimums`]): reported as pending a restart.
+    pub raised: Vec<String>,
     /// The data was already copied afresh for this spec generation: a
     /// `reinit` still set (the sentinel clears it once it sees the copy
     /// run) is not done twice.
@@ -460,6 +464,48 @@ fn spawn_guard(program: &std::path::Path, args: &[String], dir: &std::path::Path
     }
 }
 
+/// PostgreSQL's defaults of the settings a standby needs at least as high
+/// as its primary's (`max_wal_senders`: keelson's own minimum).
+const HOT_STANDBY_DEFAULTS: &[(&str, i64)] = &[
+    ("max_connections", 100),
+    ("max_worker_processes", 8),
+    ("max_wal_senders", 10),
+    ("max_prepared_transactions", 0),
+    ("max_locks_per_transaction", 64),
+];
+
+/// Raises each setting in `params` that a standby needs at least as high
+/// as its primary to the primary's value in the control file, where the
+/// spec's (or PostgreSQL's default) is lower; the names raised.
+fn raise_to_primary_minimums(
+    params: &mut std::collections::BTreeMap<String, String>,
+    minimums: &[(&'static str, i64)],
+) -> Vec<String> {
+    let mut raised = Vec::new();
+    for (name, min) in minimums {
+        let current = params
+            .get(*name)
+            .and_then(|v| cluster::params::text(v).trim().parse::<i64>().ok())
+            .or_else(|| {
+                HOT_STANDBY_DEFAULTS
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| *v)
+            });
+        if current.is_some_and(|v| v < *min) {
+            tracing::info!(
+                parameter = name,
+                spec = current,
+                primary = min,
+                "this standby starts with its primary's value until it has replayed the lower one"
+            );
+            params.insert((*name).to_owned(), min.to_string());
+            raised.push((*name).to_owned());
+        }
+    }
+    raised
+}
+
 /// Writes the running server's parameter catalog to the store where it
 /// differs from what is there; whether the store has it now.
 async fn publish_catalog(pg: &Instance, store: &impl Store, keys: &Keys, uid: &str) -> bool {
@@ -693,6 +739,12 @@ impl Keeper {
         r.running = running;
         r.tags = cfg.tags.clone();
         r.restarted = self.requests.map_or(0, |q| q.restart);
+        if r.healthy && !obs.raised.is_empty() {
+            let pending = r.pending_restart.get_or_insert_with(Vec::new);
+            pending.extend(obs.raised.iter().cloned());
+            pending.sort();
+            pending.dedup();
+        }
         if r.healthy {
             obs.in_recovery = r.in_recovery;
         }
@@ -927,8 +979,22 @@ async fn act(
                     _ => None,
                 };
                 let clients = *step != Action::HoldClients;
+                let mut params = std::borrow::Cow::Borrowed(&data.spec.pg_parameters);
+                if d.role == Role::Standby && !o.running {
+                    // A standby started below its primary's last values
+                    // refuses to start; it starts with those, and a later
+                    // restart lowers it once it has replayed the change.
+                    o.raised = match pg.control_data().await {
+                        Ok(c) => {
+                            raise_to_primary_minimums(params.to_mut(), &c.hot_standby_minimums)
+                        }
+                        Err(_) => Vec::new(),
+                    };
+                } else if d.role != Role::Standby {
+                    o.raised.clear();
+                }
                 pg.write_config_with(
-                    &data.spec.pg_parameters,
+                    &params,
                     upstream.as_ref(),
                     &d.synchronous_standbys,
                     clients,
@@ -1039,6 +1105,28 @@ async fn verify_sync_names(pg: &Instance, want: &str) -> Result<(), PgError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_standby_starts_with_its_primarys_higher_values() {
+        let mut p = std::collections::BTreeMap::from([
+            ("max_connections".to_owned(), "'110'".to_owned()),
+            ("max_locks_per_transaction".to_owned(), "128".to_owned()),
+        ]);
+        let raised = raise_to_primary_minimums(
+            &mut p,
+            &[
+                ("max_connections", 150),
+                ("max_worker_processes", 16),
+                ("max_prepared_transactions", 0),
+                ("max_locks_per_transaction", 64),
+            ],
+        );
+        assert_eq!(raised, ["max_connections", "max_worker_processes"]);
+        assert_eq!(p["max_connections"], "150");
+        assert_eq!(p["max_worker_processes"], "16");
+        assert_eq!(p["max_locks_per_transaction"], "128");
+        assert!(!p.contains_key("max_prepared_transactions"));
+    }
     use Action::*;
 
     fn desired(role: Role, upstream: Option<&str>) -> Desired {

@@ -530,6 +530,25 @@ async fn rolling_restart(
             );
         }
         restart_one(store, keys, &primary, limit).await?;
+        // The restarted primary wrote its new values to its WAL first
+        // thing; a standby restarted before it replayed them would start
+        // with its primary's old, higher ones.
+        let (d, _) = read(store, keys).await?;
+        let at = d.dbs.get(&primary).map_or(0, |db| db.status.lsn);
+        for s in &targets {
+            wait_for(
+                store,
+                keys,
+                limit,
+                &format!("{s} replaying {primary}'s restart"),
+                |d| {
+                    d.dbs.get(s).is_some_and(|db| {
+                        db.status.healthy && db.status.streaming && db.status.replay_lsn >= at
+                    })
+                },
+            )
+            .await?;
+        }
     }
     for s in &targets {
         restart_one(store, keys, s, limit).await?;

@@ -65,7 +65,8 @@ pub(crate) struct LocalCluster {
     pub(crate) keeper_urls: Vec<Option<String>>,
 }
 
-/// A failed test keeps its cluster's logs (keepers, sentinels): its
+/// A failed test keeps its cluster's logs (keepers, sentinels, each
+/// keeper's PostgreSQL): its
 /// temporary directory, data and all, is removed with it. With
 /// `KEELSON_KEEP_LOGS` set, a test that passed keeps them too.
 impl Drop for LocalCluster {
@@ -92,6 +93,12 @@ impl Drop for LocalCluster {
             let path = e.path();
             if path.extension().is_some_and(|x| x == "log") {
                 let _ = std::fs::copy(&path, keep.join(e.file_name()));
+            }
+            // Each keeper's PostgreSQL log, as k1-postgres.log.
+            let pg_log = path.join("postgres.log");
+            if pg_log.is_file() {
+                let name = format!("{}-postgres.log", e.file_name().to_string_lossy());
+                let _ = std::fs::copy(&pg_log, keep.join(name));
             }
         }
         eprintln!("the cluster's logs are kept in {}", keep.display());
@@ -1632,6 +1639,127 @@ fn pgbench(port: u16, clients: usize, secs: u64) -> std::process::Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("pgbench")
+}
+
+/// When each instance started, as seconds since the epoch.
+async fn started_at(c: &LocalCluster, i: usize) -> f64 {
+    let conn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=2",
+        c.ports[i - 1]
+    );
+    try_connect(&conn)
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT extract(epoch FROM pg_postmaster_start_time())::float8",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Issue 12: `max_connections` lowered. A standby whose value is below its
+/// primary's refuses to start ("insufficient parameter settings"), so
+/// `ctl restart --pending` restarts the primary first, in place, and then
+/// the standbys; every instance ends on the new value, streaming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_max_connections_restarts_the_primary_first_and_no_standby_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let store = cluster::open(&url).await.unwrap();
+    let mut spec = ClusterSpec::default();
+    spec.pg_parameters
+        .insert("max_connections".into(), "150".into());
+    let c = LocalCluster::up_with(&url, store, spec, 1, 3).await;
+    for i in 1..=3 {
+        assert_eq!(c.show(i, "max_connections").await.as_deref(), Some("150"));
+    }
+    c.ctl(&[
+        "spec",
+        "update",
+        "--patch",
+        r#"{"pg_parameters": {"max_connections": "110"}}"#,
+    ])
+    .unwrap();
+    crate::assert_eventually!(
+        c.data()
+            .await
+            .dbs
+            .values()
+            .all(|db| db.status.pending_restart == ["max_connections".to_string()]),
+        Duration::from_secs(10),
+        "not pending everywhere"
+    );
+    let primary = c.master;
+    // A standby that crashes now, before its primary runs the lower value,
+    // starts again (with its primary's value) instead of refusing to.
+    let crashed = c.standbys()[0];
+    c.kill_postgres(crashed);
+    crate::assert_eventually!(
+        c.show(crashed, "max_connections").await.as_deref() == Some("150"),
+        Duration::from_secs(20),
+        "the crashed standby k{crashed} does not start again: {}",
+        std::fs::read_to_string(c.dir.path().join(format!("k{crashed}/postgres.log")))
+            .unwrap_or_default()
+    );
+    crate::assert_eventually!(
+        c.data()
+            .await
+            .dbs
+            .values()
+            .all(|db| db.status.healthy
+                && db.status.pending_restart == ["max_connections".to_string()]),
+        Duration::from_secs(20),
+        "not pending everywhere after the crash"
+    );
+    let mut before = Vec::new();
+    for i in 1..=3 {
+        before.push(started_at(&c, i).await);
+    }
+    let t = Instant::now();
+    let out = c.ctl(&["restart", "--pending"]).expect("ctl restart");
+    eprintln!("ctl restart --pending took {:?}:\n{out}", t.elapsed());
+    let mut after = Vec::new();
+    for i in 1..=3 {
+        assert_eq!(
+            c.show(i, "max_connections").await.as_deref(),
+            Some("110"),
+            "k{i}"
+        );
+        after.push(started_at(&c, i).await);
+        assert!(after[i - 1] > before[i - 1], "k{i} was not restarted");
+    }
+    for i in (1..=3).filter(|i| *i != primary) {
+        assert!(
+            after[primary - 1] < after[i - 1],
+            "the standby k{i} restarted before the primary k{primary}: {after:?}"
+        );
+        let log = std::fs::read_to_string(c.dir.path().join(format!("k{i}/postgres.log")))
+            .unwrap_or_default();
+        assert!(
+            !log.contains("insufficient parameter settings"),
+            "k{i} refused to start:\n{log}"
+        );
+    }
+    crate::assert_eventually!(
+        c.data().await.dbs.values().all(|db| db.status.healthy
+            && db.status.pending_restart.is_empty()
+            && (db.spec.role == cluster::data::Role::Master || db.status.streaming)),
+        Duration::from_secs(20),
+        "not every instance is back, streaming, on the new value: {:?}",
+        c.data()
+            .await
+            .dbs
+            .values()
+            .map(|db| (db.keeper.clone(), db.status.healthy, db.status.streaming))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        c.data().await.proxy.master_db,
+        Some(c.uid(primary)),
+        "restarted in place, the primary stayed"
+    );
 }
 
 /// Issue 12: `max_connections` raised is pending on every instance; `ctl
