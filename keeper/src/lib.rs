@@ -7,6 +7,7 @@ pub mod control;
 pub mod guard;
 pub mod lease;
 pub mod names;
+pub mod node;
 pub mod pg;
 pub mod postmaster;
 pub mod process;

@@ -298,6 +298,8 @@ pub struct KeeperConfig {
     pub guard: Option<(PathBuf, Vec<String>)>,
     /// Tags set by flags (see [`cluster::data::KeeperReport::tags`]).
     pub tags: Option<cluster::data::Tags>,
+    /// What the node API answers from, updated every round.
+    pub node: std::sync::Arc<crate::node::NodeState>,
 }
 
 /// Errors that stop a keeper.
@@ -403,6 +405,8 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
         let may_act = k.registered == id && id != 0 && (fresh || !lease.expired());
         if let (Some(data), true) = (&data, may_act) {
             if let Some(desired) = desired_of(data, &cfg.uid) {
+                cfg.node
+                    .update(|s| s.busy = Some(("reconcile".into(), Instant::now())));
                 k.reconcile(&mut pg, &cfg, &desired, &mut obs, data, &lease)
                     .await;
             }
@@ -418,6 +422,17 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
         });
         let report = k.report(&pg, &cfg, running, &mut obs).await;
         k.publish(&store, &keys, &lease, &cfg.uid, &report).await;
+        cfg.node.update(|s| {
+            s.report = Some(report.clone());
+            // Without the store, the last cluster data known holds; the
+            // lease says whether this keeper may still act on it.
+            if let Some(d) = &data {
+                s.set_data(d);
+            }
+            s.fenced = lease.expired();
+            s.last_round = Some(Instant::now());
+            s.busy = None;
+        });
         if report.healthy && !k.catalog_published {
             k.catalog_published = publish_catalog(&pg, &store, &keys, &cfg.uid).await;
         }

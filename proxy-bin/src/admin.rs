@@ -2,9 +2,7 @@
 //! `/readyz` and `/view`. It owns the rendering of the view as JSON; the
 //! follower ([`follow::FollowStatus`]) knows nothing of HTTP.
 //!
-//! Four GET endpoints with tiny bodies do not justify an HTTP stack in the
-//! dependency tree, so this is a deliberately small HTTP/1.1 responder: it
-//! reads one request head (at most 8 KiB, within 5 s), answers and closes.
+//! Served by the small HTTP/1.1 responder of [`crate::http`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,9 +13,9 @@ use follow::FollowStatus;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use proxy_core::{View, ViewHandle};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::time::timeout;
+use tokio::net::TcpListener;
+
+use crate::http::Response;
 
 /// What the admin endpoints report on.
 #[derive(Debug)]
@@ -128,8 +126,6 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     Ok(handle)
 }
 
-const MAX_REQUEST_HEAD: usize = 8192;
-
 /// Serves admin requests on `listener` forever.
 pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, state: Arc<AdminState>) {
     let upkeep = metrics.clone();
@@ -140,101 +136,31 @@ pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, state: Arc<
             upkeep.run_upkeep();
         }
     });
-    loop {
-        let Ok((conn, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let metrics = metrics.clone();
-        let state = state.clone();
-        tokio::spawn(async move {
-            let _ = timeout(Duration::from_secs(5), handle(conn, &metrics, &state)).await;
-        });
-    }
+    let handler: crate::http::Handler = Arc::new(move |req| {
+        let r = answer(&req.path, &metrics, &state);
+        Box::pin(async move { r })
+    });
+    crate::http::serve(listener, handler).await
 }
 
-async fn handle(
-    mut conn: TcpStream,
-    metrics: &PrometheusHandle,
-    state: &AdminState,
-) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        let n = conn.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&chunk[..n]);
-        if head.len() > MAX_REQUEST_HEAD {
-            return respond(&mut conn, 431, "text/plain", "request head too large\n").await;
-        }
-    }
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    if method != "GET" && method != "HEAD" {
-        return respond(&mut conn, 405, "text/plain", "only GET is supported\n").await;
-    }
+fn answer(path: &str, metrics: &PrometheusHandle, state: &AdminState) -> Response {
     match path {
-        "/metrics" => {
-            respond(
-                &mut conn,
-                200,
-                "text/plain; version=0.0.4",
-                &metrics.render(),
-            )
-            .await
-        }
-        "/healthz" => respond(&mut conn, 200, "text/plain", "ok\n").await,
+        "/metrics" => Response::new(200, "text/plain; version=0.0.4", metrics.render()),
+        "/healthz" => Response::new(200, "text/plain", "ok\n"),
         "/readyz" => match state.ready() {
-            Ok(()) => respond(&mut conn, 200, "text/plain", "ready\n").await,
-            Err(why) => {
-                let body = format!("not ready: {why}\n");
-                respond(&mut conn, 503, "text/plain", &body).await
-            }
+            Ok(()) => Response::new(200, "text/plain", "ready\n"),
+            Err(why) => Response::new(503, "text/plain", format!("not ready: {why}\n")),
         },
-        "/view" => respond(&mut conn, 200, "application/json", &state.view_json()).await,
-        _ => {
-            respond(
-                &mut conn,
-                404,
-                "text/plain",
-                "not found; try /metrics, /healthz, /readyz or /view\n",
-            )
-            .await
-        }
+        "/view" => Response::new(200, "application/json", state.view_json()),
+        _ => Response::new(
+            404,
+            "text/plain",
+            "not found; try /metrics, /healthz, /readyz or /view\n",
+        ),
     }
-}
-
-async fn respond(
-    conn: &mut TcpStream,
-    status: u16,
-    ctype: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "Error",
-    };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await?;
-    conn.write_all(body.as_bytes()).await?;
-    conn.shutdown().await
 }
 
 /// Binds the admin listener.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("could not listen on the admin address {addr}"))
+    crate::http::bind(addr, "admin").await
 }

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod args;
 pub mod config;
 pub mod ctl;
+pub mod http;
 pub mod roles;
 pub mod serve;
 

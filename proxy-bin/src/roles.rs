@@ -55,6 +55,11 @@ pub struct KeeperArgs {
     /// Tag: proxies send this keeper's database no replica sessions.
     #[arg(long, env = "KEELSON_NO_LOADBALANCE")]
     pub no_loadbalance: bool,
+    /// Address of the node API (health checks for load balancers and
+    /// probes, /status, /metrics; docs/api.md), as HOST:PORT. 8008 is the
+    /// usual port (Patroni's).
+    #[arg(long, env = "KEELSON_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
 }
 
 impl KeeperArgs {
@@ -107,6 +112,10 @@ pub struct SentinelArgs {
     /// This sentinel's name [default: sentinel-<hostname>-<pid>].
     #[arg(long, env = "KEELSON_UID")]
     pub uid: Option<String>,
+    /// Address of the node API (/health, /leader, /cluster, /metrics;
+    /// docs/api.md), as HOST:PORT. 8009 is the usual port.
+    #[arg(long, env = "KEELSON_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -144,7 +153,9 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
             )
         })?;
     let replication = args.replication()?;
+    let node = std::sync::Arc::new(keeper::node::NodeState::new(&args.uid));
     let cfg = keeper::run::KeeperConfig {
+        node: node.clone(),
         tags: args.tags(),
         replication,
         uid: args.uid,
@@ -163,6 +174,20 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
+        if let Some(addr) = args.api_listen {
+            let l = crate::http::bind(addr, "--api-listen").await?;
+            tracing::info!(%addr, "node API listening");
+            let handler: crate::http::Handler = std::sync::Arc::new(move |req| {
+                let a = keeper::node::answer(
+                    &node.snapshot(),
+                    &req.path,
+                    &req.query,
+                    std::time::Instant::now(),
+                );
+                Box::pin(async move { crate::http::Response::new(a.status, a.content_type, a.body) })
+            });
+            tokio::spawn(crate::http::serve(l, handler));
+        }
         let store = cluster::open(&args.cluster.store).await?;
         tokio::select! {
             r = keeper::run::run(cfg, store, args.cluster.keys()) => r?,
@@ -176,13 +201,64 @@ pub fn sentinel(args: SentinelArgs) -> Result<()> {
     let uid = args
         .uid
         .unwrap_or_else(|| crate::config::default_uid().replacen("proxy", "sentinel", 1));
+    let node = std::sync::Arc::new(sentinel::run::SentinelNode::new(&uid));
     runtime()?.block_on(async {
         let store = cluster::open(&args.cluster.store).await?;
+        if let Some(addr) = args.api_listen {
+            let l = crate::http::bind(addr, "--api-listen").await?;
+            tracing::info!(%addr, "node API listening");
+            tokio::spawn(crate::http::serve(
+                l,
+                sentinel_api(node.clone(), store.clone(), args.cluster.keys()),
+            ));
+        }
         tokio::select! {
-            _ = sentinel::run::run(store, args.cluster.keys(), uid) => {}
+            _ = sentinel::run::run(store, args.cluster.keys(), uid, node) => {}
             s = crate::shutdown_signal() => tracing::info!(signal = s?, "sentinel stopping"),
         }
         anyhow::Ok(())
+    })
+}
+
+/// The sentinel's node API: `/health`, `/leader`, `/cluster` (what `ctl
+/// status --json` prints) and `/metrics`.
+fn sentinel_api(
+    node: std::sync::Arc<sentinel::run::SentinelNode>,
+    store: cluster::AnyStore,
+    keys: Keys,
+) -> crate::http::Handler {
+    use crate::http::Response;
+    std::sync::Arc::new(move |req| {
+        let (node, store, keys) = (node.clone(), store.clone(), keys.clone());
+        Box::pin(async move {
+            let now = std::time::Instant::now();
+            let json = |ok: bool| {
+                Response::new(
+                    if ok { 200 } else { 503 },
+                    "application/json",
+                    node.status_json(now),
+                )
+            };
+            match req.path.as_str() {
+                "/health" | "/liveness" | "/readiness" => json(node.is_healthy(now)),
+                "/leader" => json(node.is_leader(now)),
+                "/status" | "/" => json(true),
+                "/metrics" => Response::new(200, "text/plain; version=0.0.4", node.metrics_text(now)),
+                "/cluster" => match cluster::status::read(&store, &keys).await {
+                    Ok(s) => Response::new(
+                        200,
+                        "application/json",
+                        serde_json::to_string(&s).unwrap_or_default(),
+                    ),
+                    Err(e) => Response::new(503, "text/plain", format!("{e}\n")),
+                },
+                _ => Response::new(
+                    404,
+                    "text/plain",
+                    "not found; the endpoints are /health, /leader, /cluster, /status and /metrics\n",
+                ),
+            }
+        })
     })
 }
 

@@ -41,6 +41,8 @@ pub struct Memory {
     failover: Option<(String, u64)>,
     /// When clusterdata was last written by this sentinel.
     last_write_ms: Option<u64>,
+    /// Decisions written since the caller last took them, by kind.
+    pub decided: Vec<String>,
 }
 
 impl Memory {
@@ -258,11 +260,122 @@ async fn round_once(
     {
         Cas::Done(_) => {
             mem.last_write_ms = Some(now);
+            mem.decided.extend(decisions(&data, &next));
             Ok(true)
         }
         // Someone else wrote meanwhile (ctl, or a leader we did not know
         // about): decide again from what is there now.
         Cas::Conflict(_) => Ok(false),
+    }
+}
+
+/// What a written decision changed, for the decision counters: a
+/// failover or switchover started (by its reason), a new primary for the
+/// proxies, a synchronous set changed, another database spec changed.
+fn decisions(before: &ClusterData, next: &ClusterData) -> Vec<String> {
+    let mut out = Vec::new();
+    if let (None, Some(f)) = (&before.failover, &next.failover) {
+        out.push(format!("{}_started", f.reason));
+    }
+    if before.proxy.master_db != next.proxy.master_db {
+        out.push("primary_changed".into());
+    }
+    for (uid, db) in &next.dbs {
+        match before.dbs.get(uid).map(|d| &d.spec) {
+            Some(b) if b.synchronous_standbys != db.spec.synchronous_standbys => {
+                out.push("sync_set_changed".into())
+            }
+            Some(b) if *b != db.spec => out.push("db_spec_changed".into()),
+            None => out.push("db_spec_changed".into()),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// What a sentinel's node API answers from.
+#[derive(Debug, Default)]
+pub struct SentinelNode {
+    pub uid: String,
+    leading: std::sync::atomic::AtomicBool,
+    state: std::sync::Mutex<SentinelState>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct SentinelState {
+    /// When the loop last registered in the store (its lease renewed).
+    registered: Option<Instant>,
+    /// When the loop last ran.
+    tick: Option<Instant>,
+    decisions: BTreeMap<String, u64>,
+}
+
+/// How long a sentinel may go without registering in the store before
+/// `/health` fails.
+pub const SENTINEL_HEALTH_LIMIT: Duration = Duration::from_secs(10);
+
+impl SentinelNode {
+    pub fn new(uid: &str) -> SentinelNode {
+        SentinelNode {
+            uid: uid.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut SentinelState) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// It won the last election it ran, and it is still registered (a
+    /// sentinel cut off from the store leads no more once its lease ends).
+    pub fn is_leader(&self, now: Instant) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::Relaxed) && self.is_healthy(now)
+    }
+
+    /// Its loop runs and it renewed its registration in the store within
+    /// [`SENTINEL_HEALTH_LIMIT`].
+    pub fn is_healthy(&self, now: Instant) -> bool {
+        self.with(|s| {
+            s.registered
+                .is_some_and(|t| now.saturating_duration_since(t) <= SENTINEL_HEALTH_LIMIT)
+        })
+    }
+
+    /// `/health` and `/leader` bodies.
+    pub fn status_json(&self, now: Instant) -> String {
+        let s = self.with(|s| s.clone());
+        serde_json::json!({
+            "uid": self.uid,
+            "leader": self.is_leader(now),
+            "healthy": self.is_healthy(now),
+            "registered_seconds_ago": s.registered.map(|t| now.saturating_duration_since(t).as_secs_f64()),
+            "decisions": s.decisions,
+        })
+        .to_string()
+    }
+
+    /// The Prometheus text for `/metrics`.
+    pub fn metrics_text(&self, now: Instant) -> String {
+        let uid = &self.uid;
+        let s = self.with(|s| s.clone());
+        let mut out = format!(
+            "# HELP keelson_sentinel_leader 1 on the sentinel that leads.\n\
+             # TYPE keelson_sentinel_leader gauge\n\
+             keelson_sentinel_leader{{uid=\"{uid}\"}} {}\n\
+             # HELP keelson_sentinel_healthy 1 while the sentinel renews its registration in the store.\n\
+             # TYPE keelson_sentinel_healthy gauge\n\
+             keelson_sentinel_healthy{{uid=\"{uid}\"}} {}\n\
+             # HELP keelson_sentinel_decisions_total Cluster data changes this sentinel wrote, by what they changed.\n\
+             # TYPE keelson_sentinel_decisions_total counter\n",
+            u8::from(self.is_leader(now)),
+            u8::from(self.is_healthy(now)),
+        );
+        for (d, n) in &s.decisions {
+            out.push_str(&format!(
+                "keelson_sentinel_decisions_total{{uid=\"{uid}\",decision=\"{d}\"}} {n}\n"
+            ));
+        }
+        out
     }
 }
 
@@ -273,7 +386,7 @@ const COMPACT_EVERY: Duration = Duration::from_secs(300);
 const COMPACT_KEEP: i64 = 10_000;
 
 /// Runs a sentinel named `uid` until the task is dropped.
-pub async fn run(store: AnyStore, keys: Keys, uid: String) {
+pub async fn run(store: AnyStore, keys: Keys, uid: String, node: std::sync::Arc<SentinelNode>) {
     let started = Instant::now();
     let clock = move || started.elapsed().as_millis() as u64 + 1;
     let mut lease: LeaseId = 0;
@@ -297,14 +410,18 @@ pub async fn run(store: AnyStore, keys: Keys, uid: String) {
             if matches!(e, StoreError::LeaseExpired(_)) {
                 lease = 0;
                 leading = false;
+                node.leading
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
             }
             continue;
         }
-        if let Err(e) = store
+        node.with(|s| s.tick = Some(Instant::now()));
+        match store
             .put(&format!("{}{uid}", keys.sentinels()), "{}", lease)
             .await
         {
-            tracing::debug!(error = %e, "cannot register");
+            Ok(_) => node.with(|s| s.registered = Some(Instant::now())),
+            Err(e) => tracing::debug!(error = %e, "cannot register"),
         }
         match store.campaign(&keys.leader(), &uid, lease).await {
             Ok(now) => {
@@ -314,6 +431,8 @@ pub async fn run(store: AnyStore, keys: Keys, uid: String) {
                     mem = Memory::default();
                 }
                 leading = now;
+                node.leading
+                    .store(now, std::sync::atomic::Ordering::Relaxed);
             }
             Err(e) => tracing::warn!(error = %e, "campaign failed"),
         }
@@ -321,6 +440,12 @@ pub async fn run(store: AnyStore, keys: Keys, uid: String) {
             if let Err(e) = step(&store, &keys, &mut mem, &clock).await {
                 tracing::warn!(error = %e, "sentinel round failed");
             }
+            let decided = std::mem::take(&mut mem.decided);
+            node.with(|s| {
+                for d in decided {
+                    *s.decisions.entry(d).or_default() += 1;
+                }
+            });
             if last_compact.elapsed() >= COMPACT_EVERY {
                 last_compact = Instant::now();
                 if let Err(e) = store.compact_keeping(COMPACT_KEEP).await {

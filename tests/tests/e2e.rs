@@ -5,6 +5,9 @@
 
 mod support;
 
+/// The keepers' and sentinels' node API, with curl and a real HAProxy.
+mod api;
+
 /// Garbage, malformed and hostile input during the startup phase.
 mod bad_input;
 /// Graceful shutdown, the binary's configuration sources and admin endpoints.

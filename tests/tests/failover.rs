@@ -63,6 +63,10 @@ pub(crate) struct LocalCluster {
     pub(crate) uids: Vec<String>,
     /// Per keeper, a store URL other than the cluster's (through a `Link`).
     pub(crate) keeper_urls: Vec<Option<String>>,
+    /// The keepers' node API ports, by index - 1.
+    pub(crate) api_ports: Vec<u16>,
+    /// The sentinels' node API ports, by index - 1.
+    pub(crate) sentinel_api_ports: Vec<u16>,
 }
 
 /// A failed test keeps its cluster's logs (keepers, sentinels, each
@@ -110,6 +114,7 @@ impl LocalCluster {
         let data = self.dir.path().join(format!("k{i}")).display().to_string();
         let listen = format!("127.0.0.1:{}", self.ports[i - 1]);
         let uid = self.uid(i);
+        let api = format!("127.0.0.1:{}", self.api_ports[i - 1]);
         let url = self
             .keeper_urls
             .get(i - 1)
@@ -131,6 +136,8 @@ impl LocalCluster {
                 &url,
                 "--cluster",
                 "f",
+                "--api-listen",
+                &api,
             ],
             &self.dir.path().join(format!("keeper{i}.log")),
         )
@@ -139,6 +146,10 @@ impl LocalCluster {
     /// Sentinel `i` (1-based) of this cluster, started again.
     pub(crate) fn sentinel_role(&self, i: usize) -> Role {
         let uid = format!("s{i}");
+        let api = format!(
+            "127.0.0.1:{}",
+            self.sentinel_api_ports.get(i - 1).copied().unwrap_or(0)
+        );
         spawn(
             &[
                 "sentinel",
@@ -148,6 +159,8 @@ impl LocalCluster {
                 &self.url,
                 "--cluster",
                 "f",
+                "--api-listen",
+                &api,
             ],
             &self.dir.path().join(format!("sentinel{i}.log")),
         )
@@ -228,11 +241,23 @@ impl LocalCluster {
             .put(&keys.clusterdata(), &ClusterData::new(spec).to_json(), 0)
             .await
             .unwrap();
+        let sentinel_api_ports: Vec<u16> = (0..sentinels).map(|_| free_port()).collect();
         let sentinels = (1..=sentinels)
             .map(|i| {
                 let uid = format!("s{i}");
+                let api = format!("127.0.0.1:{}", sentinel_api_ports[i - 1]);
                 Some(spawn(
-                    &["sentinel", "--uid", &uid, "--store", url, "--cluster", "f"],
+                    &[
+                        "sentinel",
+                        "--uid",
+                        &uid,
+                        "--store",
+                        url,
+                        "--cluster",
+                        "f",
+                        "--api-listen",
+                        &api,
+                    ],
                     &dir.path().join(format!("sentinel{i}.log")),
                 ))
             })
@@ -269,6 +294,8 @@ impl LocalCluster {
             master: 0,
             uids: uids.iter().map(|u| u.to_string()).collect(),
             keeper_urls,
+            api_ports: (0..keepers).map(|_| free_port()).collect(),
+            sentinel_api_ports,
         };
         c.keepers = (1..=keepers).map(|i| Some(c.keeper_role(i))).collect();
         crate::assert_eventually!(
