@@ -25,10 +25,44 @@ pub use crate::store::REQUEST_TIMEOUT;
 /// The etcd store. Cheap to clone.
 #[derive(Clone)]
 pub struct EtcdStore {
-    clients: Arc<Vec<Client>>,
+    /// Per endpoint, its client once made (with a user, making one
+    /// authenticates, so it is made at first use and made again when the
+    /// server no longer knows its token, after a restart of etcd).
+    clients: Arc<Vec<tokio::sync::Mutex<Option<Client>>>>,
     /// Index of the endpoint that answered last.
     current: Arc<AtomicUsize>,
     endpoints: Vec<String>,
+    /// `http` or `https`.
+    scheme: &'static str,
+    options: ConnectOptions,
+}
+
+/// How to reach a secured etcd: TLS (the CA its servers' certificates
+/// chain to, and a client certificate where it requires one) and a user.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct EtcdSecurity {
+    /// PEM.
+    pub ca: Option<Vec<u8>>,
+    /// PEM certificate chain and private key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// User and password.
+    pub user: Option<(String, String)>,
+}
+
+impl EtcdSecurity {
+    pub fn is_empty(&self) -> bool {
+        self.ca.is_none() && self.identity.is_none() && self.user.is_none()
+    }
+}
+
+impl std::fmt::Debug for EtcdSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdSecurity")
+            .field("ca", &self.ca.is_some())
+            .field("identity", &self.identity.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -46,13 +80,15 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 /// A failed attempt on one endpoint: worth trying the next endpoint, or not.
 enum Fail {
     Retry(String),
+    /// Retried with a new client (authenticated again).
+    Token(String),
     Final(StoreError),
 }
 
 impl Fail {
     fn into_error(self) -> StoreError {
         match self {
-            Fail::Retry(m) => unavailable(m),
+            Fail::Retry(m) | Fail::Token(m) => unavailable(m),
             Fail::Final(e) => e,
         }
     }
@@ -77,9 +113,18 @@ async fn deadline<T>(
         {
             Err(Fail::Retry(s.to_string()))
         }
+        Ok(Err(E::GRpcStatus(s))) if is_stale_token(&s) => Err(Fail::Token(s.message().to_owned())),
         Ok(Err(e)) => Err(Fail::Final(unavailable(e))),
         Err(_) => Err(Fail::Retry(format!("no answer within {limit:?}"))),
     }
+}
+
+/// The server does not know the client's token (it restarted, or the
+/// token expired): authenticate again.
+fn is_stale_token(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unauthenticated
+        || s.message().contains("invalid auth token")
+        || s.message().contains("auth token is expired")
 }
 
 /// Runs one request against the endpoints in turn, starting with the one
@@ -95,13 +140,24 @@ macro_rules! call {
         let mut result = Err(StoreError::Unavailable("etcd: no endpoint".into()));
         for i in 0..n {
             let idx = (start + i) % n;
-            #[allow(unused_mut)]
-            let mut $c = $self.clients[idx].clone();
-            match deadline($limit, $req).await {
+            let attempt = match $self.client(idx).await {
+                Ok(c) => {
+                    #[allow(unused_mut)]
+                    let mut $c = c;
+                    deadline($limit, $req).await
+                }
+                Err(f) => Err(f),
+            };
+            match attempt {
                 Ok(v) => {
                     $self.current.store(idx, Ordering::Relaxed);
                     result = Ok(v);
                     break;
+                }
+                Err(Fail::Token(m)) => {
+                    tracing::info!(endpoint = %$self.endpoints[idx], error = %m, "etcd no longer knows our token; authenticating again");
+                    *$self.clients[idx].lock().await = None;
+                    result = Err(Fail::Token(format!("{}: {m}", $self.endpoints[idx])).into_error());
                 }
                 Err(Fail::Retry(m)) => {
                     tracing::debug!(endpoint = %$self.endpoints[idx], error = %m, "etcd endpoint failed; trying the next");
@@ -130,29 +186,133 @@ impl EtcdStore {
     /// Connects lazily to `endpoints` (`host:port`); requests fail over
     /// between them.
     pub async fn connect(endpoints: Vec<String>) -> Result<Self> {
+        Self::connect_secured(endpoints, &EtcdSecurity::default()).await
+    }
+
+    /// [`EtcdStore::connect`] over TLS and with a user, as `security`
+    /// says. Then tries each endpoint once: a certificate or a password
+    /// that an endpoint refuses is an error now, with what to check; an
+    /// etcd that is merely down is not (the roles wait for it).
+    pub async fn connect_secured(endpoints: Vec<String>, security: &EtcdSecurity) -> Result<Self> {
         if endpoints.is_empty() {
             return Err(StoreError::Invalid(
                 "an etcd store URL needs at least one host:port".into(),
             ));
         }
-        let opts = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(REQUEST_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), REQUEST_TIMEOUT)
             .with_keep_alive_while_idle(true);
-        let mut clients = Vec::new();
-        for e in &endpoints {
-            // Connecting is lazy: nothing is dialled until the first request.
-            let c = Client::connect([format!("http://{e}")], Some(opts.clone()))
-                .await
-                .map_err(|err| StoreError::Invalid(format!("bad etcd endpoint {e:?}: {err}")))?;
-            clients.push(c);
+        let tls = security.ca.is_some() || security.identity.is_some();
+        if tls {
+            let mut t = etcd_client::TlsOptions::new();
+            if let Some(ca) = &security.ca {
+                t = t.ca_certificate(etcd_client::Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &security.identity {
+                t = t.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(t);
         }
-        Ok(EtcdStore {
-            clients: Arc::new(clients),
+        if let Some((user, password)) = &security.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        let store = EtcdStore {
+            clients: Arc::new(
+                endpoints
+                    .iter()
+                    .map(|_| tokio::sync::Mutex::new(None))
+                    .collect(),
+            ),
             current: Arc::new(AtomicUsize::new(0)),
             endpoints,
-        })
+            scheme: if tls { "https" } else { "http" },
+            options,
+        };
+        if tls || security.user.is_some() {
+            store.check_security().await?;
+        }
+        Ok(store)
+    }
+
+    /// Endpoint `idx`'s client, made (and authenticated) if need be.
+    async fn client(&self, idx: usize) -> std::result::Result<Client, Fail> {
+        let mut slot = self.clients[idx].lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let url = format!("{}://{}", self.scheme, self.endpoints[idx]);
+        let c = deadline(
+            REQUEST_TIMEOUT,
+            Client::connect([url.as_str()], Some(self.options.clone())),
+        )
+        .await
+        .map_err(|f| match f {
+            Fail::Final(StoreError::Unavailable(m)) if m.contains("authentication failed") => {
+                Fail::Final(StoreError::Invalid(format!(
+                    "etcd at {} refused the user and password: {m}",
+                    self.endpoints[idx]
+                )))
+            }
+            f => f,
+        })?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// One request to each endpoint until one answers: a TLS or
+    /// authentication failure is explained; unreachable endpoints are not
+    /// an error.
+    async fn check_security(&self) -> Result<()> {
+        let mut refused = Vec::new();
+        for idx in 0..self.endpoints.len() {
+            let r = match self.client(idx).await {
+                Ok(mut c) => deadline(REQUEST_TIMEOUT, c.get("keelson-check", None)).await,
+                Err(f) => Err(f),
+            };
+            let e = match r {
+                Ok(_) => return Ok(()),
+                Err(Fail::Retry(m)) | Err(Fail::Token(m)) => m,
+                Err(Fail::Final(e)) => e.to_string(),
+            };
+            let lower = e.to_lowercase();
+            let why = if lower.contains("certificate")
+                || lower.contains("tls")
+                || lower.contains("handshake")
+                || lower.contains("unknownissuer")
+            {
+                Some("TLS failed: check --store-ca-file (the CA that signed etcd's server certificate) and, where etcd requires client certificates, --store-cert-file and --store-key-file")
+            } else if lower.contains("authentication failed")
+                || lower.contains("user name is empty")
+                || lower.contains("permission denied")
+            {
+                Some("etcd refused the user: check --store-user and its password (--store-password-file or KEELSON_STORE_PASSWORD)")
+            } else if lower.contains("connection refused") || lower.contains("no answer within") {
+                None
+            } else if self.scheme == "https"
+                && (lower.contains("broken pipe") || lower.contains("reset by peer"))
+            {
+                Some("TLS failed: etcd closed the connection during the handshake; if it requires client certificates (--client-cert-auth), give --store-cert-file and --store-key-file signed by its --trusted-ca-file")
+            } else if lower.contains("unavailable") {
+                None
+            } else {
+                Some("etcd refused the connection")
+            };
+            match why {
+                Some(w) => refused.push(format!("{}: {w} ({e})", self.endpoints[idx])),
+                None => {
+                    tracing::warn!(endpoint = %self.endpoints[idx], error = %e, "etcd endpoint unreachable at start")
+                }
+            }
+        }
+        if refused.is_empty() {
+            return Ok(());
+        }
+        Err(StoreError::Invalid(format!(
+            "cannot use the etcd store: {}",
+            refused.join("; ")
+        )))
     }
 }
 

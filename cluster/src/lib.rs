@@ -23,7 +23,18 @@ pub enum AnyStore {
 
 /// Opens a store from its URL: `file:///dir` or `etcd://host:port[,host:port...]`.
 pub async fn open(url: &str) -> store::Result<AnyStore> {
+    open_with(url, &etcd::EtcdSecurity::default()).await
+}
+
+/// [`open`], reaching etcd over TLS and with a user as `security` says.
+pub async fn open_with(url: &str, security: &etcd::EtcdSecurity) -> store::Result<AnyStore> {
     if let Some(path) = url.strip_prefix("file://") {
+        if !security.is_empty() {
+            return Err(StoreError::Invalid(
+                "TLS and user settings of the store apply to etcd only, not to file:// stores"
+                    .into(),
+            ));
+        }
         if !path.starts_with('/') {
             return Err(StoreError::Invalid(format!(
                 "store URL {url:?} needs an absolute path, like file:///var/lib/keelson"
@@ -40,7 +51,7 @@ pub async fn open(url: &str) -> store::Result<AnyStore> {
             .map(str::to_owned)
             .collect();
         return Ok(AnyStore::Etcd(Box::new(
-            etcd::EtcdStore::connect(endpoints).await?,
+            etcd::EtcdStore::connect_secured(endpoints, security).await?,
         )));
     }
     Err(StoreError::Invalid(format!(

@@ -40,11 +40,84 @@ pub struct ClusterArgs {
     /// Key prefix in the store.
     #[arg(long, env = "KEELSON_PREFIX", default_value = cluster::store::DEFAULT_PREFIX)]
     pub prefix: String,
+    #[command(flatten)]
+    pub security: StoreSecurityArgs,
 }
 
 impl ClusterArgs {
     pub fn keys(&self) -> cluster::Keys {
         cluster::Keys::new(&self.prefix, &self.cluster)
+    }
+
+    /// Opens the store, secured as the flags say.
+    pub async fn open(&self) -> Result<cluster::AnyStore> {
+        let security = self.security.load()?;
+        Ok(cluster::open_with(&self.store, &security).await?)
+    }
+}
+
+/// How to reach a secured etcd: TLS and a user. The password is never a
+/// flag: a file, or `KEELSON_STORE_PASSWORD`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct StoreSecurityArgs {
+    /// CA certificate (PEM) that etcd's server certificates must chain to;
+    /// connects to etcd over TLS.
+    #[arg(long, env = "KEELSON_STORE_CA_FILE")]
+    pub store_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for an etcd started with
+    /// --client-cert-auth (with --store-key-file).
+    #[arg(long, env = "KEELSON_STORE_CERT_FILE", requires = "store_key_file")]
+    pub store_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "KEELSON_STORE_KEY_FILE", requires = "store_cert_file")]
+    pub store_key_file: Option<PathBuf>,
+    /// etcd user, for an etcd with authentication enabled; its password
+    /// comes from --store-password-file or KEELSON_STORE_PASSWORD.
+    #[arg(long, env = "KEELSON_STORE_USER")]
+    pub store_user: Option<String>,
+    /// File holding the etcd user's password (its first line).
+    #[arg(long, env = "KEELSON_STORE_PASSWORD_FILE", requires = "store_user")]
+    pub store_password_file: Option<PathBuf>,
+}
+
+impl StoreSecurityArgs {
+    /// Reads the files the flags name.
+    pub fn load(&self) -> Result<cluster::etcd::EtcdSecurity> {
+        let read = |flag: &str, p: &Path| {
+            std::fs::read(p).with_context(|| format!("cannot read {flag} {}", p.display()))
+        };
+        let ca = self
+            .store_ca_file
+            .as_deref()
+            .map(|p| read("--store-ca-file", p))
+            .transpose()?;
+        let identity = match (&self.store_cert_file, &self.store_key_file) {
+            (Some(c), Some(k)) => {
+                Some((read("--store-cert-file", c)?, read("--store-key-file", k)?))
+            }
+            _ => None,
+        };
+        let user = match &self.store_user {
+            None => None,
+            Some(u) => {
+                let password = match (&self.store_password_file, std::env::var("KEELSON_STORE_PASSWORD")) {
+                    (Some(f), _) => String::from_utf8_lossy(&read("--store-password-file", f)?)
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    (None, Ok(p)) => p,
+                    (None, Err(_)) => bail!(
+                        "--store-user {u:?} needs a password: --store-password-file FILE or KEELSON_STORE_PASSWORD"
+                    ),
+                };
+                if password.is_empty() {
+                    bail!("the password of the etcd user {u:?} is empty");
+                }
+                Some((u.clone(), password))
+            }
+        };
+        Ok(cluster::etcd::EtcdSecurity { ca, identity, user })
     }
 }
 

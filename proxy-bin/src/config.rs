@@ -77,6 +77,8 @@ pub struct ProxyArgs {
     /// This proxy's name in the store [default: proxy-<hostname>-<pid>].
     #[arg(long, env = "KEELSON_UID")]
     pub uid: Option<String>,
+    #[command(flatten)]
+    pub store_security: crate::args::StoreSecurityArgs,
     /// Address for /metrics and /healthz; off unless set.
     #[arg(long, env = "KEELSON_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
@@ -211,6 +213,8 @@ pub enum Source {
         cluster: String,
         prefix: String,
         uid: String,
+        /// TLS and the user for etcd.
+        security: cluster::etcd::EtcdSecurity,
     },
 }
 
@@ -313,6 +317,7 @@ impl ProxySettings {
                     cluster,
                     prefix: args.prefix.unwrap_or_else(|| cluster::store::DEFAULT_PREFIX.into()),
                     uid,
+                    security: args.store_security.load()?,
                 }
             }
         };

@@ -624,7 +624,7 @@ async fn failkeeper(store: &AnyStore, keys: &Keys, uid: &str) -> Result<()> {
 }
 
 pub async fn run(args: CtlArgs) -> Result<()> {
-    let store = cluster::open(&args.cluster.store).await?;
+    let store = args.cluster.open().await?;
     let keys = args.cluster.keys();
     match args.command {
         CtlCommand::Init { spec, existing } => {

@@ -188,7 +188,7 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
             });
             tokio::spawn(crate::http::serve(l, handler));
         }
-        let store = cluster::open(&args.cluster.store).await?;
+        let store = args.cluster.open().await?;
         tokio::select! {
             r = keeper::run::run(cfg, store, args.cluster.keys()) => r?,
             s = crate::shutdown_signal() => tracing::info!(signal = s?, "keeper stopping; PostgreSQL stops with it"),
@@ -203,7 +203,7 @@ pub fn sentinel(args: SentinelArgs) -> Result<()> {
         .unwrap_or_else(|| crate::config::default_uid().replacen("proxy", "sentinel", 1));
     let node = std::sync::Arc::new(sentinel::run::SentinelNode::new(&uid));
     runtime()?.block_on(async {
-        let store = cluster::open(&args.cluster.store).await?;
+        let store = args.cluster.open().await?;
         if let Some(addr) = args.api_listen {
             let l = crate::http::bind(addr, "--api-listen").await?;
             tracing::info!(%addr, "node API listening");

@@ -172,8 +172,9 @@ pub fn run(settings: ProxySettings) -> Result<()> {
                 cluster,
                 prefix,
                 uid,
+                security,
             } => {
-                let store = cluster::open(url).await?;
+                let store = cluster::open_with(url, security).await?;
                 let sni = sni_views
                     .iter()
                     .map(|(name, other, handle)| {

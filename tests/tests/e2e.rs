@@ -32,6 +32,8 @@ mod routing;
 /// The HA safety findings end to end: dead PostgreSQL under live keepers,
 /// synchronous mode across failovers, fencing, adoption, divergence.
 mod safety;
+/// A secured etcd: TLS with client certificates, and authentication.
+mod secured;
 /// The store conformance suite, against the file store and etcd.
 mod store;
 /// PostgreSQL 13 to 18 and a libpq 18 client (fetched by scripts/pg-versions).
