@@ -389,16 +389,32 @@ pub fn answer(s: &NodeSnapshot, path: &str, query: &str, now: Instant) -> Answer
     }
 }
 
-/// The snapshot shared between the reconcile loop and the API.
+/// The snapshot shared between the reconcile loop and the API, and the
+/// tags a SIGHUP re-read from the flags and the configuration file.
 #[derive(Debug, Default)]
-pub struct NodeState(Mutex<NodeSnapshot>);
+pub struct NodeState(Mutex<NodeSnapshot>, Mutex<Option<Option<Tags>>>);
 
 impl NodeState {
     pub fn new(uid: &str) -> NodeState {
-        NodeState(Mutex::new(NodeSnapshot {
-            uid: uid.to_owned(),
-            ..Default::default()
-        }))
+        NodeState(
+            Mutex::new(NodeSnapshot {
+                uid: uid.to_owned(),
+                ..Default::default()
+            }),
+            Mutex::new(None),
+        )
+    }
+
+    /// The tags the flags give after a SIGHUP (`Some(None)`: no tag flag
+    /// any more); `None` before any.
+    pub fn set_flag_tags(&self, tags: Option<Tags>) {
+        *self.1.lock().unwrap_or_else(|e| e.into_inner()) = Some(tags);
+    }
+
+    /// The tags the last SIGHUP read from the flags (`Some(None)`: no
+    /// tag flag); `None` before any SIGHUP.
+    pub fn flag_tags(&self) -> Option<Option<Tags>> {
+        self.1.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn update(&self, f: impl FnOnce(&mut NodeSnapshot)) {

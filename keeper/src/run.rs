@@ -296,7 +296,9 @@ pub struct KeeperConfig {
     /// The command that runs the fence guard for a keeper directory (it is
     /// given the directory as its last argument); `None` runs none.
     pub guard: Option<(PathBuf, Vec<String>)>,
-    /// Tags set by flags (see [`cluster::data::KeeperReport::tags`]).
+    /// Tags set by flags at start (see [`cluster::data::KeeperReport::tags`]);
+    /// a SIGHUP's re-read flags ([`crate::node::NodeState::set_flag_tags`])
+    /// win over them.
     pub tags: Option<cluster::data::Tags>,
     /// What the node API answers from, updated every round.
     pub node: std::sync::Arc<crate::node::NodeState>,
@@ -752,7 +754,7 @@ impl Keeper {
         r.instance = self.instance.clone();
         r.seq = self.seq;
         r.running = running;
-        r.tags = cfg.tags.clone();
+        r.tags = cfg.node.flag_tags().unwrap_or_else(|| cfg.tags.clone());
         r.restarted = self.requests.map_or(0, |q| q.restart);
         if r.healthy && !obs.raised.is_empty() {
             let pending = r.pending_restart.get_or_insert_with(Vec::new);

@@ -177,6 +177,7 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
         if let Some(addr) = args.api_listen {
             let l = crate::http::bind(addr, "--api-listen").await?;
             tracing::info!(%addr, "node API listening");
+            let node = node.clone();
             let handler: crate::http::Handler = std::sync::Arc::new(move |req| {
                 let a = keeper::node::answer(
                     &node.snapshot(),
@@ -189,8 +190,17 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
             tokio::spawn(crate::http::serve(l, handler));
         }
         let store = args.cluster.open().await?;
+        let reload = move || match reparse() {
+            Ok(crate::Command::Keeper(new)) => {
+                node.set_flag_tags(new.tags());
+                tracing::info!(tags = ?new.tags(), "SIGHUP: tags reloaded; other settings take effect at the next start");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: the configuration does not load; keeping the running one"),
+        };
         tokio::select! {
             r = keeper::run::run(cfg, store, args.cluster.keys()) => r?,
+            _ = hangups(reload) => {}
             s = crate::shutdown_signal() => tracing::info!(signal = s?, "keeper stopping; PostgreSQL stops with it"),
         }
         anyhow::Ok(())
@@ -212,12 +222,36 @@ pub fn sentinel(args: SentinelArgs) -> Result<()> {
                 sentinel_api(node.clone(), store.clone(), args.cluster.keys()),
             ));
         }
+        let reload = || match reparse() {
+            Ok(_) => tracing::info!("SIGHUP: a sentinel has nothing to reload; changed settings take effect at the next start"),
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: the configuration does not load"),
+        };
         tokio::select! {
             _ = sentinel::run::run(store, args.cluster.keys(), uid, node) => {}
+            _ = hangups(reload) => {}
             s = crate::shutdown_signal() => tracing::info!(signal = s?, "sentinel stopping"),
         }
         anyhow::Ok(())
     })
+}
+
+/// The command line, environment and configuration file, read again.
+fn reparse() -> Result<crate::Command> {
+    Ok(crate::args::parse(std::env::args_os().collect())?.command)
+}
+
+/// Calls `f` at every SIGHUP (which would otherwise end the process).
+async fn hangups(f: impl Fn()) {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            while hup.recv().await.is_some() {
+                f();
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGHUP"),
+    }
+    std::future::pending::<()>().await
 }
 
 /// The sentinel's node API: `/health`, `/leader`, `/cluster` (what `ctl

@@ -45,6 +45,55 @@ pub fn proxy_config(s: &ProxySettings) -> Result<ProxyConfig> {
     })
 }
 
+/// SIGHUP: reads the command line, environment and config file again and
+/// takes the new TLS certificate and key and routing rules, without
+/// touching a session; what else changed takes effect at the next start.
+/// A configuration that does not load is refused with the reason, and the
+/// running one stays.
+fn reload(proxy: &Proxy, running: &ProxySettings) {
+    let loaded =
+        crate::args::parse(std::env::args_os().collect()).and_then(|cli| match cli.command {
+            crate::Command::Proxy(args) => ProxySettings::load(args, cli.config.as_deref()),
+            _ => anyhow::bail!("not a proxy command line"),
+        });
+    let new = match loaded {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "SIGHUP: the configuration does not load; keeping the running one");
+            return;
+        }
+    };
+    let tls = match &new.tls {
+        Some((cert, key)) => match proxy_core::tls::server_config(cert, key) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: the TLS certificate or key does not load; keeping the running configuration");
+                return;
+            }
+        },
+        None => None,
+    };
+    proxy.reload(tls, new.rules.clone());
+    let rest = |s: &ProxySettings| {
+        format!(
+            "{:?}",
+            ProxySettings {
+                tls: None,
+                rules: Vec::new(),
+                ..s.clone()
+            }
+        )
+    };
+    if rest(&new) != rest(running) {
+        tracing::warn!("SIGHUP: settings other than the TLS certificate and routing rules changed; they take effect at the next start");
+    }
+    tracing::info!(
+        tls = new.tls.is_some(),
+        rules = new.rules.len(),
+        "SIGHUP: TLS certificate and routing rules reloaded"
+    );
+}
+
 /// A listening socket with `SO_REUSEPORT`, so that each worker can have its
 /// own and the kernel spreads connections between them.
 pub fn reuseport_listener(addr: SocketAddr) -> Result<std::net::TcpListener> {
@@ -200,7 +249,18 @@ pub fn run(settings: ProxySettings) -> Result<()> {
             tracing::info!(admin = %l.local_addr()?, "admin listener started");
             tokio::spawn(admin::serve(l, metrics, state.clone()));
         }
-        let signal = crate::shutdown_signal().await?;
+        let signal = {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut hup = signal(SignalKind::hangup())?;
+            let stop = crate::shutdown_signal();
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    s = &mut stop => break s?,
+                    _ = hup.recv() => reload(&proxy, &settings),
+                }
+            }
+        };
         tracing::info!(
             signal,
             grace = ?settings.shutdown_grace,

@@ -112,7 +112,11 @@ const REJECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// What every session of a proxy shares.
 pub(crate) struct Shared {
     pub(crate) cfg: ProxyConfig,
-    pub(crate) tls: Option<TlsAcceptor>,
+    /// The TLS configuration for clients; swapped by [`Proxy::reload`]
+    /// (sessions keep the one they started with).
+    pub(crate) tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
+    /// The routing rules; swapped by [`Proxy::reload`].
+    pub(crate) rules: arc_swap::ArcSwap<Vec<Rule>>,
     pub(crate) view: ViewHandle,
     pub(crate) fences: Fences,
     pub(crate) cancel: Arc<CancelRegistry>,
@@ -141,6 +145,13 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
+impl Shared {
+    /// The TLS acceptor for a new connection, if TLS is on.
+    pub(crate) fn acceptor(&self) -> Option<TlsAcceptor> {
+        self.tls.load_full().map(TlsAcceptor::from)
+    }
+}
+
 /// Counts a connection from accept to close.
 pub(crate) struct ActiveGuard(Arc<Shared>);
 
@@ -158,12 +169,14 @@ impl Proxy {
     /// recorder installed now: install the embedder's recorder first (the
     /// metrics are no-ops without one).
     pub fn new(cfg: ProxyConfig, view: ViewHandle) -> Self {
-        let tls = cfg.tls.clone().map(TlsAcceptor::from);
+        let tls = arc_swap::ArcSwapOption::new(cfg.tls.clone());
+        let rules = arc_swap::ArcSwap::from_pointee(cfg.rules.clone());
         let cancel = Arc::new(CancelRegistry::new(cfg.cancel_rate_per_second));
         Proxy {
             shared: Arc::new(Shared {
                 cfg,
                 tls,
+                rules,
                 view,
                 fences: Fences::default(),
                 cancel,
@@ -175,6 +188,14 @@ impl Proxy {
                 terminating: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Takes a new TLS configuration for clients and new routing rules
+    /// (a SIGHUP of the binary): connections accepted from now on use
+    /// them; established sessions keep theirs and are not interrupted.
+    pub fn reload(&self, tls: Option<Arc<rustls::ServerConfig>>, rules: Vec<Rule>) {
+        self.shared.tls.store(tls);
+        self.shared.rules.store(Arc::new(rules));
     }
 
     /// The view this proxy routes by.
@@ -414,8 +435,9 @@ where
 {
     let mut client = ClientStream::Plain(Prefixed::new(io));
     let deadline = Instant::now() + REJECT_TIMEOUT;
+    let tls = shared.acceptor();
     if let Ok(Startup::Session { .. }) =
-        read_startup(&mut client, shared.tls.as_ref(), deadline, REJECT_TIMEOUT).await
+        read_startup(&mut client, tls.as_ref(), deadline, REJECT_TIMEOUT).await
     {
         let err = SessionError::TooManyConnections(shared.cfg.max_connections);
         crate::session::tell(shared, &mut client, &err).await;

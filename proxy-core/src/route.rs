@@ -344,7 +344,7 @@ pub(crate) fn plan<'s>(
     };
     let route = resolve(
         explicit,
-        &shared.cfg.rules,
+        &shared.rules.load(),
         &message,
         Some(client.ip()),
         listener_default,

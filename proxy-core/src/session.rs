@@ -73,13 +73,8 @@ pub(crate) async fn run<S>(
     // 2. Startup phase: SSLRequest/GSSENCRequest answered, TLS terminated,
     //    then a StartupMessage or a CancelRequest.
     let mut client = ClientStream::Plain(io);
-    let startup = Box::pin(read_startup(
-        &mut client,
-        shared.tls.as_ref(),
-        deadline,
-        limit,
-    ))
-    .await;
+    let tls = shared.acceptor();
+    let startup = Box::pin(read_startup(&mut client, tls.as_ref(), deadline, limit)).await;
     let (message, pipelined) = match startup {
         Ok(Startup::Session { message, pipelined }) => (message, pipelined),
         // 3. A cancel request goes to the backend that issued its key; the

@@ -292,3 +292,149 @@ async fn the_embedding_example_serves_and_applies_views_from_its_own_code() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// A CA and a certificate for "localhost" it signed, written as
+/// `{name}-ca.pem`, `{name}.pem`, `{name}-key.pem`; returns the CA's path.
+fn ca_and_cert(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} CA"));
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let ca_path = dir.join(format!("{name}-ca.pem"));
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+    ca_path
+}
+
+/// A psql session kept open: statements in on stdin, one line out each.
+struct Session {
+    child: Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Session {
+    fn open(conn: &str) -> Session {
+        let mut child = Command::new("psql")
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", conn])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Session { child, out }
+    }
+
+    fn query(&mut self, sql: &str) -> String {
+        use std::io::{BufRead, Write};
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{sql}").unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 13: SIGHUP makes the proxy take a new TLS certificate and key
+/// (and routing rules) from its files without dropping a session: a
+/// session opened with the old certificate goes on; new sessions get the
+/// new one; a certificate that does not load is refused and the old one
+/// stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_swaps_the_tls_certificate_without_dropping_a_session() {
+    let pg = PgServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let old_ca = ca_and_cert(dir.path(), "old");
+    let new_ca = ca_and_cert(dir.path(), "new");
+    let (cert, key) = (
+        dir.path().join("server.pem"),
+        dir.path().join("server-key.pem"),
+    );
+    std::fs::copy(dir.path().join("old.pem"), &cert).unwrap();
+    std::fs::copy(dir.path().join("old-key.pem"), &key).unwrap();
+    let listen = free_port();
+    let log = dir.path().join("proxy.log");
+    let child = Command::new(keelson_bin())
+        .args(["proxy", "--listen", &format!("127.0.0.1:{listen}")])
+        .args(["--backend", &pg.addr()])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let proc = Proc(child);
+    let conn = |ca: &std::path::Path| {
+        format!(
+            "host=localhost hostaddr=127.0.0.1 port={listen} user=postgres dbname=postgres \
+             sslmode=verify-full sslrootcert={}",
+            ca.display()
+        )
+    };
+    let works = |ca: &std::path::Path| {
+        Command::new("psql")
+            .args(["-X", "-A", "-t", &conn(ca), "-c", "SELECT 1"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    crate::assert_eventually!(
+        works(&old_ca),
+        Duration::from_secs(60),
+        "the proxy never accepted a TLS session"
+    );
+    assert!(!works(&new_ca));
+    let mut old_session = Session::open(&conn(&old_ca));
+    assert_eq!(old_session.query("SELECT 'before';"), "before");
+
+    let hup = |p: &Proc| {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(p.0.id() as i32, libc::SIGHUP) };
+    };
+    // A broken key is refused; the running certificate stays.
+    std::fs::write(&key, "not a key").unwrap();
+    hup(&proc);
+    crate::assert_eventually!(
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("keeping the running"),
+        Duration::from_secs(10),
+        "no refusal logged"
+    );
+    assert!(works(&old_ca), "a bad reload must keep the old certificate");
+
+    std::fs::copy(dir.path().join("new.pem"), &cert).unwrap();
+    std::fs::copy(dir.path().join("new-key.pem"), &key).unwrap();
+    hup(&proc);
+    crate::assert_eventually!(
+        works(&new_ca),
+        Duration::from_secs(10),
+        "new sessions do not get the new certificate"
+    );
+    assert!(!works(&old_ca), "the old certificate is still served");
+    assert_eq!(
+        old_session.query("SELECT 'after';"),
+        "after",
+        "the session opened before the reload was dropped"
+    );
+}

@@ -1947,3 +1947,45 @@ fn the_keeper_and_the_proxy_drain_a_switchover_for_as_long() {
         proxy_core::fence::SWITCHOVER_DRAIN
     );
 }
+
+/// Issue 13: a SIGHUP (a `systemctl reload`, a closed terminal) used to
+/// end keepers and sentinels; they now read their configuration again and
+/// go on, PostgreSQL untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepers_and_sentinels_survive_a_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let store = cluster::open(&url).await.unwrap();
+    let mut c = LocalCluster::up(&url, store).await;
+    let pid_before = c.primary_pid();
+    let hup = |r: &Option<Role>| {
+        if let Some(r) = r {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(r.0.id() as i32, libc::SIGHUP) };
+        }
+    };
+    c.keepers.iter().for_each(hup);
+    c.sentinels.iter().for_each(hup);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (i, k) in c.keepers.iter_mut().enumerate() {
+        let k = k.as_mut().unwrap();
+        assert!(
+            k.0.try_wait().unwrap().is_none(),
+            "keeper {} ended at SIGHUP",
+            i + 1
+        );
+    }
+    for s in c.sentinels.iter_mut().flatten() {
+        assert!(
+            s.0.try_wait().unwrap().is_none(),
+            "a sentinel ended at SIGHUP"
+        );
+    }
+    assert_eq!(c.primary_pid(), pid_before, "PostgreSQL was restarted");
+    c.next_write(
+        "INSERT INTO w VALUES (1) RETURNING inet_server_port()",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(c.keeper_log(1).contains("SIGHUP"), "{}", c.keeper_log(1));
+}
