@@ -119,6 +119,21 @@ impl std::fmt::Debug for Replication {
     }
 }
 
+/// TLS for this keeper's PostgreSQL: its server certificate and key, and
+/// the CA that signed the other keepers' certificates. With it, the server
+/// runs `ssl = on`, replication and pg_rewind connections to it must use
+/// TLS (`hostssl`), and this keeper's standby, pg_basebackup and pg_rewind
+/// connections check the upstream's certificate (`verify-full` against the
+/// CA; `require` without one). The files are copied into the keeper's
+/// directory, owned by the server's account, and copied again and the
+/// server reloaded when they change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: Option<PathBuf>,
+}
+
 /// Where a standby streams from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
@@ -166,6 +181,7 @@ pub struct Instance {
     /// A postmaster found running on the data directory when the keeper
     /// started (its previous keeper died), adopted instead of started.
     adopted: Option<u32>,
+    tls: Option<PgTls>,
 }
 
 /// How long the status queries of one report may take.
@@ -192,7 +208,59 @@ impl Instance {
             run_as: unprivileged_ids(),
             child: None,
             adopted: None,
+            tls: None,
         }
+    }
+
+    /// Runs the server with TLS (see [`PgTls`]).
+    pub fn set_tls(&mut self, tls: Option<PgTls>) {
+        self.tls = tls;
+    }
+
+    fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls")
+    }
+
+    /// Copies the TLS files into the keeper's directory where they differ
+    /// from the copies there (the key readable by the server's account
+    /// only); whether anything changed.
+    pub fn install_tls(&self) -> Result<bool> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let Some(tls) = &self.tls else {
+            return Ok(false);
+        };
+        let dir = self.tls_dir();
+        std::fs::create_dir_all(&dir)?;
+        self.chown(&dir)?;
+        let mut changed = false;
+        let files = [
+            (Some(&tls.cert), "server.crt"),
+            (Some(&tls.key), "server.key"),
+            (tls.ca.as_ref(), "ca.crt"),
+        ];
+        for (src, name) in files {
+            let Some(src) = src else { continue };
+            let bytes = std::fs::read(src).map_err(|e| PgError::Program {
+                program: "keeper".into(),
+                detail: format!("cannot read the TLS file {}: {e}", src.display()),
+            })?;
+            let dst = dir.join(name);
+            if std::fs::read(&dst).ok().as_deref() == Some(&bytes[..]) {
+                continue;
+            }
+            let tmp = dir.join(format!(".{name}.new"));
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            std::io::Write::write_all(&mut f, &bytes)?;
+            self.chown(&tmp)?;
+            std::fs::rename(&tmp, &dst)?;
+            changed = true;
+        }
+        Ok(changed)
     }
 
     /// Adopts a postmaster already running on the data directory (left by
@@ -280,8 +348,16 @@ impl Instance {
     /// A libpq connection string to `address` as the replication account.
     fn repl_conninfo(&self, address: &str) -> Result<String> {
         let (host, port) = host_port(address);
+        let tls = match &self.tls {
+            Some(t) if t.ca.is_some() => format!(
+                " sslmode=verify-full sslrootcert={}",
+                conninfo_value(&self.tls_dir().join("ca.crt").to_string_lossy())
+            ),
+            Some(_) => " sslmode=require".to_owned(),
+            None => String::new(),
+        };
         Ok(format!(
-            "host={} port={} user={} passfile={}",
+            "host={} port={} user={} passfile={}{tls}",
             conninfo_value(host),
             conninfo_value(port),
             conninfo_value(&self.repl.user),
@@ -375,6 +451,36 @@ impl Instance {
     /// Whether `address` answers as a primary (out of recovery), asked as
     /// the replication account.
     pub async fn is_primary(&self, address: &str) -> Result<bool> {
+        if self.tls.is_some() {
+            // Over TLS, checked as libpq checks it (as pg_rewind will).
+            let conninfo = format!(
+                "{} dbname=postgres connect_timeout=5",
+                self.repl_conninfo(address)?
+            );
+            let out = within("whether it is a primary", Duration::from_secs(10), async {
+                Ok(self
+                    .command("psql")
+                    .args([
+                        "-X",
+                        "-A",
+                        "-t",
+                        "-c",
+                        "SELECT pg_is_in_recovery()",
+                        &conninfo,
+                    ])
+                    .stdin(Stdio::null())
+                    .output()
+                    .await?)
+            })
+            .await?;
+            if !out.status.success() {
+                return Err(PgError::Program {
+                    program: "psql".into(),
+                    detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                });
+            }
+            return Ok(String::from_utf8_lossy(&out.stdout).trim() == "f");
+        }
         within("whether it is a primary", Duration::from_secs(10), async {
             let (host, port) = host_port(address);
             let (c, conn) = tokio_postgres::Config::new()
@@ -507,6 +613,16 @@ impl Instance {
                 );
             }
         }
+        if let Some(tls) = &self.tls {
+            let d = self.tls_dir();
+            p.insert("ssl".into(), "on".into());
+            let path = |n: &str| cluster::params::conf_literal(&d.join(n).to_string_lossy());
+            p.insert("ssl_cert_file".into(), path("server.crt"));
+            p.insert("ssl_key_file".into(), path("server.key"));
+            if tls.ca.is_some() {
+                p.insert("ssl_ca_file".into(), path("ca.crt"));
+            }
+        }
         // Written for a primary too: it is read only at server start, so
         // dropping it at promotion would show as a restart pending.
         p.insert("recovery_target_timeline".into(), "'latest'".into());
@@ -534,6 +650,12 @@ impl Instance {
         let loopback = self.host == "localhost" || self.host.starts_with("127.");
         let local_clients = if loopback { "trust" } else { "scram-sha-256" };
         let repl = quote_ident(&self.repl.user);
+        // With TLS, replication (and pg_rewind, pg_basebackup) must use it.
+        let repl_type = if self.tls.is_some() {
+            "hostssl"
+        } else {
+            "host"
+        };
         let client_lines = if clients {
             let spec: String = hba.iter().map(|l| format!("{l}\n")).collect();
             format!(
@@ -554,8 +676,8 @@ impl Instance {
             format!(
                 "# Managed by keelson; edits are overwritten.\n\
                  local all postgres trust\n\
-                 host replication {repl} 0.0.0.0/0 scram-sha-256\n\
-                 host replication {repl} ::/0 scram-sha-256\n\
+                 {repl_type} replication {repl} 0.0.0.0/0 scram-sha-256\n\
+                 {repl_type} replication {repl} ::/0 scram-sha-256\n\
                  {client_lines}"
             ),
         )?;

@@ -302,6 +302,8 @@ pub struct KeeperConfig {
     pub tags: Option<cluster::data::Tags>,
     /// What the node API answers from, updated every round.
     pub node: std::sync::Arc<crate::node::NodeState>,
+    /// TLS for PostgreSQL and replication (see [`crate::pg::PgTls`]).
+    pub tls: Option<crate::pg::PgTls>,
 }
 
 /// Errors that stop a keeper.
@@ -340,6 +342,8 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
     let _lock = lock_dir(&cfg.dir)?;
     let bin = PgBin::find(cfg.pg_bin_dir.clone())?;
     let mut pg = Instance::new(bin, &cfg.dir, &cfg.host, cfg.port, cfg.replication.clone());
+    pg.set_tls(cfg.tls.clone());
+    pg.install_tls()?;
     let spec = cluster::ClusterSpec::default();
     let lease = Lease::new(&spec);
     if let Some(pid) = pg.adopt() {
@@ -649,6 +653,16 @@ impl Keeper {
             .written_params
             .as_ref()
             .is_none_or(|(p, h)| *p != data.spec.pg_parameters || *h != data.spec.pg_hba);
+        // A renewed certificate (the same paths, new files) is copied and
+        // the server reloaded.
+        match pg.install_tls() {
+            Ok(true) => {
+                tracing::info!("TLS files changed: reloading PostgreSQL");
+                obs.params_changed = true;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "cannot install the TLS files"),
+        }
         obs.reinit_done = self.reinit_generation == Some(desired.generation);
         let wanted = Requests {
             restart: data.dbs.get(&cfg.uid).map_or(0, |db| db.restart),

@@ -55,6 +55,19 @@ pub struct KeeperArgs {
     /// Tag: proxies send this keeper's database no replica sessions.
     #[arg(long, env = "KEELSON_NO_LOADBALANCE")]
     pub no_loadbalance: bool,
+    /// Server certificate (PEM) for this keeper's PostgreSQL: turns on TLS
+    /// for its clients and requires it for replication (with
+    /// --pg-ssl-key-file). Renewed files at the same paths are picked up.
+    #[arg(long, env = "KEELSON_PG_SSL_CERT_FILE", requires = "pg_ssl_key_file")]
+    pub pg_ssl_cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "KEELSON_PG_SSL_KEY_FILE", requires = "pg_ssl_cert_file")]
+    pub pg_ssl_key_file: Option<PathBuf>,
+    /// CA (PEM) that signed the other keepers' server certificates: this
+    /// keeper's replication, pg_basebackup and pg_rewind connections check
+    /// them (verify-full) instead of only encrypting (require).
+    #[arg(long, env = "KEELSON_PG_SSL_CA_FILE", requires = "pg_ssl_cert_file")]
+    pub pg_ssl_ca_file: Option<PathBuf>,
     /// Address of the node API (health checks for load balancers and
     /// probes, /status, /metrics; docs/api.md), as HOST:PORT. 8008 is the
     /// usual port (Patroni's).
@@ -154,7 +167,16 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
         })?;
     let replication = args.replication()?;
     let node = std::sync::Arc::new(keeper::node::NodeState::new(&args.uid));
+    let tls = match (&args.pg_ssl_cert_file, &args.pg_ssl_key_file) {
+        (Some(cert), Some(key)) => Some(keeper::pg::PgTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: args.pg_ssl_ca_file.clone(),
+        }),
+        _ => None,
+    };
     let cfg = keeper::run::KeeperConfig {
+        tls,
         node: node.clone(),
         tags: args.tags(),
         replication,

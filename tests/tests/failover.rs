@@ -67,6 +67,8 @@ pub(crate) struct LocalCluster {
     pub(crate) api_ports: Vec<u16>,
     /// The sentinels' node API ports, by index - 1.
     pub(crate) sentinel_api_ports: Vec<u16>,
+    /// Extra flags of keeper `i`, by index - 1.
+    pub(crate) keeper_args: Vec<Vec<String>>,
 }
 
 /// A failed test keeps its cluster's logs (keepers, sentinels, each
@@ -121,24 +123,33 @@ impl LocalCluster {
             .cloned()
             .flatten()
             .unwrap_or_else(|| self.url.clone());
+        let extra: Vec<&str> = self
+            .keeper_args
+            .get(i - 1)
+            .map(|a| a.iter().map(String::as_str).collect())
+            .unwrap_or_default();
         spawn(
             &[
-                "keeper",
-                "--uid",
-                &uid,
-                "--data-dir",
-                &data,
-                "--pg-listen",
-                &listen,
-                "--pg-repl-password",
-                "test-secret",
-                "--store",
-                &url,
-                "--cluster",
-                "f",
-                "--api-listen",
-                &api,
-            ],
+                &[
+                    "keeper",
+                    "--uid",
+                    &uid,
+                    "--data-dir",
+                    &data,
+                    "--pg-listen",
+                    &listen,
+                    "--pg-repl-password",
+                    "test-secret",
+                    "--store",
+                    &url,
+                    "--cluster",
+                    "f",
+                    "--api-listen",
+                    &api,
+                ][..],
+                &extra[..],
+            ]
+            .concat(),
             &self.dir.path().join(format!("keeper{i}.log")),
         )
     }
@@ -198,6 +209,7 @@ impl LocalCluster {
             1,
             &uids,
             keeper_urls.into_iter().map(Some).collect(),
+            Vec::new(),
         )
         .await
     }
@@ -220,7 +232,19 @@ impl LocalCluster {
         sentinels: usize,
         uids: &[&str],
     ) -> LocalCluster {
-        Self::up_full(url, store, spec, sentinels, uids, Vec::new()).await
+        Self::up_full(url, store, spec, sentinels, uids, Vec::new(), Vec::new()).await
+    }
+
+    /// A cluster whose keeper `i` gets `keeper_args[i-1]` as extra flags.
+    pub(crate) async fn up_with_keeper_args(
+        url: &str,
+        store: AnyStore,
+        spec: ClusterSpec,
+        keeper_args: Vec<Vec<String>>,
+    ) -> LocalCluster {
+        let uids: Vec<String> = (1..=keeper_args.len()).map(|i| format!("k{i}")).collect();
+        let uids: Vec<&str> = uids.iter().map(String::as_str).collect();
+        Self::up_full(url, store, spec, 1, &uids, Vec::new(), keeper_args).await
     }
 
     async fn up_full(
@@ -230,6 +254,7 @@ impl LocalCluster {
         sentinels: usize,
         uids: &[&str],
         keeper_urls: Vec<Option<String>>,
+        keeper_args: Vec<Vec<String>>,
     ) -> LocalCluster {
         let keepers = uids.len();
         let dir = tempfile::tempdir().unwrap();
@@ -296,6 +321,7 @@ impl LocalCluster {
             keeper_urls,
             api_ports: (0..keepers).map(|_| free_port()).collect(),
             sentinel_api_ports,
+            keeper_args,
         };
         c.keepers = (1..=keepers).map(|i| Some(c.keeper_role(i))).collect();
         crate::assert_eventually!(

@@ -331,3 +331,138 @@ async fn a_cluster_runs_on_a_secured_etcd_through_the_binarys_flags() {
         std::fs::read_to_string(dir.path().join("sentinel.log")).unwrap_or_default()
     );
 }
+
+/// Issue 13: keepers run PostgreSQL with their server certificates;
+/// standbys stream over TLS, checking the primary's certificate against
+/// the CA (verify-full); a renewed certificate at the same path is picked
+/// up by reload; a certificate from another CA is refused by a standby
+/// with a clear error, and streaming resumes once it is put right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_runs_over_tls_with_keeper_managed_certificates() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca_cert, issuer) = ca("keelson test PostgreSQL CA");
+    let (other_cert, other) = ca("another CA");
+    let ca_path = certs.path().join("ca.pem");
+    let other_ca = certs.path().join("other-ca.pem");
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    std::fs::write(&other_ca, other_cert.pem()).unwrap();
+    let args: Vec<Vec<String>> = (1..=2)
+        .map(|i| {
+            let (c, k) = signed(
+                certs.path(),
+                &format!("k{i}"),
+                &["127.0.0.1", "localhost"],
+                &format!("k{i}"),
+                &issuer,
+            );
+            vec![
+                "--pg-ssl-cert-file".into(),
+                c.display().to_string(),
+                "--pg-ssl-key-file".into(),
+                k.display().to_string(),
+                "--pg-ssl-ca-file".into(),
+                ca_path.display().to_string(),
+            ]
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let store = cluster::open(&url).await.unwrap();
+    let c = crate::failover::LocalCluster::up_with_keeper_args(
+        &url,
+        store,
+        cluster::ClusterSpec::default(),
+        args,
+    )
+    .await;
+    let (p, s) = (c.master, c.standbys()[0]);
+    let direct = |i: usize| {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            c.ports[i - 1]
+        )
+    };
+    let streams_over_tls = || async {
+        let cl = crate::support::try_connect(&direct(p)).await.ok()?;
+        let row = cl
+            .query_one(
+                "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_replication r \
+                 JOIN pg_stat_ssl s USING (pid)",
+                &[],
+            )
+            .await
+            .ok()?;
+        Some((row.get::<_, i64>(0), row.get::<_, i64>(1)))
+    };
+    crate::assert_eventually!(
+        streams_over_tls().await == Some((1, 1)),
+        Duration::from_secs(20),
+        "the standby does not stream over TLS: {:?}",
+        streams_over_tls().await
+    );
+    for i in [p, s] {
+        assert_eq!(c.show(i, "ssl").await.as_deref(), Some("on"), "k{i}");
+    }
+    let verify = |i: usize, ca: &Path| {
+        Command::new("psql")
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                &format!(
+                    "{} sslmode=verify-full sslrootcert={}",
+                    direct(i),
+                    ca.display()
+                ),
+                "-c",
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "t")
+            .unwrap_or(false)
+    };
+    assert!(
+        verify(p, &ca_path),
+        "the primary's certificate does not verify"
+    );
+    assert!(!verify(p, &other_ca));
+
+    // The primary's certificate renewed, by another CA, at the same path:
+    // the keeper reloads PostgreSQL, which serves it to new connections.
+    let (cert, key) = signed(certs.path(), "renewed", &["127.0.0.1"], "k-renewed", &other);
+    std::fs::copy(&cert, certs.path().join(format!("k{p}.pem"))).unwrap();
+    std::fs::copy(&key, certs.path().join(format!("k{p}-key.pem"))).unwrap();
+    crate::assert_eventually!(
+        verify(p, &other_ca),
+        Duration::from_secs(15),
+        "the renewed certificate is not served"
+    );
+    // A standby that connects anew refuses it: it is not from the CA.
+    c.kill_postgres(s);
+    let log = || {
+        std::fs::read_to_string(c.dir.path().join(format!("k{s}/postgres.log"))).unwrap_or_default()
+    };
+    crate::assert_eventually!(
+        log().contains("certificate verify failed"),
+        Duration::from_secs(30),
+        "no certificate error in k{s}'s log:\n{}",
+        log()
+    );
+    let line = log()
+        .lines()
+        .rev()
+        .find(|l| l.contains("certificate verify failed"))
+        .unwrap_or_default()
+        .to_owned();
+    eprintln!("k{s}: {line}");
+    // Put right: streaming resumes.
+    let (cert, key) = signed(certs.path(), "fixed", &["127.0.0.1"], "k-fixed", &issuer);
+    std::fs::copy(&cert, certs.path().join(format!("k{p}.pem"))).unwrap();
+    std::fs::copy(&key, certs.path().join(format!("k{p}-key.pem"))).unwrap();
+    crate::assert_eventually!(
+        streams_over_tls().await == Some((1, 1)),
+        Duration::from_secs(30),
+        "streaming did not resume over TLS: {:?}",
+        streams_over_tls().await
+    );
+}
