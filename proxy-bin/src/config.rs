@@ -88,6 +88,14 @@ pub struct ProxyArgs {
     /// PEM private key for TLS to clients (needs --tls-cert).
     #[arg(long, env = "KEELSON_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// TLS on the connections to PostgreSQL: disable, require, verify-ca or
+    /// verify-full (as libpq's sslmode) [default: disable].
+    #[arg(long, env = "KEELSON_BACKEND_TLS")]
+    pub backend_tls: Option<String>,
+    /// CA certificates (PEM) the servers' certificates must chain to
+    /// (verify-ca, verify-full).
+    #[arg(long, env = "KEELSON_BACKEND_TLS_CA_FILE")]
+    pub backend_tls_ca_file: Option<PathBuf>,
     #[arg(long, env = "KEELSON_MAX_CONNECTIONS", help = with_default("Client connections open at once before new ones get 53300.", "max-connections"))]
     pub max_connections: Option<usize>,
     #[arg(long, env = "KEELSON_STARTUP_TIMEOUT", help = with_default("Time a client has to complete the startup phase.", "startup-timeout"))]
@@ -224,6 +232,8 @@ pub struct ProxySettings {
     pub source: Source,
     pub admin_listen: Option<SocketAddr>,
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// TLS to PostgreSQL: its mode and CA file.
+    pub backend_tls: Option<(proxy_core::tls::BackendTlsMode, Option<PathBuf>)>,
     pub max_connections: usize,
     pub startup_timeout: Duration,
     pub connect_timeout: Duration,
@@ -329,6 +339,25 @@ impl ProxySettings {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
             _ => bail!("TLS needs both tls_cert and tls_key"),
+        };
+        let backend_tls = match args.backend_tls.as_deref().unwrap_or("disable") {
+            "disable" => {
+                if args.backend_tls_ca_file.is_some() {
+                    bail!("backend_tls_ca_file is for backend_tls = verify-ca or verify-full");
+                }
+                None
+            }
+            m => {
+                let mode: proxy_core::tls::BackendTlsMode = m
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!("backend_tls: {e}"))?;
+                if mode != proxy_core::tls::BackendTlsMode::Require
+                    && args.backend_tls_ca_file.is_none()
+                {
+                    bail!("backend_tls = {m} needs backend_tls_ca_file: the CA the servers' certificates must chain to");
+                }
+                Some((mode, args.backend_tls_ca_file))
+            }
         };
         let max_connections = args.max_connections.unwrap_or(defaults.max_connections);
         if max_connections == 0 {
@@ -438,6 +467,7 @@ impl ProxySettings {
             source,
             admin_listen,
             tls,
+            backend_tls,
             max_connections,
             startup_timeout: duration("startup_timeout", args.startup_timeout)?,
             connect_timeout: duration("connect_timeout", args.connect_timeout)?,

@@ -35,6 +35,10 @@ pub fn proxy_config(s: &ProxySettings) -> Result<ProxyConfig> {
             keepalive: s.keepalive,
         },
         tls,
+        backend_tls: match &s.backend_tls {
+            Some((mode, ca)) => Some(proxy_core::tls::backend_tls(*mode, ca.as_deref())?),
+            None => None,
+        },
         cancel_rate_per_second: s.cancel_rate_per_second,
         hold_timeout: cluster::ClusterSpec::default().hold_timeout,
         rules: s.rules.clone(),

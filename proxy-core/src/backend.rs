@@ -69,6 +69,55 @@ pub async fn connect(
     Ok(s)
 }
 
+/// Asks the server at `addr` for TLS (an SSLRequest) on `s` and runs the
+/// handshake, checking its certificate as `tls` says, within `limit`.
+pub(crate) async fn secure(
+    mut s: TcpStream,
+    addr: &str,
+    tls: &crate::tls::BackendTls,
+    limit: Duration,
+) -> Result<crate::stream::ServerStream, SessionError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let failed = |detail: String| SessionError::BackendTls {
+        addr: addr.to_owned(),
+        detail,
+    };
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| failed(format!("{host:?} is not a name TLS can check: {e}")))?;
+    let handshake = async {
+        // SSLRequest: length 8, code 1234.5679.
+        s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+            .await
+            .map_err(|e| failed(format!("sending the SSLRequest: {e}")))?;
+        let mut answer = [0u8; 1];
+        s.read_exact(&mut answer)
+            .await
+            .map_err(|e| failed(format!("reading the answer to the SSLRequest: {e}")))?;
+        match answer[0] {
+            b'S' => {}
+            b'N' => {
+                return Err(failed(
+                    "the server does not accept TLS (ssl = off), and the proxy requires it (--backend-tls)"
+                        .into(),
+                ))
+            }
+            b => return Err(failed(format!("unexpected answer {b:#04x} to the SSLRequest"))),
+        }
+        let t = tls
+            .connector
+            .connect(name, s)
+            .await
+            .map_err(|e| failed(format!("TLS handshake ({}): {e}", tls.mode.as_str())))?;
+        Ok(crate::stream::ServerStream::Tls(Box::new(t)))
+    };
+    match timeout(limit, handshake).await {
+        Ok(r) => r,
+        Err(_) => Err(failed(format!("no TLS handshake within {limit:?}"))),
+    }
+}
+
 /// A session whose backend has sent its first ReadyForQuery.
 #[derive(Debug)]
 pub struct Established {

@@ -94,6 +94,8 @@ pub enum SessionError {
     BackendConnect { addr: String, source: io::Error },
     #[error("connecting to server {addr} timed out after {timeout:?}")]
     BackendConnectTimeout { addr: String, timeout: Duration },
+    #[error("could not set up TLS with server {addr}: {detail}")]
+    BackendTls { addr: String, detail: String },
     #[error("server {addr} did not finish authentication within {timeout:?}")]
     AuthTimeout { addr: String, timeout: Duration },
     #[error("lost the connection to server {addr}: {source}")]
@@ -146,6 +148,9 @@ impl SessionError {
                                            fixed("could not connect to the database server"), check, true),
             BackendConnectTimeout { timeout, .. } => (Backend, "backend_unavailable", Some(CONNECTION_FAILURE),
                                            said(format!("connecting to the database server timed out after {timeout:?}")), check, true),
+            BackendTls { .. }          => (Backend, "backend_tls",         Some(CONNECTION_FAILURE),
+                                           fixed("could not set up TLS with the database server"),
+                                           Some("The proxy's TLS settings for the server (backend_tls, backend_tls_ca_file) and the server's certificate do not agree; the proxy's log says how."), false),
             AuthTimeout { timeout, .. } => (Backend, "backend_error",      Some(CONNECTION_FAILURE),
                                            said(format!("the database server did not finish authentication within {timeout:?}")), None, false),
             BackendIo { .. }           => (Backend, "backend_error",       Some(CONNECTION_FAILURE),

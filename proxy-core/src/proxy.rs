@@ -47,6 +47,8 @@ pub struct ProxyConfig {
     pub socket: SocketOptions,
     /// TLS for clients; `None` answers `N` to SSLRequest.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS for the connections to PostgreSQL; `None`: plain TCP.
+    pub backend_tls: Option<crate::tls::BackendTls>,
     /// Cancel requests forwarded per second, across all clients.
     pub cancel_rate_per_second: u32,
     /// How long a new client waits for a primary when the view has none,
@@ -91,6 +93,7 @@ impl Default for ProxyConfig {
                 keepalive: Some((Duration::from_secs(60), Duration::from_secs(10))),
             },
             tls: None,
+            backend_tls: None,
             cancel_rate_per_second: 100,
             hold_timeout: Duration::from_secs(10),
             rules: Vec::new(),

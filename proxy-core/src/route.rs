@@ -10,9 +10,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::stream::ServerStream;
 use bytes::{Bytes, BytesMut};
 use ipnet::IpNet;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::error::SessionError;
@@ -370,7 +370,7 @@ pub(crate) struct Connected {
     /// Taken before connecting, so a fence fired from then on ends the
     /// session.
     pub fence: Arc<Fence>,
-    pub server: TcpStream,
+    pub server: ServerStream,
     /// A primary session of a view with a deadline: it stops forwarding
     /// once the deadline passes.
     pub deadline: bool,
@@ -420,6 +420,13 @@ pub(crate) async fn connect(
                 &shared.cfg.socket,
             )
             .await?;
+            let s = match &shared.cfg.backend_tls {
+                None => ServerStream::Plain(s),
+                Some(tls) => {
+                    crate::backend::secure(s, r.backend.addr(), tls, shared.cfg.connect_timeout)
+                        .await?
+                }
+            };
             shared.metrics.backend_connect(t0.elapsed());
             Ok(s)
         };
@@ -604,7 +611,7 @@ pub const FENCED_BACKEND_LINGER: Duration = Duration::from_secs(1);
 /// Closes a fenced session's backend connection after
 /// [`FENCED_BACKEND_LINGER`].
 #[cold]
-pub(crate) fn linger_then_close(server: TcpStream) {
+pub(crate) fn linger_then_close(server: ServerStream) {
     tokio::spawn(async move {
         tokio::time::sleep(FENCED_BACKEND_LINGER).await;
         drop(server);

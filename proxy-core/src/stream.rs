@@ -217,3 +217,68 @@ mod tests {
         assert_eq!(all, b"ello world");
     }
 }
+
+/// The proxy's connection to a server: plain TCP, or TLS to it
+/// ([`crate::tls::BackendTls`]).
+pub(crate) enum ServerStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+macro_rules! server_io {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            ServerStream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            ServerStream::Tls(t) => {
+                let $s = Pin::new(t.as_mut());
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        server_io!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        server_io!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        server_io!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ServerStream::Plain(s) => s.is_write_vectored(),
+            ServerStream::Tls(t) => t.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        server_io!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        server_io!(self, s => s.poll_shutdown(cx))
+    }
+}
