@@ -462,6 +462,10 @@ fn no_variant_shows_an_address_or_os_error_to_clients() {
             addr: addr(),
             timeout: t,
         },
+        BackendTls {
+            addr: addr(),
+            detail: "TLS handshake (verify-full): invalid peer certificate: UnknownIssuer".into(),
+        },
         AuthTimeout {
             addr: addr(),
             timeout: t,
@@ -495,6 +499,7 @@ fn no_variant_shows_an_address_or_os_error_to_clients() {
             | NoPrimaryAfter(_)
             | BackendConnect { .. }
             | BackendConnectTimeout { .. }
+            | BackendTls { .. }
             | AuthTimeout { .. }
             | BackendIo { .. }
             | ShuttingDown
