@@ -90,6 +90,7 @@ mod tests {
         let a_master: DbRow = ("a", Master, true, false, false, 0);
         let b_standby: DbRow = ("b", Standby, true, true, true, 900);
         #[rustfmt::skip]
+        #[allow(clippy::type_complexity)]
         let rows: Vec<(&str, ClusterData, bool, Option<&str>, Vec<Replica>)> = vec![
             ("a primary and a streaming standby",
                 data(Some("a"), &[a_master, b_standby]), true,

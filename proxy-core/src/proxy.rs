@@ -566,6 +566,7 @@ mod tests {
         };
         let lagging = r("b", 1000);
         #[rustfmt::skip]
+        #[allow(clippy::type_complexity)]
         let rows: &[(&str, View, View, ViewChange, bool, &[(&str, Role, &str)])] = &[
             ("nothing changed",
                 view(Some("a"), &[r("b", 0)]), view(Some("a"), &[r("b", 0)]), Update, true, &[]),
@@ -585,12 +586,12 @@ mod tests {
                 view(Some("a"), &[r("b", 0)]), view(None, &[]), Unconfirmed, false,
                 &[("a", Role::Primary, "stale"), ("b", Role::Standby, "stale")]),
             ("a replica fell behind, with replica_lag_fence",
-                view(Some("a"), &[r("b", 0)]), view(Some("a"), &[lagging.clone()]), Update, true,
+                view(Some("a"), &[r("b", 0)]), view(Some("a"), std::slice::from_ref(&lagging)), Update, true,
                 &[("b", Role::Standby, "replica_lag")]),
             ("a replica fell behind, without replica_lag_fence",
-                view(Some("a"), &[r("b", 0)]), view(Some("a"), &[lagging.clone()]), Update, false, &[]),
+                view(Some("a"), &[r("b", 0)]), view(Some("a"), std::slice::from_ref(&lagging)), Update, false, &[]),
             ("a replica already behind stays",
-                view(Some("a"), &[lagging.clone()]), view(Some("a"), &[r("b", 2000)]), Update, true, &[]),
+                view(Some("a"), std::slice::from_ref(&lagging)), view(Some("a"), &[r("b", 2000)]), Update, true, &[]),
         ];
         for (name, old, new, change, lag_fence, want) in rows {
             let got: Vec<(String, Role, &str)> = removals(old, new, *change, &limit, *lag_fence)

@@ -199,25 +199,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::AsyncWriteExt;
-
-    #[tokio::test]
-    async fn prefixed_bytes_are_read_again_first() {
-        let (mut a, b) = tokio::io::duplex(64);
-        a.write_all(b"hello world").await.unwrap();
-        drop(a);
-        let mut p = Prefixed::new(b);
-        assert_eq!(p.fill(3).await.unwrap().get(..3), Some(&b"hel"[..]));
-        p.consume(1);
-        let mut all = Vec::new();
-        p.read_to_end(&mut all).await.unwrap();
-        assert_eq!(all, b"ello world");
-    }
-}
-
 /// The proxy's connection to a server: plain TCP, or TLS to it
 /// ([`crate::tls::BackendTls`]).
 pub(crate) enum ServerStream {
@@ -280,5 +261,24 @@ impl AsyncWrite for ServerStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         server_io!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn prefixed_bytes_are_read_again_first() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b"hello world").await.unwrap();
+        drop(a);
+        let mut p = Prefixed::new(b);
+        assert_eq!(p.fill(3).await.unwrap().get(..3), Some(&b"hel"[..]));
+        p.consume(1);
+        let mut all = Vec::new();
+        p.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"ello world");
     }
 }
