@@ -195,21 +195,6 @@ impl ClusterSpec {
     /// - `convergence_timeout` must leave a promotion time to finish, and
     ///   exceed [`SWITCHOVER_DRAIN`].
     pub fn validate(&self) -> Result<(), SpecError> {
-        for line in &self.pg_hba {
-            check_hba_line(line)?;
-        }
-        for (name, value) in &self.pg_parameters {
-            crate::params::check_spec_parameter(name, value)
-                .map_err(|e| SpecError(format!("pg_parameters: {e}")))?;
-        }
-        if self.convergence_timeout <= SWITCHOVER_DRAIN {
-            return Err(SpecError(format!(
-                "convergence_timeout ({}) must be longer than {}: a switchover's old primary \
-                 waits that long for open transactions before it stops",
-                humantime::format_duration(self.convergence_timeout),
-                humantime::format_duration(SWITCHOVER_DRAIN)
-            )));
-        }
         let positive = [
             ("keeper_report_interval", self.keeper_report_interval),
             ("fail_interval", self.fail_interval),
@@ -251,6 +236,38 @@ impl ClusterSpec {
             return Err(SpecError(format!(
                 "min_sync ({}) must not exceed max_sync ({})",
                 self.min_sync, self.max_sync
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`ClusterSpec::validate`], and the checks of what an operator
+    /// writes (`ctl init`, `ctl spec update`) on top: pg_hba lines,
+    /// `pg_parameters` names and values, `convergence_timeout` longer than
+    /// the switchover drain. These apply only to what changes from
+    /// `before` (the stored spec), and never to stored data as it is read:
+    /// a spec an older keelson accepted keeps working, and can be patched.
+    pub fn validate_written(&self, before: Option<&ClusterSpec>) -> Result<(), SpecError> {
+        self.validate()?;
+        for line in &self.pg_hba {
+            if before.is_none_or(|b| !b.pg_hba.contains(line)) {
+                check_hba_line(line)?;
+            }
+        }
+        for (name, value) in &self.pg_parameters {
+            if before.and_then(|b| b.pg_parameters.get(name)) != Some(value) {
+                crate::params::check_spec_parameter(name, value)
+                    .map_err(|e| SpecError(format!("pg_parameters: {e}")))?;
+            }
+        }
+        let drain_changed =
+            before.is_none_or(|b| b.convergence_timeout != self.convergence_timeout);
+        if drain_changed && self.convergence_timeout <= SWITCHOVER_DRAIN {
+            return Err(SpecError(format!(
+                "convergence_timeout ({}) must be longer than {}: a switchover's old primary \
+                 waits that long for open transactions before it stops",
+                humantime::format_duration(self.convergence_timeout),
+                humantime::format_duration(SWITCHOVER_DRAIN)
             )));
         }
         Ok(())
@@ -814,7 +831,7 @@ mod tests {
             "local all all peer",
             "hostssl app app 10.0.0.0/8 scram-sha-256 clientcert=verify-full",
         ] {
-            assert!(spec(ok).validate().is_ok(), "{ok}");
+            assert!(spec(ok).validate_written(None).is_ok(), "{ok}");
         }
         for (bad, why) in [
             ("host all all reject", "at least 5 fields"),
@@ -823,9 +840,51 @@ mod tests {
             ("host all all 0/0 trust\nlocal all all trust", "single line"),
             ("", "empty"),
         ] {
-            let e = spec(bad).validate().unwrap_err().to_string();
+            let e = spec(bad).validate_written(None).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    /// A spec an older keelson accepted (a managed parameter, a low
+    /// max_wal_senders, a short convergence_timeout) still parses, so that
+    /// every role keeps working after an upgrade; only what an operator
+    /// changes is checked, so such a spec can be patched.
+    #[test]
+    fn stored_specs_from_older_versions_still_load_and_can_be_patched() {
+        let mut spec = ClusterSpec {
+            convergence_timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
+        spec.pg_parameters
+            .insert("wal_level".into(), "logical".into());
+        spec.pg_parameters
+            .insert("max_wal_senders".into(), "5".into());
+        let d = ClusterData::new(spec.clone());
+        assert_eq!(ClusterData::from_json(&d.to_json()).unwrap().spec, spec);
+        let mut patched = spec.clone();
+        patched
+            .pg_parameters
+            .insert("work_mem".into(), "8MB".into());
+        assert_eq!(patched.validate_written(Some(&spec)), Ok(()));
+        // Written anew, each is refused.
+        let e = spec.validate_written(None).unwrap_err().to_string();
+        assert!(
+            e.contains("pg_parameters") || e.contains("convergence_timeout"),
+            "{e}"
+        );
+        let mut changed = spec.clone();
+        changed
+            .pg_parameters
+            .insert("wal_level".into(), "minimal".into());
+        assert!(changed.validate_written(Some(&spec)).is_err());
+        // convergence_timeout must exceed the switchover drain, at the
+        // boundary.
+        let at = |ms: u64| ClusterSpec {
+            convergence_timeout: Duration::from_millis(ms),
+            ..Default::default()
+        };
+        assert!(at(5000).validate_written(None).is_err());
+        assert_eq!(at(5001).validate_written(None), Ok(()));
     }
 
     #[test]

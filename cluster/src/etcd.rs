@@ -28,7 +28,7 @@ pub struct EtcdStore {
     /// Per endpoint, its client once made (with a user, making one
     /// authenticates, so it is made at first use and made again when the
     /// server no longer knows its token, after a restart of etcd).
-    clients: Arc<Vec<tokio::sync::Mutex<Option<Client>>>>,
+    clients: Arc<Vec<std::sync::Mutex<Option<Client>>>>,
     /// Index of the endpoint that answered last.
     current: Arc<AtomicUsize>,
     endpoints: Vec<String>,
@@ -122,9 +122,18 @@ async fn deadline<T>(
 /// The server does not know the client's token (it restarted, or the
 /// token expired): authenticate again.
 fn is_stale_token(s: &tonic::Status) -> bool {
+    // As etcd's own client re-authenticates: a token etcd no longer knows,
+    // one issued before a change of users or roles ("revision of auth
+    // store is old"), or none where one is needed.
     s.code() == tonic::Code::Unauthenticated
-        || s.message().contains("invalid auth token")
-        || s.message().contains("auth token is expired")
+        || [
+            "invalid auth token",
+            "auth token is expired",
+            "revision of auth store is old",
+            "user name is empty",
+        ]
+        .iter()
+        .any(|m| s.message().contains(m))
 }
 
 /// Runs one request against the endpoints in turn, starting with the one
@@ -140,7 +149,7 @@ macro_rules! call {
         let mut result = Err(StoreError::Unavailable("etcd: no endpoint".into()));
         for i in 0..n {
             let idx = (start + i) % n;
-            let attempt = match $self.client(idx).await {
+            let attempt = match $self.client(idx, $limit).await {
                 Ok(c) => {
                     #[allow(unused_mut)]
                     let mut $c = c;
@@ -156,7 +165,7 @@ macro_rules! call {
                 }
                 Err(Fail::Token(m)) => {
                     tracing::info!(endpoint = %$self.endpoints[idx], error = %m, "etcd no longer knows our token; authenticating again");
-                    *$self.clients[idx].lock().await = None;
+                    *$self.slot(idx) = None;
                     result = Err(Fail::Token(format!("{}: {m}", $self.endpoints[idx])).into_error());
                 }
                 Err(Fail::Retry(m)) => {
@@ -222,7 +231,7 @@ impl EtcdStore {
             clients: Arc::new(
                 endpoints
                     .iter()
-                    .map(|_| tokio::sync::Mutex::new(None))
+                    .map(|_| std::sync::Mutex::new(None))
                     .collect(),
             ),
             current: Arc::new(AtomicUsize::new(0)),
@@ -237,14 +246,16 @@ impl EtcdStore {
     }
 
     /// Endpoint `idx`'s client, made (and authenticated) if need be.
-    async fn client(&self, idx: usize) -> std::result::Result<Client, Fail> {
-        let mut slot = self.clients[idx].lock().await;
-        if let Some(c) = slot.as_ref() {
+    async fn client(&self, idx: usize, limit: Duration) -> std::result::Result<Client, Fail> {
+        if let Some(c) = self.slot(idx).as_ref() {
             return Ok(c.clone());
         }
+        // Made without holding the slot (with a user, making a client
+        // authenticates, a request to etcd), within the caller's limit: a
+        // hung member costs a renewal no more than any other request.
         let url = format!("{}://{}", self.scheme, self.endpoints[idx]);
         let c = deadline(
-            REQUEST_TIMEOUT,
+            limit,
             Client::connect([url.as_str()], Some(self.options.clone())),
         )
         .await
@@ -257,8 +268,11 @@ impl EtcdStore {
             }
             f => f,
         })?;
-        *slot = Some(c.clone());
-        Ok(c)
+        Ok(self.slot(idx).get_or_insert(c).clone())
+    }
+
+    fn slot(&self, idx: usize) -> std::sync::MutexGuard<'_, Option<Client>> {
+        self.clients[idx].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// One request to each endpoint until one answers: a TLS or
@@ -267,7 +281,7 @@ impl EtcdStore {
     async fn check_security(&self) -> Result<()> {
         let mut refused = Vec::new();
         for idx in 0..self.endpoints.len() {
-            let r = match self.client(idx).await {
+            let r = match self.client(idx, REQUEST_TIMEOUT).await {
                 Ok(mut c) => deadline(REQUEST_TIMEOUT, c.get("keelson-check", None)).await,
                 Err(f) => Err(f),
             };
@@ -291,7 +305,15 @@ impl EtcdStore {
             } else if lower.contains("connection refused") || lower.contains("no answer within") {
                 None
             } else if self.scheme == "https"
-                && (lower.contains("broken pipe") || lower.contains("reset by peer"))
+                && [
+                    "broken pipe",
+                    "reset by peer",
+                    "connection closed",
+                    "canceled",
+                    "transport error",
+                ]
+                .iter()
+                .any(|m| lower.contains(m))
             {
                 Some("TLS failed: etcd closed the connection during the handshake; if it requires client certificates (--client-cert-auth), give --store-cert-file and --store-key-file signed by its --trusted-ca-file")
             } else if lower.contains("unavailable") {

@@ -46,9 +46,48 @@ pub const AT_LEAST: &[(&str, i64)] = &[("max_wal_senders", 10), ("max_replicatio
 pub fn text(value: &str) -> Cow<'_, str> {
     let v = value.trim();
     match v.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')) {
-        Some(inner) => Cow::Owned(inner.replace("''", "'")),
+        Some(inner) => Cow::Owned(unescape(inner)),
         None => Cow::Borrowed(v),
     }
+}
+
+/// The inside of a postgresql.conf string literal as PostgreSQL's scanner
+/// reads it (`GUC_scanstr`): `''` and backslash escapes.
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        match c {
+            '\'' if it.peek() == Some(&'\'') => {
+                it.next();
+                out.push('\'');
+            }
+            '\\' => match it.next() {
+                Some('b') => out.push('\u{8}'),
+                Some('f') => out.push('\u{c}'),
+                Some('n') => out.push('\n'),
+                Some('r') => out.push('\r'),
+                Some('t') => out.push('\t'),
+                Some(d @ '0'..='7') => {
+                    let mut n = d.to_digit(8).unwrap_or(0);
+                    for _ in 0..2 {
+                        match it.peek().and_then(|c| c.to_digit(8)) {
+                            Some(x) => {
+                                n = n * 8 + x;
+                                it.next();
+                            }
+                            None => break,
+                        }
+                    }
+                    out.push(char::from_u32(n).unwrap_or('?'));
+                }
+                Some(other) => out.push(other),
+                None => out.push('\\'),
+            },
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `s` as a postgresql.conf string literal: PostgreSQL's configuration
@@ -326,12 +365,15 @@ impl Catalog {
             "enum" => {
                 let l = v.trim().to_ascii_lowercase();
                 let known = s.enumvals.iter().any(|e| e.eq_ignore_ascii_case(&l));
-                // Enums with on and off also take PostgreSQL's hidden
-                // boolean spellings (true, yes, 1, ...).
-                let boolean_alias = s.enumvals.iter().any(|e| e == "on")
-                    && s.enumvals.iter().any(|e| e == "off")
+                // pg_settings leaves out hidden values: enums with on and
+                // off take the boolean spellings (true, yes, 1, ...), the
+                // message levels "debug" (and the client's "info").
+                let has = |v: &str| s.enumvals.iter().any(|e| e == v);
+                let boolean_alias = has("on")
+                    && has("off")
                     && ["true", "false", "yes", "no", "1", "0"].contains(&l.as_str());
-                if !known && !boolean_alias {
+                let level_alias = has("debug1") && (l == "debug" || (l == "info" && has("notice")));
+                if !known && !boolean_alias && !level_alias {
                     return Err(invalid(Some(&format!(
                         "Available values: {}.",
                         s.enumvals.join(", ")
@@ -406,6 +448,19 @@ mod tests {
             },
         );
         settings.insert(
+            "client_min_messages".into(),
+            Setting {
+                enumvals: [
+                    "debug5", "debug4", "debug3", "debug2", "debug1", "log", "notice", "warning",
+                    "error",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
+                ..setting("enum", None, "", "")
+            },
+        );
+        settings.insert("timezone".into(), setting("string", None, "", ""));
+        settings.insert(
             "block_size".into(),
             Setting {
                 context: "internal".into(),
@@ -440,6 +495,9 @@ mod tests {
             ("huge_pages", "Try"),
             ("huge_pages", "true"),
             ("pg_stat_statements.max", "1000"),
+            ("client_min_messages", "info"),
+            ("client_min_messages", "DEBUG"),
+            ("TimeZone", "UTC"),
         ] {
             assert_eq!(c.check(name, ok), Ok(()), "{name} = {ok}");
         }
@@ -532,6 +590,10 @@ mod tests {
         assert_eq!(text("'7MB'"), "7MB");
         assert_eq!(text(" 64MB "), "64MB");
         assert_eq!(text("'it''s'"), "it's");
+        assert_eq!(text(r"'a\\b'"), r"a\b");
+        assert_eq!(text(r"'x\ty'"), "x\ty");
+        assert_eq!(text(r"'\101'"), "A");
+        assert_eq!(text(r"'a\'b'"), "a'b");
         assert_eq!(text("''"), "");
         assert_eq!(text("'"), "'");
         assert_eq!(text(r#""$user", public"#), r#""$user", public"#);

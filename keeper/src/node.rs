@@ -392,7 +392,11 @@ pub fn answer(s: &NodeSnapshot, path: &str, query: &str, now: Instant) -> Answer
 /// The snapshot shared between the reconcile loop and the API, and the
 /// tags a SIGHUP re-read from the flags and the configuration file.
 #[derive(Debug, Default)]
-pub struct NodeState(Mutex<NodeSnapshot>, Mutex<Option<Option<Tags>>>);
+pub struct NodeState(
+    Mutex<NodeSnapshot>,
+    Mutex<Option<Option<Tags>>>,
+    std::sync::OnceLock<std::sync::Arc<crate::lease::Lease>>,
+);
 
 impl NodeState {
     pub fn new(uid: &str) -> NodeState {
@@ -402,7 +406,14 @@ impl NodeState {
                 ..Default::default()
             }),
             Mutex::new(None),
+            std::sync::OnceLock::new(),
         )
+    }
+
+    /// The keeper's lease: whether it is fenced is read from it at each
+    /// request, not from the last round (which a slow step may hold up).
+    pub fn set_lease(&self, lease: std::sync::Arc<crate::lease::Lease>) {
+        let _ = self.2.set(lease);
     }
 
     /// The tags the flags give after a SIGHUP (`Some(None)`: no tag flag
@@ -423,7 +434,11 @@ impl NodeState {
     }
 
     pub fn snapshot(&self) -> NodeSnapshot {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(lease) = self.2.get() {
+            s.fenced |= lease.expired();
+        }
+        s
     }
 }
 

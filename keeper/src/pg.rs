@@ -964,6 +964,24 @@ impl Instance {
         })
     }
 
+    /// The value of integer parameter `name` the server would start with,
+    /// as `postgres -C` reads the configuration files (while stopped).
+    pub async fn configured(&self, name: &str) -> Option<i64> {
+        let out = self
+            .command("postgres")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-C", name])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    }
+
     /// On a primary: creates the replication account, or sets its
     /// password, and grants it what pg_rewind reads.
     pub async fn ensure_replication_account(&self) -> Result<()> {
@@ -1098,7 +1116,8 @@ impl Instance {
             let mut settings = BTreeMap::new();
             for r in rows {
                 settings.insert(
-                    r.try_get::<_, String>(0)?,
+                    // Names are case-insensitive (TimeZone, DateStyle).
+                    r.try_get::<_, String>(0)?.to_ascii_lowercase(),
                     cluster::params::Setting {
                         vartype: r.try_get(1)?,
                         unit: r.try_get(2)?,

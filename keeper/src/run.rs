@@ -85,7 +85,7 @@ pub struct Observed {
     /// Settings this standby was last started with above the spec's
     /// value, its primary's from the control file (see
     /// [`raise_to_primary_minimums`]): reported as pending a restart.
-    pub raised: Vec<String>,
+    pub raised: Vec<(String, i64)>,
     /// The data was already copied afresh for this spec generation: a
     /// `reinit` still set (the sentinel clears it once it sees the copy
     /// run) is not done twice.
@@ -346,6 +346,7 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
     pg.install_tls()?;
     let spec = cluster::ClusterSpec::default();
     let lease = Lease::new(&spec);
+    cfg.node.set_lease(lease.clone());
     if let Some(pid) = pg.adopt() {
         // Until the cluster data says otherwise, a server that is not a
         // standby is fenced like a primary.
@@ -411,8 +412,13 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
         let may_act = k.registered == id && id != 0 && (fresh || !lease.expired());
         if let (Some(data), true) = (&data, may_act) {
             if let Some(desired) = desired_of(data, &cfg.uid) {
-                cfg.node
-                    .update(|s| s.busy = Some(("reconcile".into(), Instant::now())));
+                // The newest data first: a switchover or failover it
+                // starts shows at once (no longer primary), not after
+                // the step.
+                cfg.node.update(|s| {
+                    s.set_data(data);
+                    s.busy = Some(("reconcile".into(), Instant::now()));
+                });
                 k.reconcile(&mut pg, &cfg, &desired, &mut obs, data, &lease)
                     .await;
             }
@@ -497,31 +503,36 @@ const HOT_STANDBY_DEFAULTS: &[(&str, i64)] = &[
 
 /// Raises each setting in `params` that a standby needs at least as high
 /// as its primary to the primary's value in the control file, where the
-/// spec's (or PostgreSQL's default) is lower; the names raised.
+/// value the server would run with is lower: `configured` (what
+/// `postgres -C` reads from the configuration just written), else the
+/// spec's, else PostgreSQL's default. The names raised, with their values.
 fn raise_to_primary_minimums(
     params: &mut std::collections::BTreeMap<String, String>,
     minimums: &[(&'static str, i64)],
-) -> Vec<String> {
+    configured: &std::collections::BTreeMap<&'static str, i64>,
+) -> Vec<(String, i64)> {
     let mut raised = Vec::new();
     for (name, min) in minimums {
-        let current = params
-            .get(*name)
-            .and_then(|v| cluster::params::text(v).trim().parse::<i64>().ok())
-            .or_else(|| {
-                HOT_STANDBY_DEFAULTS
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, v)| *v)
-            });
+        let current = configured.get(name).copied().or_else(|| {
+            params
+                .get(*name)
+                .and_then(|v| cluster::params::text(v).trim().parse::<i64>().ok())
+                .or_else(|| {
+                    HOT_STANDBY_DEFAULTS
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, v)| *v)
+                })
+        });
         if current.is_some_and(|v| v < *min) {
             tracing::info!(
                 parameter = name,
-                spec = current,
+                configured = current,
                 primary = min,
                 "this standby starts with its primary's value until it has replayed the lower one"
             );
             params.insert((*name).to_owned(), min.to_string());
-            raised.push((*name).to_owned());
+            raised.push(((*name).to_owned(), *min));
         }
     }
     raised
@@ -772,7 +783,7 @@ impl Keeper {
         r.restarted = self.requests.map_or(0, |q| q.restart);
         if r.healthy && !obs.raised.is_empty() {
             let pending = r.pending_restart.get_or_insert_with(Vec::new);
-            pending.extend(obs.raised.iter().cloned());
+            pending.extend(obs.raised.iter().map(|(n, _)| n.clone()));
             pending.sort();
             pending.dedup();
         }
@@ -1010,27 +1021,43 @@ async fn act(
                     _ => None,
                 };
                 let clients = *step != Action::HoldClients;
-                let mut params = std::borrow::Cow::Borrowed(&data.spec.pg_parameters);
-                if d.role == Role::Standby && !o.running {
-                    // A standby started below its primary's last values
-                    // refuses to start; it starts with those, and a later
-                    // restart lowers it once it has replayed the change.
-                    o.raised = match pg.control_data().await {
-                        Ok(c) => {
-                            raise_to_primary_minimums(params.to_mut(), &c.hot_standby_minimums)
+                let write = |params: &std::collections::BTreeMap<String, String>| {
+                    pg.write_config_with(
+                        params,
+                        upstream.as_ref(),
+                        &d.synchronous_standbys,
+                        clients,
+                        &data.spec.pg_hba,
+                    )
+                };
+                write(&data.spec.pg_parameters)?;
+                // Written while running (a reload), the spec's values are
+                // in the file, and PostgreSQL reports any that differ from
+                // what it runs as pending.
+                o.raised.clear();
+                if !o.running && (d.role == Role::Standby || pg.has_standby_signal()) {
+                    // A server starting in recovery below its primary's last
+                    // values refuses to start; it starts with those, and a
+                    // restart once it has replayed the change lowers it.
+                    if let Ok(c) = pg.control_data().await {
+                        let mut configured = std::collections::BTreeMap::new();
+                        for (name, _) in &c.hot_standby_minimums {
+                            if let Some(v) = pg.configured(name).await {
+                                configured.insert(*name, v);
+                            }
                         }
-                        Err(_) => Vec::new(),
-                    };
-                } else if d.role != Role::Standby {
-                    o.raised.clear();
+                        let mut params = data.spec.pg_parameters.clone();
+                        let raised = raise_to_primary_minimums(
+                            &mut params,
+                            &c.hot_standby_minimums,
+                            &configured,
+                        );
+                        if !raised.is_empty() {
+                            write(&params)?;
+                        }
+                        o.raised = raised;
+                    }
                 }
-                pg.write_config_with(
-                    &params,
-                    upstream.as_ref(),
-                    &d.synchronous_standbys,
-                    clients,
-                    &data.spec.pg_hba,
-                )?;
                 o.clients_held = !clients;
                 o.configured_upstream = if d.role == Role::Standby {
                     d.upstream.clone()
@@ -1143,20 +1170,34 @@ mod tests {
             ("max_connections".to_owned(), "'110'".to_owned()),
             ("max_locks_per_transaction".to_owned(), "128".to_owned()),
         ]);
-        let raised = raise_to_primary_minimums(
-            &mut p,
-            &[
-                ("max_connections", 150),
-                ("max_worker_processes", 16),
-                ("max_prepared_transactions", 0),
-                ("max_locks_per_transaction", 64),
-            ],
+        let minimums = [
+            ("max_connections", 150),
+            ("max_worker_processes", 16),
+            ("max_prepared_transactions", 0),
+            ("max_locks_per_transaction", 64),
+        ];
+        let raised = raise_to_primary_minimums(&mut p, &minimums, &Default::default());
+        assert_eq!(
+            raised,
+            [
+                ("max_connections".to_owned(), 150),
+                ("max_worker_processes".to_owned(), 16)
+            ]
         );
-        assert_eq!(raised, ["max_connections", "max_worker_processes"]);
         assert_eq!(p["max_connections"], "150");
         assert_eq!(p["max_worker_processes"], "16");
         assert_eq!(p["max_locks_per_transaction"], "128");
         assert!(!p.contains_key("max_prepared_transactions"));
+        // What the server would run with (postgresql.conf's 300, not the
+        // default the spec leaves unset) is what counts.
+        let mut p = std::collections::BTreeMap::new();
+        let configured = std::collections::BTreeMap::from([
+            ("max_connections", 300),
+            ("max_worker_processes", 16),
+        ]);
+        let raised = raise_to_primary_minimums(&mut p, &minimums, &configured);
+        assert!(raised.is_empty(), "{raised:?}");
+        assert!(p.is_empty());
     }
     use Action::*;
 

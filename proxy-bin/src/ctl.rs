@@ -342,7 +342,6 @@ fn read_spec(path: &std::path::Path) -> Result<ClusterSpec> {
             unknown.join(", ")
         );
     }
-    spec.validate()?;
     Ok(spec)
 }
 
@@ -417,6 +416,20 @@ fn lowers_hot_standby_settings(d: &ClusterData, primary: &str) -> Vec<String> {
         })
         .map(|n| (*n).to_owned())
         .collect()
+}
+
+/// Whether a standby running `standby` has a setting it needs at least as
+/// high as its primary's below the primary's `primary`.
+fn below_primary(
+    standby: &std::collections::BTreeMap<String, String>,
+    primary: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    let v = |m: &std::collections::BTreeMap<String, String>, n: &str| {
+        m.get(n).and_then(|v| v.parse::<i64>().ok())
+    };
+    cluster::data::HOT_STANDBY_SETTINGS
+        .iter()
+        .any(|n| matches!((v(standby, n), v(primary, n)), (Some(a), Some(b)) if a < b))
 }
 
 /// Waits until `check` holds on the cluster data, up to `limit`.
@@ -536,14 +549,22 @@ async fn rolling_restart(
         let (d, _) = read(store, keys).await?;
         let at = d.dbs.get(&primary).map_or(0, |db| db.status.lsn);
         for s in &targets {
+            // Done waiting when it replayed past the restart; at once for
+            // a standby that is down (it starts with its primary's values
+            // from its control file) or that runs a setting below the
+            // primary's new one (raised in the same change: its replay
+            // pauses at the change, and only its restart helps).
             wait_for(
                 store,
                 keys,
                 limit,
                 &format!("{s} replaying {primary}'s restart"),
                 |d| {
+                    let new = d.dbs.get(&primary).map(|p| &p.status.running_settings);
                     d.dbs.get(s).is_some_and(|db| {
-                        db.status.healthy && db.status.streaming && db.status.replay_lsn >= at
+                        let below =
+                            new.is_some_and(|new| below_primary(&db.status.running_settings, new));
+                        !db.status.healthy || db.status.replay_lsn >= at || below
                     })
                 },
             )
@@ -632,6 +653,7 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 Some(path) => read_spec(&path)?,
                 None => ClusterSpec::default(),
             };
+            spec.validate_written(None)?;
             if let Some(uid) = &existing {
                 keeper::validate_uid(uid).map_err(anyhow::Error::msg)?;
             }
@@ -791,11 +813,11 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                                 unknown.join(", ")
                             );
                         }
-                        spec.validate()?;
                         spec
                     }
                     (None, None) => bail!("give --file or --patch"),
                 };
+                spec.validate_written(Some(&d.spec))?;
                 // Fields a newer keelson wrote stay as they are.
                 let extra = d.spec.extra.clone();
                 let spec = ClusterSpec { extra, ..spec };

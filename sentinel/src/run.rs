@@ -329,7 +329,13 @@ impl SentinelNode {
     /// It won the last election it ran, and it is still registered (a
     /// sentinel cut off from the store leads no more once its lease ends).
     pub fn is_leader(&self, now: Instant) -> bool {
-        self.leading.load(std::sync::atomic::Ordering::Relaxed) && self.is_healthy(now)
+        // Registered within its lease's TTL: past that, another sentinel
+        // may have won the election.
+        self.leading.load(std::sync::atomic::Ordering::Relaxed)
+            && self.with(|s| {
+                s.registered
+                    .is_some_and(|t| now.saturating_duration_since(t) < LEASE_TTL)
+            })
     }
 
     /// Its loop runs and it renewed its registration in the store within
