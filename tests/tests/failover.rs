@@ -1132,13 +1132,17 @@ impl LocalCluster {
 /// What a client that opens a new connection every 20 ms saw.
 struct Prober {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// When the fault was injected: an attempt already under way then
+    /// had its session on the dead server, which may end it.
+    fault: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
     task: tokio::task::JoinHandle<(usize, Vec<String>, Duration)>,
 }
 
 impl Prober {
     fn start(conn: &str) -> Prober {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (s, conn) = (stop.clone(), conn.to_owned());
+        let fault = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
+        let (s, conn, f) = (stop.clone(), conn.to_owned(), fault.clone());
         let task = tokio::spawn(async move {
             let (mut ok, mut failed, mut longest) = (0, Vec::new(), Duration::ZERO);
             while !s.load(std::sync::atomic::Ordering::Relaxed) {
@@ -1149,8 +1153,12 @@ impl Prober {
                 })
                 .await;
                 longest = longest.max(t.elapsed());
+                let open_at_fault = f.lock().unwrap().is_some_and(|at| t < at);
                 match r {
                     Ok(Ok(_)) => ok += 1,
+                    Ok(Err(e)) if open_at_fault => eprintln!(
+                        "an attempt under way at the fault ended (its session was on the dead server): {e}"
+                    ),
                     Ok(Err(e)) => failed.push(format!(
                         "after {:?}: {:?} {e}",
                         t.elapsed(),
@@ -1158,11 +1166,21 @@ impl Prober {
                     )),
                     Err(_) => failed.push("no answer within 30 s".into()),
                 }
+                if open_at_fault {
+                    // The one attempt under way is past; later ones all
+                    // started after the fault.
+                    *f.lock().unwrap() = None;
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             (ok, failed, longest)
         });
-        Prober { stop, task }
+        Prober { stop, fault, task }
+    }
+
+    /// Marks the fault's instant: call right before injecting it.
+    fn fault_now(&self) {
+        *self.fault.lock().unwrap() = Some(Instant::now());
     }
 
     async fn stop(self) -> (usize, Vec<String>, Duration) {
@@ -1187,6 +1205,7 @@ async fn a_client_connecting_every_20ms_sees_no_failed_attempt_across_a_restart_
     let probe = Prober::start(&c.conn);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pid = c.pg_pid(old);
+    probe.fault_now();
     c.kill_postgres(old);
     tokio::time::sleep(Duration::from_millis(100)).await;
     crate::assert_eventually!(
@@ -1212,6 +1231,7 @@ async fn a_client_connecting_every_20ms_sees_no_failed_attempt_across_a_restart_
 
     let probe = Prober::start(&c.conn);
     tokio::time::sleep(Duration::from_secs(1)).await;
+    probe.fault_now();
     c.kill_primary();
     let new = c.wait_new_primary(old, Duration::from_secs(40)).await;
     crate::assert_eventually!(
