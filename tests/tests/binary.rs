@@ -438,3 +438,57 @@ async fn sighup_swaps_the_tls_certificate_without_dropping_a_session() {
         "the session opened before the reload was dropped"
     );
 }
+
+/// Issue 13: SIGHUP takes new routing rules from the config file: a
+/// session whose application_name a new rule sends to the replica route
+/// goes there (here the static "replica" is the primary itself, so the
+/// route's role check refuses it with 57P03, which shows the rule is in
+/// force); other sessions are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_takes_new_routing_rules() {
+    let pg = PgServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_port();
+    let config = dir.path().join("keelson.toml");
+    let base = format!(
+        "listen = \"127.0.0.1:{listen}\"\nbackend = \"{0}\"\nreplicas = [\"{0}\"]\n",
+        pg.addr()
+    );
+    std::fs::write(&config, &base).unwrap();
+    let child = Command::new(keelson_bin())
+        .args(["proxy", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let proc = Proc(child);
+    let conn = |app: &str| {
+        format!("host=127.0.0.1 port={listen} user=postgres dbname=postgres application_name={app}")
+    };
+    crate::assert_eventually!(
+        try_connect(&conn("report")).await.is_ok(),
+        Duration::from_secs(60),
+        "the proxy never accepted a session"
+    );
+    let open = try_connect(&conn("other")).await.unwrap();
+    std::fs::write(
+        &config,
+        format!("{base}[[rules]]\napplication_name = \"report\"\nroute = \"replica\"\n"),
+    )
+    .unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(proc.0.id() as i32, libc::SIGHUP) };
+    crate::assert_eventually!(
+        try_connect(&conn("report"))
+            .await
+            .err()
+            .is_some_and(|e| sqlstate(&e).as_deref() == Some("57P03")),
+        Duration::from_secs(10),
+        "the new rule is not in force"
+    );
+    assert!(try_connect(&conn("other")).await.is_ok());
+    open.simple_query("SELECT 1")
+        .await
+        .expect("a session from before the reload");
+}
