@@ -305,6 +305,27 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
+/// PostgreSQL's range check of a number for `s` (`name`), with its message.
+fn within_range<T>(n: T, s: &Setting, name: &str) -> Result<(), String>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+{
+    let bound = |b: &Option<String>| b.as_deref().and_then(|m| m.parse::<T>().ok());
+    if let (Some(lo), Some(hi)) = (bound(&s.min), bound(&s.max)) {
+        if n < lo || n > hi {
+            let unit = s
+                .unit
+                .as_deref()
+                .map(|u| format!(" {u}"))
+                .unwrap_or_default();
+            return Err(format!(
+                r#"{n}{unit} is outside the valid range for parameter "{name}" ({lo} .. {hi})"#
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Catalog {
     /// Checks `value` for parameter `name` as PostgreSQL does when it reads
     /// its configuration, with PostgreSQL's message (and hint) when it is
@@ -329,38 +350,17 @@ impl Catalog {
             }
             m
         };
-        let unit = s
-            .unit
-            .as_deref()
-            .map(|u| format!(" {u}"))
-            .unwrap_or_default();
         match s.vartype.as_str() {
             "bool" if parse_bool(&v).is_none() => {
                 return Err(format!(r#"parameter "{lower}" requires a Boolean value"#));
             }
             "integer" => {
                 let n = parse_number(&v, s, true).map_err(invalid)? as i64;
-                let min = s.min.as_deref().and_then(|m| m.parse::<i64>().ok());
-                let max = s.max.as_deref().and_then(|m| m.parse::<i64>().ok());
-                if let (Some(lo), Some(hi)) = (min, max) {
-                    if n < lo || n > hi {
-                        return Err(format!(
-                            r#"{n}{unit} is outside the valid range for parameter "{lower}" ({lo} .. {hi})"#
-                        ));
-                    }
-                }
+                within_range(n, s, &lower)?;
             }
             "real" => {
                 let n = parse_number(&v, s, false).map_err(invalid)?;
-                let min = s.min.as_deref().and_then(|m| m.parse::<f64>().ok());
-                let max = s.max.as_deref().and_then(|m| m.parse::<f64>().ok());
-                if let (Some(lo), Some(hi)) = (min, max) {
-                    if n < lo || n > hi {
-                        return Err(format!(
-                            r#"{n}{unit} is outside the valid range for parameter "{lower}" ({lo} .. {hi})"#
-                        ));
-                    }
-                }
+                within_range(n, s, &lower)?;
             }
             "enum" => {
                 let l = v.trim().to_ascii_lowercase();

@@ -21,15 +21,28 @@ pub struct ControlData {
     pub hot_standby_minimums: Vec<(&'static str, i64)>,
 }
 
-/// `pg_controldata`'s line for each setting a standby needs at least as
-/// high as its primary's.
-const MINIMUM_FIELDS: &[(&str, &str)] = &[
-    ("max_connections setting", "max_connections"),
-    ("max_worker_processes setting", "max_worker_processes"),
-    ("max_wal_senders setting", "max_wal_senders"),
-    ("max_prepared_xacts setting", "max_prepared_transactions"),
-    ("max_locks_per_xact setting", "max_locks_per_transaction"),
+/// For each setting a standby needs at least as high as its primary's
+/// ([`cluster::data::HOT_STANDBY_SETTINGS`]): `pg_controldata`'s line for
+/// it, and PostgreSQL's default (`max_wal_senders`: keelson's minimum).
+const MINIMUM_FIELDS: &[(&str, &str, i64)] = &[
+    ("max_connections setting", "max_connections", 100),
+    ("max_worker_processes setting", "max_worker_processes", 8),
+    ("max_wal_senders setting", "max_wal_senders", 10),
+    ("max_prepared_xacts setting", "max_prepared_transactions", 0),
+    (
+        "max_locks_per_xact setting",
+        "max_locks_per_transaction",
+        64,
+    ),
 ];
+
+/// PostgreSQL's default of hot-standby setting `name`.
+pub fn hot_standby_default(name: &str) -> Option<i64> {
+    MINIMUM_FIELDS
+        .iter()
+        .find(|(_, n, _)| *n == name)
+        .map(|(_, _, d)| *d)
+}
 
 impl ControlData {
     /// Whether the server was shut down cleanly as a primary: the latest
@@ -59,7 +72,7 @@ pub fn parse(text: &str) -> Option<ControlData> {
         timeline: field("Latest checkpoint's TimeLineID")?.parse().ok()?,
         hot_standby_minimums: MINIMUM_FIELDS
             .iter()
-            .filter_map(|(f, name)| Some((*name, field(f)?.parse().ok()?)))
+            .filter_map(|(f, name, _)| Some((*name, field(f)?.parse().ok()?)))
             .collect(),
     })
 }
@@ -90,6 +103,10 @@ mod tests {
             vec![("max_connections", 150), ("max_locks_per_transaction", 64)]
         );
         assert_eq!(parse("garbage"), None);
+        // The same five settings as the cluster's list.
+        let mut names: Vec<&str> = MINIMUM_FIELDS.iter().map(|(_, n, _)| *n).collect();
+        names.sort();
+        assert_eq!(names, cluster::data::HOT_STANDBY_SETTINGS);
         assert_eq!(parse_lsn("0/3000060"), Some(0x300_0060));
         assert_eq!(parse_lsn("x/1"), None);
     }

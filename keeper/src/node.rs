@@ -42,8 +42,8 @@ pub struct NodeSnapshot {
     pub tags: Tags,
     /// When the reconcile loop last finished a round.
     pub last_round: Option<Instant>,
-    /// The step the reconcile loop is in now, and since when.
-    pub busy: Option<(String, Instant)>,
+    /// The step the reconcile loop is in now.
+    pub busy: Option<&'static str>,
 }
 
 impl NodeSnapshot {
@@ -88,9 +88,9 @@ impl NodeSnapshot {
     }
 
     /// WAL bytes this standby's replay is behind the primary's last
-    /// report.
+    /// report; `None` on a primary.
     pub fn lag_bytes(&self) -> Option<u64> {
-        let r = self.report.as_ref()?;
+        let r = self.report.as_ref().filter(|r| r.in_recovery)?;
         let replayed = if r.replay_lsn > 0 {
             r.replay_lsn
         } else {
@@ -232,11 +232,7 @@ pub fn status_json(s: &NodeSnapshot, now: Instant) -> String {
         replay_lsn: r
             .filter(|r| r.in_recovery && r.replay_lsn > 0)
             .map(|r| cluster::status::format_lsn(r.replay_lsn)),
-        lag_bytes: s
-            .report
-            .as_ref()
-            .filter(|r| r.in_recovery)
-            .and_then(|_| s.lag_bytes()),
+        lag_bytes: s.lag_bytes(),
         lag_ms: s.lag_ms(),
         streaming: r.is_some_and(|r| r.streaming),
         sync_standby: s.sync_member && s.sync_confirmed,
@@ -252,7 +248,7 @@ pub fn status_json(s: &NodeSnapshot, now: Instant) -> String {
         last_round_seconds_ago: s
             .last_round
             .map(|t| now.saturating_duration_since(t).as_secs_f64()),
-        busy: s.busy.as_ref().map(|(b, _)| b.as_str()),
+        busy: s.busy,
     };
     serde_json::to_string(&st).unwrap_or_default()
 }
@@ -307,9 +303,7 @@ pub fn metrics_text(s: &NodeSnapshot, now: Instant) -> String {
         "keelson_keeper_lag_bytes",
         "WAL bytes this standby's replay is behind the primary's last report (0 on a primary).",
         "",
-        r.filter(|r| r.in_recovery)
-            .and_then(|_| s.lag_bytes())
-            .unwrap_or(0) as f64,
+        s.lag_bytes().unwrap_or(0) as f64,
     );
     gauge(
         "keelson_keeper_applied_generation",
@@ -392,50 +386,57 @@ pub fn answer(s: &NodeSnapshot, path: &str, query: &str, now: Instant) -> Answer
 /// The snapshot shared between the reconcile loop and the API, and the
 /// tags a SIGHUP re-read from the flags and the configuration file.
 #[derive(Debug, Default)]
-pub struct NodeState(
-    Mutex<NodeSnapshot>,
-    Mutex<Option<Option<Tags>>>,
-    std::sync::OnceLock<std::sync::Arc<crate::lease::Lease>>,
-);
+pub struct NodeState {
+    snapshot: Mutex<NodeSnapshot>,
+    /// The tag flags the last SIGHUP read (`Some(None)`: none given).
+    flag_tags: Mutex<Option<Option<Tags>>>,
+    lease: std::sync::OnceLock<std::sync::Arc<crate::lease::Lease>>,
+}
 
 impl NodeState {
     pub fn new(uid: &str) -> NodeState {
-        NodeState(
-            Mutex::new(NodeSnapshot {
+        NodeState {
+            snapshot: Mutex::new(NodeSnapshot {
                 uid: uid.to_owned(),
                 ..Default::default()
             }),
-            Mutex::new(None),
-            std::sync::OnceLock::new(),
-        )
+            ..Default::default()
+        }
     }
 
     /// The keeper's lease: whether it is fenced is read from it at each
     /// request, not from the last round (which a slow step may hold up).
     pub fn set_lease(&self, lease: std::sync::Arc<crate::lease::Lease>) {
-        let _ = self.2.set(lease);
+        let _ = self.lease.set(lease);
     }
 
     /// The tags the flags give after a SIGHUP (`Some(None)`: no tag flag
     /// any more); `None` before any.
     pub fn set_flag_tags(&self, tags: Option<Tags>) {
-        *self.1.lock().unwrap_or_else(|e| e.into_inner()) = Some(tags);
+        *self.flag_tags.lock().unwrap_or_else(|e| e.into_inner()) = Some(tags);
     }
 
     /// The tags the last SIGHUP read from the flags (`Some(None)`: no
     /// tag flag); `None` before any SIGHUP.
     pub fn flag_tags(&self) -> Option<Option<Tags>> {
-        self.1.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.flag_tags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn update(&self, f: impl FnOnce(&mut NodeSnapshot)) {
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut g);
     }
 
     pub fn snapshot(&self) -> NodeSnapshot {
-        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(lease) = self.2.get() {
+        let mut s = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(lease) = self.lease.get() {
             s.fenced |= lease.expired();
         }
         s
@@ -573,7 +574,7 @@ mod tests {
         };
         assert!(!stale.is_alive(now));
         let busy = NodeSnapshot {
-            busy: Some(("BaseBackup".into(), now)),
+            busy: Some("reconcile"),
             ..stale.clone()
         };
         assert!(busy.is_alive(now));

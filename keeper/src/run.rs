@@ -417,7 +417,7 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
                 // the step.
                 cfg.node.update(|s| {
                     s.set_data(data);
-                    s.busy = Some(("reconcile".into(), Instant::now()));
+                    s.busy = Some("reconcile");
                 });
                 k.reconcile(&mut pg, &cfg, &desired, &mut obs, data, &lease)
                     .await;
@@ -491,16 +491,6 @@ fn spawn_guard(program: &std::path::Path, args: &[String], dir: &std::path::Path
     }
 }
 
-/// PostgreSQL's defaults of the settings a standby needs at least as high
-/// as its primary's (`max_wal_senders`: keelson's own minimum).
-const HOT_STANDBY_DEFAULTS: &[(&str, i64)] = &[
-    ("max_connections", 100),
-    ("max_worker_processes", 8),
-    ("max_wal_senders", 10),
-    ("max_prepared_transactions", 0),
-    ("max_locks_per_transaction", 64),
-];
-
 /// Raises each setting in `params` that a standby needs at least as high
 /// as its primary to the primary's value in the control file, where the
 /// value the server would run with is lower: `configured` (what
@@ -517,12 +507,7 @@ fn raise_to_primary_minimums(
             params
                 .get(*name)
                 .and_then(|v| cluster::params::text(v).trim().parse::<i64>().ok())
-                .or_else(|| {
-                    HOT_STANDBY_DEFAULTS
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .map(|(_, v)| *v)
-                })
+                .or_else(|| crate::control::hot_standby_default(name))
         });
         if current.is_some_and(|v| v < *min) {
             tracing::info!(

@@ -406,14 +406,23 @@ fn lowers_hot_standby_settings(d: &ClusterData, primary: &str) -> Vec<String> {
     let Some(running) = d.dbs.get(primary).map(|db| &db.status.running_settings) else {
         return Vec::new();
     };
-    let num = |v: &str| cluster::params::text(v).trim().parse::<i64>().ok();
+    settings_below(
+        |n| {
+            d.spec
+                .pg_parameters
+                .get(n)
+                .and_then(|v| cluster::params::text(v).trim().parse().ok())
+        },
+        |n| running.get(n).and_then(|v| v.parse().ok()),
+    )
+}
+
+/// The hot-standby settings whose value in `a` is below that in `b`
+/// (where both are known).
+fn settings_below(a: impl Fn(&str) -> Option<i64>, b: impl Fn(&str) -> Option<i64>) -> Vec<String> {
     cluster::data::HOT_STANDBY_SETTINGS
         .iter()
-        .filter(|name| {
-            let wanted = d.spec.pg_parameters.get(**name).and_then(|v| num(v));
-            let now = running.get(**name).and_then(|v| num(v));
-            matches!((wanted, now), (Some(w), Some(n)) if w < n)
-        })
+        .filter(|n| matches!((a(n), b(n)), (Some(x), Some(y)) if x < y))
         .map(|n| (*n).to_owned())
         .collect()
 }
@@ -424,12 +433,8 @@ fn below_primary(
     standby: &std::collections::BTreeMap<String, String>,
     primary: &std::collections::BTreeMap<String, String>,
 ) -> bool {
-    let v = |m: &std::collections::BTreeMap<String, String>, n: &str| {
-        m.get(n).and_then(|v| v.parse::<i64>().ok())
-    };
-    cluster::data::HOT_STANDBY_SETTINGS
-        .iter()
-        .any(|n| matches!((v(standby, n), v(primary, n)), (Some(a), Some(b)) if a < b))
+    let v = |m: &std::collections::BTreeMap<String, String>, n: &str| m.get(n)?.parse().ok();
+    !settings_below(|n| v(standby, n), |n| v(primary, n)).is_empty()
 }
 
 /// Waits until `check` holds on the cluster data, up to `limit`.

@@ -305,8 +305,6 @@ pub struct SentinelNode {
 struct SentinelState {
     /// When the loop last registered in the store (its lease renewed).
     registered: Option<Instant>,
-    /// When the loop last ran.
-    tick: Option<Instant>,
     decisions: BTreeMap<String, u64>,
 }
 
@@ -421,7 +419,6 @@ pub async fn run(store: AnyStore, keys: Keys, uid: String, node: std::sync::Arc<
             }
             continue;
         }
-        node.with(|s| s.tick = Some(Instant::now()));
         match store
             .put(&format!("{}{uid}", keys.sentinels()), "{}", lease)
             .await

@@ -92,22 +92,7 @@ impl TlsEtcd {
         let client = format!("https://127.0.0.1:{port}");
         let peer = format!("http://127.0.0.1:{peer}");
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
-        let child = Command::new("etcd")
-            .args(["--name", "default", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("default={peer}")])
+        let child = crate::support::etcd_command(&dir.path().join("data"), &client, &peer)
             .arg("--cert-file")
             .arg(&pki.server.0)
             .arg("--key-file")

@@ -447,6 +447,28 @@ pub fn must_fail(r: Result<Client, tokio_postgres::Error>, why: &str) -> tokio_p
     }
 }
 
+/// A one-member etcd serving clients at `client` and its peer port at
+/// `peer` (URLs), its data in `data`.
+pub fn etcd_command(data: &Path, client: &str, peer: &str) -> Command {
+    let mut c = Command::new("etcd");
+    c.args(["--name", "default", "--data-dir"])
+        .arg(data)
+        .args([
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+        ])
+        .args(["--initial-cluster", &format!("default={peer}")]);
+    c
+}
+
 /// A real etcd server on free loopback ports, killed and removed on drop.
 pub struct EtcdServer {
     pub port: u16,
@@ -479,22 +501,7 @@ impl EtcdServer {
             .append(true)
             .open(self.dir.path().join("log"))
             .expect("etcd log");
-        let child = Command::new("etcd")
-            .args(["--name", "default", "--data-dir"])
-            .arg(self.dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("default={peer}")])
+        let child = etcd_command(&self.dir.path().join("data"), &client, &peer)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
