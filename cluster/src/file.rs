@@ -1,10 +1,16 @@
 //! The embedded file store (`file:///dir`), for clusters on one host.
 //!
-//! The whole store is one JSON document, `<dir>/store.json`. Every write
-//! takes an exclusive `flock` on `<dir>/store.lock`, reads the document,
-//! changes it, writes a temporary file, fsyncs it and renames it into place,
-//! so readers (which take no lock) always see a complete document and
-//! several processes can share the store safely.
+//! The whole store is one JSON document, committed in generations:
+//! `<dir>/gen.<n>` is the store after its n-th write. A writer reads the
+//! newest generation, changes it, writes and fsyncs a temporary file and
+//! links it as the next generation; `link(2)` never replaces a file, so of
+//! the writers that read the same generation one commits and the others
+//! read again and retry. There is no lock: a writer stopped anywhere in a
+//! write (SIGSTOP, a frozen cgroup, a stalled VM) holds no one up, and when
+//! it resumes its commit fails instead of undoing the writes made in the
+//! meantime. Readers always see a complete document. The newest
+//! [`KEEP_GENERATIONS`] are kept for readers that listed one just before it
+//! was superseded.
 //!
 //! Leases expire by `CLOCK_BOOTTIME`, which all processes on the host share
 //! and which a wall-clock step (NTP, an operator's `date -s`) does not move:
@@ -13,17 +19,16 @@
 //! store records the host's boot id; after a reboot every lease has
 //! expired (their holders are gone, and the boot clock started again).
 //! Expired leases are purged, with delete events, by the next operation
-//! that notices them; watchers look every [`POLL_INTERVAL`] (a `stat`
-//! unless the file changed or a lease is due), so even an idle store
+//! that notices them; watchers look every [`POLL_INTERVAL`] (a directory
+//! listing, unless there is a new generation or a lease is due), so even an idle store
 //! expires its leases promptly and watches fire within 100 ms.
 //! The last [`EVENT_HISTORY`] events are kept so that watches can resume.
-//! The lock is waited for at most [`crate::store::REQUEST_TIMEOUT`]: a
-//! process stuck while holding it makes the others fail, not hang.
+//! A write retried for [`crate::store::REQUEST_TIMEOUT`] under constant
+//! contention fails as unavailable.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +42,19 @@ use crate::store::{Cas, KeyValue, LeaseId, Result, Store, StoreError, Watch, Wat
 pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
 /// Events kept for watches that resume from an older revision.
 pub const EVENT_HISTORY: usize = 1_000;
+/// Committed generations are files named this and their number.
+const GENERATION_PREFIX: &str = "gen.";
+/// Generations kept behind the newest, for readers that listed one of them
+/// just before it was superseded.
+const KEEP_GENERATIONS: u64 = 16;
+/// Commit ids each generation remembers. A writer stopped in its write for
+/// this many commits by others cannot tell whether its write landed, and
+/// says so.
+const COMMIT_HISTORY: usize = 256;
+/// A writer's file before it is committed.
+const TMP_PREFIX: &str = "tmp.";
+/// A temporary file this old belongs to a writer that died.
+const ABANDONED_AFTER: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Entry {
@@ -65,6 +83,20 @@ struct State {
     /// The boot the lease times belong to.
     #[serde(default)]
     boot_id: String,
+    /// The ids of the last [`COMMIT_HISTORY`] commits, newest last: a
+    /// writer finds its own here once it is on the line of commits.
+    #[serde(default)]
+    commits: VecDeque<u64>,
+}
+
+/// A commit's id: unique among this host's writers, past ones included.
+fn commit_id(seq: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u64(seq);
+    h.write_u64(now_ms());
+    h.finish()
 }
 
 /// Milliseconds on `CLOCK_BOOTTIME`.
@@ -195,80 +227,178 @@ impl FileStore {
         &self.dir
     }
 
-    fn data_path(&self) -> PathBuf {
+    /// The document an earlier keelson kept the whole store in; read as
+    /// generation 0 until the first commit.
+    fn legacy_path(&self) -> PathBuf {
         self.dir.join("store.json")
     }
 
-    fn read_state(&self) -> Result<State> {
-        match std::fs::read_to_string(self.data_path()) {
-            Ok(s) => serde_json::from_str(&s).map_err(|e| {
-                StoreError::Invalid(format!("{} is corrupt: {e}", self.data_path().display()))
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(io_err("cannot read the store", e)),
+    fn generation_path(&self, n: u64) -> PathBuf {
+        self.dir.join(format!("{GENERATION_PREFIX}{n:020}"))
+    }
+
+    /// The committed generations present, oldest first (none: a new store).
+    fn generations(&self) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        let dir = std::fs::read_dir(&*self.dir).map_err(|e| io_err("cannot read the store", e))?;
+        for entry in dir {
+            let entry = entry.map_err(|e| io_err("cannot read the store", e))?;
+            let name = entry.file_name();
+            if let Some(n) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(GENERATION_PREFIX))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                out.push(n);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The newest committed generation (0 before the first commit).
+    fn latest(&self) -> Result<u64> {
+        Ok(self.generations()?.last().copied().unwrap_or(0))
+    }
+
+    /// The newest generation and its state.
+    fn read_state(&self) -> Result<(u64, State)> {
+        loop {
+            let n = self.latest()?;
+            let path = if n == 0 {
+                self.legacy_path()
+            } else {
+                self.generation_path(n)
+            };
+            match std::fs::read_to_string(&path) {
+                Ok(s) => {
+                    return serde_json::from_str(&s).map(|st| (n, st)).map_err(|e| {
+                        StoreError::Invalid(format!("{} is corrupt: {e}", path.display()))
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && n == 0 => {
+                    return Ok((0, State::default()));
+                }
+                // Collected after we listed it: a newer one has been
+                // committed since, read that.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("cannot read the store", e)),
+            }
         }
     }
 
-    /// Runs `f` on the state under the exclusive lock and saves the result
-    /// if `f` changed it (lease expiry included).
-    fn update<T>(&self, f: impl FnOnce(&mut State) -> Result<(T, bool)>) -> Result<T> {
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join("store.lock"))
-            .map_err(|e| io_err("cannot open the store lock", e))?;
+    /// Runs `f` on the newest state and commits the result as the next
+    /// generation if `f` changed it (lease expiry included). If another
+    /// writer committed that generation first, runs `f` again on theirs.
+    fn update<T>(&self, mut f: impl FnMut(&mut State) -> Result<(T, bool)>) -> Result<T> {
         let deadline = std::time::Instant::now() + crate::store::REQUEST_TIMEOUT;
         loop {
-            // SAFETY: flock on a file descriptor we own; released when `lock` closes.
-            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                break;
-            }
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(io_err("cannot lock the store", e));
+            let (n, mut state) = self.read_state()?;
+            let expired = state.expire(now_ms());
+            let (out, changed) = f(&mut state)?;
+            if !(changed || expired) || self.commit(n, &mut state)? {
+                return Ok(out);
             }
             if std::time::Instant::now() >= deadline {
                 return Err(StoreError::Unavailable(format!(
-                    "the store in {} has been locked by another process for more than {:?}",
+                    "the store in {} was changed by other writers before every attempt of this \
+                     write for {:?}",
                     self.dir.display(),
                     crate::store::REQUEST_TIMEOUT
                 )));
             }
-            std::thread::sleep(Duration::from_millis(2));
         }
-        let mut state = self.read_state()?;
-        let expired = state.expire(now_ms());
-        let (out, changed) = f(&mut state)?;
-        if changed || expired {
-            self.save(&state)?;
-        }
-        drop(lock);
-        Ok(out)
     }
 
-    fn save(&self, state: &State) -> Result<()> {
+    /// Commits `state` as generation `base + 1`: false if another writer
+    /// committed it first (or, for a writer stopped long enough, a later
+    /// one), and nothing was written.
+    fn commit(&self, base: u64, state: &mut State) -> Result<bool> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = commit_id(seq);
+        state.commits.push_back(id);
+        while state.commits.len() > COMMIT_HISTORY {
+            state.commits.pop_front();
+        }
         let tmp = self
             .dir
-            .join(format!("store.json.tmp{}", std::process::id()));
+            .join(format!("{TMP_PREFIX}{}.{seq}", std::process::id()));
         let text = serde_json::to_vec(state).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let mut f = File::create(&tmp).map_err(|e| io_err("cannot write the store", e))?;
-        f.write_all(&text)
-            .map_err(|e| io_err("cannot write the store", e))?;
-        f.sync_all()
-            .map_err(|e| io_err("cannot sync the store", e))?;
-        std::fs::rename(&tmp, self.data_path())
-            .map_err(|e| io_err("cannot replace the store", e))?;
-        // The rename is durable only once the directory is.
+        let written = File::create(&tmp).and_then(|mut f| {
+            f.write_all(&text)?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io_err("cannot write the store", e));
+        }
+        // link(2) never replaces: of all writers that read generation
+        // `base`, exactly one commits `base + 1`.
+        let target = self.generation_path(base + 1);
+        let linked = std::fs::hard_link(&tmp, &target);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(io_err("cannot commit to the store", e)),
+        }
+        // The link is durable only once the directory is.
         File::open(&*self.dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| io_err("cannot sync the store's directory", e))?;
-        Ok(())
+        // A writer stopped between reading `base` and linking can find
+        // `base + 1` collected and link a generation older than the newest,
+        // which no one reads: it is on the line of commits only if the
+        // newest generation descends from it.
+        let (newest, head) = self.read_state()?;
+        if !head.commits.contains(&id) {
+            let _ = std::fs::remove_file(&target);
+            if newest.saturating_sub(base + 1) >= COMMIT_HISTORY as u64 {
+                return Err(StoreError::Unavailable(format!(
+                    "this process was stopped during a write to the store in {} for {} \
+                     commits by others: the write may or may not have been applied",
+                    self.dir.display(),
+                    newest - base - 1
+                )));
+            }
+            return Ok(false);
+        }
+        let gens = self.generations()?;
+        for &old in gens
+            .iter()
+            .take_while(|&&g| g + KEEP_GENERATIONS <= base + 1)
+        {
+            let _ = std::fs::remove_file(self.generation_path(old));
+        }
+        if base == 0 {
+            let _ = std::fs::remove_file(self.legacy_path());
+        }
+        self.remove_abandoned_temporaries();
+        Ok(true)
+    }
+
+    /// Temporary files of writers killed before they linked theirs.
+    fn remove_abandoned_temporaries(&self) {
+        let Ok(dir) = std::fs::read_dir(&*self.dir) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > ABANDONED_AFTER);
+            if old && entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Reads the state, purging expired leases first if there are any.
     fn snapshot(&self) -> Result<State> {
-        let state = self.read_state()?;
+        let (_, state) = self.read_state()?;
         if state.has_expired(now_ms()) {
             return self.update(|s| Ok((s.clone(), false)));
         }
@@ -369,14 +499,12 @@ impl Store for FileStore {
             next = self.blocking(|s| Ok(s.snapshot()?.revision)).await? + 1;
         }
         tokio::spawn(async move {
-            // The file is replaced (a new inode) on every write: unless it
-            // was, or a lease is due to expire, there is nothing to read.
-            let mut seen: Option<(u64, u64)> = None;
+            // Every write is a new generation: unless there is one, or a
+            // lease is due to expire, there is nothing to read.
+            let mut seen: Option<u64> = None;
             let mut due: Option<u64> = None;
             loop {
-                let now_seen = std::fs::metadata(store.data_path())
-                    .ok()
-                    .map(|m| (std::os::unix::fs::MetadataExt::ino(&m), m.len()));
+                let now_seen = store.latest().ok();
                 let unchanged = now_seen.is_some() && now_seen == seen;
                 if unchanged && due.is_none_or(|t| now_ms() < t) {
                     tokio::select! {
@@ -482,8 +610,6 @@ impl Store for FileStore {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::AsRawFd;
-
     use super::*;
 
     #[tokio::test]
@@ -494,9 +620,9 @@ mod tests {
         s.put("/k", "v", l).await.unwrap();
         assert!(s.get("/k").await.unwrap().is_some());
         // The host rebooted: the boot id changed.
-        let mut st = s.read_state().unwrap();
+        let (n, mut st) = s.read_state().unwrap();
         st.boot_id = "another boot".into();
-        s.save(&st).unwrap();
+        assert!(s.commit(n, &mut st).unwrap());
         assert!(
             s.get("/k").await.unwrap().is_none(),
             "a lease outlived a reboot"
@@ -507,20 +633,134 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn a_stuck_lock_holder_makes_others_fail_not_hang() {
+    /// A writer stopped in the middle of a commit (SIGSTOP, a frozen cgroup,
+    /// a stalled VM) must stop no one else from writing, and its commit,
+    /// when it resumes, must not undo theirs.
+    #[test]
+    fn a_writer_stopped_mid_commit_blocks_no_one_and_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let s = FileStore::open(dir.path()).unwrap();
-        s.put("/k", "v", 0).await.unwrap();
-        let lock = File::create(dir.path().join("store.lock")).unwrap();
-        // SAFETY: flock on a descriptor we own.
-        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
-        let t = std::time::Instant::now();
-        let e = s.put("/k", "w", 0).await.unwrap_err();
-        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
-        assert!(e.to_string().contains("locked by another process"), "{e}");
-        assert!(t.elapsed() < crate::store::REQUEST_TIMEOUT + Duration::from_secs(1));
-        // Readers are not blocked by it.
+        s.update(|st| Ok((st.put("/k", "0", 0)?, true))).unwrap();
+        // SAFETY: the child runs only the synchronous commit loop below and
+        // never returns; the guard kills and reaps it.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0);
+        if child == 0 {
+            let mut i = 0u64;
+            loop {
+                i += 1;
+                let _ = s.update(|st| Ok((st.put("/busy", &i.to_string(), 0)?, true)));
+            }
+        }
+        struct Reap(i32);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                // SAFETY: our own child.
+                unsafe {
+                    libc::kill(self.0, libc::SIGKILL);
+                    libc::waitpid(self.0, std::ptr::null_mut(), 0);
+                }
+            }
+        }
+        let reap = Reap(child);
+        for round in 1..=10 {
+            std::thread::sleep(Duration::from_millis(30 + 7 * round));
+            // SAFETY: our own child; WUNTRACED returns once it has stopped.
+            unsafe {
+                libc::kill(child, libc::SIGSTOP);
+                let mut status = 0;
+                libc::waitpid(child, &mut status, libc::WUNTRACED);
+            }
+            let t = std::time::Instant::now();
+            let r = s.update(|st| Ok((st.put("/k", &round.to_string(), 0)?, true)));
+            assert!(
+                r.is_ok() && t.elapsed() < Duration::from_secs(1),
+                "round {round}: a stopped writer held up a write for {:?}: {r:?}",
+                t.elapsed()
+            );
+            // SAFETY: as above.
+            unsafe { libc::kill(child, libc::SIGCONT) };
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        drop(reap);
+        let (_, st) = s.read_state().unwrap();
+        assert_eq!(
+            st.kv("/k").unwrap().value,
+            "10",
+            "a resumed writer undid a commit"
+        );
+        assert!(st.kv("/busy").is_some());
+    }
+
+    /// Writers on several threads (as several processes would) racing on
+    /// one key: every increment lands.
+    #[test]
+    fn racing_writers_lose_no_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStore::open(dir.path()).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        s.update(|st| {
+                            let n: u64 = st.kv("/n").map_or(0, |kv| kv.value.parse().unwrap());
+                            Ok((st.put("/n", &(n + 1).to_string(), 0)?, true))
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let (_, st) = s.read_state().unwrap();
+        assert_eq!(st.kv("/n").unwrap().value, "200");
+        let gens = s.generations().unwrap();
+        assert!(gens.len() as u64 <= KEEP_GENERATIONS + 1, "{gens:?}");
+    }
+
+    /// A writer that read a generation long since collected (stopped for a
+    /// while) cannot commit over the newer ones, even though the name of
+    /// the generation it would write is free again.
+    #[test]
+    fn a_commit_on_a_collected_generation_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStore::open(dir.path()).unwrap();
+        s.update(|st| Ok((st.put("/k", "old", 0)?, true))).unwrap();
+        let (n, mut stale) = s.read_state().unwrap();
+        for i in 0..2 * KEEP_GENERATIONS {
+            s.update(|st| Ok((st.put("/k", &i.to_string(), 0)?, true)))
+                .unwrap();
+        }
+        assert!(!s.generation_path(n + 1).exists());
+        stale.put("/k", "stale", 0).unwrap();
+        assert!(!s.commit(n, &mut stale).unwrap());
+        let (_, st) = s.read_state().unwrap();
+        assert_eq!(
+            st.kv("/k").unwrap().value,
+            (2 * KEEP_GENERATIONS - 1).to_string()
+        );
+        assert!(!s.generation_path(n + 1).exists());
+    }
+
+    /// A store an earlier keelson wrote as one `store.json` is read, and
+    /// its first write moves it to generations.
+    #[tokio::test]
+    async fn a_store_json_of_an_earlier_keelson_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = State::default();
+        st.put("/k", "v", 0).unwrap();
+        std::fs::write(
+            dir.path().join("store.json"),
+            serde_json::to_vec(&st).unwrap(),
+        )
+        .unwrap();
+        let s = FileStore::open(dir.path()).unwrap();
         assert_eq!(s.get("/k").await.unwrap().unwrap().value, "v");
+        s.put("/j", "w", 0).await.unwrap();
+        assert_eq!(s.get("/k").await.unwrap().unwrap().value, "v");
+        assert!(!dir.path().join("store.json").exists());
     }
 }
