@@ -80,6 +80,11 @@ pub struct ClusterSpec {
     /// never catches up) before the sentinel tries another way or gives up.
     #[serde(with = "duration_str")]
     pub convergence_timeout: Duration,
+    /// The store-outage failsafe (docs/ha.md): a primary whose keeper
+    /// cannot reach the store keeps serving past `fence_timeout` while
+    /// every other keeper of the cluster promises it, over the node API,
+    /// not to promote. Off: it fences at `fence_timeout`, always.
+    pub failsafe: bool,
     /// Fields from a newer keelson, kept as they are.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
@@ -100,6 +105,7 @@ impl Default for ClusterSpec {
             pg_parameters: BTreeMap::new(),
             pg_hba: Vec::new(),
             convergence_timeout: Duration::from_secs(60),
+            failsafe: true,
             extra: BTreeMap::new(),
         }
     }
@@ -270,6 +276,25 @@ impl ClusterSpec {
                 humantime::format_duration(SWITCHOVER_DRAIN)
             )));
         }
+        // A candidate that gave the old primary a failsafe promise waits
+        // for it to end (fence_timeout + FENCE_SLACK) before it promotes.
+        let promise_changed = before.is_none_or(|b| {
+            (b.convergence_timeout, b.fence_timeout, b.failsafe)
+                != (self.convergence_timeout, self.fence_timeout, self.failsafe)
+        });
+        let wait = self.fence_timeout + FENCE_SLACK + SWITCHOVER_DRAIN;
+        if self.failsafe && promise_changed && self.convergence_timeout <= wait {
+            return Err(SpecError(format!(
+                "convergence_timeout ({}) must be longer than {} (fence_timeout + {} + {}): \
+                 with the failsafe on, a standby that promised the old primary not to promote \
+                 waits fence_timeout + {} before it promotes, and then needs time to finish",
+                humantime::format_duration(self.convergence_timeout),
+                humantime::format_duration(wait),
+                humantime::format_duration(FENCE_SLACK),
+                humantime::format_duration(SWITCHOVER_DRAIN),
+                humantime::format_duration(FENCE_SLACK),
+            )));
+        }
         Ok(())
     }
 
@@ -350,6 +375,11 @@ pub struct Keeper {
     /// clears the flag.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub failed: bool,
+    /// The cluster's [`ClusterData::membership`] when this keeper joined:
+    /// a primary whose last report read cluster data older than that does
+    /// not know this keeper, so never asked it for a failsafe promise.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub joined: u64,
 }
 
 /// A keeper's tags: how the sentinel and the proxies treat its database.
@@ -489,6 +519,13 @@ pub struct DbStatus {
     /// The last [`Db::restart`] the keeper carried out.
     #[serde(skip_serializing_if = "is_zero")]
     pub restarted: u64,
+    /// Its keeper's node API, `host:port` (see [`KeeperReport::api_address`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_address: Option<String>,
+    /// The [`ClusterData::membership`] of the cluster data its keeper last
+    /// read (see [`KeeperReport::membership`]).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub membership: u64,
 }
 
 /// One PostgreSQL instance, managed by one keeper.
@@ -573,6 +610,15 @@ pub struct KeeperReport {
     pub running_settings: Option<BTreeMap<String, String>>,
     /// The last [`Db::restart`] this keeper carried out.
     pub restarted: u64,
+    /// Its node API (`--api-advertise`, else `--api-listen`), `host:port`:
+    /// where a primary asks it for a failsafe promise, and proxies ask a
+    /// primary's keeper how long they may route to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_address: Option<String>,
+    /// The [`ClusterData::membership`] of the cluster data it read last:
+    /// the keepers it would ask for failsafe promises.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub membership: u64,
 }
 
 /// A failover in progress: the fencing handshake and the promotion.
@@ -655,6 +701,10 @@ pub struct ClusterData {
     /// Every change of primary, oldest first (the last [`HISTORY_LEN`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<PrimaryChange>,
+    /// Counts the sentinel's changes to the set of keepers (a keeper
+    /// joining or removed); see [`Keeper::joined`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub membership: u64,
     /// Fields from a newer keelson, kept as they are.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
@@ -729,6 +779,7 @@ impl ClusterData {
             notice: None,
             paused: false,
             history: Vec::new(),
+            membership: 0,
             reload: 0,
             extra: BTreeMap::new(),
         }
@@ -878,9 +929,10 @@ mod tests {
             .insert("wal_level".into(), "minimal".into());
         assert!(changed.validate_written(Some(&spec)).is_err());
         // convergence_timeout must exceed the switchover drain, at the
-        // boundary.
+        // boundary (the failsafe's relation is tested on its own).
         let at = |ms: u64| ClusterSpec {
             convergence_timeout: Duration::from_millis(ms),
+            failsafe: false,
             ..Default::default()
         };
         assert!(at(5000).validate_written(None).is_err());
@@ -990,6 +1042,23 @@ mod tests {
             Duration::from_secs(6),
             "2.5 s + 625 ms + 2 s, rounded up"
         );
+    }
+
+    #[test]
+    fn with_the_failsafe_convergence_outlasts_a_promise_at_the_boundary() {
+        let mut s = ClusterSpec {
+            fence_timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
+        // 5 s + 0.5 s + 5 s.
+        s.convergence_timeout = Duration::from_millis(10_500);
+        let e = s.validate_written(None).unwrap_err().0;
+        assert!(e.contains("failsafe"), "{e}");
+        s.convergence_timeout = Duration::from_millis(10_501);
+        s.validate_written(None).unwrap();
+        s.convergence_timeout = Duration::from_millis(10_500);
+        s.failsafe = false;
+        s.validate_written(None).unwrap();
     }
 
     #[test]

@@ -104,8 +104,8 @@ fn now_ms() -> u64 {
     crate::store::boottime_ms()
 }
 
-/// This boot of the host.
-fn boot_id() -> String {
+/// This boot of the host (`/proc/sys/kernel/random/boot_id`).
+pub fn boot_id() -> String {
     static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     ID.get_or_init(|| {
         std::fs::read_to_string("/proc/sys/kernel/random/boot_id")

@@ -5,6 +5,7 @@
 pub mod data;
 pub mod etcd;
 pub mod file;
+pub mod node_api;
 pub mod params;
 pub mod status;
 pub mod store;

@@ -28,6 +28,9 @@ use metrics::counter;
 use tokio::time::{sleep_until, Instant};
 
 use crate::lease::LeaseTerms;
+
+/// The primary's keeper's node API path a proxy asks (keeper::failsafe).
+const FAILSAFE_ROUTE: &str = "/failsafe/route";
 use crate::metrics as m;
 use crate::status::{FollowStatus, Taken};
 
@@ -140,30 +143,70 @@ async fn recv(watch: &mut Option<Watch>) -> Option<cluster::store::Result<WatchE
 
 impl<S: Store> Follower<'_, S> {
     async fn tick(&mut self) {
+        if !self.confirm_tick().await {
+            self.failsafe().await;
+        }
+    }
+
+    /// Steps 1-6; false if the view could not be confirmed.
+    async fn confirm_tick(&mut self) -> bool {
         if self.status.is_unusable() {
             // Not registered while the data cannot be used; look again.
             if self.read().await != Some(Taken::Applied) {
-                return;
+                return false;
             }
         }
         let sent = Instant::now();
         if !self.renew().await {
-            return;
+            return false;
         }
         let registered = match self.reg.key_rev {
             None => self.register().await,
             Some(rev) => self.verify(rev).await,
         };
         if !registered {
-            return;
+            return false;
         }
         match self.read().await {
             Some(Taken::Applied | Taken::Outdated) => self.status.confirm(sent),
-            Some(Taken::Unusable) => return self.withdraw("the cluster data cannot be used").await,
-            None => return,
+            Some(Taken::Unusable) => {
+                self.withdraw("the cluster data cannot be used").await;
+                return false;
+            }
+            None => return false,
         }
         self.regrant().await;
         self.acknowledge().await;
+        true
+    }
+
+    /// The store-outage failsafe: asks the primary's keeper how long its
+    /// fence holds off, and routes to it until then (docs/fencing.md).
+    async fn failsafe(&mut self) {
+        let Some((db, addr)) = self.status.primary_api() else {
+            return;
+        };
+        let sent = Instant::now();
+        let limit = self.status.period();
+        match cluster::node_api::call(&addr, "GET", FAILSAFE_ROUTE, limit).await {
+            Ok((200, body)) => match serde_json::from_str::<serde_json::Value>(&body) {
+                Ok(v) if v["uid"].as_str() == Some(db.as_str()) => {
+                    if let Some(ms) = v["remaining_ms"].as_u64() {
+                        self.status
+                            .hold_primary(&db, sent, std::time::Duration::from_millis(ms));
+                    }
+                }
+                _ => {
+                    tracing::warn!(cluster = self.status.cluster(), %addr, body, "the primary's keeper answered something else")
+                }
+            },
+            Ok((status, body)) => {
+                tracing::debug!(cluster = self.status.cluster(), %addr, status, body, "the primary's keeper does not vouch for it")
+            }
+            Err(e) => {
+                tracing::debug!(cluster = self.status.cluster(), error = %e, "cannot ask the primary's keeper")
+            }
+        }
     }
 
     /// After a watch event was taken in.

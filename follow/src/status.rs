@@ -66,6 +66,10 @@ struct State {
     terms: Option<LeaseTerms>,
     /// Set while another instance holds this proxy's registration key.
     conflict: Option<String>,
+    /// The store-outage failsafe: the primary's keeper (this database)
+    /// said its fence holds off until then, so this proxy may route to it
+    /// until then without confirming its view.
+    failsafe: Option<(String, Instant)>,
 }
 
 /// How a clusterdata value was taken in.
@@ -354,6 +358,72 @@ impl FollowStatus {
         self.apply_locked(&st);
     }
 
+    /// The primary's keeper and node API, if the failsafe may extend the
+    /// view: the newest data names a primary whose keeper has an API, and
+    /// the failsafe is on.
+    pub(crate) fn primary_api(&self) -> Option<(String, String)> {
+        let st = self.lock();
+        let d = st.data.as_ref()?;
+        let m = d.proxy.master_db.as_ref()?;
+        let addr = d.dbs.get(m)?.status.api_address.clone()?;
+        d.spec.failsafe.then(|| (m.clone(), addr))
+    }
+
+    /// The primary's keeper `db` answered, to a question sent at `sent`,
+    /// that its fence holds off for `remaining` more: routing to it stays
+    /// safe until `sent + remaining` (its answer came after `sent`).
+    pub(crate) fn hold_primary(&self, db: &str, sent: Instant, remaining: Duration) {
+        let mut st = self.lock();
+        if self.stop.is_cancelled() || st.conflict.is_some() || st.unusable.is_some() {
+            return;
+        }
+        let named = st
+            .data
+            .as_ref()
+            .is_some_and(|d| d.proxy.master_db.as_deref() == Some(db));
+        if !named {
+            return;
+        }
+        let until = sent + remaining;
+        if st
+            .failsafe
+            .as_ref()
+            .is_some_and(|(u, t)| u == db && *t >= until)
+        {
+            return;
+        }
+        let was = self.fresh.load(Ordering::Acquire) && !self.confirmed_locked(&st);
+        st.failsafe = Some((db.to_owned(), until));
+        if !was {
+            tracing::warn!(
+                cluster = self.cluster(),
+                primary = db,
+                "cannot confirm the view against the store; routing to the primary while its \
+                 keeper confirms its fence holds off (the failsafe)"
+            );
+        }
+        self.refresh_locked(&mut st);
+        self.apply_locked(&st);
+    }
+
+    /// Whether a confirmation against the store backs the view now.
+    fn confirmed_locked(&self, st: &State) -> bool {
+        match (st.origin, self.window_locked(st)) {
+            (Some(o), Some(w)) => o + w > Instant::now(),
+            _ => false,
+        }
+    }
+
+    /// Until when the failsafe backs the view's primary, if it does.
+    fn failsafe_locked(&self, st: &State) -> Option<Instant> {
+        let (db, until) = st.failsafe.as_ref()?;
+        let named = st
+            .data
+            .as_ref()
+            .is_some_and(|d| d.proxy.master_db.as_deref() == Some(db.as_str()));
+        named.then_some(*until)
+    }
+
     /// The view can no longer be taken as confirmed (the lease or the
     /// registration was lost, or the data cannot be used): it names no
     /// servers from now on.
@@ -439,6 +509,7 @@ impl FollowStatus {
             // Nothing backs the view: routing stops now.
             _ => Instant::now(),
         };
+        let until = until.max(self.failsafe_locked(st).unwrap_or(until));
         // Before any fresh view is stored (apply_locked), so that sessions
         // routed from it see the deadline.
         if self.view.deadline().is_set() || until > Instant::now() {
@@ -450,10 +521,16 @@ impl FollowStatus {
     /// Makes the view match the data and the freshness.
     fn apply_locked(&self, st: &State) {
         let fresh = self.fresh.load(Ordering::Acquire);
-        let view = match &st.data {
+        let mut view = match &st.data {
             Some(d) => view_of(d, fresh),
             None => View::default(),
         };
+        if fresh && !self.confirmed_locked(st) {
+            // Only the failsafe backs the view: the primary's keeper
+            // vouches for the primary, but the replicas' lag figures are
+            // frozen.
+            view.replicas.clear();
+        }
         if let Some(d) = &st.data {
             self.view.set_hold_timeout(d.spec.hold_timeout);
         }

@@ -69,6 +69,9 @@ pub struct Lease {
     fence_ms: AtomicU64,
     /// The postmaster's pid while it runs as a primary; 0 otherwise.
     primary_pid: AtomicU32,
+    /// Until when every other keeper has promised not to promote (the
+    /// store-outage failsafe, [`crate::failsafe`]); 0: no promise.
+    failsafe_ms: AtomicU64,
 }
 
 impl Lease {
@@ -86,6 +89,7 @@ impl Lease {
             spec_known: AtomicBool::new(false),
             fence_ms: AtomicU64::new(spec.fence_timeout.as_millis() as u64),
             primary_pid: AtomicU32::new(0),
+            failsafe_ms: AtomicU64::new(0),
         })
     }
 
@@ -154,9 +158,37 @@ impl Lease {
         }
     }
 
+    /// When the fence fires: `fence_timeout` after the last renewal that
+    /// counts was sent, or later while the other keepers' failsafe
+    /// promises last.
+    pub fn deadline_ms(&self) -> u64 {
+        (self.renewed_ms.load(Ordering::Acquire) + self.fence_timeout_ms())
+            .max(self.failsafe_ms.load(Ordering::Acquire))
+    }
+
     /// Whether the fence timer has run out.
     pub fn expired(&self) -> bool {
-        now_ms().saturating_sub(self.renewed_ms.load(Ordering::Acquire)) > self.fence_timeout_ms()
+        now_ms() > self.deadline_ms()
+    }
+
+    /// When the last renewal that counts was sent.
+    pub fn renewed_ms(&self) -> u64 {
+        self.renewed_ms.load(Ordering::Acquire)
+    }
+
+    /// How often the lease is renewed, in ms.
+    pub fn period_ms(&self) -> u64 {
+        self.period_ms.load(Ordering::Relaxed).max(50)
+    }
+
+    /// Every other keeper has promised not to promote before `until_ms`.
+    pub fn hold_off_until(&self, until_ms: u64) {
+        self.failsafe_ms.fetch_max(until_ms, Ordering::AcqRel);
+    }
+
+    /// No promise counts any more (this keeper is no longer primary).
+    pub fn drop_promises(&self) {
+        self.failsafe_ms.store(0, Ordering::Release);
     }
 
     /// The postmaster to fence if the timer runs out (0: none).
@@ -261,7 +293,7 @@ pub fn spawn_fence_thread(lease: Arc<Lease>, dir: std::path::PathBuf) -> std::io
         let f = crate::guard::FenceFile {
             keeper_pid: me,
             postmaster_pid: lease.primary_pid(),
-            deadline_ms: lease.renewed_ms.load(Ordering::Acquire) + lease.fence_timeout_ms(),
+            deadline_ms: lease.deadline_ms(),
             fence_ms: lease.fence_ms.load(Ordering::Relaxed),
         };
         if written != Some(f) && f.write(&dir).is_ok() {

@@ -4,6 +4,7 @@
 //! the reconcile loop around them.
 
 pub mod control;
+pub mod failsafe;
 pub mod guard;
 pub mod lease;
 pub mod names;

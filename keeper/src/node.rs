@@ -44,11 +44,17 @@ pub struct NodeSnapshot {
     pub last_round: Option<Instant>,
     /// The step the reconcile loop is in now.
     pub busy: Option<&'static str>,
+    /// The newest cluster data this keeper read (kept while the store is
+    /// unreachable): the failsafe's peers and rules come from it.
+    pub data: Option<std::sync::Arc<ClusterData>>,
 }
 
 impl NodeSnapshot {
     /// Takes the newest cluster data's view of this keeper.
     pub fn set_data(&mut self, d: &ClusterData) {
+        if self.data.as_deref() != Some(d) {
+            self.data = Some(std::sync::Arc::new(d.clone()));
+        }
         let db = d.dbs.get(&self.uid);
         self.role = db.map(|db| db.spec.role);
         self.view_primary = d.proxy.master_db.as_deref() == Some(self.uid.as_str());
@@ -65,7 +71,7 @@ impl NodeSnapshot {
         self.sync_confirmed = master.is_some_and(|m| m.status.sync_confirmed.contains(&self.uid));
     }
 
-    fn healthy(&self) -> bool {
+    pub(crate) fn healthy(&self) -> bool {
         self.report.as_ref().is_some_and(|r| r.healthy && r.running)
     }
 
@@ -162,7 +168,7 @@ pub struct Answer {
 }
 
 impl Answer {
-    fn json(status: u16, body: String) -> Answer {
+    pub(crate) fn json(status: u16, body: String) -> Answer {
         Answer {
             status,
             content_type: "application/json",
@@ -391,6 +397,8 @@ pub struct NodeState {
     /// The tag flags the last SIGHUP read (`Some(None)`: none given).
     flag_tags: Mutex<Option<Option<Tags>>>,
     lease: std::sync::OnceLock<std::sync::Arc<crate::lease::Lease>>,
+    /// The failsafe promises this keeper gave.
+    pub promises: crate::failsafe::Promises,
 }
 
 impl NodeState {
@@ -408,6 +416,10 @@ impl NodeState {
     /// request, not from the last round (which a slow step may hold up).
     pub fn set_lease(&self, lease: std::sync::Arc<crate::lease::Lease>) {
         let _ = self.lease.set(lease);
+    }
+
+    pub fn lease(&self) -> Option<&std::sync::Arc<crate::lease::Lease>> {
+        self.lease.get()
     }
 
     /// The tags the flags give after a SIGHUP (`Some(None)`: no tag flag

@@ -304,6 +304,9 @@ pub struct KeeperConfig {
     pub node: std::sync::Arc<crate::node::NodeState>,
     /// TLS for PostgreSQL and replication (see [`crate::pg::PgTls`]).
     pub tls: Option<crate::pg::PgTls>,
+    /// Where other keepers and proxies reach this keeper's node API
+    /// (`host:port`), reported to the cluster; `None` without one.
+    pub api_address: Option<String>,
 }
 
 /// Errors that stop a keeper.
@@ -347,6 +350,7 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
     let spec = cluster::ClusterSpec::default();
     let lease = Lease::new(&spec);
     cfg.node.set_lease(lease.clone());
+    cfg.node.promises.keep_in(&cfg.dir);
     if let Some(pid) = pg.adopt() {
         // Until the cluster data says otherwise, a server that is not a
         // standby is fenced like a primary.
@@ -365,6 +369,10 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
         store.clone(),
         lease.clone(),
         cfg.dir.join("keeper.lease"),
+    )));
+    let _failsafe = AbortOnDrop(tokio::spawn(crate::failsafe::run(
+        cfg.node.clone(),
+        lease.clone(),
     )));
     let mut k = Keeper {
         instance: cluster::store::instance_id(),
@@ -412,6 +420,9 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
         let may_act = k.registered == id && id != 0 && (fresh || !lease.expired());
         if let (Some(data), true) = (&data, may_act) {
             if let Some(desired) = desired_of(data, &cfg.uid) {
+                if desired.role != Role::Master {
+                    cfg.node.promises.end_promotion();
+                }
                 // The newest data first: a switchover or failover it
                 // starts shows at once (no longer primary), not after
                 // the step.
@@ -766,6 +777,8 @@ impl Keeper {
         r.running = running;
         r.tags = cfg.node.flag_tags().unwrap_or_else(|| cfg.tags.clone());
         r.restarted = self.requests.map_or(0, |q| q.restart);
+        r.api_address = cfg.api_address.clone();
+        r.membership = cfg.node.snapshot().data.map_or(0, |d| d.membership);
         if r.healthy && !obs.raised.is_empty() {
             let pending = r.pending_restart.get_or_insert_with(Vec::new);
             pending.extend(obs.raised.iter().map(|(n, _)| n.clone()));
@@ -1086,6 +1099,14 @@ async fn act(
             }
             Action::Promote => {
                 check_lease(lease)?;
+                // A failsafe promise given to the old primary holds first.
+                cfg.node
+                    .promises
+                    .begin_promotion()
+                    .map_err(|detail| PgError::Program {
+                        program: "keeper".into(),
+                        detail,
+                    })?;
                 if let Some(pid) = pg.pid() {
                     lease.set_primary_pid(pid);
                 }

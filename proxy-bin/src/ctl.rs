@@ -872,6 +872,7 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 }
                 d.keepers.remove(&uid);
                 d.dbs.remove(&uid);
+                d.membership += 1;
                 for db in d.dbs.values_mut() {
                     if db.spec.synchronous_standbys.contains(&uid) {
                         db.spec.synchronous_standbys.retain(|s| s != &uid);

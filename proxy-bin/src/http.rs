@@ -99,8 +99,10 @@ async fn handle(mut conn: TcpStream, handler: &Handler) -> std::io::Result<()> {
         }
     }
     let req = parse_head(&head);
-    let with_body = req.method == "GET";
-    if !matches!(req.method.as_str(), "GET" | "HEAD" | "OPTIONS") {
+    let with_body = matches!(req.method.as_str(), "GET" | "POST");
+    // POST only for the failsafe's calls between keelson's own components.
+    let post = req.method == "POST" && req.path.starts_with("/failsafe/");
+    if !(matches!(req.method.as_str(), "GET" | "HEAD" | "OPTIONS") || post) {
         let r = Response::new(
             405,
             "text/plain",
@@ -118,13 +120,14 @@ async fn respond(conn: &mut TcpStream, r: &Response, with_body: bool) -> std::io
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",
     };
     let head = format!(
         "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\
-         Allow: GET, HEAD, OPTIONS\r\nConnection: close\r\n\r\n",
+         Allow: GET, HEAD, OPTIONS, POST\r\nConnection: close\r\n\r\n",
         r.status,
         r.content_type,
         if with_body { r.body.len() } else { 0 }

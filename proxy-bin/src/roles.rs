@@ -73,6 +73,12 @@ pub struct KeeperArgs {
     /// usual port (Patroni's).
     #[arg(long, env = "KEELSON_API_LISTEN")]
     pub api_listen: Option<SocketAddr>,
+    /// Where the other keepers and the proxies reach this node API
+    /// (HOST:PORT), for the store-outage failsafe [default: the
+    /// --api-listen address; with an unspecified IP, the --pg-listen host
+    /// and the --api-listen port].
+    #[arg(long, env = "KEELSON_API_ADVERTISE", requires = "api_listen")]
+    pub api_advertise: Option<String>,
 }
 
 impl KeeperArgs {
@@ -175,7 +181,17 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
         }),
         _ => None,
     };
+    let api_address = args.api_advertise.clone().or_else(|| {
+        args.api_listen.map(|a| {
+            if a.ip().is_unspecified() {
+                format!("{host}:{}", a.port())
+            } else {
+                a.to_string()
+            }
+        })
+    });
     let cfg = keeper::run::KeeperConfig {
+        api_address,
         tls,
         node: node.clone(),
         tags: args.tags(),
@@ -201,12 +217,18 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
             tracing::info!(%addr, "node API listening");
             let node = node.clone();
             let handler: crate::http::Handler = std::sync::Arc::new(move |req| {
-                let a = keeper::node::answer(
-                    &node.snapshot(),
-                    &req.path,
-                    &req.query,
-                    std::time::Instant::now(),
-                );
+                let a = match req.path.as_str() {
+                    keeper::failsafe::PROMISE_PATH => {
+                        keeper::failsafe::promise(&node, &req.method, &req.query)
+                    }
+                    keeper::failsafe::ROUTE_PATH => keeper::failsafe::route(&node),
+                    _ => keeper::node::answer(
+                        &node.snapshot(),
+                        &req.path,
+                        &req.query,
+                        std::time::Instant::now(),
+                    ),
+                };
                 Box::pin(async move { crate::http::Response::new(a.status, a.content_type, a.body) })
             });
             tokio::spawn(crate::http::serve(l, handler));

@@ -166,8 +166,10 @@ fn join_keepers(d: &mut ClusterData, obs: &Observations) {
             );
             continue;
         }
+        d.membership += 1;
         let mut k = Keeper {
             reported_tags: r.tags.clone(),
+            joined: d.membership,
             ..Keeper::default()
         };
         if let Some(t) = &r.tags {
@@ -262,6 +264,8 @@ fn update_status(d: &mut ClusterData, obs: &Observations) {
                     s.running_settings = v.clone();
                 }
                 s.restarted = s.restarted.max(r.restarted);
+                s.api_address = r.api_address.clone();
+                s.membership = s.membership.max(r.membership);
                 s.applied_generation = r.applied_generation;
                 s.stopped_lsn = r.stopped_lsn;
                 s.problem = if failed {
@@ -459,6 +463,18 @@ pub fn ineligible(
     }
     if !db.status.in_recovery {
         return Some("is not in recovery".into());
+    }
+    // With the failsafe, a primary whose keeper lost its lease may still
+    // serve, for as long as every keeper it knows of promises not to
+    // promote (docs/ha.md). It knows the keepers of the cluster data it
+    // last read; one that joined after the last such data it reported
+    // reading was never asked, so it cannot replace it.
+    let joined = keeper.map_or(0, |k| k.joined);
+    if d.spec.failsafe && !obs.registered.contains(&old.keeper) && joined > old.status.membership {
+        return Some(format!(
+            "joined the cluster after the last cluster data {from}'s keeper reported reading: \
+             {from} may still be serving under the failsafe, and never asked it for a promise"
+        ));
     }
     if old.status.system_id.is_some() && db.status.system_id != old.status.system_id {
         return Some("belongs to another PostgreSQL system".into());

@@ -661,6 +661,75 @@ fn cases() -> Vec<Case> {
             },
             check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
         },
+        // ---- the store-outage failsafe
+        Case {
+            name: "failsafe: a keeper joined after the primary's last read cluster data is not promoted in place of a primary that lost its lease",
+            run: || {
+                let mut d = cluster("m", &["s1", "s2"]);
+                d.membership = 3;
+                d.dbs.get_mut("m").unwrap().status.membership = 2;
+                d.keepers.get_mut("s1").unwrap().joined = 2;
+                d.keepers.get_mut("s2").unwrap().joined = 3;
+                // s2 is the more advanced, but m never knew of it.
+                d.dbs.get_mut("s2").unwrap().status.lsn = 200;
+                let o = with(observe(&d, &["m"]), "s2", |r| r.lsn = Some(200));
+                fail_master(&d, "m", |_| o.clone())
+            },
+            check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
+        },
+        Case {
+            name: "failsafe: with only an unknown keeper left, no one is promoted",
+            run: || {
+                let mut d = cluster("m", &["s2"]);
+                d.membership = 3;
+                d.dbs.get_mut("m").unwrap().status.membership = 2;
+                d.keepers.get_mut("s2").unwrap().joined = 3;
+                fail_master(&d, "m", |o| o)
+            },
+            check: |d| {
+                // No failover starts: there is no one to promote.
+                assert_eq!(master(d).as_deref(), Some("m"));
+                assert!(
+                    d.notice.as_deref().unwrap_or_default().contains("never asked it for a promise"),
+                    "{:?}",
+                    d.notice
+                );
+            },
+        },
+        Case {
+            name: "failsafe: with the failsafe off, a keeper the primary never knew of may replace it",
+            run: || {
+                let mut d = cluster("m", &["s2"]);
+                d.spec.failsafe = false;
+                d.membership = 3;
+                d.dbs.get_mut("m").unwrap().status.membership = 2;
+                d.keepers.get_mut("s2").unwrap().joined = 3;
+                fail_master(&d, "m", |o| o)
+            },
+            check: |d| assert_eq!(master(d).as_deref(), Some("s2")),
+        },
+        Case {
+            name: "failsafe: a joining keeper gets the next membership; reports carry what the keeper read",
+            run: || {
+                let d = cluster("m", &["s1"]);
+                let mut o = observe(&d, &[]);
+                o = with(o, "m", |r| {
+                    r.membership = 7;
+                    r.api_address = Some("m:8008".into());
+                });
+                let mut n = rep("n", true, true, 100, 1);
+                n.api_address = Some("n:8008".into());
+                o.keepers.insert("n".into(), n);
+                o.registered.insert("n".into());
+                decide(&d, &o, T0)
+            },
+            check: |d| {
+                assert_eq!(d.membership, 1);
+                assert_eq!(d.keepers["n"].joined, 1);
+                assert_eq!(d.dbs["m"].status.membership, 7);
+                assert_eq!(d.dbs["m"].status.api_address.as_deref(), Some("m:8008"));
+            },
+        },
         // ---- F1: a live keeper reporting a dead PostgreSQL
         Case {
             name: "F1: an unhealthy report keeps the last known LSN, timeline and sync set",

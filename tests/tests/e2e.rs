@@ -20,6 +20,9 @@ mod clients;
 mod copy;
 /// Automatic failover with real keepers and a sentinel.
 mod failover;
+/// The store-outage failsafe: a primary keeps serving while its peers
+/// promise not to promote; cut from them too, it fences.
+mod failsafe;
 /// The proxy following a cluster store: routing, fencing, holding, outages.
 mod fencing;
 /// The keeper's PostgreSQL primitives: initdb, basebackup, reports, promotion.

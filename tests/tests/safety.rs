@@ -33,7 +33,7 @@ impl LocalCluster {
 
     /// Waits until keeper `i` runs the synchronous standbys its spec names,
     /// some of which PostgreSQL reports synchronous.
-    async fn wait_sync_confirmed(&self, i: usize, limit: Duration) {
+    pub(crate) async fn wait_sync_confirmed(&self, i: usize, limit: Duration) {
         crate::assert_eventually!(
             {
                 let d = self.data().await;
