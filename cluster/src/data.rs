@@ -380,6 +380,9 @@ pub struct Keeper {
     /// not know this keeper, so never asked it for a failsafe promise.
     #[serde(skip_serializing_if = "is_zero")]
     pub joined: u64,
+    /// Fields from a newer keelson, kept as they are.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
 }
 
 /// A keeper's tags: how the sentinel and the proxies treat its database.

@@ -276,8 +276,12 @@ impl FileStore {
                         StoreError::Invalid(format!("{} is corrupt: {e}", path.display()))
                     });
                 }
+                // No store yet, unless the first generation was committed
+                // (and the earlier keelson's document removed) just now.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && n == 0 => {
-                    return Ok((0, State::default()));
+                    if self.latest()? == 0 {
+                        return Ok((0, State::default()));
+                    }
                 }
                 // Collected after we listed it: a newer one has been
                 // committed since, read that.
@@ -341,6 +345,8 @@ impl FileStore {
         match linked {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+            // Taken for a dead writer's and removed: write it again.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(io_err("cannot commit to the store", e)),
         }
         // The link is durable only once the directory is.
@@ -390,7 +396,15 @@ impl FileStore {
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age > ABANDONED_AFTER);
-            if old && entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(TMP_PREFIX) else {
+                continue;
+            };
+            // tmp.<pid>.<seq>: only a writer that is gone (a writer in
+            // another pid namespace looks gone: it writes again).
+            let pid = rest.split('.').next().unwrap_or_default();
+            let gone = pid.is_empty() || !Path::new("/proc").join(pid).exists();
+            if old && gone {
                 let _ = std::fs::remove_file(entry.path());
             }
         }

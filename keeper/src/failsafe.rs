@@ -124,6 +124,19 @@ impl Promises {
         Ok(())
     }
 
+    /// Why this keeper may not promote yet, while a promise holds.
+    pub fn holding(&self) -> Option<String> {
+        let p = self.lock();
+        let now = now_ms();
+        (now < p.until_ms).then(|| {
+            format!(
+                "this keeper promised {} (the failsafe) not to promote for another {} ms",
+                p.to,
+                p.until_ms - now
+            )
+        })
+    }
+
     /// This keeper's database is not to be primary (any more).
     pub fn end_promotion(&self) {
         self.lock().promoting = false;
@@ -142,7 +155,12 @@ fn write_durably(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    // The rename is durable only once the directory is.
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// A promise, as the peer answers it.
@@ -324,19 +342,26 @@ pub async fn run(node: Arc<NodeState>, lease: Arc<Lease>) {
     let mut last_refusal = String::new();
     loop {
         let period = lease.period_ms();
-        tokio::time::sleep(Duration::from_millis(period)).await;
+        // Every half period: the first ask, once a renewal is a quarter of
+        // a period late, ends by 1.25 + 0.5 + 0.5 = 2.25 periods after the
+        // last renewal, before the fence (at least 3 periods).
+        tokio::time::sleep(Duration::from_millis(period / 2)).await;
         let s = node.snapshot();
         let Some(d) = s.data.clone() else { continue };
-        let primary = d.proxy.master_db.as_deref() == Some(s.uid.as_str())
-            && s.role == Some(Role::Master)
-            && lease.primary_pid() != 0;
-        if !d.spec.failsafe || !primary {
+        let named =
+            d.proxy.master_db.as_deref() == Some(s.uid.as_str()) && s.role == Some(Role::Master);
+        if !d.spec.failsafe || !named {
             lease.drop_promises();
             serving = false;
             continue;
         }
+        // Not running a primary now (a restart in place): nothing to ask
+        // for, but what was promised still holds.
+        if lease.primary_pid() == 0 {
+            continue;
+        }
         // The lease holds the fence off while renewals arrive.
-        if now_ms().saturating_sub(lease.renewed_ms()) < period + period / 2 {
+        if now_ms().saturating_sub(lease.renewed_ms()) < period + period / 4 {
             if serving {
                 tracing::info!("the lease is renewed again; the failsafe is no longer needed");
                 serving = false;

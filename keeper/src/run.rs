@@ -430,8 +430,25 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
                     s.set_data(data);
                     s.busy = Some("reconcile");
                 });
-                k.reconcile(&mut pg, &cfg, &desired, &mut obs, data, &lease)
-                    .await;
+                // A standby asked to become primary while a failsafe
+                // promise it gave holds stays a streaming standby until
+                // then: the old primary may still take commits (no promise
+                // is given any more, the data above names this one).
+                let held = (desired.role == Role::Master && pg.has_standby_signal())
+                    .then(|| cfg.node.promises.holding())
+                    .flatten();
+                match held {
+                    Some(why) => {
+                        if k.promise_noted != Some(data.proxy.generation) {
+                            tracing::warn!("{why}; promoting after it ends");
+                            k.promise_noted = Some(data.proxy.generation);
+                        }
+                    }
+                    None => {
+                        k.reconcile(&mut pg, &cfg, &desired, &mut obs, data, &lease)
+                            .await
+                    }
+                }
             }
             if let Some((id, _)) = k.unconfirmed.take() {
                 // Acted on: only now may this lease hold the fence off.
@@ -572,6 +589,9 @@ async fn publish_catalog(pg: &Instance, store: &impl Store, keys: &Keys, uid: &s
 /// The reconcile loop's own state.
 #[derive(Debug, Default)]
 struct Keeper {
+    /// The proxy generation at which waiting for a failsafe promise to end
+    /// was last logged.
+    promise_noted: Option<u64>,
     /// This keeper's server's parameter catalog is in the store.
     catalog_published: bool,
     instance: String,

@@ -26,7 +26,7 @@ use crate::Cli;
 /// The commands a file may have a table for.
 const COMMANDS: [&str; 5] = ["proxy", "keeper", "sentinel", "ctl", "demo"];
 /// Keys of the proxy's file that are sections, not flags.
-pub const PROXY_SECTIONS: [&str; 3] = ["listeners", "rules", "sni"];
+pub const PROXY_SECTIONS: [&str; 4] = ["listeners", "rules", "sni", "cluster_backend_tls"];
 
 /// Where a role finds its cluster.
 #[derive(Debug, Clone, clap::Args)]

@@ -150,6 +150,19 @@ pub struct FileConfig {
     /// SNI routing: TLS server name -> name of a cluster in the same store.
     #[serde(default)]
     pub sni: std::collections::BTreeMap<String, String>,
+    /// TLS to PostgreSQL per cluster (`[cluster_backend_tls.NAME]`),
+    /// instead of `backend_tls` for that cluster's servers.
+    #[serde(default)]
+    pub cluster_backend_tls: std::collections::BTreeMap<String, BackendTlsConfig>,
+}
+
+/// `[cluster_backend_tls.NAME]` in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTlsConfig {
+    /// `disable`, `require`, `verify-ca` or `verify-full`.
+    pub mode: String,
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[[listeners]]` in the config file.
@@ -234,6 +247,11 @@ pub struct ProxySettings {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// TLS to PostgreSQL: its mode and CA file.
     pub backend_tls: Option<(proxy_core::tls::BackendTlsMode, Option<PathBuf>)>,
+    /// ... per cluster, instead of `backend_tls` (`None`: plain TCP).
+    pub cluster_backend_tls: std::collections::BTreeMap<
+        String,
+        Option<(proxy_core::tls::BackendTlsMode, Option<PathBuf>)>,
+    >,
     pub max_connections: usize,
     pub startup_timeout: Duration,
     pub connect_timeout: Duration,
@@ -253,6 +271,34 @@ pub struct ProxySettings {
     pub proxy_protocol_trusted: Vec<ipnet::IpNet>,
     /// SNI routing: server name -> cluster name (store mode).
     pub sni: std::collections::BTreeMap<String, String>,
+}
+
+/// A backend TLS mode and CA file, checked (`what` names the setting).
+fn backend_tls_setting(
+    what: &str,
+    ca_name: &str,
+    mode: Option<&str>,
+    ca: Option<PathBuf>,
+) -> Result<Option<(proxy_core::tls::BackendTlsMode, Option<PathBuf>)>> {
+    match mode.unwrap_or("disable") {
+        "disable" => {
+            if ca.is_some() {
+                bail!("{ca_name} is for {what} = verify-ca or verify-full");
+            }
+            Ok(None)
+        }
+        m => {
+            let mode: proxy_core::tls::BackendTlsMode = m
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("{what}: {e}"))?;
+            if mode != proxy_core::tls::BackendTlsMode::Require && ca.is_none() {
+                bail!(
+                    "{what} = {m} needs {ca_name}: the CA the servers' certificates must chain to"
+                );
+            }
+            Ok(Some((mode, ca)))
+        }
+    }
 }
 
 /// A name for this proxy that is unique on the host.
@@ -340,25 +386,12 @@ impl ProxySettings {
             (None, None) => None,
             _ => bail!("TLS needs both tls_cert and tls_key"),
         };
-        let backend_tls = match args.backend_tls.as_deref().unwrap_or("disable") {
-            "disable" => {
-                if args.backend_tls_ca_file.is_some() {
-                    bail!("backend_tls_ca_file is for backend_tls = verify-ca or verify-full");
-                }
-                None
-            }
-            m => {
-                let mode: proxy_core::tls::BackendTlsMode = m
-                    .parse()
-                    .map_err(|e: String| anyhow::anyhow!("backend_tls: {e}"))?;
-                if mode != proxy_core::tls::BackendTlsMode::Require
-                    && args.backend_tls_ca_file.is_none()
-                {
-                    bail!("backend_tls = {m} needs backend_tls_ca_file: the CA the servers' certificates must chain to");
-                }
-                Some((mode, args.backend_tls_ca_file))
-            }
-        };
+        let backend_tls = backend_tls_setting(
+            "backend_tls",
+            "backend_tls_ca_file",
+            args.backend_tls.as_deref(),
+            args.backend_tls_ca_file,
+        )?;
         let max_connections = args.max_connections.unwrap_or(defaults.max_connections);
         if max_connections == 0 {
             bail!("max_connections must be at least 1");
@@ -441,8 +474,10 @@ impl ProxySettings {
             .proxy_protocol_trusted
             .unwrap_or_default()
             .iter()
+            .map(|s| s.trim())
+            // An empty list in the file is no network (off).
+            .filter(|s| !s.is_empty())
             .map(|s| {
-                let s = s.trim();
                 s.parse::<ipnet::IpNet>()
                     .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
                     .with_context(|| {
@@ -456,6 +491,20 @@ impl ProxySettings {
         if !file.sni.is_empty() && tls.is_none() {
             bail!("sni routing needs TLS (tls_cert and tls_key)");
         }
+        let mut cluster_backend_tls = std::collections::BTreeMap::new();
+        for (name, c) in file.cluster_backend_tls {
+            let own = matches!(&source, Source::Store { cluster, .. } if *cluster == name);
+            if !own && !file.sni.values().any(|v| *v == name) {
+                bail!(
+                    "cluster_backend_tls.{name}: no cluster of this proxy is named {name:?} \
+                     (its own, or one an [sni] entry names)"
+                );
+            }
+            let what = format!("cluster_backend_tls.{name}.mode");
+            let ca_name = format!("cluster_backend_tls.{name}.ca_file");
+            let t = backend_tls_setting(&what, &ca_name, Some(&c.mode), c.ca_file)?;
+            cluster_backend_tls.insert(name, t);
+        }
         Ok(ProxySettings {
             listeners,
             rules,
@@ -468,6 +517,7 @@ impl ProxySettings {
             admin_listen,
             tls,
             backend_tls,
+            cluster_backend_tls,
             max_connections,
             startup_timeout: duration("startup_timeout", args.startup_timeout)?,
             connect_timeout: duration("connect_timeout", args.connect_timeout)?,
@@ -585,6 +635,55 @@ mod tests {
         assert!(bad("proxy_protocol_trusted = [\"x\"]").contains("proxy_protocol_trusted"));
         assert!(bad("[sni]\n\"a\" = \"b\"").contains("store mode"));
         assert!(bad("bogus = 1").contains("no setting \"bogus\""));
+    }
+
+    #[test]
+    fn backend_tls_per_cluster() {
+        let base = r#"
+            store = "file:///x"
+            cluster = "main"
+            tls_cert = "c.pem"
+            tls_key = "k.pem"
+            backend_tls = "require"
+            [sni]
+            "b.example.com" = "b"
+            "#;
+        let s = settings(
+            &[],
+            &format!(
+                "{base}\n[cluster_backend_tls.b]\nmode = \"verify-full\"\nca_file = \"ca.pem\"\n\
+                 [cluster_backend_tls.main]\nmode = \"disable\"\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            s.cluster_backend_tls["b"],
+            Some((
+                proxy_core::tls::BackendTlsMode::VerifyFull,
+                Some(PathBuf::from("ca.pem"))
+            ))
+        );
+        assert_eq!(s.cluster_backend_tls["main"], None);
+        let bad = |extra: &str| {
+            format!(
+                "{:#}",
+                settings(&[], &format!("{base}\n{extra}")).unwrap_err()
+            )
+        };
+        let e = bad("[cluster_backend_tls.nope]\nmode = \"require\"");
+        assert!(
+            e.contains("no cluster of this proxy is named \"nope\""),
+            "{e}"
+        );
+        let e = bad("[cluster_backend_tls.b]\nmode = \"verify-ca\"");
+        assert!(
+            e.contains(
+                "cluster_backend_tls.b.mode = verify-ca needs cluster_backend_tls.b.ca_file"
+            ),
+            "{e}"
+        );
+        let e = bad("[cluster_backend_tls.b]\nmode = \"sideways\"");
+        assert!(e.contains("cluster_backend_tls.b.mode"), "{e}");
     }
 
     #[test]

@@ -39,6 +39,17 @@ pub fn proxy_config(s: &ProxySettings) -> Result<ProxyConfig> {
             Some((mode, ca)) => Some(proxy_core::tls::backend_tls(*mode, ca.as_deref())?),
             None => None,
         },
+        cluster_backend_tls: s
+            .cluster_backend_tls
+            .iter()
+            .map(|(name, t)| {
+                let tls = match t {
+                    Some((mode, ca)) => Some(proxy_core::tls::backend_tls(*mode, ca.as_deref())?),
+                    None => None,
+                };
+                Ok((name.clone(), tls))
+            })
+            .collect::<Result<_>>()?,
         cancel_rate_per_second: s.cancel_rate_per_second,
         hold_timeout: cluster::ClusterSpec::default().hold_timeout,
         rules: s.rules.clone(),
@@ -54,7 +65,7 @@ pub fn proxy_config(s: &ProxySettings) -> Result<ProxyConfig> {
 /// touching a session; what else changed takes effect at the next start.
 /// A configuration that does not load is refused with the reason, and the
 /// running one stays.
-fn reload(proxy: &Proxy, running: &ProxySettings) {
+fn reload(proxy: &Proxy, running: &ProxySettings, listeners: &[(SocketAddr, SwappableOptions)]) {
     let loaded =
         crate::args::parse(std::env::args_os().collect()).and_then(|cli| match cli.command {
             crate::Command::Proxy(args) => ProxySettings::load(args, cli.config.as_deref()),
@@ -78,24 +89,54 @@ fn reload(proxy: &Proxy, running: &ProxySettings) {
         None => None,
     };
     proxy.reload(tls, new.rules.clone());
+    // Listeners at the same addresses take their new route and PROXY
+    // protocol setting; adding or removing a listener needs a restart.
+    let trusted = trusted_networks(&new);
+    let addrs = |s: &ProxySettings| s.listeners.iter().map(|l| l.addr).collect::<Vec<_>>();
+    for l in &new.listeners {
+        if let Some((_, opts)) = listeners.iter().find(|(a, _)| *a == l.addr) {
+            opts.store(Arc::new(listener_options(l, &trusted)));
+        }
+    }
     let rest = |s: &ProxySettings| {
         format!(
             "{:?}",
             ProxySettings {
                 tls: None,
                 rules: Vec::new(),
+                listeners: Vec::new(),
+                proxy_protocol_trusted: Vec::new(),
                 ..s.clone()
             }
         )
     };
-    if rest(&new) != rest(running) {
-        tracing::warn!("SIGHUP: settings other than the TLS certificate and routing rules changed; they take effect at the next start");
+    if rest(&new) != rest(running) || addrs(&new) != addrs(running) {
+        tracing::warn!("SIGHUP: settings other than the TLS certificate, routing rules and listeners' routes and PROXY protocol changed (or listeners were added or removed); they take effect at the next start");
     }
     tracing::info!(
         tls = new.tls.is_some(),
         rules = new.rules.len(),
-        "SIGHUP: TLS certificate and routing rules reloaded"
+        listeners = new.listeners.len(),
+        "SIGHUP: TLS certificate, routing rules and listener settings reloaded"
     );
+}
+
+/// A listener's options, shared by its sockets on every worker.
+type SwappableOptions = Arc<arc_swap::ArcSwap<ListenerOptions>>;
+
+/// The networks trusted to send PROXY protocol headers, if any.
+fn trusted_networks(s: &ProxySettings) -> Option<Arc<[ipnet::IpNet]>> {
+    (!s.proxy_protocol_trusted.is_empty()).then(|| s.proxy_protocol_trusted.clone().into())
+}
+
+fn listener_options(
+    l: &crate::config::Listener,
+    trusted: &Option<Arc<[ipnet::IpNet]>>,
+) -> ListenerOptions {
+    ListenerOptions {
+        route: l.route,
+        proxy_protocol: trusted.clone().filter(|_| l.proxy_protocol),
+    }
 }
 
 /// A listening socket with `SO_REUSEPORT`, so that each worker can have its
@@ -151,22 +192,20 @@ pub fn run(settings: ProxySettings) -> Result<()> {
     let proxy = Proxy::new(cfg, view.clone());
 
     // Each listener gets one SO_REUSEPORT socket per worker.
-    let trusted: Option<Arc<[ipnet::IpNet]>> = if settings.proxy_protocol_trusted.is_empty() {
-        None
-    } else {
-        Some(settings.proxy_protocol_trusted.clone().into())
-    };
-    let mut per_worker: Vec<Vec<(std::net::TcpListener, ListenerOptions)>> =
+    let trusted = trusted_networks(&settings);
+    let mut per_worker: Vec<Vec<(std::net::TcpListener, SwappableOptions)>> =
         (0..settings.workers).map(|_| Vec::new()).collect();
     let mut bound_addrs = Vec::new();
+    // Per listener as configured, its options, which a SIGHUP may swap.
+    let mut swappable: Vec<(SocketAddr, SwappableOptions)> = Vec::new();
     for l in &settings.listeners {
         let first = reuseport_listener(l.addr)?;
         let bound = first.local_addr()?;
         bound_addrs.push(format!("{bound} ({})", l.route));
-        let opts = ListenerOptions {
-            route: l.route,
-            proxy_protocol: trusted.clone().filter(|_| l.proxy_protocol),
-        };
+        let opts = Arc::new(arc_swap::ArcSwap::from_pointee(listener_options(
+            l, &trusted,
+        )));
+        swappable.push((l.addr, opts.clone()));
         per_worker[0].push((first, opts.clone()));
         for w in per_worker.iter_mut().skip(1) {
             w.push((reuseport_listener(bound)?, opts.clone()));
@@ -192,7 +231,7 @@ pub fn run(settings: ProxySettings) -> Result<()> {
                                 Ok(l) => {
                                     let proxy = proxy.clone();
                                     serving.push(tokio::spawn(async move {
-                                        if let Err(e) = proxy.serve_with(l, opts).await {
+                                        if let Err(e) = proxy.serve_swappable(l, opts).await {
                                             tracing::error!(error = %e, "listener failed");
                                         }
                                     }));
@@ -261,7 +300,7 @@ pub fn run(settings: ProxySettings) -> Result<()> {
             loop {
                 tokio::select! {
                     s = &mut stop => break s?,
-                    _ = hup.recv() => reload(&proxy, &settings),
+                    _ = hup.recv() => reload(&proxy, &settings, &swappable),
                 }
             }
         };

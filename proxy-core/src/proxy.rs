@@ -49,6 +49,10 @@ pub struct ProxyConfig {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// TLS for the connections to PostgreSQL; `None`: plain TCP.
     pub backend_tls: Option<crate::tls::BackendTls>,
+    /// TLS to PostgreSQL for the clusters named here (by view name: the
+    /// SNI routes' clusters, or the proxy's own), instead of `backend_tls`;
+    /// a `None` value is plain TCP for that cluster.
+    pub cluster_backend_tls: std::collections::HashMap<String, Option<crate::tls::BackendTls>>,
     /// Cancel requests forwarded per second, across all clients.
     pub cancel_rate_per_second: u32,
     /// How long a new client waits for a primary when the view has none,
@@ -94,6 +98,7 @@ impl Default for ProxyConfig {
             },
             tls: None,
             backend_tls: None,
+            cluster_backend_tls: Default::default(),
             cancel_rate_per_second: 100,
             hold_timeout: Duration::from_secs(10),
             rules: Vec::new(),
@@ -297,7 +302,18 @@ impl Proxy {
         listener: TcpListener,
         opts: ListenerOptions,
     ) -> std::io::Result<()> {
-        let opts = Arc::new(opts);
+        let opts = Arc::new(arc_swap::ArcSwap::from_pointee(opts));
+        self.serve_swappable(listener, opts).await
+    }
+
+    /// [`Proxy::serve_with`] with options the embedder can swap while it
+    /// serves (a reload): each new client gets the options current when it
+    /// is accepted; sessions keep the ones they started with.
+    pub async fn serve_swappable(
+        &self,
+        listener: TcpListener,
+        opts: Arc<arc_swap::ArcSwap<ListenerOptions>>,
+    ) -> std::io::Result<()> {
         let stop = self.shared.stop_accepting.clone();
         loop {
             let accepted = tokio::select! {
@@ -318,7 +334,7 @@ impl Proxy {
             if let Err(e) = self.shared.cfg.socket.apply(&tcp) {
                 tracing::debug!(error = %e, "could not set client socket options");
             }
-            self.admit(tcp, peer, &opts);
+            self.admit(tcp, peer, &opts.load_full());
         }
     }
 

@@ -420,7 +420,15 @@ pub(crate) async fn connect(
                 &shared.cfg.socket,
             )
             .await?;
-            let s = match &shared.cfg.backend_tls {
+            let per_cluster = &shared.cfg.cluster_backend_tls;
+            let tls = match (!per_cluster.is_empty())
+                .then(|| per_cluster.get(plan.view.name()))
+                .flatten()
+            {
+                Some(t) => t,
+                None => &shared.cfg.backend_tls,
+            };
+            let s = match tls {
                 None => ServerStream::Plain(s),
                 Some(tls) => {
                     crate::backend::secure(s, r.backend.addr(), tls, shared.cfg.connect_timeout)

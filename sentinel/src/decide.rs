@@ -468,9 +468,11 @@ pub fn ineligible(
     // serve, for as long as every keeper it knows of promises not to
     // promote (docs/ha.md). It knows the keepers of the cluster data it
     // last read; one that joined after the last such data it reported
-    // reading was never asked, so it cannot replace it.
+    // reading was never asked, so it cannot replace it. This holds with
+    // the failsafe off too: it may have been turned off while the old
+    // primary, which cannot read that, served on promises.
     let joined = keeper.map_or(0, |k| k.joined);
-    if d.spec.failsafe && !obs.registered.contains(&old.keeper) && joined > old.status.membership {
+    if !obs.registered.contains(&old.keeper) && joined > old.status.membership {
         return Some(format!(
             "joined the cluster after the last cluster data {from}'s keeper reported reading: \
              {from} may still be serving under the failsafe, and never asked it for a promise"

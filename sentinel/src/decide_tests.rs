@@ -697,14 +697,33 @@ fn cases() -> Vec<Case> {
             },
         },
         Case {
-            name: "failsafe: with the failsafe off, a keeper the primary never knew of may replace it",
+            name: "failsafe: even with the failsafe off (turned off while the old primary served on promises), a keeper it never knew of does not replace it",
             run: || {
-                let mut d = cluster("m", &["s2"]);
+                let mut d = cluster("m", &["s1", "s2"]);
                 d.spec.failsafe = false;
                 d.membership = 3;
                 d.dbs.get_mut("m").unwrap().status.membership = 2;
+                d.keepers.get_mut("s1").unwrap().joined = 2;
                 d.keepers.get_mut("s2").unwrap().joined = 3;
-                fail_master(&d, "m", |o| o)
+                d.dbs.get_mut("s2").unwrap().status.lsn = 200;
+                let o = with(observe(&d, &["m"]), "s2", |r| r.lsn = Some(200));
+                fail_master(&d, "m", |_| o.clone())
+            },
+            check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
+        },
+        Case {
+            name: "failsafe: a keeper that joined after the primary's last report replaces a primary whose keeper reported it stopped",
+            run: || {
+                // The old primary's keeper is registered and acknowledged
+                // its stop: it is not serving on promises.
+                let mut d = cluster("m", &["s2"]);
+                d.membership = 3;
+                d.dbs.get_mut("m").unwrap().status.membership = 2;
+                d.keepers.get_mut("s2").unwrap().joined = 3;
+                let o = with(observe(&d, &[]), "m", |r| *r = dead_pg("m", 1));
+                let d = rounds(&d, &o, &[T0, T0 + 5 * SEC]);
+                let o = acked(o, &d, "m");
+                decide(&d, &o, T0 + 6 * SEC)
             },
             check: |d| assert_eq!(master(d).as_deref(), Some("s2")),
         },

@@ -180,13 +180,7 @@ async fn binary_routes_two_clusters_by_sni_in_store_mode() {
         ),
     )
     .unwrap();
-    let child = Command::new(keelson_bin())
-        .args(["proxy", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = proxy_with_config(&config);
     let _proc = Proc(child);
     let port_via = |name: &str| {
         let out = Command::new("psql")
@@ -455,13 +449,7 @@ async fn sighup_takes_new_routing_rules() {
         pg.addr()
     );
     std::fs::write(&config, &base).unwrap();
-    let child = Command::new(keelson_bin())
-        .args(["proxy", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = proxy_with_config(&config);
     let proc = Proc(child);
     let conn = |app: &str| {
         format!("host=127.0.0.1 port={listen} user=postgres dbname=postgres application_name={app}")
@@ -491,4 +479,71 @@ async fn sighup_takes_new_routing_rules() {
     open.simple_query("SELECT 1")
         .await
         .expect("a session from before the reload");
+}
+
+/// SIGHUP also takes a listener's new settings (here its route, and the
+/// PROXY protocol on another): a `[[listeners]]` entry whose route changes
+/// from primary to replica sends its next sessions to the replica route
+/// (the static "replica" is the primary itself, so the role check refuses
+/// them with 57P03), while a session opened before goes on; once
+/// 127.0.0.1 is trusted to send PROXY protocol headers, a listener that
+/// wants them refuses a client without one, and one that does not still
+/// takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_takes_new_listener_settings() {
+    let pg = PgServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, extra, other) = (free_port(), free_port(), free_port());
+    let config = dir.path().join("keelson.toml");
+    let file = |route: &str, trusted: &str| {
+        format!(
+            "listen = \"127.0.0.1:{listen}\"\nbackend = \"{0}\"\nreplicas = [\"{0}\"]\n\
+             proxy_protocol_trusted = [{trusted}]\n\
+             [[listeners]]\nlisten = \"127.0.0.1:{extra}\"\nroute = \"{route}\"\nproxy_protocol = false\n\
+             [[listeners]]\nlisten = \"127.0.0.1:{other}\"\nroute = \"primary\"\n",
+            pg.addr()
+        )
+    };
+    std::fs::write(&config, file("primary", "")).unwrap();
+    let child = proxy_with_config(&config);
+    let proc = Proc(child);
+    let conn = |port: u16| format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    crate::assert_eventually!(
+        try_connect(&conn(extra)).await.is_ok() && try_connect(&conn(other)).await.is_ok(),
+        Duration::from_secs(60),
+        "the proxy never accepted a session"
+    );
+    let open = try_connect(&conn(extra)).await.unwrap();
+    std::fs::write(&config, file("replica", "\"127.0.0.1\"")).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(proc.0.id() as i32, libc::SIGHUP) };
+    crate::assert_eventually!(
+        try_connect(&conn(extra))
+            .await
+            .err()
+            .is_some_and(|e| sqlstate(&e).as_deref() == Some("57P03")),
+        Duration::from_secs(10),
+        "the listener's new route is not in force"
+    );
+    // The other listener (PROXY protocol on by default) now wants a header
+    // from 127.0.0.1: a direct client is refused.
+    crate::assert_eventually!(
+        try_connect(&conn(other)).await.is_err(),
+        Duration::from_secs(10),
+        "the listener's PROXY protocol setting is not in force"
+    );
+    open.simple_query("SELECT 1")
+        .await
+        .expect("a session from before the reload");
+}
+
+/// `keelson proxy --config FILE`, quiet.
+fn proxy_with_config(config: &std::path::Path) -> std::process::Child {
+    Command::new(keelson_bin())
+        .args(["proxy", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }

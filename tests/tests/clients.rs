@@ -239,7 +239,7 @@ async fn tls_termination_with_require_and_verify_full() {
 
 /// Turns TLS on in `pg` with a certificate for 127.0.0.1 signed by a new
 /// CA; returns the CA's path and that of another CA.
-async fn pg_with_tls(
+pub(crate) async fn pg_with_tls(
     pg: &PgServer,
     dir: &std::path::Path,
 ) -> (std::path::PathBuf, std::path::PathBuf) {

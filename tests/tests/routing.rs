@@ -489,6 +489,49 @@ async fn sni_routes_two_clusters_through_one_proxy() {
     );
 }
 
+/// Issue 13: TLS to PostgreSQL per SNI cluster. The proxy-wide setting is
+/// `require`; cluster `a` overrides it with verify-full against its CA,
+/// cluster `b` (a server without TLS) with plain TCP. `pg_stat_ssl` shows
+/// a's hop encrypted; b's session works, which the proxy-wide `require`
+/// would have refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_tls_is_chosen_per_sni_cluster() {
+    use proxy_core::tls::{backend_tls, BackendTlsMode};
+    let (a, b) = tokio::join!(PgServer::start(), PgServer::start());
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = crate::clients::pg_with_tls(&a, dir.path()).await;
+    let (cert, key, der) = self_signed_for(dir.path(), &["a.test", "b.test"]);
+    let named =
+        |name: &str, pg: &PgServer| ViewHandle::named(name, View::fixed(Backend::new(pg.addr())));
+    let cfg = ProxyConfig {
+        tls: Some(proxy_core::tls::server_config(&cert, &key).unwrap()),
+        server_names: HashMap::from([
+            ("a.test".to_owned(), named("a", &a)),
+            ("b.test".to_owned(), named("b", &b)),
+        ]),
+        backend_tls: Some(backend_tls(BackendTlsMode::Require, None).unwrap()),
+        cluster_backend_tls: HashMap::from([
+            (
+                "a".to_owned(),
+                Some(backend_tls(BackendTlsMode::VerifyFull, Some(&ca)).unwrap()),
+            ),
+            ("b".to_owned(), None),
+        ]),
+        ..Default::default()
+    };
+    let proxy = TestProxy::with_view(ViewHandle::new(View::default()), cfg).await;
+    let client = tls_client(der, &[b"postgresql"]);
+    let query = "SELECT inet_server_port(), ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    for (name, pg, encrypted) in [("a.test", &a, true), ("b.test", &b, false)] {
+        let c = direct_tls_session(&client, proxy.addr, name)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let row = c.query_one(query, &[]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0) as u16, pg.port, "{name}");
+        assert_eq!(row.get::<_, bool>(1), encrypted, "{name}: pg_stat_ssl.ssl");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_replicas_are_skipped() {
     let pair = Pair::start().await;

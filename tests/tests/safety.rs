@@ -917,6 +917,21 @@ async fn a_primary_cut_from_the_store_fences_itself_before_the_standby_is_promot
         "{}",
         c.keeper_log(old)
     );
+    // The failsafe path, asymmetric: the old primary served on the
+    // standby's promises until the failover began, then the standby
+    // refused more and waited for its last promise to end (streaming
+    // meanwhile) before it promoted.
+    assert!(
+        c.keeper_log(old)
+            .contains("every other keeper promised not to promote"),
+        "{}",
+        c.keeper_log(old)
+    );
+    assert!(
+        c.keeper_log(new).contains("promoting after it ends"),
+        "{}",
+        c.keeper_log(new)
+    );
     links[old - 1].heal();
     c.wait_standby(old).await;
 }
