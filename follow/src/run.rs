@@ -28,11 +28,20 @@ use metrics::counter;
 use tokio::time::{sleep_until, Instant};
 
 use crate::lease::LeaseTerms;
+use crate::metrics as m;
+use crate::status::{FollowStatus, Taken};
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// The primary's keeper's node API path a proxy asks (keeper::failsafe).
 const FAILSAFE_ROUTE: &str = "/failsafe/route";
-use crate::metrics as m;
-use crate::status::{FollowStatus, Taken};
 
 /// This proxy's registration in the store.
 #[derive(Debug, Default)]
@@ -83,6 +92,7 @@ pub(crate) async fn run<S: Store>(store: S, keys: Keys, status: Arc<FollowStatus
             "the cluster has no clusterdata yet; create it with `keelson ctl init`"
         );
     }
+    let _failsafe = AbortOnDrop(tokio::spawn(failsafe(status.clone())));
     let mut watch: Option<Watch> = None;
     loop {
         let tick = Instant::now();
@@ -133,6 +143,49 @@ pub(crate) async fn run<S: Store>(store: S, keys: Keys, status: Arc<FollowStatus
     }
 }
 
+/// The store-outage failsafe, beside the store I/O (which can take a
+/// request timeout to fail, longer than some `proxy_timeout`s): every half
+/// period, once no confirmation has come for a period and a half, asks the
+/// primary's keeper how long its fence holds off, and routes to it until
+/// then (docs/fencing.md).
+async fn failsafe(status: Arc<FollowStatus>) {
+    loop {
+        let period = status.period();
+        tokio::select! {
+            _ = status.stop.cancelled() => return,
+            _ = tokio::time::sleep(period / 2) => {}
+        }
+        if status
+            .confirmation_age()
+            .is_none_or(|age| age < period + period / 2)
+        {
+            continue;
+        }
+        let Some((db, addr)) = status.primary_api() else {
+            continue;
+        };
+        let sent = Instant::now();
+        match cluster::node_api::call(&addr, "GET", FAILSAFE_ROUTE, period / 2).await {
+            Ok((200, body)) => match serde_json::from_str::<serde_json::Value>(&body) {
+                Ok(v) if v["uid"].as_str() == Some(db.as_str()) => {
+                    if let Some(ms) = v["remaining_ms"].as_u64() {
+                        status.hold_primary(&db, sent, std::time::Duration::from_millis(ms));
+                    }
+                }
+                _ => {
+                    tracing::warn!(cluster = status.cluster(), %addr, body, "the primary's keeper answered something else")
+                }
+            },
+            Ok((code, body)) => {
+                tracing::debug!(cluster = status.cluster(), %addr, code, body, "the primary's keeper does not vouch for it")
+            }
+            Err(e) => {
+                tracing::debug!(cluster = status.cluster(), error = %e, "cannot ask the primary's keeper")
+            }
+        }
+    }
+}
+
 /// The next event of `watch`, or never if there is none.
 async fn recv(watch: &mut Option<Watch>) -> Option<cluster::store::Result<WatchEvent>> {
     match watch {
@@ -143,70 +196,30 @@ async fn recv(watch: &mut Option<Watch>) -> Option<cluster::store::Result<WatchE
 
 impl<S: Store> Follower<'_, S> {
     async fn tick(&mut self) {
-        if !self.confirm_tick().await {
-            self.failsafe().await;
-        }
-    }
-
-    /// Steps 1-6; false if the view could not be confirmed.
-    async fn confirm_tick(&mut self) -> bool {
         if self.status.is_unusable() {
             // Not registered while the data cannot be used; look again.
             if self.read().await != Some(Taken::Applied) {
-                return false;
+                return;
             }
         }
         let sent = Instant::now();
         if !self.renew().await {
-            return false;
+            return;
         }
         let registered = match self.reg.key_rev {
             None => self.register().await,
             Some(rev) => self.verify(rev).await,
         };
         if !registered {
-            return false;
+            return;
         }
         match self.read().await {
             Some(Taken::Applied | Taken::Outdated) => self.status.confirm(sent),
-            Some(Taken::Unusable) => {
-                self.withdraw("the cluster data cannot be used").await;
-                return false;
-            }
-            None => return false,
+            Some(Taken::Unusable) => return self.withdraw("the cluster data cannot be used").await,
+            None => return,
         }
         self.regrant().await;
         self.acknowledge().await;
-        true
-    }
-
-    /// The store-outage failsafe: asks the primary's keeper how long its
-    /// fence holds off, and routes to it until then (docs/fencing.md).
-    async fn failsafe(&mut self) {
-        let Some((db, addr)) = self.status.primary_api() else {
-            return;
-        };
-        let sent = Instant::now();
-        let limit = self.status.period();
-        match cluster::node_api::call(&addr, "GET", FAILSAFE_ROUTE, limit).await {
-            Ok((200, body)) => match serde_json::from_str::<serde_json::Value>(&body) {
-                Ok(v) if v["uid"].as_str() == Some(db.as_str()) => {
-                    if let Some(ms) = v["remaining_ms"].as_u64() {
-                        self.status
-                            .hold_primary(&db, sent, std::time::Duration::from_millis(ms));
-                    }
-                }
-                _ => {
-                    tracing::warn!(cluster = self.status.cluster(), %addr, body, "the primary's keeper answered something else")
-                }
-            },
-            Ok((status, body)) => {
-                tracing::debug!(cluster = self.status.cluster(), %addr, status, body, "the primary's keeper does not vouch for it")
-            }
-            Err(e) => {
-                tracing::debug!(cluster = self.status.cluster(), error = %e, "cannot ask the primary's keeper")
-            }
-        }
     }
 
     /// After a watch event was taken in.

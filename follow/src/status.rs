@@ -358,6 +358,12 @@ impl FollowStatus {
         self.apply_locked(&st);
     }
 
+    /// Time since the keep-alive behind the newest confirmation was sent;
+    /// `None` before the first.
+    pub(crate) fn confirmation_age(&self) -> Option<Duration> {
+        self.lock().last_confirmed.map(|t| t.elapsed())
+    }
+
     /// The primary's keeper and node API, if the failsafe may extend the
     /// view: the newest data names a primary whose keeper has an API, and
     /// the failsafe is on.

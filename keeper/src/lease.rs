@@ -186,6 +186,18 @@ impl Lease {
         self.failsafe_ms.fetch_max(until_ms, Ordering::AcqRel);
     }
 
+    /// How long past `now` the promises hold the fence off beyond the
+    /// lease (0: they do not).
+    pub fn failsafe_remaining_ms(&self, now: u64) -> u64 {
+        let lease = self.renewed_ms.load(Ordering::Acquire) + self.fence_timeout_ms();
+        let promised = self.failsafe_ms.load(Ordering::Acquire);
+        if promised > lease {
+            promised.saturating_sub(now)
+        } else {
+            0
+        }
+    }
+
     /// No promise counts any more (this keeper is no longer primary).
     pub fn drop_promises(&self) {
         self.failsafe_ms.store(0, Ordering::Release);

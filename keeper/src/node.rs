@@ -47,6 +47,12 @@ pub struct NodeSnapshot {
     /// The newest cluster data this keeper read (kept while the store is
     /// unreachable): the failsafe's peers and rules come from it.
     pub data: Option<std::sync::Arc<ClusterData>>,
+    /// How long this primary still serves beyond its lease on the other
+    /// keepers' failsafe promises, in ms (0: it does not).
+    pub failsafe_ms: u64,
+    /// How long this keeper's own failsafe promise not to promote still
+    /// holds, in ms (0: none).
+    pub promised_ms: u64,
 }
 
 impl NodeSnapshot {
@@ -213,6 +219,8 @@ struct Status<'a> {
     generation: u64,
     paused: bool,
     fenced: bool,
+    failsafe_ms: u64,
+    promised_ms: u64,
     problem: Option<&'a str>,
     last_round_seconds_ago: Option<f64>,
     busy: Option<&'a str>,
@@ -250,6 +258,8 @@ pub fn status_json(s: &NodeSnapshot, now: Instant) -> String {
         generation: s.generation,
         paused: s.paused,
         fenced: s.fenced,
+        failsafe_ms: s.failsafe_ms,
+        promised_ms: s.promised_ms,
         problem: r.and_then(|r| r.problem.as_deref()),
         last_round_seconds_ago: s
             .last_round
@@ -329,6 +339,18 @@ pub fn metrics_text(s: &NodeSnapshot, now: Instant) -> String {
         "1 while the keeper's lease is not renewed: its primary is fenced.",
         "",
         f64::from(u8::from(s.fenced)),
+    );
+    gauge(
+        "keelson_keeper_failsafe_seconds",
+        "Seconds this primary still serves beyond its lease on the other keepers' failsafe promises (0: it does not).",
+        "",
+        s.failsafe_ms as f64 / 1000.0,
+    );
+    gauge(
+        "keelson_keeper_promised_seconds",
+        "Seconds this keeper's failsafe promise not to promote still holds (0: none).",
+        "",
+        s.promised_ms as f64 / 1000.0,
     );
     gauge(
         "keelson_keeper_last_round_age_seconds",
@@ -448,9 +470,12 @@ impl NodeState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let now = crate::lease::now_ms();
         if let Some(lease) = self.lease.get() {
             s.fenced |= lease.expired();
+            s.failsafe_ms = lease.failsafe_remaining_ms(now);
         }
+        s.promised_ms = self.promises.until_ms().saturating_sub(now);
         s
     }
 }

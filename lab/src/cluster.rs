@@ -147,6 +147,10 @@ impl Lab {
             format!("{}:5432", h.addr),
             "--pg-repl-password-file".into(),
             self.dir.join("repl-password").display().to_string(),
+            // The node API: the store-outage failsafe's promises between
+            // keepers, and the proxies' questions to the primary's keeper.
+            "--api-listen".into(),
+            format!("{}:8008", h.addr),
         ];
         self.keelson_proc(&format!("k{}", i + 1), h, args)
     }

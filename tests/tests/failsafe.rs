@@ -101,13 +101,26 @@ impl Load {
 }
 
 /// Every member of etcd is stopped (SIGSTOP) for 60 s under a write load
-/// through the proxy: no client sees an error, the primary is never
-/// stopped, and nothing changes when etcd resumes.
+/// through the proxy (proxy_timeout 3 s): no client sees an error, the
+/// primary is never stopped, and nothing changes when etcd resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_60s_etcd_outage_under_load_fails_no_client_and_never_stops_the_primary() {
     let etcd = EtcdServer::start().await;
-    let store = cluster::open(&etcd.url()).await.unwrap();
-    let c = LocalCluster::up(&etcd.url(), store).await;
+    // The proxy's store lists the member three times, as a three-member
+    // etcd would be listed: each request tries every endpoint before it
+    // fails, so a renewal fails long after proxy_timeout (3 s) and the
+    // proxy must ask the primary's keeper while its store requests still
+    // hang, not after.
+    let listed = format!(
+        "etcd://127.0.0.1:{0},127.0.0.1:{0},127.0.0.1:{0}",
+        etcd.port()
+    );
+    let store = cluster::open(&listed).await.unwrap();
+    let spec = ClusterSpec {
+        proxy_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let c = LocalCluster::up_with(&etcd.url(), store, spec, 1, 2).await;
     let primary = c.master;
     let pid = c.primary_pid();
     let before = c.data().await;
@@ -115,8 +128,28 @@ async fn a_60s_etcd_outage_under_load_fails_no_client_and_never_stops_the_primar
     tokio::time::sleep(Duration::from_secs(2)).await;
     etcd.pause();
     let t = Instant::now();
+    let mut seen_serving = false;
     while t.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        // The primary's node API says it serves on the promises, and the
+        // standby's that it promised.
+        if t.elapsed() > Duration::from_secs(10) && !seen_serving {
+            let status = |i: usize| {
+                let addr = format!("127.0.0.1:{}", c.api_ports[i - 1]);
+                async move {
+                    let (_, body) =
+                        cluster::node_api::call(&addr, "GET", "/status", Duration::from_secs(2))
+                            .await
+                            .unwrap();
+                    serde_json::from_str::<serde_json::Value>(&body).unwrap()
+                }
+            };
+            let p = status(primary).await;
+            let s = status(c.other()).await;
+            assert!(p["failsafe_ms"].as_u64().unwrap() > 0, "{p}");
+            assert!(s["promised_ms"].as_u64().unwrap() > 0, "{s}");
+            seen_serving = true;
+        }
         let errors = load.errors();
         if !errors.is_empty() {
             etcd.resume();
@@ -128,6 +161,7 @@ async fn a_60s_etcd_outage_under_load_fails_no_client_and_never_stops_the_primar
         }
     }
     etcd.resume();
+    assert!(seen_serving);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (acked, errors) = load.stop().await;
     assert!(errors.is_empty(), "clients saw errors: {errors:?}");
