@@ -182,6 +182,21 @@ fn fail_master(
     decide(&d2, &o, T0 + 5 * SEC + 1)
 }
 
+/// The primary m, whose keeper lost its lease, last reported reading the
+/// cluster data of membership 2; s1 joined at 2, s2 (more advanced) at 3:
+/// the data after the failover.
+fn late_joiner(failsafe: bool) -> ClusterData {
+    let mut d = cluster("m", &["s1", "s2"]);
+    d.spec.failsafe = failsafe;
+    d.membership = 3;
+    d.dbs.get_mut("m").unwrap().status.membership = 2;
+    d.keepers.get_mut("s1").unwrap().joined = 2;
+    d.keepers.get_mut("s2").unwrap().joined = 3;
+    d.dbs.get_mut("s2").unwrap().status.lsn = 200;
+    let o = with(observe(&d, &["m"]), "s2", |r| r.lsn = Some(200));
+    fail_master(&d, "m", |_| o.clone())
+}
+
 /// Decides at each of `times` with the same observations.
 fn rounds(d: &ClusterData, o: &Observations, times: &[u64]) -> ClusterData {
     let mut d = d.clone();
@@ -664,17 +679,7 @@ fn cases() -> Vec<Case> {
         // ---- the store-outage failsafe
         Case {
             name: "failsafe: a keeper joined after the primary's last read cluster data is not promoted in place of a primary that lost its lease",
-            run: || {
-                let mut d = cluster("m", &["s1", "s2"]);
-                d.membership = 3;
-                d.dbs.get_mut("m").unwrap().status.membership = 2;
-                d.keepers.get_mut("s1").unwrap().joined = 2;
-                d.keepers.get_mut("s2").unwrap().joined = 3;
-                // s2 is the more advanced, but m never knew of it.
-                d.dbs.get_mut("s2").unwrap().status.lsn = 200;
-                let o = with(observe(&d, &["m"]), "s2", |r| r.lsn = Some(200));
-                fail_master(&d, "m", |_| o.clone())
-            },
+            run: || late_joiner(true),
             check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
         },
         Case {
@@ -698,17 +703,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "failsafe: even with the failsafe off (turned off while the old primary served on promises), a keeper it never knew of does not replace it",
-            run: || {
-                let mut d = cluster("m", &["s1", "s2"]);
-                d.spec.failsafe = false;
-                d.membership = 3;
-                d.dbs.get_mut("m").unwrap().status.membership = 2;
-                d.keepers.get_mut("s1").unwrap().joined = 2;
-                d.keepers.get_mut("s2").unwrap().joined = 3;
-                d.dbs.get_mut("s2").unwrap().status.lsn = 200;
-                let o = with(observe(&d, &["m"]), "s2", |r| r.lsn = Some(200));
-                fail_master(&d, "m", |_| o.clone())
-            },
+            run: || late_joiner(false),
             check: |d| assert_eq!(master(d).as_deref(), Some("s1")),
         },
         Case {
