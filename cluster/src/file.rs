@@ -355,22 +355,24 @@ impl FileStore {
             .map_err(|e| io_err("cannot sync the store's directory", e))?;
         // A writer stopped between reading `base` and linking can find
         // `base + 1` collected and link a generation older than the newest,
-        // which no one reads: it is on the line of commits only if the
-        // newest generation descends from it.
-        let (newest, head) = self.read_state()?;
-        if !head.commits.contains(&id) {
-            let _ = std::fs::remove_file(&target);
-            if newest.saturating_sub(base + 1) >= COMMIT_HISTORY as u64 {
-                return Err(StoreError::Unavailable(format!(
-                    "this process was stopped during a write to the store in {} for {} \
-                     commits by others: the write may or may not have been applied",
-                    self.dir.display(),
-                    newest - base - 1
-                )));
-            }
-            return Ok(false);
-        }
+        // which no one reads: it is on the line of commits only if it is
+        // the newest, or the newest descends from it.
         let gens = self.generations()?;
+        if gens.last().is_some_and(|&newest| newest > base + 1) {
+            let (newest, head) = self.read_state()?;
+            if !head.commits.contains(&id) {
+                let _ = std::fs::remove_file(&target);
+                if newest.saturating_sub(base + 1) >= COMMIT_HISTORY as u64 {
+                    return Err(StoreError::Unavailable(format!(
+                        "this process was stopped during a write to the store in {} for {} \
+                         commits by others: the write may or may not have been applied",
+                        self.dir.display(),
+                        newest - base - 1
+                    )));
+                }
+                return Ok(false);
+            }
+        }
         for &old in gens
             .iter()
             .take_while(|&&g| g + KEEP_GENERATIONS <= base + 1)
@@ -380,7 +382,11 @@ impl FileStore {
         if base == 0 {
             let _ = std::fs::remove_file(self.legacy_path());
         }
-        self.remove_abandoned_temporaries();
+        // Rarely needed (a writer killed between its write and its link):
+        // looked for once every KEEP_GENERATIONS commits.
+        if (base + 1) % KEEP_GENERATIONS == 0 {
+            self.remove_abandoned_temporaries();
+        }
         Ok(true)
     }
 

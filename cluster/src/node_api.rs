@@ -6,8 +6,42 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// Where a primary's keeper asks another keeper for a failsafe promise
+/// (POST, `?primary=<uid>`).
+pub const FAILSAFE_PROMISE_PATH: &str = "/failsafe/promise";
+/// Where a proxy asks the primary's keeper how long it may route (GET).
+pub const FAILSAFE_ROUTE_PATH: &str = "/failsafe/route";
+
+/// A keeper's failsafe promise, as it answers it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Promise {
+    /// The keeper promising.
+    pub uid: String,
+    /// For how long from when it received the request.
+    pub promised_ms: u64,
+}
+
+/// The primary's keeper's answer to a proxy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Route {
+    /// The keeper (and database) answering.
+    pub uid: String,
+    /// How long from now its fence holds off.
+    pub remaining_ms: u64,
+}
+
+/// The value of `name` in a query string (`a=1&b=2`).
+pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
 
 /// The largest answer read.
 const MAX_ANSWER: usize = 64 * 1024;

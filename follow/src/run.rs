@@ -40,9 +40,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The primary's keeper's node API path a proxy asks (keeper::failsafe).
-const FAILSAFE_ROUTE: &str = "/failsafe/route";
-
 /// This proxy's registration in the store.
 #[derive(Debug, Default)]
 struct Registration {
@@ -165,12 +162,15 @@ async fn failsafe(status: Arc<FollowStatus>) {
             continue;
         };
         let sent = Instant::now();
-        match cluster::node_api::call(&addr, "GET", FAILSAFE_ROUTE, period / 2).await {
-            Ok((200, body)) => match serde_json::from_str::<serde_json::Value>(&body) {
-                Ok(v) if v["uid"].as_str() == Some(db.as_str()) => {
-                    if let Some(ms) = v["remaining_ms"].as_u64() {
-                        status.hold_primary(&db, sent, std::time::Duration::from_millis(ms));
-                    }
+        let path = cluster::node_api::FAILSAFE_ROUTE_PATH;
+        match cluster::node_api::call(&addr, "GET", path, period / 2).await {
+            Ok((200, body)) => match serde_json::from_str::<cluster::node_api::Route>(&body) {
+                Ok(r) if r.uid == db => {
+                    status.hold_primary(
+                        &db,
+                        sent,
+                        std::time::Duration::from_millis(r.remaining_ms),
+                    );
                 }
                 _ => {
                     tracing::warn!(cluster = status.cluster(), %addr, body, "the primary's keeper answered something else")

@@ -30,16 +30,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use cluster::data::{ClusterData, Role, FENCE_SLACK};
-use serde::{Deserialize, Serialize};
+use cluster::file::boot_id;
+use cluster::node_api::{query_param, Promise, Route, FAILSAFE_PROMISE_PATH};
 
 use crate::lease::{now_ms, Lease};
-use crate::node::{Answer, NodeState};
-use cluster::file::boot_id;
-
-/// Where a primary's keeper asks for a promise (POST).
-pub const PROMISE_PATH: &str = "/failsafe/promise";
-/// Where a proxy asks the primary's keeper how long it may route (GET).
-pub const ROUTE_PATH: &str = "/failsafe/route";
+use crate::node::{Answer, NodeSnapshot, NodeState};
 
 /// What a keeper promised. Kept in `<data dir>/failsafe-promise` too
 /// before it is given, so that a keeper restarted within a promise still
@@ -55,6 +50,19 @@ struct Promised {
     to: String,
     /// This keeper has begun promoting: it promises nothing any more.
     promoting: bool,
+}
+
+impl Promised {
+    fn holding(&self) -> Option<String> {
+        let now = now_ms();
+        (now < self.until_ms).then(|| {
+            format!(
+                "this keeper promised {} (the failsafe) not to promote for another {} ms",
+                self.to,
+                self.until_ms - now
+            )
+        })
+    }
 }
 
 impl Promises {
@@ -112,13 +120,8 @@ impl Promises {
     /// promise is given until [`Promises::end_promotion`].
     pub fn begin_promotion(&self) -> Result<(), String> {
         let mut p = self.lock();
-        let now = now_ms();
-        if now < p.until_ms {
-            return Err(format!(
-                "this keeper promised {} (the failsafe) not to promote for another {} ms",
-                p.to,
-                p.until_ms - now
-            ));
+        if let Some(why) = p.holding() {
+            return Err(why);
         }
         p.promoting = true;
         Ok(())
@@ -126,15 +129,7 @@ impl Promises {
 
     /// Why this keeper may not promote yet, while a promise holds.
     pub fn holding(&self) -> Option<String> {
-        let p = self.lock();
-        let now = now_ms();
-        (now < p.until_ms).then(|| {
-            format!(
-                "this keeper promised {} (the failsafe) not to promote for another {} ms",
-                p.to,
-                p.until_ms - now
-            )
-        })
+        self.lock().holding()
     }
 
     /// This keeper's database is not to be primary (any more).
@@ -163,92 +158,58 @@ fn write_durably(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A promise, as the peer answers it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Promise {
-    /// The keeper promising.
-    pub uid: String,
-    /// For how long from when it received the request.
-    pub promised_ms: u64,
-}
-
-/// The primary's keeper's answer to a proxy.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Route {
-    /// The keeper (and database) answering.
-    pub uid: String,
-    /// How long from now its fence holds off.
-    pub remaining_ms: u64,
-}
-
 fn refuse(status: u16, why: String) -> Answer {
     Answer::json(status, serde_json::json!({ "refused": why }).to_string())
 }
 
-fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
-}
-
-/// Why this keeper may not promise `primary` now, by what it knows.
-fn why_not(node: &NodeState, primary: &str) -> Option<String> {
-    let s = node.snapshot();
+/// How long this keeper may promise `primary` not to promote, by what it
+/// knows (its snapshot `s`), or why it may not.
+fn promisable(s: &NodeSnapshot, primary: &str) -> Result<Duration, String> {
     let Some(d) = s.data.as_deref() else {
-        return Some("this keeper has read no cluster data".into());
+        return Err("this keeper has read no cluster data".into());
     };
     if !d.spec.failsafe {
-        return Some("the failsafe is off in the cluster spec".into());
+        return Err("the failsafe is off in the cluster spec".into());
     }
     if d.proxy.master_db.as_deref() != Some(primary) {
-        return Some(format!(
+        return Err(format!(
             "the newest cluster data this keeper read names {} primary, not {primary}",
             d.proxy.master_db.as_deref().unwrap_or("no")
         ));
     }
     if let Some(f) = &d.failover {
-        return Some(format!("a {} from {} is in progress", f.reason, f.from));
+        return Err(format!("a {} from {} is in progress", f.reason, f.from));
     }
     if primary == s.uid || s.role == Some(Role::Master) {
-        return Some("this keeper's database is named primary".into());
+        return Err("this keeper's database is named primary".into());
     }
     if s.report
         .as_ref()
         .is_some_and(|r| r.healthy && !r.in_recovery)
     {
-        return Some("this keeper's PostgreSQL is not in recovery".into());
+        return Err("this keeper's PostgreSQL is not in recovery".into());
     }
-    None
+    Ok(d.spec.fence_timeout + FENCE_SLACK)
 }
 
 /// `POST /failsafe/promise?primary=<uid>`.
 pub fn promise(node: &NodeState, method: &str, query: &str) -> Answer {
     if method != "POST" {
-        return refuse(405, format!("{PROMISE_PATH} takes POST"));
+        return refuse(405, format!("{FAILSAFE_PROMISE_PATH} takes POST"));
     }
-    let Some(primary) = param(query, "primary").filter(|p| !p.is_empty()) else {
+    let Some(primary) = query_param(query, "primary").filter(|p| !p.is_empty()) else {
         return refuse(400, "give the primary: ?primary=<uid>".into());
     };
-    if let Some(why) = why_not(node, primary) {
-        return refuse(409, why);
-    }
-    let Some(fence) = node
-        .snapshot()
-        .data
-        .as_deref()
-        .map(|d| d.spec.fence_timeout)
-    else {
-        return refuse(409, "this keeper has read no cluster data".into());
+    let s = node.snapshot();
+    let ms = match promisable(&s, primary) {
+        Ok(d) => d.as_millis() as u64,
+        Err(why) => return refuse(409, why),
     };
-    let ms = (fence + FENCE_SLACK).as_millis() as u64;
     if let Err(why) = node.promises.give(primary, ms) {
         return refuse(409, why);
     }
-    let uid = node.snapshot().uid;
     let body = serde_json::to_string(&Promise {
-        uid,
+        uid: s.uid,
         promised_ms: ms,
     })
     .unwrap_or_default();
@@ -296,7 +257,7 @@ async fn ask(
     let sent = now_ms();
     let mut set = tokio::task::JoinSet::new();
     for (uid, addr) in peers {
-        let path = format!("{PROMISE_PATH}?primary={me}");
+        let path = format!("{FAILSAFE_PROMISE_PATH}?primary={me}");
         set.spawn(async move {
             let Some(addr) = addr else {
                 return Err(format!("{uid} has no node API address (--api-listen)"));

@@ -367,11 +367,7 @@ pub fn metrics_text(s: &NodeSnapshot, now: Instant) -> String {
 /// `/status` document as its body.
 pub fn answer(s: &NodeSnapshot, path: &str, query: &str, now: Instant) -> Answer {
     let ok = |yes: bool| Answer::json(if yes { 200 } else { 503 }, status_json(s, now));
-    let lag = query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == "lag")
-        .map(|(_, v)| parse_lag(v));
+    let lag = cluster::node_api::query_param(query, "lag").map(parse_lag);
     let lag = match lag.transpose() {
         Ok(l) => l,
         Err(e) => {
@@ -462,6 +458,15 @@ impl NodeState {
     pub fn update(&self, f: impl FnOnce(&mut NodeSnapshot)) {
         let mut g = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut g);
+    }
+
+    /// The newest cluster data this keeper read.
+    pub fn data(&self) -> Option<std::sync::Arc<ClusterData>> {
+        self.snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .data
+            .clone()
     }
 
     pub fn snapshot(&self) -> NodeSnapshot {

@@ -798,7 +798,7 @@ impl Keeper {
         r.tags = cfg.node.flag_tags().unwrap_or_else(|| cfg.tags.clone());
         r.restarted = self.requests.map_or(0, |q| q.restart);
         r.api_address = cfg.api_address.clone();
-        r.membership = cfg.node.snapshot().data.map_or(0, |d| d.membership);
+        r.membership = cfg.node.data().map_or(0, |d| d.membership);
         if r.healthy && !obs.raised.is_empty() {
             let pending = r.pending_restart.get_or_insert_with(Vec::new);
             pending.extend(obs.raised.iter().map(|(n, _)| n.clone()));

@@ -218,10 +218,10 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
             let node = node.clone();
             let handler: crate::http::Handler = std::sync::Arc::new(move |req| {
                 let a = match req.path.as_str() {
-                    keeper::failsafe::PROMISE_PATH => {
+                    cluster::node_api::FAILSAFE_PROMISE_PATH => {
                         keeper::failsafe::promise(&node, &req.method, &req.query)
                     }
-                    keeper::failsafe::ROUTE_PATH => keeper::failsafe::route(&node),
+                    cluster::node_api::FAILSAFE_ROUTE_PATH => keeper::failsafe::route(&node),
                     _ => keeper::node::answer(
                         &node.snapshot(),
                         &req.path,
