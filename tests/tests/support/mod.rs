@@ -106,13 +106,28 @@ fn chown_tree(path: &Path) {
     }
 }
 
-/// A free loopback port (bound and released; PostgreSQL binds it next).
+/// A free loopback port (bound and released; a server binds it next),
+/// below the kernel's ephemeral range: a port the OS hands out for `:0`
+/// can be taken as the source port of any client connection once its
+/// server stops, and a keeper restarted on it then fails with "Address
+/// already in use" (seen in CI). Ports are handed out once per process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral.max(10_001));
+    let span = high - low;
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let port = low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port in {low}..{high}");
 }
 
 /// A running PostgreSQL server in a temporary directory.
