@@ -237,7 +237,9 @@ impl FollowStatus {
         }
     }
 
-    pub(crate) fn has_data(&self) -> bool {
+    /// Whether cluster data was read and applied (`false`: the cluster is
+    /// not initialised, or was deleted, or nothing was read yet).
+    pub fn has_data(&self) -> bool {
         self.lock().data.is_some()
     }
 

@@ -865,40 +865,51 @@ impl Instance {
         .await
     }
 
-    /// Waits until no client session has a transaction open, for up to
-    /// `limit` (a planned switchover: the proxies end sessions between
-    /// transactions meanwhile). Returns how many still had one.
-    pub async fn wait_for_transactions(&self, limit: Duration) -> Result<i64> {
+    /// Waits up to `limit` until no transaction is open and no session
+    /// over TCP remains (the proxies end theirs between transactions once
+    /// they apply a switchover; a session whose client just connected runs
+    /// its first statement first): PostgreSQL stopped earlier would end a
+    /// session the proxies have not fenced yet, an error to its client.
+    /// Sessions over the Unix socket (this keeper's own) are waited for
+    /// only while in a transaction. Returns the transactions and TCP
+    /// sessions still there at the end.
+    pub async fn wait_for_sessions(&self, limit: Duration) -> Result<(i64, i64)> {
         let deadline = tokio::time::Instant::now() + limit;
         let c = self.connect().await?;
+        let others = "FROM pg_stat_activity WHERE backend_type = 'client backend' \
+                      AND pid <> pg_backend_pid() \
+                      AND (xact_start IS NOT NULL OR client_addr IS NOT NULL)";
         loop {
-            let open: i64 = within("counting open transactions", STATEMENT_TIMEOUT, async {
-                Ok(c.query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
-                       AND xact_start IS NOT NULL",
-                    &[],
-                )
-                .await?
-                .get(0))
-            })
-            .await?;
-            if open == 0 || tokio::time::Instant::now() >= deadline {
-                if open > 0 {
+            let (open, remote): (i64, i64) =
+                within("counting open sessions", STATEMENT_TIMEOUT, async {
+                    let r = c
+                        .query_one(
+                            &format!(
+                                "SELECT count(*) FILTER (WHERE xact_start IS NOT NULL), \
+                                        count(*) FILTER (WHERE client_addr IS NOT NULL) {others}"
+                            ),
+                            &[],
+                        )
+                        .await?;
+                    Ok((r.get(0), r.get(1)))
+                })
+                .await?;
+            if (open == 0 && remote == 0) || tokio::time::Instant::now() >= deadline {
+                if open > 0 || remote > 0 {
                     let rows = c
                         .query(
-                            "SELECT concat_ws(' ', pid, state, wait_event_type, wait_event, \
-                                    left(query, 60)) FROM pg_stat_activity \
-                             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
-                               AND xact_start IS NOT NULL",
+                            &format!(
+                                "SELECT concat_ws(' ', pid, client_addr, state, wait_event_type, \
+                                        wait_event, left(query, 60)) {others}"
+                            ),
                             &[],
                         )
                         .await
                         .unwrap_or_default();
-                    let open: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-                    tracing::warn!(?open, "transactions still open");
+                    let left: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                    tracing::warn!(?left, "sessions still open");
                 }
-                return Ok(open);
+                return Ok((open, remote));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -1109,11 +1109,18 @@ async fn act(
                 let t = Instant::now();
                 // Within the proxies' drain: their sessions end between
                 // transactions, so these end without an error.
-                match pg.wait_for_transactions(SWITCHOVER_DRAIN).await {
-                    Ok(0) => tracing::info!(took = ?t.elapsed(), "no transaction open; stopping"),
-                    Ok(n) => tracing::warn!(open = n, "transactions still open; stopping anyway"),
+                match pg.wait_for_sessions(SWITCHOVER_DRAIN).await {
+                    Ok((0, 0)) => tracing::info!(
+                        took = ?t.elapsed(),
+                        "no transaction or client session open; stopping"
+                    ),
+                    Ok((open, sessions)) => tracing::warn!(
+                        open,
+                        sessions,
+                        "transactions or client sessions still open; stopping anyway"
+                    ),
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot count open transactions; stopping")
+                        tracing::warn!(error = %e, "cannot count open sessions; stopping")
                     }
                 }
             }

@@ -1,10 +1,11 @@
-//! The admin HTTP listener: `/metrics` (Prometheus text format), `/healthz`,
+//! The admin HTTP listener: `/metrics` (Prometheus text format), `/healthz`, `/serving`,
 //! `/readyz` and `/view`. It owns the rendering of the view as JSON; the
 //! follower ([`follow::FollowStatus`]) knows nothing of HTTP.
 //!
 //! Served by the small HTTP/1.1 responder of [`crate::http`].
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +39,35 @@ impl AdminState {
             AdminState::Static(v) if v.load().primary.is_some() => Ok(()),
             AdminState::Static(_) => Err("no primary to route to".into()),
             AdminState::Store { main, .. } => main.not_ready_reason().map_or(Ok(()), Err),
+        }
+    }
+
+    /// `Ok` if the proxy should be sent clients (`/serving`, a Kubernetes
+    /// readiness probe): it has applied a view it may use. Unlike
+    /// `/readyz` it holds while the cluster has no primary (a failover or
+    /// switchover: the proxy holds new clients, and a proxy taken out of
+    /// its Service would refuse them instead) and while the store is
+    /// unreachable (the proxy holds, routes on the failsafe, or refuses
+    /// with 57P03, as every other proxy of the cluster would).
+    pub fn serving(&self) -> Result<(), String> {
+        match self {
+            AdminState::Static(_) => Ok(()),
+            AdminState::Store { main, .. } => {
+                if let Some(c) = main.conflict() {
+                    return Err(c);
+                }
+                if main.age().is_none() || !main.has_data() {
+                    return Err(
+                        "no view of the cluster applied yet (the store holds no data for it: \
+                         not initialised, or not read yet)"
+                            .into(),
+                    );
+                }
+                match main.not_ready_reason() {
+                    Some(why) if why.contains("upgrade the proxy") => Err(why),
+                    _ => Ok(()),
+                }
+            }
         }
     }
 
@@ -127,7 +157,13 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
 }
 
 /// Serves admin requests on `listener` forever.
-pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, state: Arc<AdminState>) {
+/// Once `stopping` is set (SIGTERM), `/readyz` fails.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: PrometheusHandle,
+    state: Arc<AdminState>,
+    stopping: Arc<AtomicBool>,
+) {
     let upkeep = metrics.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -137,25 +173,44 @@ pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, state: Arc<
         }
     });
     let handler: crate::http::Handler = Arc::new(move |req| {
-        let r = answer(&req.path, &metrics, &state);
+        let r = answer(
+            &req.path,
+            &metrics,
+            &state,
+            stopping.load(Ordering::Relaxed),
+        );
         Box::pin(async move { r })
     });
     crate::http::serve(listener, handler).await
 }
 
-fn answer(path: &str, metrics: &PrometheusHandle, state: &AdminState) -> Response {
+fn answer(path: &str, metrics: &PrometheusHandle, state: &AdminState, stopping: bool) -> Response {
     match path {
+        "/readyz" if stopping => Response::new(
+            503,
+            "text/plain",
+            "not ready: shutting down (SIGTERM); new sessions go elsewhere\n",
+        ),
         "/metrics" => Response::new(200, "text/plain; version=0.0.4", metrics.render()),
         "/healthz" => Response::new(200, "text/plain", "ok\n"),
         "/readyz" => match state.ready() {
             Ok(()) => Response::new(200, "text/plain", "ready\n"),
             Err(why) => Response::new(503, "text/plain", format!("not ready: {why}\n")),
         },
+        "/serving" if stopping => Response::new(
+            503,
+            "text/plain",
+            "not serving: shutting down (SIGTERM); new sessions go elsewhere\n",
+        ),
+        "/serving" => match state.serving() {
+            Ok(()) => Response::new(200, "text/plain", "serving\n"),
+            Err(why) => Response::new(503, "text/plain", format!("not serving: {why}\n")),
+        },
         "/view" => Response::new(200, "application/json", state.view_json()),
         _ => Response::new(
             404,
             "text/plain",
-            "not found; try /metrics, /healthz, /readyz or /view\n",
+            "not found; try /metrics, /healthz, /readyz, /serving or /view\n",
         ),
     }
 }

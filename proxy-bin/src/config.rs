@@ -37,6 +37,7 @@ pub fn default_of(flag: &str) -> Option<String> {
         "connect-timeout" => dur(d.connect_timeout),
         "auth-timeout" => dur(d.auth_timeout),
         "shutdown-grace" => dur(DEFAULT_SHUTDOWN_GRACE),
+        "shutdown-delay" => dur(Duration::ZERO),
         "keepalive-idle" => dur(d.socket.keepalive.map_or(Duration::ZERO, |k| k.0)),
         "keepalive-interval" => dur(d.socket.keepalive.map_or(Duration::ZERO, |k| k.1)),
         "cancel-rate" => d.cancel_rate_per_second.to_string(),
@@ -106,6 +107,8 @@ pub struct ProxyArgs {
     pub auth_timeout: Option<String>,
     #[arg(long, env = "KEELSON_SHUTDOWN_GRACE", help = with_default("On SIGTERM/SIGINT, time sessions get to finish before they are closed.", "shutdown-grace"))]
     pub shutdown_grace: Option<String>,
+    #[arg(long, env = "KEELSON_SHUTDOWN_DELAY", help = with_default("On SIGTERM/SIGINT, time the proxy still accepts new sessions (its readiness already failing, so that a load balancer or Kubernetes Service stops sending it clients) before it stops accepting and the grace begins.", "shutdown-delay"))]
+    pub shutdown_delay: Option<String>,
     #[arg(long, env = "KEELSON_KEEPALIVE_IDLE", help = with_default("TCP keepalive idle time on both sockets; \"off\" to disable.", "keepalive-idle"))]
     pub keepalive_idle: Option<String>,
     #[arg(long, env = "KEELSON_KEEPALIVE_INTERVAL", help = with_default("TCP keepalive probe interval.", "keepalive-interval"))]
@@ -257,6 +260,7 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     pub auth_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub shutdown_delay: Duration,
     pub keepalive: Option<(Duration, Duration)>,
     pub cancel_rate_per_second: u32,
     pub workers: usize,
@@ -523,6 +527,7 @@ impl ProxySettings {
             connect_timeout: duration("connect_timeout", args.connect_timeout)?,
             auth_timeout: duration("auth_timeout", args.auth_timeout)?,
             shutdown_grace: duration("shutdown_grace", args.shutdown_grace)?,
+            shutdown_delay: duration("shutdown_delay", args.shutdown_delay)?,
             keepalive,
             cancel_rate_per_second: args.cancel_rate.unwrap_or(defaults.cancel_rate_per_second),
             workers,

@@ -348,6 +348,54 @@ fn read_spec(path: &std::path::Path) -> Result<ClusterSpec> {
 /// Starts a planned switchover (to `to`, or the most advanced eligible
 /// standby); returns the primary it moves away from.
 async fn switchover(store: &AnyStore, keys: &Keys, to: Option<&str>) -> Result<String> {
+    start_switchover(store, keys, to, None)
+        .await
+        .map(|from| from.unwrap_or_default())
+}
+
+/// A switchover away from `uid` if it is the primary, awaited for up to
+/// `limit` (a keeper stopping on SIGTERM): `None` if `uid` is not the
+/// primary, else the new primary.
+pub async fn switchover_from(
+    store: &AnyStore,
+    keys: &Keys,
+    uid: &str,
+    limit: std::time::Duration,
+) -> Result<Option<String>> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let (d, _) = read(store, keys).await?;
+    let ours = d.proxy.master_db.as_deref() == Some(uid)
+        || d.failover.as_ref().is_some_and(|f| f.from == uid);
+    if !ours {
+        return Ok(None);
+    }
+    if d.failover.is_none()
+        && start_switchover(store, keys, None, Some(uid))
+            .await?
+            .is_none()
+    {
+        return Ok(None);
+    }
+    tracing::info!(
+        from = uid,
+        "SIGTERM: switchover started; waiting for it before stopping"
+    );
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    wait_for(store, keys, left, "the switchover", |d| {
+        d.failover.is_none() && d.proxy.master_db.as_deref().is_some_and(|m| m != uid)
+    })
+    .await?;
+    Ok(read(store, keys).await?.0.proxy.master_db)
+}
+
+/// Writes a switchover request (to `to`, or the best candidate); with
+/// `only_from`, only if that keeper is the primary (else `None`).
+async fn start_switchover(
+    store: &AnyStore,
+    keys: &Keys,
+    to: Option<&str>,
+    only_from: Option<&str>,
+) -> Result<Option<String>> {
     loop {
         let kv = store
             .get(&keys.clusterdata())
@@ -357,6 +405,9 @@ async fn switchover(store: &AnyStore, keys: &Keys, to: Option<&str>) -> Result<S
         let Some(from) = data.proxy.master_db.clone() else {
             bail!("the cluster has no primary to switch over from");
         };
+        if only_from.is_some_and(|u| u != from) {
+            return Ok(None);
+        }
         if data.failover.is_some() {
             bail!("a failover or switchover is already in progress; `keelson ctl status` shows it");
         }
@@ -394,7 +445,7 @@ async fn switchover(store: &AnyStore, keys: &Keys, to: Option<&str>) -> Result<S
             .put_if_revision(&keys.clusterdata(), &data.to_json(), kv.mod_revision, 0)
             .await?
         {
-            return Ok(from);
+            return Ok(Some(from));
         }
     }
 }

@@ -79,6 +79,14 @@ pub struct KeeperArgs {
     /// and the --api-listen port].
     #[arg(long, env = "KEELSON_API_ADVERTISE", requires = "api_listen")]
     pub api_advertise: Option<String>,
+    /// On SIGTERM, if this keeper's PostgreSQL is the primary, ask for a
+    /// switchover and wait up to this long for it to finish before stopping
+    /// PostgreSQL (clients through the proxy are held, not refused). Set it
+    /// a few seconds below the time the service manager waits (Kubernetes:
+    /// `terminationGracePeriodSeconds`). 0 stops at once, as before.
+    /// A second SIGTERM or SIGINT stops at once.
+    #[arg(long, env = "KEELSON_STOP_SWITCHOVER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "0s")]
+    pub stop_switchover_timeout: std::time::Duration,
 }
 
 impl KeeperArgs {
@@ -234,6 +242,8 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
             tokio::spawn(crate::http::serve(l, handler));
         }
         let store = args.cluster.open().await?;
+        let keys = args.cluster.keys();
+        let (uid, limit) = (cfg.uid.clone(), args.stop_switchover_timeout);
         let reload = move || match reparse() {
             Ok(crate::Command::Keeper(new)) => {
                 node.set_flag_tags(new.tags());
@@ -242,13 +252,51 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
             Ok(_) => {}
             Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: the configuration does not load; keeping the running one"),
         };
-        tokio::select! {
-            r = keeper::run::run(cfg, store, args.cluster.keys()) => r?,
-            _ = hangups(reload) => {}
-            s = crate::shutdown_signal() => tracing::info!(signal = s?, "keeper stopping; PostgreSQL stops with it"),
+        let run = keeper::run::run(cfg, store.clone(), keys.clone());
+        tokio::pin!(run);
+        let signal = tokio::select! {
+            r = &mut run => return Ok(r?),
+            _ = hangups(reload) => return Ok(()),
+            s = crate::shutdown_signal() => s?,
+        };
+        if !limit.is_zero() {
+            // The keeper goes on running (it carries out its own demotion)
+            // while the switchover is asked for and awaited.
+            tokio::select! {
+                r = &mut run => return Ok(r?),
+                s = crate::shutdown_signal() => {
+                    tracing::warn!(signal = s?, "second signal: stopping without waiting for the switchover");
+                }
+                () = switch_over_before_stopping(&store, &keys, &uid, limit) => {}
+            }
         }
+        tracing::info!(signal, "keeper stopping; PostgreSQL stops with it");
         anyhow::Ok(())
     })
+}
+
+/// On SIGTERM: if `uid` is the primary, a switchover away from it, awaited
+/// for up to `limit`; what happened is logged, never an error (the keeper
+/// stops either way).
+async fn switch_over_before_stopping(
+    store: &cluster::AnyStore,
+    keys: &cluster::Keys,
+    uid: &str,
+    limit: std::time::Duration,
+) {
+    let started = std::time::Instant::now();
+    match crate::ctl::switchover_from(store, keys, uid, limit).await {
+        Ok(None) => tracing::info!("SIGTERM: not the primary; no switchover needed"),
+        Ok(Some(to)) => tracing::info!(
+            to,
+            secs = started.elapsed().as_secs_f64(),
+            "SIGTERM: switched over before stopping"
+        ),
+        Err(e) => tracing::warn!(
+            error = %format!("{e:#}"),
+            "SIGTERM: no switchover before stopping; the sentinel fails over once this keeper is gone"
+        ),
+    }
 }
 
 pub fn sentinel(args: SentinelArgs) -> Result<()> {
@@ -318,7 +366,10 @@ fn sentinel_api(
                 )
             };
             match req.path.as_str() {
-                "/health" | "/liveness" | "/readiness" => json(node.is_healthy(now)),
+                "/health" | "/readiness" => json(node.is_healthy(now)),
+                // Never fails only because the store is down: restarting
+                // the sentinel would not bring it back.
+                "/liveness" => json(node.is_alive(now)),
                 "/leader" => json(node.is_leader(now)),
                 "/status" | "/" => json(true),
                 "/metrics" => Response::new(200, "text/plain; version=0.0.4", node.metrics_text(now)),

@@ -287,10 +287,11 @@ pub fn run(settings: ProxySettings) -> Result<()> {
                 AdminState::Store { main, sni }
             }
         });
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if let Some(addr) = settings.admin_listen {
             let l = admin::bind(addr).await?;
             tracing::info!(admin = %l.local_addr()?, "admin listener started");
-            tokio::spawn(admin::serve(l, metrics, state.clone()));
+            tokio::spawn(admin::serve(l, metrics, state.clone(), stopping.clone()));
         }
         let signal = {
             use tokio::signal::unix::{signal, SignalKind};
@@ -304,6 +305,17 @@ pub fn run(settings: ProxySettings) -> Result<()> {
                 }
             }
         };
+        // Readiness fails from now on; new sessions are still taken for
+        // the delay, while load balancers notice.
+        stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+        if !settings.shutdown_delay.is_zero() {
+            tracing::info!(
+                signal,
+                delay = ?settings.shutdown_delay,
+                "stopping: /readyz fails; still accepting for the delay"
+            );
+            tokio::time::sleep(settings.shutdown_delay).await;
+        }
         tracing::info!(
             signal,
             grace = ?settings.shutdown_grace,

@@ -262,6 +262,11 @@ where
     let mut up = Half::default();
     let mut down = Half::default();
     let mut state = FenceState::Open;
+    // Client bytes were read since the server's last answer: a query may be
+    // on its way or running, even though the server's stream still ends
+    // with the ReadyForQuery before it. (A pipelined query sent before an
+    // earlier one's answer is not told apart from it.)
+    let mut awaiting = false;
 
     let outcome = std::future::poll_fn(|cx| {
         if !armed {
@@ -288,6 +293,7 @@ where
                         };
                         continue;
                     }
+                    let (sent, received) = (up.total, down.total);
                     let copied = copy_both(
                         cx,
                         (&mut up, &mut down),
@@ -297,6 +303,11 @@ where
                         deadline,
                         (to_backend_bytes, to_client_bytes),
                     );
+                    if up.total != sent {
+                        awaiting = true;
+                    } else if down.total != received && tracker.idle() {
+                        awaiting = false;
+                    }
                     match copied {
                         Poll::Ready(None) => {
                             state = expired();
@@ -312,11 +323,15 @@ where
                 }
                 FenceState::Finishing(limit, reason) => {
                     // Checked before any client byte is forwarded: once
-                    // idle, nothing more reaches the server.
+                    // idle, nothing more reaches the server. A session that
+                    // has sent nothing since it started (its client is
+                    // about to) runs its first statement first: a client
+                    // with a connection per transaction sees no error.
                     let out_of_time = limit.as_mut().poll(cx).is_ready();
-                    if tracker.idle() || out_of_time {
+                    let quiet = tracker.idle() && !awaiting;
+                    if (quiet && up.total > 0) || out_of_time {
                         let reason = reason.clone();
-                        if tracker.idle() {
+                        if quiet {
                             let mut msg = BytesMut::new();
                             protocol::write_error(
                                 &mut msg,
@@ -335,6 +350,7 @@ where
                         }
                         continue;
                     }
+                    let (sent, received) = (up.total, down.total);
                     let copied = copy_both(
                         cx,
                         (&mut up, &mut down),
@@ -344,6 +360,11 @@ where
                         deadline,
                         (to_backend_bytes, to_client_bytes),
                     );
+                    if up.total != sent {
+                        awaiting = true;
+                    } else if down.total != received && tracker.idle() {
+                        awaiting = false;
+                    }
                     match copied {
                         Poll::Ready(None) => {
                             state = expired();
@@ -352,7 +373,7 @@ where
                         Poll::Ready(Some(o)) => return Poll::Ready(o),
                         Poll::Pending => {}
                     }
-                    if !tracker.idle() {
+                    if !(tracker.idle() && !awaiting && up.total > 0) {
                         return Poll::Pending;
                     }
                 }
@@ -676,6 +697,93 @@ mod tests {
         let done = [msg(b'C', b"COMMIT\0"), msg(b'Z', b"I")].concat();
         backend_end.write_all(&done).await.unwrap();
         // ...and its answer the client, then the FATAL.
+        let (outcome, _) = task.await.unwrap();
+        assert_eq!(
+            outcome,
+            Outcome::Fenced {
+                label: "switchover",
+                clean: true
+            }
+        );
+        let mut got = Vec::new();
+        client_end.read_to_end(&mut got).await.unwrap();
+        assert!(got.starts_with(&done), "{got:?}");
+        assert_eq!(got[done.len()], b'E');
+    }
+
+    /// A statement sent but not yet answered when a switchover's fence
+    /// fires (the server's stream still ends with the ReadyForQuery before
+    /// it) gets its answer before the FATAL: the client is not told its
+    /// session ended while its statement may commit.
+    #[tokio::test(start_paused = true)]
+    async fn a_switchover_fence_waits_for_the_answer_to_a_statement_in_flight() {
+        let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
+        let (mut backend_end, mut backend) = tokio::io::duplex(1 << 16);
+        let fence = Arc::new(Fence::default());
+        let f2 = fence.clone();
+        let task = tokio::spawn(async move {
+            let mut t = MessageTracker::after_ready();
+            forward(&mut client, &mut backend, &mut t, &f2, None, &(), &()).await
+        });
+        // A first statement, answered: the session is not fresh.
+        client_end.write_all(b"Q one").await.unwrap();
+        let mut got = [0u8; 5];
+        backend_end.read_exact(&mut got).await.unwrap();
+        let idle = [msg(b'C', b"SELECT 1\0"), msg(b'Z', b"I")].concat();
+        backend_end.write_all(&idle).await.unwrap();
+        let mut got = vec![0u8; idle.len()];
+        client_end.read_exact(&mut got).await.unwrap();
+        // The second reaches the server; the fence fires before its answer.
+        client_end.write_all(b"Q two").await.unwrap();
+        let mut got = [0u8; 5];
+        backend_end.read_exact(&mut got).await.unwrap();
+        fence.trigger(FenceReason::primary_switched_over());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !task.is_finished(),
+            "the session ended with a statement in flight"
+        );
+        backend_end.write_all(&idle).await.unwrap();
+        let (outcome, _) = task.await.unwrap();
+        assert_eq!(
+            outcome,
+            Outcome::Fenced {
+                label: "switchover",
+                clean: true
+            }
+        );
+        let mut got = Vec::new();
+        client_end.read_to_end(&mut got).await.unwrap();
+        assert!(got.starts_with(&idle), "{got:?}");
+        assert_eq!(got[idle.len()], b'E');
+    }
+
+    /// A session fenced by a switchover before it sent anything (its
+    /// client connected a moment before and is about to send its first
+    /// statement) runs that statement, then ends: a client with a
+    /// connection per transaction sees no error.
+    #[tokio::test(start_paused = true)]
+    async fn a_switchover_fence_lets_a_fresh_session_run_its_first_statement() {
+        let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
+        let (mut backend_end, mut backend) = tokio::io::duplex(1 << 16);
+        let fence = Arc::new(Fence::default());
+        let f2 = fence.clone();
+        let task = tokio::spawn(async move {
+            let mut t = MessageTracker::after_ready();
+            forward(&mut client, &mut backend, &mut t, &f2, None, &(), &()).await
+        });
+        fence.trigger(FenceReason::primary_switched_over());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !task.is_finished(),
+            "a fresh session ended before its first statement"
+        );
+        client_end.write_all(b"Q INSERT").await.unwrap();
+        let mut got = [0u8; 8];
+        backend_end.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"Q INSERT");
+        let done = [msg(b'C', b"INSERT 0 1\0"), msg(b'Z', b"I")].concat();
+        backend_end.write_all(&done).await.unwrap();
         let (outcome, _) = task.await.unwrap();
         assert_eq!(
             outcome,

@@ -305,12 +305,19 @@ pub struct SentinelNode {
 struct SentinelState {
     /// When the loop last registered in the store (its lease renewed).
     registered: Option<Instant>,
+    /// When the loop last began a round, whatever the store answered.
+    turned: Option<Instant>,
     decisions: BTreeMap<String, u64>,
 }
 
 /// How long a sentinel may go without registering in the store before
 /// `/health` fails.
 pub const SENTINEL_HEALTH_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long a sentinel's loop may go without beginning a round before
+/// `/liveness` fails: far above the longest a round can wait on an
+/// unreachable store, so that a store outage never restarts sentinels.
+pub const SENTINEL_LIVENESS_LIMIT: Duration = Duration::from_secs(60);
 
 impl SentinelNode {
     pub fn new(uid: &str) -> SentinelNode {
@@ -334,6 +341,16 @@ impl SentinelNode {
                 s.registered
                     .is_some_and(|t| now.saturating_duration_since(t) < LEASE_TTL)
             })
+    }
+
+    /// Its loop began a round within [`SENTINEL_LIVENESS_LIMIT`], whether
+    /// or not the store answers (`/liveness`; before the first round, it
+    /// counts as alive).
+    pub fn is_alive(&self, now: Instant) -> bool {
+        self.with(|s| {
+            s.turned
+                .is_none_or(|t| now.saturating_duration_since(t) <= SENTINEL_LIVENESS_LIMIT)
+        })
     }
 
     /// Its loop runs and it renewed its registration in the store within
@@ -401,6 +418,7 @@ pub async fn run(store: AnyStore, keys: Keys, uid: String, node: std::sync::Arc<
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        node.with(|s| s.turned = Some(Instant::now()));
         if lease == 0 {
             match store.grant(LEASE_TTL).await {
                 Ok(l) => lease = l,
@@ -467,6 +485,23 @@ mod tests {
     use cluster::ClusterSpec;
 
     use super::*;
+
+    /// `/liveness` follows the loop, not the store: a sentinel whose every
+    /// store call fails (never registered) stays alive while its rounds
+    /// begin, and is dead only past the limit.
+    #[test]
+    fn liveness_follows_the_loop_not_the_store() {
+        let node = SentinelNode::new("s");
+        let t = Instant::now();
+        assert!(node.is_alive(t), "alive before its first round");
+        node.with(|s| s.turned = Some(t));
+        assert!(node.is_alive(t + SENTINEL_LIVENESS_LIMIT));
+        assert!(
+            !node.is_healthy(t),
+            "never registered: /health and /readiness fail"
+        );
+        assert!(!node.is_alive(t + SENTINEL_LIVENESS_LIMIT + Duration::from_millis(1)));
+    }
 
     /// A two-database cluster in the file store, `m` primary; reports are
     /// written by the test under one long lease.

@@ -835,6 +835,129 @@ async fn switchover_under_write_load_loses_nothing_and_refuses_no_one() {
     c.wait_standby(old).await;
 }
 
+/// Issue 16 (a node drain): SIGTERM to the primary's keeper, started with
+/// `--stop-switchover-timeout`, first moves the primary by switchover and
+/// only then stops PostgreSQL. A client opening a connection per write
+/// through the proxy sees no error and loses nothing; the keeper exits
+/// within its timeout. Without the flag the same SIGTERM stops PostgreSQL
+/// at once (the other keeper's old behaviour, checked at the end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_of_the_primary_keeper_switches_over_before_stopping_and_costs_clients_no_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let store = cluster::open(&url).await.unwrap();
+    let flags = vec!["--stop-switchover-timeout".to_owned(), "25s".to_owned()];
+    let mut c = LocalCluster::up_with_keeper_args(
+        &url,
+        store,
+        ClusterSpec::default(),
+        vec![flags.clone(), flags],
+    )
+    .await;
+    let old = c.master;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s, conn) = (stop.clone(), c.conn.clone());
+    // A connection per write, one every 20 ms; every failure counts.
+    let writer = tokio::spawn(async move {
+        let (mut acked, mut failed, mut longest) = (Vec::new(), Vec::new(), Duration::ZERO);
+        let mut i = 0i32;
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            i += 1;
+            let t = Instant::now();
+            let r = tokio::time::timeout(Duration::from_secs(30), async {
+                let cl = try_connect(&conn).await?;
+                cl.execute("INSERT INTO w VALUES ($1)", &[&i]).await
+            })
+            .await;
+            longest = longest.max(t.elapsed());
+            match r {
+                Ok(Ok(_)) => acked.push(i),
+                Ok(Err(e)) => failed.push(format!(
+                    "write {i} after {:?}: {:?} {e}",
+                    t.elapsed(),
+                    crate::support::sqlstate(&e)
+                )),
+                Err(_) => failed.push(format!("write {i}: no answer within 30 s")),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (acked, failed, longest)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pg = c.pg_pid(old);
+    let mut k = c.keepers[old - 1].take().expect("the primary's keeper");
+    let t = Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(k.0.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::spawn_blocking(move || {
+        let r = k.0.wait();
+        std::mem::forget(k);
+        r
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let exited = t.elapsed();
+    assert!(status.success(), "the keeper exited with {status}");
+    let d = c.data().await;
+    let new = c.index(d.proxy.master_db.as_deref().expect("a primary"));
+    assert_ne!(
+        new,
+        old,
+        "the keeper stopped without a switchover:\n{}",
+        c.keeper_log(old)
+    );
+    assert!(
+        c.keeper_log(old).contains("switched over before stopping"),
+        "{}",
+        c.keeper_log(old)
+    );
+    // SAFETY: signal 0 only checks that the process exists.
+    assert!(
+        unsafe { libc::kill(pg, 0) } != 0,
+        "the old primary's PostgreSQL still runs after its keeper exited"
+    );
+    c.master = new;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, failed, longest) = writer.await.unwrap();
+    eprintln!(
+        "SIGTERM of the primary's keeper: exited after {exited:?}, k{old} -> k{new}; \
+         {} writes acknowledged, {} failed, longest {longest:?}",
+        acked.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "clients saw errors: {failed:#?}");
+    assert!(acked.len() > 50, "the writer hardly ran: {}", acked.len());
+    let cl = try_connect(&c.conn).await.unwrap();
+    let present: std::collections::HashSet<i32> = cl
+        .query("SELECT x FROM w", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let lost: Vec<&i32> = acked.iter().filter(|i| !present.contains(i)).collect();
+    assert!(lost.is_empty(), "{} acknowledged writes lost", lost.len());
+    // The last keeper has no standby to hand over to: SIGTERM stops it at
+    // once rather than waiting out its timeout.
+    let mut k = c.keepers[new - 1].take().unwrap();
+    let t = Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(k.0.id() as i32, libc::SIGTERM) };
+    tokio::task::spawn_blocking(move || {
+        let _ = k.0.wait();
+        std::mem::forget(k);
+    })
+    .await
+    .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "a keeper with no standby to hand over to waited {:?} to stop",
+        t.elapsed()
+    );
+}
+
 /// With the failsafe off (the spec's `failsafe: false`), a primary whose
 /// keeper cannot reach the store fences at `fence_timeout` even though
 /// every other keeper would promise not to promote (with it on,

@@ -591,12 +591,22 @@ fn proxy_process(
     uid: &str,
     dir: &std::path::Path,
 ) -> (Proc, String, String, std::path::PathBuf) {
+    proxy_process_with(url, uid, dir, &[])
+}
+
+fn proxy_process_with(
+    url: &str,
+    uid: &str,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (Proc, String, String, std::path::PathBuf) {
     let (listen, admin) = (free_port(), free_port());
     let log = dir.join(format!("proxy-{listen}.log"));
     let child = std::process::Command::new(keelson_bin())
         .args(["proxy", "--store", url, "--cluster", "main", "--uid", uid])
         .args(["--listen", &format!("127.0.0.1:{listen}")])
         .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(extra)
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
@@ -765,4 +775,79 @@ async fn a_frozen_proxy_forwards_nothing_when_it_thaws() {
         Duration::from_secs(15),
         "the proxy did not recover after the thaw"
     );
+}
+
+/// Issue 16: `/serving`, the proxy's Kubernetes readiness. It fails until a
+/// view is applied and from SIGTERM on, but holds while the cluster has no
+/// primary (a failover: the proxy holds new clients, which a Service
+/// without the pod would refuse), where `/readyz` fails. After SIGTERM
+/// the proxy still takes new sessions for `--shutdown-delay`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_holds_through_a_failover_and_fails_at_sigterm_while_sessions_are_still_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    let store = cluster::open(&url).await.unwrap();
+    let a = PgServer::start().await;
+    let keys = Keys::new("keelson", "main");
+    let (proxy, conn, admin, log) =
+        proxy_process_with(&url, "serving", dir.path(), &["--shutdown-delay", "3s"]);
+    crate::assert_eventually!(
+        admin_get(&admin, "/serving").await.0 == 503,
+        Duration::from_secs(30),
+        "the proxy's admin listener never answered"
+    );
+    let (_, body) = admin_get(&admin, "/serving").await;
+    assert!(body.contains("no data"), "{body}");
+    init_cluster(&store, &keys, ClusterSpec::default(), &[("a", a.addr())]).await;
+    set_master(&store, &keys, Some("a")).await;
+    crate::assert_eventually!(
+        admin_get(&admin, "/serving").await.0 == 200 && admin_get(&admin, "/readyz").await.0 == 200,
+        Duration::from_secs(30),
+        "the proxy never became ready"
+    );
+    // A failover in progress: no primary named.
+    set_master(&store, &keys, None).await;
+    crate::assert_eventually!(
+        admin_get(&admin, "/readyz").await.0 == 503,
+        Duration::from_secs(10),
+        "/readyz did not notice the missing primary"
+    );
+    assert_eq!(
+        admin_get(&admin, "/serving").await,
+        (200, "serving\n".to_owned()),
+        "/serving must hold while the proxy holds clients"
+    );
+    set_master(&store, &keys, Some("a")).await;
+    crate::assert_eventually!(
+        admin_get(&admin, "/readyz").await.0 == 200,
+        Duration::from_secs(10),
+        "the proxy did not route again"
+    );
+    let t = std::time::Instant::now();
+    signal(&proxy, libc::SIGTERM);
+    crate::assert_eventually!(
+        admin_get(&admin, "/serving").await.0 == 503,
+        Duration::from_secs(1),
+        "/serving still passes after SIGTERM"
+    );
+    // Within the delay a new session is still taken and served.
+    let c = try_connect(&conn)
+        .await
+        .expect("a session within the delay");
+    c.simple_query("SELECT 1").await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    drop(c);
+    // After it, the proxy stops accepting and exits.
+    crate::assert_eventually!(
+        try_connect(&conn).await.is_err(),
+        Duration::from_secs(10),
+        "the proxy still accepts after its delay"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_secs(3),
+        "the proxy stopped accepting {:?} after SIGTERM, before its delay",
+        t.elapsed()
+    );
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(log.contains("still accepting for the delay"), "{log}");
 }
