@@ -596,6 +596,14 @@ impl Instance {
         for (k, v) in managed {
             p.insert(k.to_owned(), v);
         }
+        // A commit waiting for a synchronous standby is released only when
+        // that standby next reports its position. When the synchronous set
+        // changes to a standby that is already up to date (after a
+        // switchover or failover) it reports next only at this interval:
+        // PostgreSQL's 10 s held such commits for up to 10 s; 1 s bounds
+        // it, for one small message a second. The spec may set another.
+        p.entry("wal_receiver_status_interval".to_owned())
+            .or_insert_with(|| "'1s'".to_owned());
         if let Some(up) = upstream {
             let ci = format!(
                 "{} application_name={}",

@@ -5,6 +5,7 @@
 //! way for cancel routing.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use socket2::{SockRef, TcpKeepalive};
@@ -251,7 +252,7 @@ pub async fn authenticate<C, B>(
     expect: Expect,
     deadline: Instant,
     limit: Duration,
-    relayed: &mut bool,
+    relayed: &AtomicBool,
 ) -> Result<AuthResult, SessionError>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -266,7 +267,7 @@ where
     )
     .await;
     match r {
-        Err(e @ SessionError::BackendIo { .. }) if !*relayed => {
+        Err(e @ SessionError::BackendIo { .. }) if !relayed.load(Relaxed) => {
             Ok(AuthResult::NotReady(NotReady::Closed(e)))
         }
         r => r,
@@ -282,7 +283,7 @@ async fn relay_authentication<C, B>(
     expect: Expect,
     deadline: Instant,
     limit: Duration,
-    relayed: &mut bool,
+    relayed: &AtomicBool,
 ) -> Result<AuthResult, SessionError>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -331,7 +332,7 @@ where
                     match code {
                         Some(AUTH_REQ_OK) => {}
                         Some(c) if protocol::auth_needs_reply(c) => {
-                            *relayed = true;
+                            relayed.store(true, Relaxed);
                             client
                                 .write_all(&to_client)
                                 .await
@@ -353,7 +354,7 @@ where
                     cancel_key = Some((pid, Bytes::copy_from_slice(&body[4..])));
                 }
                 b'E' => {
-                    if !*relayed && protocol::error_code(&body) == Some(b"57P03") {
+                    if !relayed.load(Relaxed) && protocol::error_code(&body) == Some(b"57P03") {
                         return Ok(AuthResult::NotReady(NotReady::Refused(to_client)));
                     }
                     client
@@ -366,7 +367,7 @@ where
                 b'Z' => {
                     // From here the server may run what the client sent
                     // after its startup message: not to be tried again.
-                    *relayed = true;
+                    relayed.store(true, Relaxed);
                     if let Some(want) = want_standby {
                         let is_standby = match hot_standby {
                             Some(s) => s,

@@ -490,6 +490,30 @@ pub(crate) async fn until_fenced<T>(
     }
 }
 
+/// [`until_fenced`], except that once `committed()` holds, a switchover's
+/// drain (the old primary serves on until its sessions end) lets `work`
+/// finish; any other fence still stops it.
+pub(crate) async fn until_fenced_unless_draining<T>(
+    fence: &Fence,
+    committed: impl Fn() -> bool,
+    work: impl std::future::Future<Output = Result<T, SessionError>>,
+) -> Result<T, SessionError> {
+    let mut work = std::pin::pin!(work);
+    let notified = fence.notified();
+    let mut notified = std::pin::pin!(notified);
+    notified.as_mut().enable();
+    if !fence.is_fired() {
+        tokio::select! {
+            r = &mut work => return r,
+            _ = notified => {}
+        }
+    }
+    if committed() && fence.reason().is_some_and(|r| r.drain) {
+        return work.await;
+    }
+    Err(SessionError::FencedWhileConnecting)
+}
+
 /// Where a session was routed.
 struct Routed {
     backend: Backend,

@@ -255,7 +255,7 @@ where
         };
         let mut conn = conn;
         tracing::Span::current().record("backend.addr", conn.backend.addr());
-        let mut relayed = false;
+        let relayed = std::sync::atomic::AtomicBool::new(false);
         let auth = async {
             let auth_limit = shared.cfg.auth_timeout;
             backend::authenticate(
@@ -269,17 +269,27 @@ where
                 },
                 Instant::now() + auth_limit,
                 auth_limit,
-                &mut relayed,
+                &relayed,
             )
             .await
         };
-        let authenticated = Box::pin(route::until_fenced(&conn.fence, auth)).await;
+        // Once the client has seen the authentication exchange, the session
+        // cannot be set up elsewhere; a switchover's drain lets it finish on
+        // the old primary, which still serves (its first statement runs
+        // there too; see forward.rs).
+        let committed = || relayed.load(std::sync::atomic::Ordering::Relaxed);
+        let authenticated = Box::pin(route::until_fenced_unless_draining(
+            &conn.fence,
+            committed,
+            auth,
+        ))
+        .await;
         let authenticated = match authenticated {
             // The primary changed while the session was being set up, and
             // the client has seen nothing yet: set up again with the view
             // as it is now.
             Err(SessionError::FencedWhileConnecting)
-                if !relayed && !conn.still_routable(shared, &plan) =>
+                if !committed() && !conn.still_routable(shared, &plan) =>
             {
                 let reason = "fenced_while_connecting";
                 if Box::pin(hold_for_retry(shared, &plan, &mut held_since, reason)).await {

@@ -670,3 +670,110 @@ fn the_sqlstate_is_read_from_an_error_body() {
     assert_eq!(protocol::error_code(b"Cunterminated"), None);
     assert_eq!(protocol::error_code(b""), None);
 }
+
+/// A switchover's fence fires while a client is half way through its
+/// password exchange with the old primary (what a client that connects for
+/// every write meets in a switchover): the session cannot be set up
+/// elsewhere, the old primary still serves during the drain, so the
+/// authentication finishes and the first statement runs there; no error
+/// reaches the client before its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_fence_lets_a_session_in_its_password_exchange_finish() {
+    let (got, answer) = fenced_in_password_exchange(FenceReason::primary_switched_over()).await;
+    assert_eq!(got.first(), Some(&b'R'), "{got:?}");
+    assert!(
+        !got.contains(&b'E'),
+        "no error before the first statement: {got:?}"
+    );
+    let mut expect = msg(b'C', b"INSERT 0 1\0");
+    expect.extend(msg(b'Z', b"I"));
+    assert!(
+        answer.starts_with(&expect),
+        "the first statement's answer reached the client: {answer:?}"
+    );
+    let fields = error_fields(&answer[expect.len()..]);
+    assert_eq!(
+        field(&fields, b'C'),
+        Some("57P01"),
+        "then a clean FATAL: {answer:?}"
+    );
+}
+
+/// A failover's fence (the old primary may be cut off, and is stopping)
+/// still ends a session in its password exchange at once, with 57P03.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_fence_ends_a_session_in_its_password_exchange() {
+    let (got, _) = fenced_in_password_exchange(FenceReason::primary_changed()).await;
+    let fields = error_fields(&got);
+    assert_eq!(field(&fields, b'C'), Some("57P03"), "{got:?}");
+    assert!(!got.starts_with(b"R"), "{got:?}");
+}
+
+/// A client sends its password; `reason`'s fence fires on the primary
+/// before the server answers it. Returns what the client read up to the
+/// first ReadyForQuery (or the end), and what it read after one query.
+async fn fenced_in_password_exchange(reason: FenceReason) -> (Vec<u8>, Vec<u8>) {
+    let asked = Arc::new(tokio::sync::Notify::new());
+    let go = Arc::new(tokio::sync::Notify::new());
+    let (a, g) = (asked.clone(), go.clone());
+    let (addr, _) = fake_backend(move |mut s| {
+        let (a, g) = (a.clone(), g.clone());
+        async move {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await; // startup
+            let _ = s.write_all(&msg(b'R', &3u32.to_be_bytes())).await; // cleartext
+            let _ = s.read(&mut buf).await; // the password
+            a.notify_one();
+            g.notified().await;
+            let mut v = msg(b'R', &0u32.to_be_bytes());
+            v.extend(msg(b'S', b"in_hot_standby\0off\0"));
+            v.extend(msg(b'K', &[0, 0, 0, 9, 1, 2, 3, 4]));
+            v.extend(msg(b'Z', b"I"));
+            let _ = s.write_all(&v).await;
+            let _ = s.read(&mut buf).await; // the query
+            let mut v = msg(b'C', b"INSERT 0 1\0");
+            v.extend(msg(b'Z', b"I"));
+            let _ = s.write_all(&v).await;
+            let _ = s.read(&mut buf).await;
+        }
+    })
+    .await;
+    let proxy = primary_proxy(&addr, Duration::from_secs(5));
+    let (mut client, server): (DuplexStream, DuplexStream) = tokio::io::duplex(64 * 1024);
+    proxy.serve_connection(
+        server,
+        PEER.parse().unwrap(),
+        &Arc::new(ListenerOptions::default()),
+    );
+    client.write_all(&startup(&[("user", "u")])).await.unwrap();
+    let mut out = vec![0u8; 9];
+    client.read_exact(&mut out).await.unwrap();
+    assert_eq!(out, msg(b'R', &3u32.to_be_bytes()));
+    client.write_all(&msg(b'p', b"secret\0")).await.unwrap();
+    asked.notified().await;
+    // What a switchover does: the view names no primary, the sessions on
+    // the old one are fenced for a drain.
+    proxy.view().store(View {
+        generation: 2,
+        primary: None,
+        replicas: Vec::new(),
+    });
+    proxy.fence_backend(&Backend::new(addr.as_str()), reason);
+    go.notify_one();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(&msg(b'Z', b"I")) {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("the greeting arrives")
+            .unwrap();
+        if n == 0 {
+            return (got, Vec::new());
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    client.write_all(&msg(b'Q', b"INSERT 1\0")).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer)).await;
+    (got, answer)
+}

@@ -855,6 +855,15 @@ async fn sigterm_of_the_primary_keeper_switches_over_before_stopping_and_costs_c
     )
     .await;
     let old = c.master;
+    // What the standby runs: it reports every second, so that a commit
+    // waiting for it after the synchronous set moves is released within
+    // a second (PostgreSQL's default is 10 s).
+    assert_eq!(
+        c.show(c.other(), "wal_receiver_status_interval")
+            .await
+            .as_deref(),
+        Some("1s")
+    );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (s, conn) = (stop.clone(), c.conn.clone());
     // A connection per write, one every 20 ms; every failure counts.
