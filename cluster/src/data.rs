@@ -85,6 +85,9 @@ pub struct ClusterSpec {
     /// every other keeper of the cluster promises it, over the node API,
     /// not to promote. Off: it fences at `fence_timeout`, always.
     pub failsafe: bool,
+    /// WAL archiving and backups (docs/backup.md); none by default.
+    #[serde(skip_serializing_if = "BackupSpec::is_off")]
+    pub backup: BackupSpec,
     /// Fields from a newer keelson, kept as they are.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
@@ -106,8 +109,214 @@ impl Default for ClusterSpec {
             pg_hba: Vec::new(),
             convergence_timeout: Duration::from_secs(60),
             failsafe: true,
+            backup: BackupSpec::default(),
             extra: BTreeMap::new(),
         }
+    }
+}
+
+/// The tool that archives WAL and takes backups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupTool {
+    /// No archiving (the default).
+    #[default]
+    None,
+    /// pgBackRest: keelson writes its configuration, creates the stanza,
+    /// archives with `archive-push`, restores with `archive-get`, and takes
+    /// backups (`ctl backup`).
+    Pgbackrest,
+    /// The spec's own `archive_command` and `restore_command`.
+    Command,
+}
+
+/// The spec's `backup` section (docs/backup.md).
+///
+/// Every instance runs with `archive_mode = on`: the primary archives what
+/// it writes; before a standby is promoted, its keeper pushes the segments
+/// it holds that the old primary had not archived. The tool must accept a
+/// segment already archived with the same content (pgBackRest does) and
+/// refuse one with other content (pgBackRest does): a history that
+/// diverged is never archived over the one in the repository. Every
+/// instance also restores with the tool: a standby that fell behind its
+/// upstream's WAL fetches it from the archive, and a promotion picks a
+/// timeline number no history file in the archive has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct BackupSpec {
+    pub tool: BackupTool,
+    /// pgbackrest: the repository (`repo1-path`), an absolute path every
+    /// keeper's host sees (a shared volume, or a local disk on one host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// pgbackrest: the stanza (one per cluster in a repository).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stanza: Option<String>,
+    /// pgbackrest: more options for its `[global]` section, such as
+    /// `repo1-retention-full` or `compress-type`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+    /// command: PostgreSQL's `archive_command` (`%p` the path of the
+    /// segment, `%f` its file name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive_command: Option<String>,
+    /// command: PostgreSQL's `restore_command` (`%f` the file wanted, `%p`
+    /// where to put it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_command: Option<String>,
+    /// PostgreSQL's `archive_timeout`: a segment is archived at least this
+    /// often while anything is written (so at most this much acknowledged
+    /// WAL is outside the archive). Off when absent.
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_duration_str")]
+    pub archive_timeout: Option<Duration>,
+    /// Fields from a newer keelson, kept as they are.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// Serde for an optional humantime duration.
+mod opt_duration_str {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration_str::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(s) => humantime::parse_duration(&s).map(Some).map_err(|e| {
+                serde::de::Error::custom(format!("{s:?} is not a duration like \"5s\": {e}"))
+            }),
+        }
+    }
+}
+
+/// A pgBackRest stanza name: what it accepts in a section header and a
+/// repository path.
+fn is_stanza_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+impl BackupSpec {
+    pub fn is_off(&self) -> bool {
+        self == &BackupSpec::default()
+    }
+
+    /// Whether instances archive WAL.
+    pub fn archives(&self) -> bool {
+        self.tool != BackupTool::None
+    }
+
+    /// Checks what an operator wrote in the section.
+    pub fn check(&self) -> Result<(), SpecError> {
+        let bad = |why: String| Err(SpecError(format!("backup: {why}")));
+        let one_line = |name: &str, v: &str| -> Result<(), SpecError> {
+            if v.contains(['\n', '\r', '\0']) {
+                return bad(format!("{name} must be a single line"));
+            }
+            Ok(())
+        };
+        if let Some(t) = self.archive_timeout {
+            if t < Duration::from_secs(1) || t > Duration::from_secs(3600) {
+                return bad(format!(
+                    "archive_timeout ({}) must be between 1s and 1h",
+                    humantime::format_duration(t)
+                ));
+            }
+        }
+        match self.tool {
+            BackupTool::None => {
+                if !self.is_off() {
+                    return bad(
+                        "set tool to \"pgbackrest\" or \"command\" (the other settings need one)"
+                            .into(),
+                    );
+                }
+            }
+            BackupTool::Pgbackrest => {
+                if self.archive_command.is_some() || self.restore_command.is_some() {
+                    return bad(
+                        "archive_command and restore_command are for tool \"command\"; \
+                         with pgbackrest keelson writes them"
+                            .into(),
+                    );
+                }
+                match self.repository.as_deref() {
+                    Some(r) if r.starts_with('/') => one_line("repository", r)?,
+                    Some(r) => return bad(format!("repository {r:?} must be an absolute path")),
+                    None => return bad("pgbackrest needs repository, the repository's path".into()),
+                }
+                match self.stanza.as_deref() {
+                    Some(s) if is_stanza_name(s) => {}
+                    Some(s) => {
+                        return bad(format!(
+                            "stanza {s:?} may hold only letters, digits, '-', '_' and '.'"
+                        ))
+                    }
+                    None => {
+                        return bad(
+                            "pgbackrest needs stanza, a name for this cluster in the repository"
+                                .into(),
+                        )
+                    }
+                }
+                for (k, v) in &self.options {
+                    let key_ok = !k.is_empty()
+                        && k.chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+                    if !key_ok {
+                        return bad(format!("options: {k:?} is not a pgBackRest option name"));
+                    }
+                    if [
+                        "repo1-path",
+                        "pg1-path",
+                        "pg1-port",
+                        "pg1-socket-path",
+                        "stanza",
+                        "config",
+                    ]
+                    .contains(&k.as_str())
+                    {
+                        return bad(format!("options: {k} is set by keelson"));
+                    }
+                    one_line(k, v)?;
+                }
+            }
+            BackupTool::Command => {
+                if self.repository.is_some() || self.stanza.is_some() || !self.options.is_empty() {
+                    return bad("repository, stanza and options are for tool \"pgbackrest\"".into());
+                }
+                match self.archive_command.as_deref() {
+                    Some(c) if c.contains("%p") || c.contains("%f") => {
+                        one_line("archive_command", c)?
+                    }
+                    Some(_) => {
+                        return bad("archive_command must use %p (the segment's path) or %f".into())
+                    }
+                    None => return bad("tool \"command\" needs archive_command".into()),
+                }
+                match self.restore_command.as_deref() {
+                    Some(c) if c.contains("%p") && c.contains("%f") => {
+                        one_line("restore_command", c)?
+                    }
+                    Some(_) => return bad(
+                        "restore_command must use %f (the file wanted) and %p (where to put it)"
+                            .into(),
+                    ),
+                    None => return bad("tool \"command\" needs restore_command".into()),
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -260,6 +469,28 @@ impl ClusterSpec {
                 check_hba_line(line)?;
             }
         }
+        if before.is_none_or(|b| b.backup != self.backup) {
+            self.backup.check()?;
+        }
+        if self.backup.archives() {
+            for name in self.pg_parameters.keys() {
+                let lower = name.to_ascii_lowercase();
+                if [
+                    "archive_mode",
+                    "archive_command",
+                    "restore_command",
+                    "archive_timeout",
+                    "archive_library",
+                ]
+                .contains(&lower.as_str())
+                {
+                    return Err(SpecError(format!(
+                        "pg_parameters: {name} is set by keelson from the backup section; remove it \
+                         with --patch '{{\"pg_parameters\": {{\"{name}\": null}}}}'"
+                    )));
+                }
+            }
+        }
         for (name, value) in &self.pg_parameters {
             if before.and_then(|b| b.pg_parameters.get(name)) != Some(value) {
                 crate::params::check_spec_parameter(name, value)
@@ -301,7 +532,8 @@ impl ClusterSpec {
     /// Fields this version of keelson does not know; an operator's spec
     /// with any is refused by `ctl` (a typo must not be silently ignored).
     pub fn unknown_fields(&self) -> Vec<String> {
-        self.extra.keys().cloned().collect()
+        let nested = self.backup.extra.keys().map(|k| format!("backup.{k}"));
+        self.extra.keys().cloned().chain(nested).collect()
     }
 
     /// How often a keeper renews its lease: a quarter of `fence_timeout`,
@@ -460,6 +692,48 @@ fn is_zero(n: &u64) -> bool {
 /// by a test).
 pub const SWITCHOVER_DRAIN: Duration = Duration::from_secs(5);
 
+/// WAL archiving on one instance, as PostgreSQL reports it
+/// (`pg_stat_archiver`, since the server started or its statistics were
+/// reset).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct ArchiveStatus {
+    /// `archive_mode` the server runs with.
+    pub mode: String,
+    pub archived_count: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_archived_wal: Option<String>,
+    pub failed_count: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_failed_wal: Option<String>,
+    /// The latest attempt failed (no segment was archived after it): WAL
+    /// piles up in `pg_wal` until the tool succeeds again.
+    pub failing: bool,
+}
+
+/// A `ctl backup` request: the keeper of the database it names takes a
+/// backup once for each new `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct BackupRequest {
+    pub id: u64,
+    /// pgBackRest's `--type` (`full`, `diff`, `incr`); its default (an
+    /// incremental one, full when there is none) when empty.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+}
+
+/// The outcome of the last backup a keeper took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct BackupDone {
+    /// The [`BackupRequest::id`] it answers.
+    pub id: u64,
+    pub ok: bool,
+    /// The backup's label, or what the tool said when it failed.
+    pub detail: String,
+}
+
 /// Settings a standby must have at least as high as the primary's, or it
 /// does not start (hot standby).
 pub const HOT_STANDBY_SETTINGS: [&str; 5] = [
@@ -529,6 +803,13 @@ pub struct DbStatus {
     /// read (see [`KeeperReport::membership`]).
     #[serde(skip_serializing_if = "is_zero")]
     pub membership: u64,
+    /// WAL archiving, when the spec has a backup tool and PostgreSQL
+    /// answers (see [`KeeperReport::archive`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveStatus>,
+    /// The last backup its keeper took (see [`KeeperReport::backup`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupDone>,
 }
 
 /// One PostgreSQL instance, managed by one keeper.
@@ -542,6 +823,9 @@ pub struct Db {
     /// once for each new value (the sentinel never changes it).
     #[serde(skip_serializing_if = "is_zero")]
     pub restart: u64,
+    /// Set by `ctl backup`: the keeper takes a backup once per new id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupRequest>,
     pub spec: DbSpec,
     pub status: DbStatus,
 }
@@ -622,6 +906,13 @@ pub struct KeeperReport {
     /// the keepers it would ask for failsafe promises.
     #[serde(skip_serializing_if = "is_zero")]
     pub membership: u64,
+    /// `pg_stat_archiver` when the spec has a backup tool and PostgreSQL
+    /// answers; `None` otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveStatus>,
+    /// The last backup this keeper took for a [`BackupRequest`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupDone>,
 }
 
 /// A failover in progress: the fencing handshake and the promotion.

@@ -44,7 +44,7 @@ pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// The largest answer read.
-const MAX_ANSWER: usize = 64 * 1024;
+const MAX_ANSWER: usize = 1024 * 1024;
 
 /// Sends `method path` to `addr` (`host:port`) and returns the status and
 /// body, or why there is none.

@@ -82,6 +82,12 @@ pub struct KeeperStatus {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pending_restart: Vec<String>,
     pub tags: crate::data::Tags,
+    /// WAL archiving, when the spec has a backup tool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive: Option<crate::data::ArchiveStatus>,
+    /// The last backup its keeper took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<crate::data::BackupDone>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -154,6 +160,8 @@ pub fn of(data: &ClusterData, cluster: &str, proxies: Vec<ProxyStatus>) -> Clust
                 synchronous_standbys: primary.then(|| db.spec.synchronous_standbys.clone()),
                 sync_confirmed: primary.then(|| db.status.sync_confirmed.clone()),
                 pending_restart: db.status.pending_restart.clone(),
+                archive: db.status.archive.clone(),
+                backup: db.status.backup.clone(),
                 tags: data
                     .keepers
                     .get(&db.keeper)

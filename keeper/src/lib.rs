@@ -3,6 +3,7 @@
 //! sentinel needs from it: [`pg`] holds the PostgreSQL primitives, [`run`]
 //! the reconcile loop around them.
 
+pub mod backup;
 pub mod control;
 pub mod failsafe;
 pub mod guard;

@@ -53,6 +53,9 @@ pub struct NodeSnapshot {
     /// How long this keeper's own failsafe promise not to promote still
     /// holds, in ms (0: none).
     pub promised_ms: u64,
+    /// The backup list (`pgbackrest info --output=json`) when this keeper
+    /// has read one: `/backups`.
+    pub backups: Option<String>,
 }
 
 impl NodeSnapshot {
@@ -194,6 +197,7 @@ pub const ENDPOINTS: &[&str] = &[
     "/liveness",
     "/readiness",
     "/status",
+    "/backups",
     "/metrics",
 ];
 
@@ -352,6 +356,34 @@ pub fn metrics_text(s: &NodeSnapshot, now: Instant) -> String {
         "",
         s.promised_ms as f64 / 1000.0,
     );
+    if let Some(a) = r.and_then(|r| r.archive.as_ref()) {
+        gauge(
+            "keelson_keeper_wal_archived",
+            "WAL files PostgreSQL archived since it started (pg_stat_archiver.archived_count).",
+            "",
+            a.archived_count as f64,
+        );
+        gauge(
+            "keelson_keeper_wal_archive_failures",
+            "Failed attempts to archive a WAL file since PostgreSQL started (pg_stat_archiver.failed_count).",
+            "",
+            a.failed_count as f64,
+        );
+        gauge(
+            "keelson_keeper_wal_archive_failing",
+            "1 while the latest attempt to archive a WAL file failed: WAL piles up until the tool succeeds.",
+            "",
+            f64::from(u8::from(a.failing)),
+        );
+    }
+    if let Some(b) = r.and_then(|r| r.backup.as_ref()) {
+        gauge(
+            "keelson_keeper_last_backup_ok",
+            "1 if the last backup this keeper took for `ctl backup` succeeded.",
+            "",
+            f64::from(u8::from(b.ok)),
+        );
+    }
     gauge(
         "keelson_keeper_last_round_age_seconds",
         "Seconds since the reconcile loop last finished a round.",
@@ -394,6 +426,16 @@ pub fn answer(s: &NodeSnapshot, path: &str, query: &str, now: Instant) -> Answer
         "/liveness" => ok(s.is_alive(now)),
         "/readiness" => ok(s.is_primary() || s.is_streaming_standby()),
         "/status" | "/" => ok(true),
+        "/backups" => match &s.backups {
+            Some(b) => Answer::json(200, b.clone()),
+            None => Answer {
+                status: 404,
+                content_type: "text/plain",
+                body: "no backup list here: the spec has no pgbackrest backup section, or this \
+                       keeper is not the primary, or it has not read one yet\n"
+                    .into(),
+            },
+        },
         "/metrics" => Answer {
             status: 200,
             content_type: "text/plain; version=0.0.4",

@@ -316,6 +316,44 @@ impl Instance {
         c
     }
 
+    /// Writes pgBackRest's configuration for this instance when the spec
+    /// archives with it (with its log, lock and spool directories, owned
+    /// by the account PostgreSQL runs as), and removes it otherwise.
+    pub fn write_backup_config(&self, spec: &cluster::data::BackupSpec) -> Result<()> {
+        let path = self.dir.join(crate::backup::PGBACKREST_CONF);
+        let Some(conf) = crate::backup::pgbackrest_conf(spec, &self.dir, self.port) else {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => return Ok(()),
+            }
+        };
+        let own = self.dir.join("pgbackrest");
+        for d in [
+            own.clone(),
+            own.join("log"),
+            own.join("lock"),
+            own.join("spool"),
+        ] {
+            std::fs::create_dir_all(&d)?;
+            self.chown(&d)?;
+        }
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(conf.as_str()) {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, conf)?;
+            self.chown(&tmp)?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(())
+    }
+
+    /// What runs the backup tool for this instance, off the keeper's loop.
+    pub fn tools(&self) -> Tools {
+        Tools {
+            dir: self.dir.clone(),
+            run_as: self.run_as,
+        }
+    }
+
     fn chown(&self, path: &Path) -> Result<()> {
         if let Some((uid, gid)) = self.run_as {
             std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
@@ -1191,6 +1229,26 @@ impl Instance {
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
         );
+        let archive = c
+            .query_one(
+                "SELECT current_setting('archive_mode'), archived_count, last_archived_wal, \
+                 failed_count, last_failed_wal, \
+                 coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false) \
+                 FROM pg_stat_archiver",
+                &[],
+            )
+            .await?;
+        let mode: String = archive.try_get(0)?;
+        if mode != "off" {
+            r.archive = Some(cluster::data::ArchiveStatus {
+                mode,
+                archived_count: archive.try_get::<_, i64>(1)?.max(0) as u64,
+                last_archived_wal: archive.try_get(2)?,
+                failed_count: archive.try_get::<_, i64>(3)?.max(0) as u64,
+                last_failed_wal: archive.try_get(4)?,
+                failing: archive.try_get(5)?,
+            });
+        }
         if r.in_recovery {
             // The checkpoint's timeline lags behind on a standby that has
             // followed a promotion; the received one is current.
@@ -1208,6 +1266,103 @@ impl Instance {
             r.replay_lag_ms = row.try_get::<_, Option<i64>>(3)?.map(|ms| ms.max(0) as u64);
         }
         Ok(())
+    }
+}
+
+/// Runs the backup tool as the account PostgreSQL runs as, with the
+/// configuration the keeper wrote ([`Instance::write_backup_config`]).
+#[derive(Debug, Clone)]
+pub struct Tools {
+    dir: PathBuf,
+    run_as: Option<(u32, u32)>,
+}
+
+impl Tools {
+    /// The keeper's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("pgdata")
+    }
+
+    /// Runs `cmd` with `sh -c` in the data directory, as PostgreSQL runs
+    /// its archive command.
+    pub async fn shell(&self, cmd: &str, limit: Duration) -> Result<()> {
+        let mut c = Command::new("sh");
+        if let Some((uid, gid)) = self.run_as {
+            c.uid(uid).gid(gid);
+            c.env("HOME", &self.dir);
+        }
+        c.kill_on_drop(true)
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(self.data_dir())
+            .stdin(Stdio::null());
+        let out = tokio::time::timeout(limit, c.output())
+            .await
+            .map_err(|_| PgError::Timeout("the archive command", limit))??;
+        if !out.status.success() {
+            return Err(PgError::Program {
+                program: "the archive command".into(),
+                detail: format!(
+                    "exited {}: {}",
+                    out.status.code().unwrap_or(-1),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `pgbackrest` with this instance's configuration and `args`, as
+    /// the account PostgreSQL runs as, for at most `limit`; returns what
+    /// it printed.
+    pub async fn pgbackrest(
+        &self,
+        spec: &cluster::data::BackupSpec,
+        args: &[&str],
+        limit: Duration,
+    ) -> Result<String> {
+        let mut c = Command::new("pgbackrest");
+        if let Some((uid, gid)) = self.run_as {
+            c.uid(uid).gid(gid);
+            c.env("HOME", &self.dir);
+        }
+        c.kill_on_drop(true)
+            .arg(format!(
+                "--config={}",
+                self.dir.join(crate::backup::PGBACKREST_CONF).display()
+            ))
+            .arg(format!(
+                "--stanza={}",
+                spec.stanza.as_deref().unwrap_or_default()
+            ))
+            .args(args)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null());
+        let out = tokio::time::timeout(limit, c.output())
+            .await
+            .map_err(|_| PgError::Timeout("pgbackrest", limit))?
+            .map_err(|e| PgError::Program {
+                program: "pgbackrest".into(),
+                detail: format!("cannot run it: {e}"),
+            })?;
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let said: Vec<&str> = stderr.lines().chain(stdout.lines()).collect();
+            return Err(PgError::Program {
+                program: format!("pgbackrest {}", args.join(" ")),
+                detail: format!(
+                    "exited {}: {}",
+                    out.status.code().unwrap_or(-1),
+                    said[said.len().saturating_sub(3)..].join(" / ")
+                ),
+            });
+        }
+        Ok(stdout)
     }
 }
 

@@ -377,6 +377,7 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
     let mut k = Keeper {
         instance: cluster::store::instance_id(),
         upstream_file: cfg.dir.join("upstream"),
+        backup: Some(crate::backup::Worker::new(&cfg.dir)),
         ..Keeper::default()
     };
     let mut obs = Observed {
@@ -449,6 +450,12 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
                             .await
                     }
                 }
+                if let Some(w) = k.backup.as_mut() {
+                    let primary =
+                        desired.role == Role::Master && pg.is_running() && !obs.in_recovery;
+                    let request = data.dbs.get(&cfg.uid).and_then(|d| d.backup.as_ref());
+                    w.tick(&pg.tools(), &data.spec.backup, request, primary);
+                }
             }
             if let Some((id, _)) = k.unconfirmed.take() {
                 // Acted on: only now may this lease hold the fence off.
@@ -470,6 +477,7 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
                 s.set_data(d);
             }
             s.fenced = lease.expired();
+            s.backups = k.backup.as_ref().and_then(|w| w.list());
             s.last_round = Some(Instant::now());
             s.busy = None;
         });
@@ -491,6 +499,60 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
             None => tokio::time::sleep(interval).await,
         }
     }
+}
+
+/// How long a promotion may wait for the segments the old primary left
+/// unarchived to be pushed ([`crate::backup::push_unarchived`]).
+const PUSH_UNARCHIVED_BUDGET: Duration = Duration::from_secs(10);
+
+/// Before this standby is promoted: pushes the segments it holds that the
+/// old primary had not archived by its last report.
+async fn archive_what_the_old_primary_did_not(pg: &Instance, cx: &Context<'_>, o: &Observed) {
+    let data = cx.data;
+    let old = data.failover.as_ref().map(|f| f.from.as_str());
+    let after = old
+        .and_then(|f| data.dbs.get(f))
+        .and_then(|db| db.status.archive.as_ref())
+        .and_then(|a| a.last_archived_wal.clone());
+    let Some(after) = after else {
+        tracing::warn!(
+            old_primary = old.unwrap_or("-"),
+            "the old primary reported no archived segment; nothing pushed before the promotion"
+        );
+        return;
+    };
+    if !o.in_recovery {
+        return;
+    }
+    let Some(received) = pg.report(&cx.cfg.uid, 0).await.lsn else {
+        return;
+    };
+    let t = Instant::now();
+    let (pushed, failed) = crate::backup::push_unarchived(
+        &pg.tools(),
+        &data.spec.backup,
+        &after,
+        received,
+        PUSH_UNARCHIVED_BUDGET,
+    )
+    .await;
+    if failed.is_empty() {
+        tracing::info!(pushed, %after, took = ?t.elapsed(), "archived the segments the old primary had not");
+    } else {
+        tracing::error!(pushed, ?failed, %after, "could not archive every segment the old primary had not; the archive may have a gap");
+    }
+}
+
+/// The spec's `pg_parameters` with what its backup section sets
+/// ([`crate::backup::parameters`]; `validate_written` refuses those names
+/// in `pg_parameters`, and keelson's win here).
+fn effective_parameters(
+    data: &ClusterData,
+    dir: &std::path::Path,
+) -> std::collections::BTreeMap<String, String> {
+    let mut p = data.spec.pg_parameters.clone();
+    p.extend(crate::backup::parameters(&data.spec.backup, dir));
+    p
 }
 
 /// Starts the fence guard, in its own process group so that a signal to
@@ -627,6 +689,8 @@ struct Keeper {
     /// The `ctl restart`/`ctl reload` counters carried out; `None` until
     /// read from the directory or first seen.
     requests: Option<Requests>,
+    /// The backup tool's work (`None` until the loop starts).
+    backup: Option<crate::backup::Worker>,
 }
 
 impl Keeper {
@@ -676,10 +740,9 @@ impl Keeper {
                 .rewound_at
                 .is_some_and(|t| t.elapsed() < 4 * STUCK_AFTER)
             && self.streamed_at.is_none_or(|s| Some(s) < self.rewound_at);
-        obs.params_changed = self
-            .written_params
-            .as_ref()
-            .is_none_or(|(p, h)| *p != data.spec.pg_parameters || *h != data.spec.pg_hba);
+        obs.params_changed = self.written_params.as_ref().is_none_or(|(p, h)| {
+            *p != effective_parameters(data, &cfg.dir) || *h != data.spec.pg_hba
+        });
         // A renewed certificate (the same paths, new files) is copied and
         // the server reloaded.
         match pg.install_tls() {
@@ -727,7 +790,10 @@ impl Keeper {
             .iter()
             .any(|s| matches!(s, Action::WriteConfig | Action::HoldClients))
         {
-            self.written_params = Some((data.spec.pg_parameters.clone(), data.spec.pg_hba.clone()));
+            self.written_params = Some((
+                effective_parameters(data, &cfg.dir),
+                data.spec.pg_hba.clone(),
+            ));
             let up = obs.configured_upstream.clone().unwrap_or_default();
             let _ = std::fs::write(&self.upstream_file, up);
             let held = self.upstream_file.with_file_name("clients-held");
@@ -797,6 +863,12 @@ impl Keeper {
         r.running = running;
         r.tags = cfg.node.flag_tags().unwrap_or_else(|| cfg.tags.clone());
         r.restarted = self.requests.map_or(0, |q| q.restart);
+        if let Some(w) = &self.backup {
+            r.backup = w.done();
+            if let (Some(p), true) = (w.problem(), r.healthy) {
+                r.problem = Some(p);
+            }
+        }
         r.api_address = cfg.api_address.clone();
         r.membership = cfg.node.data().map_or(0, |d| d.membership);
         if r.healthy && !obs.raised.is_empty() {
@@ -1048,7 +1120,9 @@ async fn act(
                         &data.spec.pg_hba,
                     )
                 };
-                write(&data.spec.pg_parameters)?;
+                pg.write_backup_config(&data.spec.backup)?;
+                let params = effective_parameters(data, &cfg.dir);
+                write(&params)?;
                 // Written while running (a reload), the spec's values are
                 // in the file, and PostgreSQL reports any that differ from
                 // what it runs as pending.
@@ -1064,7 +1138,7 @@ async fn act(
                                 configured.insert(*name, v);
                             }
                         }
-                        let mut params = data.spec.pg_parameters.clone();
+                        let mut params = params.clone();
                         let raised = raise_to_primary_minimums(
                             &mut params,
                             &c.hot_standby_minimums,
@@ -1136,6 +1210,9 @@ async fn act(
                     })?;
                 if let Some(pid) = pg.pid() {
                     lease.set_primary_pid(pid);
+                }
+                if data.spec.backup.archives() {
+                    archive_what_the_old_primary_did_not(pg, cx, o).await;
                 }
                 pg.promote().await?;
                 o.in_recovery = false;

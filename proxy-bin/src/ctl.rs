@@ -90,6 +90,24 @@ pub enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Take a backup with the spec's tool (pgBackRest) on the primary and
+    /// wait for it (docs/backup.md).
+    Backup {
+        /// full, diff or incr [default: pgBackRest's: incr, full when the
+        /// repository has none].
+        #[arg(long = "type", value_name = "TYPE")]
+        kind: Option<String>,
+        /// How long to wait for it.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// The backups in the repository, each with the WAL it needs, and the
+    /// archive's WAL range (from the primary's keeper).
+    Backups {
+        /// Print pgBackRest's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Planned switchover: hold new clients, stop the primary, promote a
     /// standby once it has everything, release the clients to it.
     Switchover {
@@ -512,6 +530,152 @@ async fn wait_for(
     }
 }
 
+/// `ctl backup`: asks the primary's keeper for a backup and waits for it.
+async fn backup(
+    store: &AnyStore,
+    keys: &Keys,
+    kind: Option<&str>,
+    limit: std::time::Duration,
+) -> Result<()> {
+    if let Some(k) = kind {
+        if !["full", "diff", "incr"].contains(&k) {
+            bail!("--type {k:?}: pgBackRest takes full, diff or incr");
+        }
+    }
+    let t = std::time::Instant::now();
+    let (mut uid, mut id) = (String::new(), 0);
+    update(store, keys, |d| {
+        if d.spec.backup.tool != cluster::data::BackupTool::Pgbackrest {
+            bail!(
+                "the cluster spec has no pgbackrest backup section; add one with `keelson ctl \
+                 spec update --patch '{{\"backup\": {{\"tool\": \"pgbackrest\", \
+                 \"repository\": \"/path\", \"stanza\": \"name\"}}}}'` (docs/backup.md)"
+            );
+        }
+        let Some(primary) = d.proxy.master_db.clone() else {
+            bail!("the cluster has no primary now (a failover may be under way); try again once `keelson ctl status` shows one");
+        };
+        let Some(db) = d.dbs.get_mut(&primary) else {
+            bail!("the cluster data names primary {primary:?} but has no such database");
+        };
+        let last = db.backup.as_ref().map_or(0, |r| r.id);
+        let done = db.status.backup.as_ref().map_or(0, |b| b.id);
+        id = last.max(done) + 1;
+        db.backup = Some(cluster::data::BackupRequest {
+            id,
+            kind: kind.unwrap_or_default().to_owned(),
+        });
+        uid = primary;
+        Ok(())
+    })
+    .await?;
+    println!("backup {id} requested from {uid}, the primary ...");
+    wait_for(store, keys, limit, &format!("backup {id} on {uid}"), |d| {
+        d.dbs
+            .get(&uid)
+            .and_then(|db| db.status.backup.as_ref())
+            .is_some_and(|b| b.id >= id)
+    })
+    .await?;
+    let (d, _) = read(store, keys).await?;
+    let done = d
+        .dbs
+        .get(&uid)
+        .and_then(|db| db.status.backup.clone())
+        .unwrap_or_default();
+    if !done.ok {
+        bail!("the backup on {uid} failed: {}", done.detail);
+    }
+    println!(
+        "backup {} taken on {uid} in {:.1}s; `keelson ctl backups` lists it",
+        done.detail,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `ctl backups`: the primary's keeper's backup list (its node API's
+/// `/backups`, `pgbackrest info --output=json`).
+async fn backups(store: &AnyStore, keys: &Keys, json: bool) -> Result<()> {
+    let (d, _) = read(store, keys).await?;
+    if d.spec.backup.tool != cluster::data::BackupTool::Pgbackrest {
+        bail!("the cluster spec has no pgbackrest backup section (docs/backup.md)");
+    }
+    let Some(primary) = d.proxy.master_db.clone() else {
+        bail!("the cluster has no primary now; try again once `keelson ctl status` shows one");
+    };
+    let Some(api) = d
+        .dbs
+        .get(&primary)
+        .and_then(|db| db.status.api_address.clone())
+    else {
+        bail!("the primary {primary}'s keeper reports no node API address (--api-listen)");
+    };
+    let (status, body) =
+        cluster::node_api::call(&api, "GET", "/backups", std::time::Duration::from_secs(10))
+            .await
+            .map_err(|e| anyhow::anyhow!("asking {primary}'s keeper at {api}: {e}"))?;
+    if status != 200 {
+        bail!(
+            "{primary}'s keeper at {api} answered {status}: {}",
+            body.trim()
+        );
+    }
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&body).context("the keeper's backup list is not JSON")?;
+    for stanza in v.as_array().into_iter().flatten() {
+        let s = |v: &serde_json::Value, path: &[&str]| {
+            let mut v = v;
+            for p in path {
+                v = &v[*p];
+            }
+            match v {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => "-".into(),
+                other => other.to_string(),
+            }
+        };
+        println!(
+            "stanza {} ({})",
+            s(stanza, &["name"]),
+            s(stanza, &["status", "message"])
+        );
+        for a in stanza["archive"].as_array().into_iter().flatten() {
+            println!("archive: WAL {} .. {}", s(a, &["min"]), s(a, &["max"]));
+        }
+        println!(
+            "{:<26} {:<5} {:<20} {:<20} {:<24} {:<24} {:>12}",
+            "LABEL", "TYPE", "STARTED", "STOPPED", "WAL START", "WAL STOP", "SIZE"
+        );
+        let when = |v: &serde_json::Value| {
+            v.as_i64()
+                .and_then(|t| {
+                    std::time::UNIX_EPOCH
+                        .checked_add(std::time::Duration::from_secs(t.max(0) as u64))
+                })
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        for b in stanza["backup"].as_array().into_iter().flatten() {
+            println!(
+                "{:<26} {:<5} {:<20} {:<20} {:<24} {:<24} {:>12}",
+                s(b, &["label"]),
+                s(b, &["type"]),
+                when(&b["timestamp"]["start"]),
+                when(&b["timestamp"]["stop"]),
+                s(b, &["archive", "start"]),
+                s(b, &["archive", "stop"]),
+                s(b, &["info", "size"])
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Restarts `uid`'s PostgreSQL in place and waits until it runs again (a
 /// standby: streaming), with nothing pending.
 async fn restart_one(
@@ -801,6 +965,10 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             timeout,
             uids,
         } => rolling_restart(&store, &keys, uids, pending, timeout).await?,
+        CtlCommand::Backup { kind, timeout } => {
+            backup(&store, &keys, kind.as_deref(), timeout).await?
+        }
+        CtlCommand::Backups { json } => backups(&store, &keys, json).await?,
         CtlCommand::Reload => {
             update(&store, &keys, |d| {
                 d.reload += 1;
@@ -1041,6 +1209,23 @@ fn print_table(s: &ClusterStatus) {
         }
         if !k.pending_restart.is_empty() {
             println!("    pending restart: {}", k.pending_restart.join(", "));
+        }
+        if let Some(a) = &k.archive {
+            println!(
+                "    archive ({}): {} archived, last {}; {} failed{}",
+                a.mode,
+                a.archived_count,
+                a.last_archived_wal.as_deref().unwrap_or("-"),
+                a.failed_count,
+                match (&a.last_failed_wal, a.failing) {
+                    (Some(w), true) => format!(", FAILING since {w}: WAL piles up in pg_wal"),
+                    (Some(w), false) => format!(" (last {w})"),
+                    _ => String::new(),
+                }
+            );
+        }
+        if let Some(b) = k.backup.as_ref().filter(|b| !b.ok) {
+            println!("    last backup failed: {}", b.detail);
         }
         if let Some(sync) = k.synchronous_standbys.as_ref().filter(|a| !a.is_empty()) {
             let confirmed = k.sync_confirmed.clone().unwrap_or_default();

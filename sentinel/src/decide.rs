@@ -264,6 +264,12 @@ fn update_status(d: &mut ClusterData, obs: &Observations) {
                     s.running_settings = v.clone();
                 }
                 s.restarted = s.restarted.max(r.restarted);
+                if r.archive.is_some() {
+                    s.archive = r.archive.clone();
+                }
+                if r.backup.is_some() {
+                    s.backup = r.backup.clone();
+                }
                 s.api_address = r.api_address.clone();
                 s.membership = s.membership.max(r.membership);
                 s.applied_generation = r.applied_generation;

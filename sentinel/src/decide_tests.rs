@@ -71,6 +71,7 @@ fn cluster(m: &str, standbys: &[&str]) -> ClusterData {
                 keeper: uid.into(),
                 generation: 1,
                 restart: 0,
+                backup: None,
                 spec,
                 status: DbStatus {
                     healthy: true,

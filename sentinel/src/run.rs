@@ -521,6 +521,7 @@ mod tests {
                     keeper: uid.into(),
                     generation: 1,
                     restart: 0,
+                    backup: None,
                     spec: DbSpec {
                         role,
                         follow: (role == Role::Standby).then(|| "m".to_owned()),

@@ -8,6 +8,9 @@ mod support;
 /// The keepers' and sentinels' node API, with curl and a real HAProxy.
 mod api;
 
+/// WAL archiving, backups and restores through a real pgBackRest.
+mod backup;
+
 /// Garbage, malformed and hostile input during the startup phase.
 mod bad_input;
 /// Graceful shutdown, the binary's configuration sources and admin endpoints.

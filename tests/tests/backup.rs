@@ -1,0 +1,349 @@
+//! WAL archiving and backups through a real pgBackRest, with the
+//! repository on local disk (docs/backup.md).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cluster::data::{BackupSpec, BackupTool};
+use cluster::ClusterSpec;
+
+use crate::failover::{LocalCluster, Writer};
+use crate::support::*;
+
+/// A repository directory the `postgres` account may write.
+fn repository(dir: &Path) -> PathBuf {
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid)).unwrap();
+        std::os::unix::fs::chown(&repo, Some(uid), Some(gid)).unwrap();
+    }
+    repo
+}
+
+fn pgbackrest_spec(repo: &Path) -> ClusterSpec {
+    ClusterSpec {
+        backup: BackupSpec {
+            tool: BackupTool::Pgbackrest,
+            repository: Some(repo.display().to_string()),
+            stanza: Some("f".into()),
+            ..Default::default()
+        },
+        // Nothing acknowledged may be lost at a SIGKILL of the primary.
+        synchronous_replication: true,
+        ..Default::default()
+    }
+}
+
+/// `pgbackrest ARGS` as the `postgres` account with keeper `i`'s
+/// configuration; stdout, or what it said when it failed.
+fn pgbackrest(c: &LocalCluster, i: usize, args: &[&str]) -> Result<String, String> {
+    use std::os::unix::process::CommandExt;
+    let conf = c.dir.path().join(format!("k{i}")).join("pgbackrest.conf");
+    let mut cmd = Command::new("pgbackrest");
+    cmd.arg(format!("--config={}", conf.display()))
+        .arg("--stanza=f")
+        .args(args)
+        .current_dir("/");
+    if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
+        cmd.uid(uid).gid(gid);
+    }
+    let out = cmd.output().expect("pgbackrest runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+/// A text value from keeper `i`'s PostgreSQL.
+async fn text(c: &LocalCluster, i: usize, sql: &str) -> String {
+    let conn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        c.ports[i - 1]
+    );
+    let client = connect(&conn).await;
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// A PostgreSQL started on a restored data directory, stopped on drop.
+struct Restored {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGQUIT) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Restored {
+    /// Starts PostgreSQL on `data` on its own port and socket, archiving
+    /// nothing (it must not write into the cluster's stanza) and waiting
+    /// for no standby.
+    fn start(data: &Path) -> Restored {
+        use std::os::unix::process::CommandExt;
+        let port = free_port();
+        let mut cmd = Command::new(pg_bindir().join("postgres"));
+        cmd.arg("-D")
+            .arg(data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(data)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "archive_mode=off",
+                "-c",
+                "synchronous_standby_names=",
+                "-c",
+                "primary_conninfo=",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(data.with_extension("log")).unwrap());
+        if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
+            cmd.uid(uid).gid(gid);
+        }
+        Restored {
+            child: cmd.spawn().unwrap(),
+            port,
+        }
+    }
+
+    fn conn(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+
+    /// Waits until recovery has replayed the archive and the server
+    /// accepts writes.
+    async fn wait_promoted(&self, data: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(client) = try_connect(&self.conn()).await {
+                if let Ok(r) = client.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                    if !r.get::<_, bool>(0) {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the restored server did not finish recovery:\n{}",
+                std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Every instance archives (`archive_mode = always`, as PostgreSQL runs
+/// it); a backup through `ctl backup`; two failovers under a write load
+/// (a SIGKILL of the primary and `failkeeper`); afterwards every segment
+/// and timeline history file needed to restore to now is in the
+/// repository (`pgbackrest check` passes), and a restore of the backup
+/// replays to the last acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archiving_survives_two_failovers_and_a_restore_replays_every_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repository(dir.path());
+    let url = format!("file://{}", dir.path().join("store").display());
+    let store = cluster::open(&url).await.unwrap();
+    let mut c = LocalCluster::up_with(&url, store, pgbackrest_spec(&repo), 1, 3).await;
+    for i in 1..=3 {
+        assert_eq!(
+            c.show(i, "archive_mode").await.as_deref(),
+            Some("on"),
+            "k{i}"
+        );
+        let cmd = c.show(i, "archive_command").await.unwrap_or_default();
+        assert!(cmd.contains("archive-push %p"), "k{i}: {cmd}");
+    }
+    // Bad input is explained.
+    let err = c.ctl(&["backup", "--type", "weekly"]).unwrap_err();
+    assert!(err.contains("full, diff or incr"), "{err}");
+
+    let out = c.ctl(&["backup", "--type", "full"]).unwrap();
+    assert!(out.contains("taken on"), "{out}");
+    let list = c.ctl(&["backups"]).unwrap();
+    assert!(list.contains(" full "), "{list}");
+    assert!(list.contains("archive: WAL 0000000100000000"), "{list}");
+    eprintln!("{out}{list}");
+
+    let writer = Writer::start(&c.conn, 2);
+    writer.wait_more(50, Duration::from_secs(20)).await;
+    // A failover after SIGKILL of a primary whose archiver is behind:
+    // it is stopped, three segments complete that it never archives (the
+    // writes in them are acknowledged: the standbys have them), then the
+    // primary dies. The new primary's keeper pushes them.
+    let old = c.master;
+    let archiver: i32 = text(
+        &c,
+        old,
+        "SELECT pid::text FROM pg_stat_activity WHERE backend_type = 'archiver'",
+    )
+    .await
+    .parse()
+    .unwrap();
+    unsafe { libc::kill(archiver, libc::SIGSTOP) };
+    for _ in 0..3 {
+        writer.wait_more(20, Duration::from_secs(20)).await;
+        text(&c, old, "SELECT pg_switch_wal()::text").await;
+    }
+    writer.wait_more(20, Duration::from_secs(20)).await;
+    c.kill_primary();
+    unsafe { libc::kill(archiver, libc::SIGKILL) };
+    let new = c.wait_new_primary(old, Duration::from_secs(60)).await;
+    writer.wait_more(50, Duration::from_secs(30)).await;
+    c.keepers[old - 1] = Some(c.keeper_role(old));
+    c.wait_standby(old).await;
+    // Before it promoted, k{new} pushed what k{old} had left unarchived
+    // (the three segments, and any it had not reported archived yet).
+    let log = c.keeper_log(new);
+    let line = log
+        .lines()
+        .find(|l| l.contains("archived the segments the old primary had not"))
+        .unwrap_or_else(|| panic!("k{new} pushed nothing before promoting:\n{log}"));
+    let pushed: u32 = line
+        .split("pushed=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(pushed >= 3, "{line}");
+    eprintln!("{line}");
+    // And one by failkeeper.
+    let out = c.ctl(&["failkeeper", &c.uid(new)]).unwrap();
+    assert!(out.contains("failover from"), "{out}");
+    c.wait_new_primary(new, Duration::from_secs(60)).await;
+    writer.wait_more(50, Duration::from_secs(30)).await;
+    let (acked, unknown) = writer.stop().await;
+    c.assert_nothing_lost(&acked, &unknown).await;
+    let m = c.master;
+    assert_eq!(c.data().await.dbs[&c.uid(m)].status.timeline, 3);
+
+    // Everything up to now reaches the repository: the segment the last
+    // write is in (switched), and both timelines' history files.
+    let last = text(&c, m, "SELECT pg_walfile_name(pg_switch_wal() - 1)").await;
+    let archived_sql = "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver";
+    crate::assert_eventually!(
+        text(&c, m, archived_sql).await >= last,
+        Duration::from_secs(60),
+        "segment {last} was not archived"
+    );
+    pgbackrest(&c, m, &["check"]).unwrap();
+    let archive = std::fs::read_dir(repo.join("archive/f"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .expect("an archive directory for the stanza");
+    for h in ["00000002.history", "00000003.history"] {
+        assert!(
+            std::fs::read_dir(&archive)
+                .unwrap()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(h)),
+            "{h} is not in {}",
+            archive.display()
+        );
+    }
+    let status = c.ctl(&["status"]).unwrap();
+    assert!(status.contains("archive (on)"), "{status}");
+    assert!(!status.contains("FAILING"), "{status}");
+
+    // A restore of the backup taken before both failovers replays the
+    // archive across both timelines to the last acknowledged write.
+    let target = dir.path().join("restored");
+    std::fs::create_dir_all(&target).unwrap();
+    if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
+        std::os::unix::fs::chown(&target, Some(uid), Some(gid)).unwrap();
+    }
+    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let t = Instant::now();
+    pgbackrest(
+        &c,
+        m,
+        &[
+            "restore",
+            &format!("--pg1-path={}", target.display()),
+            "--archive-mode=off",
+        ],
+    )
+    .unwrap();
+    let restored = Restored::start(&target);
+    restored.wait_promoted(&target).await;
+    eprintln!("restored and replayed in {:?}", t.elapsed());
+    let client = connect(&restored.conn()).await;
+    let present: i64 = client
+        .query_one("SELECT count(*) FROM w WHERE x = ANY($1)", &[&acked])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        present,
+        acked.len() as i64,
+        "every acknowledged write is in the restored database"
+    );
+    let timeline: i32 = client
+        .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        timeline >= 3,
+        "recovery followed both failovers: {timeline}"
+    );
+    c.keepers.clear();
+}
+
+/// A spec that cannot work is refused with the reason, before anything
+/// is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_section_that_cannot_work_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let spec = dir.path().join("spec.json");
+    let ctl = |args: &[&str]| {
+        Command::new(keelson_bin())
+            .args(["ctl", "--store", &url, "--cluster", "b"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for (json, says) in [
+        (
+            r#"{"backup": {"tool": "pgbackrest", "stanza": "b"}}"#,
+            "needs repository",
+        ),
+        (
+            r#"{"backup": {"tool": "pgbackrest", "repository": "/r", "stanza": "b"}, "pg_parameters": {"archive_command": "true"}}"#,
+            "set by keelson from the backup section",
+        ),
+        (
+            r#"{"backup": {"tool": "command", "archive_command": "true", "restore_command": "cp /a/%f %p"}}"#,
+            "%p",
+        ),
+        (
+            r#"{"backup": {"tool": "pgbackrest", "repository": "/r", "stanza": "b", "retention": 2}}"#,
+            "backup.retention",
+        ),
+    ] {
+        std::fs::write(&spec, json).unwrap();
+        let out = ctl(&["init", "--spec", &spec.display().to_string()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{json}: {err}");
+    }
+    let out = ctl(&["status"]);
+    assert!(!out.status.success(), "nothing was created");
+}
