@@ -197,6 +197,68 @@ mod opt_duration_str {
     }
 }
 
+/// Where a restore stops replaying the archive (`ctl init --mode pitr`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct RestoreTarget {
+    /// `time`, `lsn` or `name` (a restore point's, `pg_create_restore_point`).
+    pub kind: String,
+    /// A timestamp with its zone (`2026-12-03 10:20:00+00`), an LSN
+    /// (`0/3000148`), or a restore point's name.
+    pub target: String,
+    /// The backup to start from (its label); the newest one that ends
+    /// before the target when absent (pgBackRest's choice).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub set: Option<String>,
+}
+
+impl RestoreTarget {
+    /// Checks what an operator gave.
+    pub fn check(&self) -> Result<(), SpecError> {
+        let bad = |why: String| Err(SpecError(why));
+        if self.target.contains(['\n', '\r', '\0', '\'', '"']) || self.target.is_empty() {
+            return bad(format!(
+                "the restore target {:?} must be one line without quotes",
+                self.target
+            ));
+        }
+        match self.kind.as_str() {
+            "lsn" => {
+                let ok = self.target.split_once('/').is_some_and(|(a, b)| {
+                    u32::from_str_radix(a, 16).is_ok() && u32::from_str_radix(b, 16).is_ok()
+                });
+                if !ok {
+                    return bad(format!(
+                        "--target-lsn {:?} is not an LSN like 0/3000148",
+                        self.target
+                    ));
+                }
+            }
+            "time" => {
+                let digits = self.target.chars().filter(char::is_ascii_digit).count();
+                if digits < 12 || !self.target.contains('-') || !self.target.contains(':') {
+                    return bad(format!(
+                        "--target-time {:?} is not a timestamp like \"2026-12-03 10:20:00+00\"",
+                        self.target
+                    ));
+                }
+            }
+            "name" => {
+                if self.target.len() > 63 {
+                    return bad("--target-name: a restore point's name has at most 63 bytes".into());
+                }
+            }
+            k => return bad(format!("restore target kind {k:?}: time, lsn or name")),
+        }
+        if let Some(set) = &self.set {
+            if !is_stanza_name(set) {
+                return bad(format!("--backup {set:?} is not a backup label"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A pgBackRest stanza name: what it accepts in a section header and a
 /// repository path.
 fn is_stanza_name(s: &str) -> bool {
@@ -983,6 +1045,11 @@ pub struct ClusterData {
     /// already hold data elects no one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_existing: Option<String>,
+    /// `ctl init --mode pitr`: the first primary is restored from a backup
+    /// of the spec's repository and stanza and replays the archive to this
+    /// target instead of running initdb.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_restore: Option<RestoreTarget>,
     /// Why the sentinel is waiting, in words (no eligible standby, a fence
     /// not yet acknowledged, ...); `None` when nothing is blocked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1070,6 +1137,7 @@ impl ClusterData {
             proxy: ProxySection::default(),
             failover: None,
             init_existing: None,
+            init_restore: None,
             notice: None,
             paused: false,
             history: Vec::new(),

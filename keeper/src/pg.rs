@@ -455,6 +455,54 @@ impl Instance {
         .await
     }
 
+    /// Restores the data directory from a backup in the spec's repository
+    /// (`ctl init --mode pitr`), ready to replay the archive to `target`:
+    /// pgBackRest writes `recovery.signal`; the recovery settings it puts
+    /// into `postgresql.auto.conf` are taken out again (a standby copied
+    /// from this server would inherit them, and stop or promote at the
+    /// target), and the keeper writes the target into its own
+    /// configuration for as long as the restore runs.
+    pub async fn restore(
+        &self,
+        spec: &cluster::data::BackupSpec,
+        target: &cluster::data::RestoreTarget,
+    ) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        self.prepare_dir()?;
+        self.write_backup_config(spec)?;
+        let data = self.data_dir();
+        std::fs::create_dir_all(&data)?;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))?;
+        self.chown(&data)?;
+        let mut args = vec![
+            "restore".to_owned(),
+            format!("--type={}", target.kind),
+            format!("--target={}", target.target),
+            "--target-action=promote".to_owned(),
+        ];
+        if let Some(set) = &target.set {
+            args.push(format!("--set={set}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.tools()
+            .pgbackrest(spec, &args, Duration::from_secs(6 * 3600))
+            .await?;
+        let auto = data.join("postgresql.auto.conf");
+        if let Ok(text) = std::fs::read_to_string(&auto) {
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    let l = l.trim_start();
+                    !(l.starts_with("recovery_target") || l.starts_with("restore_command"))
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(&auto, kept)?;
+        }
+        tracing::info!(kind = %target.kind, target = %target.target, "restored the backup; PostgreSQL replays the archive to the target");
+        Ok(())
+    }
+
     /// Creates a standby's data directory with `pg_basebackup` from
     /// `primary` (`host:port`) as the replication account, streaming WAL
     /// through `slot` (which the primary's keeper creates) when given.
@@ -1220,7 +1268,15 @@ impl Instance {
         r.timeline = Some(row.try_get::<_, i32>(2)?.max(0) as u32);
         r.system_id = Some(row.try_get(3)?);
         r.synchronous_standbys = Some(row.try_get(4)?);
-        r.pending_restart = Some(row.try_get(5)?);
+        let mut pending: Vec<String> = row.try_get(5)?;
+        if !r.in_recovery {
+            // A primary restored to a target (`ctl init --mode pitr`) runs
+            // with the target it no longer has in its configuration; a
+            // target applies only in recovery, which a running primary
+            // never enters again: no restart is needed for it.
+            pending.retain(|n| !n.starts_with("recovery_target"));
+        }
+        r.pending_restart = Some(pending);
         let settings: Vec<String> = row.try_get(6)?;
         r.running_settings = Some(
             settings

@@ -39,6 +39,9 @@ pub struct Desired {
     /// Maintenance mode (`ctl pause`): a stopped PostgreSQL is left
     /// stopped, unless its role changes (a switchover asked for).
     pub paused: bool,
+    /// The first primary of a cluster created with `ctl init --mode pitr`
+    /// (while the cluster has no data): restore, do not initdb.
+    pub restore: Option<cluster::data::RestoreTarget>,
 }
 
 /// The `ctl restart` and `ctl reload` counters a keeper has carried out,
@@ -53,6 +56,9 @@ pub struct Requests {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observed {
     pub initialized: bool,
+    /// The data directory is in archive recovery for a restore
+    /// (`recovery.signal` without `standby.signal`).
+    pub restoring: bool,
     pub running: bool,
     /// `pg_is_in_recovery()` when running.
     pub in_recovery: bool,
@@ -107,6 +113,11 @@ pub const SWITCHOVER_DRAIN: Duration = cluster::data::SWITCHOVER_DRAIN;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     InitDb,
+    /// Restores the data directory from a backup (`ctl init --mode pitr`);
+    /// PostgreSQL then replays the archive to the target and promotes.
+    Restore {
+        target: cluster::data::RestoreTarget,
+    },
     BaseBackup {
         from: String,
     },
@@ -175,7 +186,19 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
                 }];
             }
             if !o.initialized {
-                a.extend([InitDb, WriteConfig, Start]);
+                match &d.restore {
+                    // Clients stay out until it has replayed to the target
+                    // and promoted.
+                    Some(t) => a.extend([Restore { target: t.clone() }, HoldClients, Start]),
+                    None => a.extend([InitDb, WriteConfig, Start]),
+                }
+            } else if o.restoring {
+                // Replaying the archive to the restore target: PostgreSQL
+                // promotes itself there (a promotion now would stop short).
+                if !o.running {
+                    a.extend([HoldClients, Start]);
+                }
+                return a;
             } else if !o.running {
                 let restart = o.configured_upstream.is_none();
                 if restart && d.paused {
@@ -552,8 +575,24 @@ fn effective_parameters(
 ) -> std::collections::BTreeMap<String, String> {
     let mut p = data.spec.pg_parameters.clone();
     p.extend(crate::backup::parameters(&data.spec.backup, dir));
+    // While a restore replays the archive: its target, from the keeper's
+    // own directory (never from the data directory, which standbys copy).
+    let restoring = dir.join("pgdata").join("recovery.signal").exists()
+        && !dir.join("pgdata").join("standby.signal").exists();
+    let target = std::fs::read_to_string(dir.join(RESTORE_TARGET_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<cluster::data::RestoreTarget>(&t).ok());
+    if let (true, Some(t)) = (restoring, target) {
+        let lit = |v: &str| cluster::params::conf_literal(v);
+        p.insert(format!("recovery_target_{}", t.kind), lit(&t.target));
+        p.insert("recovery_target_action".into(), lit("promote"));
+    }
     p
 }
+
+/// The restore target a `ctl init --mode pitr` restore replays to, in the
+/// keeper's directory while the restore runs.
+const RESTORE_TARGET_FILE: &str = "restore-target";
 
 /// Starts the fence guard, in its own process group so that a signal to
 /// the keeper's group (a Ctrl-C) does not end it before the server it
@@ -706,6 +745,16 @@ impl Keeper {
         obs.running = pg.is_running();
         obs.initialized = pg.is_initialized();
         obs.was_primary = obs.initialized && !pg.has_standby_signal();
+        obs.restoring = obs.initialized
+            && !pg.has_standby_signal()
+            && pg.data_dir().join("recovery.signal").exists();
+        let target = cfg.dir.join(RESTORE_TARGET_FILE);
+        if !obs.restoring && target.exists() {
+            tracing::info!("the restore reached its target and PostgreSQL promoted");
+            // The target leaves the configuration at the next write (the
+            // parameters differ from those written).
+            let _ = std::fs::remove_file(&target);
+        }
         obs.loaded_sync = None;
         obs.sync_caught_up = false;
         if obs.running {
@@ -1038,6 +1087,10 @@ fn desired_of(data: &ClusterData, uid: &str) -> Option<Desired> {
         hold_clients: data.spec.synchronous_replication && data.spec.min_sync > 0,
         reinit: db.spec.reinit,
         paused: data.paused,
+        restore: data
+            .init_restore
+            .clone()
+            .filter(|_| db.spec.role == Role::Master && db.status.system_id.is_none()),
     })
 }
 
@@ -1076,6 +1129,15 @@ async fn act(
             Action::InitDb => {
                 pg.initdb().await?;
                 o.initialized = true;
+            }
+            Action::Restore { target } => {
+                pg.restore(&data.spec.backup, target).await?;
+                std::fs::write(
+                    cfg.dir.join(RESTORE_TARGET_FILE),
+                    serde_json::to_string(target).unwrap_or_default(),
+                )?;
+                o.initialized = true;
+                o.restoring = true;
             }
             Action::BaseBackup { from } => {
                 pg.basebackup(from, Some(&slot_name(&cfg.uid))).await?;
@@ -1322,7 +1384,53 @@ mod tests {
             hold_clients: false,
             reinit: false,
             paused: false,
+            restore: None,
         }
+    }
+
+    /// `ctl init --mode pitr`: the first primary restores instead of
+    /// running initdb, holds clients out, and is left alone (never
+    /// promoted by the keeper, which would stop short of the target) while
+    /// PostgreSQL replays to the target.
+    #[test]
+    fn a_restore_is_left_to_replay_to_its_target() {
+        let target = cluster::data::RestoreTarget {
+            kind: "time".into(),
+            target: "2026-12-03 10:00:00+00".into(),
+            set: None,
+        };
+        let d = Desired {
+            system_id: None,
+            restore: Some(target.clone()),
+            ..desired(Role::Master, None)
+        };
+        assert_eq!(
+            plan(&d, &Observed::default()),
+            vec![
+                Action::Restore { target },
+                Action::HoldClients,
+                Action::Start
+            ]
+        );
+        let replaying = Observed {
+            initialized: true,
+            running: true,
+            in_recovery: true,
+            restoring: true,
+            ..Default::default()
+        };
+        assert_eq!(plan(&d, &replaying), vec![]);
+        let d = Desired { restore: None, ..d };
+        assert_eq!(
+            plan(&d, &replaying),
+            vec![],
+            "not promoted once the cluster knows its data"
+        );
+        let stopped = Observed {
+            running: false,
+            ..replaying
+        };
+        assert_eq!(plan(&d, &stopped), vec![Action::HoldClients, Action::Start]);
     }
 
     #[test]

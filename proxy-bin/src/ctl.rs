@@ -28,6 +28,29 @@ pub enum CtlCommand {
         /// keepers hold data elects no primary.
         #[arg(long, value_name = "UID")]
         existing: Option<String>,
+        /// How the first primary gets its data: `new` (initdb), `existing`
+        /// (the data directory of --keeper, as --existing), or `pitr`
+        /// (restored from a backup of the spec's pgbackrest repository and
+        /// replayed to --target-time, --target-lsn or --target-name; see
+        /// docs/backup.md).
+        #[arg(long, value_enum, default_value = "new")]
+        mode: InitMode,
+        /// With --mode existing: the keeper whose data becomes the primary's.
+        #[arg(long, value_name = "UID")]
+        keeper: Option<String>,
+        /// With --mode pitr: replay to this time ("2026-12-03 10:20:00+00").
+        #[arg(long, value_name = "TIMESTAMP")]
+        target_time: Option<String>,
+        /// With --mode pitr: replay to this LSN (0/3000148).
+        #[arg(long, value_name = "LSN")]
+        target_lsn: Option<String>,
+        /// With --mode pitr: replay to this restore point (pg_create_restore_point).
+        #[arg(long, value_name = "NAME")]
+        target_name: Option<String>,
+        /// With --mode pitr: the backup (label) to start from [default: the
+        /// newest one before the target].
+        #[arg(long, value_name = "LABEL")]
+        backup: Option<String>,
     },
     /// Show the cluster: generation, primary, keepers and proxies.
     Status {
@@ -115,6 +138,14 @@ pub enum CtlCommand {
         #[arg(long)]
         to: Option<String>,
     },
+}
+
+/// `ctl init --mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InitMode {
+    New,
+    Existing,
+    Pitr,
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -868,17 +899,84 @@ pub async fn run(args: CtlArgs) -> Result<()> {
     let store = args.cluster.open().await?;
     let keys = args.cluster.keys();
     match args.command {
-        CtlCommand::Init { spec, existing } => {
+        CtlCommand::Init {
+            spec,
+            existing,
+            mode,
+            keeper,
+            target_time,
+            target_lsn,
+            target_name,
+            backup,
+        } => {
             let spec: ClusterSpec = match spec {
                 Some(path) => read_spec(&path)?,
                 None => ClusterSpec::default(),
             };
             spec.validate_written(None)?;
+            let targets: Vec<(&str, String)> = [
+                ("time", target_time),
+                ("lsn", target_lsn),
+                ("name", target_name),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+            let mode = if existing.is_some() && mode == InitMode::New {
+                InitMode::Existing
+            } else {
+                mode
+            };
+            let existing = match (mode, existing, keeper) {
+                (InitMode::Existing, Some(_), Some(_)) => {
+                    bail!("give the keeper once: --keeper UID (or the older --existing UID)")
+                }
+                (InitMode::Existing, Some(uid), None) | (InitMode::Existing, None, Some(uid)) => {
+                    Some(uid)
+                }
+                (InitMode::Existing, None, None) => {
+                    bail!("--mode existing needs --keeper UID: the keeper whose data becomes the primary's")
+                }
+                (_, Some(_), _) => {
+                    bail!("--existing is --mode existing; it does not go with --mode {mode:?}")
+                }
+                (_, None, Some(_)) => bail!("--keeper goes with --mode existing"),
+                (_, None, None) => None,
+            };
             if let Some(uid) = &existing {
                 keeper::validate_uid(uid).map_err(anyhow::Error::msg)?;
             }
+            if mode != InitMode::Pitr && (!targets.is_empty() || backup.is_some()) {
+                bail!(
+                    "--target-time, --target-lsn, --target-name and --backup go with --mode pitr"
+                );
+            }
+            let restore = match mode {
+                InitMode::Pitr => {
+                    if spec.backup.tool != cluster::data::BackupTool::Pgbackrest {
+                        bail!(
+                            "--mode pitr restores from the spec's pgbackrest repository: give a \
+                             spec (--spec FILE) whose backup section names it (docs/backup.md)"
+                        );
+                    }
+                    let [(kind, target)] = <[_; 1]>::try_from(targets).map_err(|_| {
+                        anyhow::anyhow!(
+                            "--mode pitr needs one target: --target-time, --target-lsn or --target-name"
+                        )
+                    })?;
+                    let t = cluster::data::RestoreTarget {
+                        kind: kind.to_owned(),
+                        target,
+                        set: backup,
+                    };
+                    t.check()?;
+                    Some(t)
+                }
+                _ => None,
+            };
             let mut data = ClusterData::new(spec);
             data.init_existing = existing;
+            data.init_restore = restore;
             match store
                 .put_if_revision(&keys.clusterdata(), &data.to_json(), 0, 0)
                 .await?

@@ -347,3 +347,149 @@ async fn a_backup_section_that_cannot_work_is_refused() {
     let out = ctl(&["status"]);
     assert!(!out.status.success(), "nothing was created");
 }
+
+/// `ctl init --mode pitr` to a time, an LSN and a restore point's name
+/// taken between two marked inserts: each restored cluster (a primary
+/// restored and replayed by its keeper, a standby copied from it) has the
+/// first insert and not the second, takes writes, and carries no recovery
+/// target into its configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pitr_to_a_time_an_lsn_and_a_restore_point_keeps_the_first_insert_not_the_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repository(dir.path());
+    let url = format!("file://{}", dir.path().join("store").display());
+    let store = cluster::open(&url).await.unwrap();
+    let a = LocalCluster::up_with(&url, store, pgbackrest_spec(&repo), 1, 2).await;
+    a.ctl(&["backup"]).unwrap();
+    let client = connect(&a.conn).await;
+    client
+        .batch_execute("INSERT INTO w VALUES (1)")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let marks = client
+        .query_one(
+            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00', \
+             pg_current_wal_lsn()::text, pg_create_restore_point('between')::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (time, lsn): (String, String) = (marks.get(0), marks.get(1));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    client
+        .batch_execute("INSERT INTO w VALUES (2)")
+        .await
+        .unwrap();
+    let last = text(&a, a.master, "SELECT pg_walfile_name(pg_switch_wal() - 1)").await;
+    let archived_sql = "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver";
+    crate::assert_eventually!(
+        text(&a, a.master, archived_sql).await >= last,
+        Duration::from_secs(60),
+        "segment {last} was not archived"
+    );
+    drop(client);
+    drop(a);
+
+    for (flag, target) in [
+        ("--target-time", time.as_str()),
+        ("--target-lsn", lsn.as_str()),
+        ("--target-name", "between"),
+    ] {
+        // Each restore reads a copy of the repository as A left it (a
+        // restored cluster archives its own new timeline into it).
+        let copy = dir.path().join(format!("repo{}", &flag[9..]));
+        let out = Command::new("cp")
+            .args(["-a"])
+            .arg(&repo)
+            .arg(&copy)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let spec_file = dir.path().join(format!("spec{}.json", &flag[9..]));
+        std::fs::write(
+            &spec_file,
+            serde_json::to_string(&pgbackrest_spec(&copy)).unwrap(),
+        )
+        .unwrap();
+        let url = format!(
+            "file://{}",
+            dir.path().join(format!("store{}", &flag[9..])).display()
+        );
+        let init = Command::new(keelson_bin())
+            .args([
+                "ctl",
+                "--store",
+                &url,
+                "--cluster",
+                "f",
+                "init",
+                "--mode",
+                "pitr",
+            ])
+            .args([flag, target])
+            .arg("--spec")
+            .arg(&spec_file)
+            .output()
+            .unwrap();
+        assert!(init.status.success(), "{init:?}");
+        let t = Instant::now();
+        let store = cluster::open(&url).await.unwrap();
+        let b = LocalCluster::up_initialized(&url, store, 1, &["k1", "k2"], Vec::new(), Vec::new())
+            .await;
+        eprintln!(
+            "{flag} {target}: restored, promoted and a standby streaming in {:?}",
+            t.elapsed()
+        );
+        for (x, want) in [(1, 1), (2, 0)] {
+            assert_eq!(
+                b.direct(b.master, &format!("SELECT count(*) FROM w WHERE x = {x}"))
+                    .await,
+                Some(want),
+                "{flag} {target}: insert {x}"
+            );
+        }
+        let client = connect(&b.conn).await;
+        client
+            .batch_execute("INSERT INTO w VALUES (3)")
+            .await
+            .unwrap();
+        b.wait_standbys_see("SELECT count(*) FROM w WHERE x IN (1, 3)", 2)
+            .await;
+        // No recovery target is left anywhere a server could read it again:
+        // not in the standby's settings, not in either's files, not as a
+        // restart pending.
+        let name = format!("recovery_target_{}", &flag[9..]);
+        let standby = b.standbys()[0];
+        assert_eq!(
+            b.show(standby, &name).await.as_deref(),
+            Some(""),
+            "the standby runs with {name}"
+        );
+        for i in 1..=2 {
+            for f in ["postgresql.auto.conf", "keelson.conf", "postgresql.conf"] {
+                let path = b.dir.path().join(format!("k{i}/pgdata/{f}"));
+                let text: String = std::fs::read_to_string(&path)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| !l.trim_start().starts_with('#'))
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                assert!(
+                    !text.contains(&format!("{name} ")) && !text.contains("recovery_target_action"),
+                    "{}: {text}",
+                    path.display()
+                );
+            }
+        }
+        crate::assert_eventually!(
+            b.data().await.dbs[&b.uid(b.master)]
+                .status
+                .pending_restart
+                .is_empty(),
+            Duration::from_secs(10),
+            "the restored primary reports a restart pending: {:?}",
+            b.data().await.dbs[&b.uid(b.master)].status.pending_restart
+        );
+    }
+}

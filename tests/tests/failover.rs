@@ -261,16 +261,29 @@ impl LocalCluster {
         keeper_urls: Vec<Option<String>>,
         keeper_args: Vec<Vec<String>>,
     ) -> LocalCluster {
+        let keys = Keys::new("keelson", "f");
+        store
+            .put(&keys.clusterdata(), &ClusterData::new(spec).to_json(), 0)
+            .await
+            .unwrap();
+        Self::up_initialized(url, store, sentinels, uids, keeper_urls, keeper_args).await
+    }
+
+    /// A cluster whose data is in the store already (`keelson ctl init`).
+    pub(crate) async fn up_initialized(
+        url: &str,
+        store: AnyStore,
+        sentinels: usize,
+        uids: &[&str],
+        keeper_urls: Vec<Option<String>>,
+        keeper_args: Vec<Vec<String>>,
+    ) -> LocalCluster {
         let keepers = uids.len();
         let dir = tempfile::tempdir().unwrap();
         if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
         }
         let keys = Keys::new("keelson", "f");
-        store
-            .put(&keys.clusterdata(), &ClusterData::new(spec).to_json(), 0)
-            .await
-            .unwrap();
         let sentinel_api_ports: Vec<u16> = (0..sentinels).map(|_| free_port()).collect();
         let sentinels = (1..=sentinels)
             .map(|i| {
@@ -347,11 +360,13 @@ impl LocalCluster {
         );
         let client = try_connect(&c.conn).await.unwrap();
         client
-            .batch_execute("CREATE TABLE w (x int)")
+            .batch_execute("CREATE TABLE IF NOT EXISTS w (x int)")
             .await
             .unwrap();
-        // Replication works: every standby has the table.
-        c.wait_standbys_see("SELECT count(*) FROM w", 0).await;
+        // Replication works: every standby has the table (and the rows a
+        // restored primary has).
+        let rows = c.direct(c.master, "SELECT count(*) FROM w").await.unwrap();
+        c.wait_standbys_see("SELECT count(*) FROM w", rows).await;
         c
     }
 
