@@ -263,6 +263,7 @@ impl RestoreTarget {
 /// repository path.
 fn is_stanza_name(s: &str) -> bool {
     !s.is_empty()
+        && !s.starts_with('.')
         && s.len() <= 64
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
@@ -343,8 +344,12 @@ impl BackupSpec {
                         "pg1-path",
                         "pg1-port",
                         "pg1-socket-path",
+                        "pg1-user",
                         "stanza",
                         "config",
+                        "log-path",
+                        "lock-path",
+                        "spool-path",
                     ]
                     .contains(&k.as_str())
                     {
@@ -533,6 +538,24 @@ impl ClusterSpec {
         }
         if before.is_none_or(|b| b.backup != self.backup) {
             self.backup.check()?;
+        }
+        // A candidate's keeper pushes what the old primary left unarchived
+        // (up to PUSH_UNARCHIVED_BUDGET, after a status query of up to 2 s)
+        // before it promotes: the sentinel must not give up on it meanwhile.
+        let push = PUSH_UNARCHIVED_BUDGET + Duration::from_secs(2) + SWITCHOVER_DRAIN;
+        let push_changed = before.is_none_or(|b| {
+            (b.backup.archives(), b.convergence_timeout)
+                != (self.backup.archives(), self.convergence_timeout)
+        });
+        if self.backup.archives() && push_changed && self.convergence_timeout <= push {
+            return Err(SpecError(format!(
+                "convergence_timeout ({}) must be longer than {} with a backup tool: before a \
+                 standby is promoted in a failover its keeper may spend {} pushing the WAL the \
+                 old primary left unarchived",
+                humantime::format_duration(self.convergence_timeout),
+                humantime::format_duration(push),
+                humantime::format_duration(PUSH_UNARCHIVED_BUDGET),
+            )));
         }
         if self.backup.archives() {
             for name in self.pg_parameters.keys() {
@@ -795,6 +818,11 @@ pub struct BackupDone {
     /// The backup's label, or what the tool said when it failed.
     pub detail: String,
 }
+
+/// How long a standby's keeper may push, before it promotes it in a
+/// failover, the segments the old primary left unarchived (with a backup
+/// tool; docs/backup.md).
+pub const PUSH_UNARCHIVED_BUDGET: Duration = Duration::from_secs(5);
 
 /// Settings a standby must have at least as high as the primary's, or it
 /// does not start (hot standby).

@@ -48,7 +48,8 @@ pub fn parameters(spec: &BackupSpec, dir: &Path) -> BTreeMap<String, String> {
     let (archive, restore) = match spec.tool {
         BackupTool::None => return p,
         BackupTool::Pgbackrest => {
-            let base = pgbackrest_command(spec, dir);
+            // PostgreSQL expands `%` sequences in the whole command.
+            let base = pgbackrest_command(spec, dir).replace('%', "%%");
             (
                 format!("{base} archive-push %p"),
                 format!("{base} archive-get %f \"%p\""),
@@ -138,7 +139,7 @@ struct Shared {
     done: Option<BackupDone>,
     /// The repository and stanza the stanza was created (or found valid)
     /// for, and when that was last tried.
-    stanza_ok: Option<(String, String)>,
+    stanza_ok: Option<String>,
     stanza_tried: Option<Instant>,
     /// Why the stanza could not be created, while it cannot.
     problem: Option<String>,
@@ -203,10 +204,9 @@ impl Worker {
             s.list = None;
             return;
         }
-        let key = (
-            spec.repository.clone().unwrap_or_default(),
-            spec.stanza.clone().unwrap_or_default(),
-        );
+        // Any change of the section (repository, stanza, options) checks
+        // the stanza again.
+        let key = serde_json::to_string(spec).unwrap_or_default();
         let (backup, stanza, list) = {
             let s = self.lock();
             let done = s.done.as_ref().map_or(0, |d| d.id);
@@ -314,13 +314,17 @@ pub async fn push_unarchived(
     tools: &Tools,
     spec: &BackupSpec,
     after: &str,
-    received: u64,
+    (timeline, received): (u32, u64),
     budget: Duration,
 ) -> (usize, Vec<String>) {
     let template = match spec.tool {
-        BackupTool::Pgbackrest => {
-            format!("{} archive-push %p", pgbackrest_command(spec, tools.dir()))
-        }
+        // Synchronously, whatever the options say: an asynchronous push
+        // sends only what PostgreSQL marked ready, and a standby marks
+        // nothing ready.
+        BackupTool::Pgbackrest => format!(
+            "{} archive-push --no-archive-async %p",
+            pgbackrest_command(spec, tools.dir()).replace('%', "%%")
+        ),
         BackupTool::Command => spec.archive_command.clone().unwrap_or_default(),
         BackupTool::None => return (0, Vec::new()),
     };
@@ -337,6 +341,18 @@ pub async fn push_unarchived(
         }
         _ => return (0, vec![format!("{after:?} is not a WAL file name")]),
     };
+    // Segments of the timeline this standby follows only: the old
+    // primary's last file may be of a parent timeline (its own promotion's
+    // `.partial`), whose later segments here are recycled files or hold
+    // the fork.
+    if tli != timeline {
+        return (
+            0,
+            vec![format!(
+                "the old primary's last archived file {after} is of timeline {tli}, this standby follows {timeline}"
+            )],
+        );
+    }
     let wal = tools.data_dir().join("pg_wal");
     let mut names: Vec<String> = match std::fs::read_dir(&wal) {
         Ok(d) => d
@@ -345,7 +361,11 @@ pub async fn push_unarchived(
                 let n = e.file_name().to_string_lossy().into_owned();
                 let size = e.metadata().ok()?.len();
                 let (t, start) = segment_start(&n, size)?;
-                (t == tli && n.as_str() > after && start + size <= received).then_some(n)
+                (t == tli
+                    && n.as_str() > after
+                    && start + size <= received
+                    && written_as(&e.path(), t, start))
+                .then_some(n)
             })
             .collect(),
         Err(e) => return (0, vec![format!("cannot read {}: {e}", wal.display())]),
@@ -359,15 +379,50 @@ pub async fn push_unarchived(
             failed.push(format!("{n}: no time left of {budget:?}"));
             continue;
         }
-        let cmd = template
-            .replace("%p", &format!("pg_wal/{n}"))
-            .replace("%f", n);
+        let cmd = expand(&template, &format!("pg_wal/{n}"), n);
         match tools.shell(&cmd, left).await {
             Ok(()) => pushed += 1,
             Err(e) => failed.push(format!("{n}: {e}")),
         }
     }
     (pushed, failed)
+}
+
+/// Whether the segment file at `path` begins with the page header of
+/// timeline `tli` at `start` (a recycled file still has its old one).
+fn written_as(path: &Path, tli: u32, start: u64) -> bool {
+    use std::io::Read;
+    let mut h = [0u8; 16];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut h));
+    // XLogPageHeaderData: xlp_magic u16, xlp_info u16, xlp_tli u32,
+    // xlp_pageaddr u64, in the server's (little-endian) byte order.
+    read.is_ok()
+        && u32::from_le_bytes([h[4], h[5], h[6], h[7]]) == tli
+        && u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]) == start
+}
+
+/// An archive command template with `%p`, `%f` and `%%` expanded as
+/// PostgreSQL expands them.
+fn expand(template: &str, p: &str, f: &str) -> String {
+    let mut out = String::with_capacity(template.len() + p.len());
+    let mut it = template.chars();
+    while let Some(c) = it.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match it.next() {
+            Some('p') => out.push_str(p),
+            Some('f') => out.push_str(f),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
 }
 
 /// The timeline and start LSN of WAL segment file `name` of `size` bytes
@@ -432,6 +487,22 @@ mod tests {
             ),
             "{conf}"
         );
+    }
+
+    #[test]
+    fn templates_expand_as_postgresql_expands_them() {
+        assert_eq!(
+            expand("cp %p /a/%f # 100%% %x", "pg_wal/X", "X"),
+            "cp pg_wal/X /a/X # 100% %x"
+        );
+        let spec = pgbackrest();
+        let p = parameters(&spec, Path::new("/data/50%full"));
+        let cmd = cluster::params::text(&p["archive_command"]).into_owned();
+        assert!(
+            cmd.contains("--config='/data/50%%full/pgbackrest.conf'"),
+            "{cmd}"
+        );
+        assert!(cmd.ends_with(" archive-push %p"), "{cmd}");
     }
 
     #[test]

@@ -1351,14 +1351,27 @@ impl Tools {
             c.uid(uid).gid(gid);
             c.env("HOME", &self.dir);
         }
+        // In its own process group, all of which is killed if it overruns
+        // (a `cp` left running could finish a file after the promotion).
         c.kill_on_drop(true)
+            .process_group(0)
             .arg("-c")
             .arg(cmd)
             .current_dir(self.data_dir())
-            .stdin(Stdio::null());
-        let out = tokio::time::timeout(limit, c.output())
-            .await
-            .map_err(|_| PgError::Timeout("the archive command", limit))??;
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = c.spawn()?;
+        let pid = child.id();
+        let out = match tokio::time::timeout(limit, child.wait_with_output()).await {
+            Ok(out) => out?,
+            Err(_) => {
+                if let Some(pid) = pid {
+                    crate::postmaster::signal_group(pid, libc::SIGKILL);
+                }
+                return Err(PgError::Timeout("the archive command", limit));
+            }
+        };
         if !out.status.success() {
             return Err(PgError::Program {
                 program: "the archive command".into(),

@@ -68,6 +68,15 @@ pub fn signal(pid: u32, signal: i32) {
     }
 }
 
+/// Sends `signal` to every process of the process group `pgid`.
+pub fn signal_group(pgid: u32, signal: i32) {
+    // SAFETY: kill(2) with a negative pid (a process group) and a signal
+    // number has no memory effects.
+    unsafe {
+        libc::kill(-(pgid as i32), signal);
+    }
+}
+
 /// SIGKILLs a postmaster and its children. A SIGKILLed postmaster does not
 /// end its backends itself; they would go on serving (and committing) for
 /// as long as they take to notice. SIGKILL also ends a stopped (SIGSTOP)

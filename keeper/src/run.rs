@@ -524,9 +524,7 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
     }
 }
 
-/// How long a promotion may wait for the segments the old primary left
-/// unarchived to be pushed ([`crate::backup::push_unarchived`]).
-const PUSH_UNARCHIVED_BUDGET: Duration = Duration::from_secs(10);
+use cluster::data::PUSH_UNARCHIVED_BUDGET;
 
 /// Before this standby is promoted: pushes the segments it holds that the
 /// old primary had not archived by its last report.
@@ -547,7 +545,8 @@ async fn archive_what_the_old_primary_did_not(pg: &Instance, cx: &Context<'_>, o
     if !o.in_recovery {
         return;
     }
-    let Some(received) = pg.report(&cx.cfg.uid, 0).await.lsn else {
+    let r = pg.report(&cx.cfg.uid, 0).await;
+    let (Some(received), Some(timeline)) = (r.lsn, r.timeline) else {
         return;
     };
     let t = Instant::now();
@@ -555,7 +554,7 @@ async fn archive_what_the_old_primary_did_not(pg: &Instance, cx: &Context<'_>, o
         &pg.tools(),
         &data.spec.backup,
         &after,
-        received,
+        (timeline, received),
         PUSH_UNARCHIVED_BUDGET,
     )
     .await;
@@ -789,6 +788,14 @@ impl Keeper {
                 .rewound_at
                 .is_some_and(|t| t.elapsed() < 4 * STUCK_AFTER)
             && self.streamed_at.is_none_or(|s| Some(s) < self.rewound_at);
+        // pgBackRest's configuration follows the spec at once (a changed
+        // repository or option changes no PostgreSQL parameter); it is
+        // written only when its text changes.
+        if obs.initialized {
+            if let Err(e) = pg.write_backup_config(&data.spec.backup) {
+                tracing::error!(error = %e, "cannot write pgBackRest's configuration");
+            }
+        }
         obs.params_changed = self.written_params.as_ref().is_none_or(|(p, h)| {
             *p != effective_parameters(data, &cfg.dir) || *h != data.spec.pg_hba
         });
@@ -1273,8 +1280,15 @@ async fn act(
                 if let Some(pid) = pg.pid() {
                     lease.set_primary_pid(pid);
                 }
-                if data.spec.backup.archives() {
+                // In a switchover the old primary stopped cleanly, and its
+                // archiver pushed what it had before it stopped.
+                let switchover = data
+                    .failover
+                    .as_ref()
+                    .is_some_and(|f| f.reason == cluster::data::SWITCHOVER);
+                if data.spec.backup.archives() && !switchover {
                     archive_what_the_old_primary_did_not(pg, cx, o).await;
+                    check_lease(lease)?;
                 }
                 pg.promote().await?;
                 o.in_recovery = false;

@@ -264,8 +264,15 @@ fn update_status(d: &mut ClusterData, obs: &Observations) {
                     s.running_settings = v.clone();
                 }
                 s.restarted = s.restarted.max(r.restarted);
-                if r.archive.is_some() {
-                    s.archive = r.archive.clone();
+                if let Some(mut a) = r.archive.clone() {
+                    // Statistics reset (a crash restart) forget the last
+                    // file archived; the last one known stays: a failover
+                    // pushes what came after it.
+                    if a.last_archived_wal.is_none() {
+                        a.last_archived_wal =
+                            s.archive.as_ref().and_then(|o| o.last_archived_wal.clone());
+                    }
+                    s.archive = Some(a);
                 }
                 if r.backup.is_some() {
                     s.backup = r.backup.clone();

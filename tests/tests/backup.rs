@@ -327,6 +327,14 @@ async fn a_backup_section_that_cannot_work_is_refused() {
             "needs repository",
         ),
         (
+            r#"{"backup": {"tool": "pgbackrest", "repository": "/r", "stanza": "b"}, "failsafe": false, "convergence_timeout": "12s"}"#,
+            "must be longer than 12s with a backup tool",
+        ),
+        (
+            r#"{"backup": {"tool": "pgbackrest", "repository": "/r", "stanza": ".."}}"#,
+            "stanza",
+        ),
+        (
             r#"{"backup": {"tool": "pgbackrest", "repository": "/r", "stanza": "b"}, "pg_parameters": {"archive_command": "true"}}"#,
             "set by keelson from the backup section",
         ),
