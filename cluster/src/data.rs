@@ -169,6 +169,12 @@ pub struct BackupSpec {
     /// WAL is outside the archive). Off when absent.
     #[serde(skip_serializing_if = "Option::is_none", with = "opt_duration_str")]
     pub archive_timeout: Option<Duration>,
+    /// pgbackrest: new standbys (and `ctl reinit`) start from the newest
+    /// backup and the archive instead of a `pg_basebackup` of the primary
+    /// (for large databases: the primary is not read in full); a standby
+    /// for which no backup exists yet is copied with `pg_basebackup`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub standbys_from_backup: bool,
     /// Fields from a newer keelson, kept as they are.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
@@ -359,8 +365,15 @@ impl BackupSpec {
                 }
             }
             BackupTool::Command => {
-                if self.repository.is_some() || self.stanza.is_some() || !self.options.is_empty() {
-                    return bad("repository, stanza and options are for tool \"pgbackrest\"".into());
+                if self.repository.is_some()
+                    || self.stanza.is_some()
+                    || !self.options.is_empty()
+                    || self.standbys_from_backup
+                {
+                    return bad(
+                        "repository, stanza, options and standbys_from_backup are for tool \"pgbackrest\""
+                            .into(),
+                    );
                 }
                 match self.archive_command.as_deref() {
                     Some(c) if c.contains("%p") || c.contains("%f") => {

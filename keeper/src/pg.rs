@@ -487,19 +487,49 @@ impl Instance {
         self.tools()
             .pgbackrest(spec, &args, Duration::from_secs(6 * 3600))
             .await?;
-        let auto = data.join("postgresql.auto.conf");
+        self.strip_recovery_settings()?;
+        tracing::info!(kind = %target.kind, target = %target.target, "restored the backup; PostgreSQL replays the archive to the target");
+        Ok(())
+    }
+
+    /// Creates a standby's data directory from the newest backup in the
+    /// spec's repository (`pgbackrest restore --type=standby`); the
+    /// recovery settings pgBackRest writes into `postgresql.auto.conf` are
+    /// taken out (the keeper's configuration has its own).
+    pub async fn restore_standby(&self, spec: &cluster::data::BackupSpec) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        self.prepare_dir()?;
+        self.write_backup_config(spec)?;
+        let data = self.data_dir();
+        std::fs::create_dir_all(&data)?;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))?;
+        self.chown(&data)?;
+        self.tools()
+            .pgbackrest(
+                spec,
+                &["restore", "--type=standby"],
+                Duration::from_secs(6 * 3600),
+            )
+            .await?;
+        self.strip_recovery_settings()
+    }
+
+    /// Takes the recovery settings out of `postgresql.auto.conf`.
+    fn strip_recovery_settings(&self) -> Result<()> {
+        let auto = self.data_dir().join("postgresql.auto.conf");
         if let Ok(text) = std::fs::read_to_string(&auto) {
             let kept: String = text
                 .lines()
                 .filter(|l| {
                     let l = l.trim_start();
-                    !(l.starts_with("recovery_target") || l.starts_with("restore_command"))
+                    !(l.starts_with("recovery_target")
+                        || l.starts_with("restore_command")
+                        || l.starts_with("primary_conninfo"))
                 })
                 .map(|l| format!("{l}\n"))
                 .collect();
             std::fs::write(&auto, kept)?;
         }
-        tracing::info!(kind = %target.kind, target = %target.target, "restored the backup; PostgreSQL replays the archive to the target");
         Ok(())
     }
 

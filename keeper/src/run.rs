@@ -565,6 +565,32 @@ async fn archive_what_the_old_primary_did_not(pg: &Instance, cx: &Context<'_>, o
     }
 }
 
+/// A standby's data directory, copied afresh: from the newest backup
+/// when the spec says so (`backup.standbys_from_backup`; the standby then
+/// replays the archive and streams from `from`), else, or when that fails
+/// (no backup yet), with `pg_basebackup` from `from`.
+async fn copy_from(
+    pg: &Instance,
+    data: &ClusterData,
+    from: &str,
+    uid: &str,
+) -> Result<(), PgError> {
+    if data.spec.backup.standbys_from_backup {
+        let t = Instant::now();
+        match pg.restore_standby(&data.spec.backup).await {
+            Ok(()) => {
+                tracing::info!(took = ?t.elapsed(), "the standby's data restored from the newest backup; it replays the archive, then streams");
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot restore the standby from a backup; copying it with pg_basebackup");
+                pg.remove_data()?;
+            }
+        }
+    }
+    pg.basebackup(from, Some(&slot_name(uid))).await
+}
+
 /// The spec's `pg_parameters` with what its backup section sets
 /// ([`crate::backup::parameters`]; `validate_written` refuses those names
 /// in `pg_parameters`, and keelson's win here).
@@ -1147,7 +1173,7 @@ async fn act(
                 o.restoring = true;
             }
             Action::BaseBackup { from } => {
-                pg.basebackup(from, Some(&slot_name(&cfg.uid))).await?;
+                copy_from(pg, data, from, &cfg.uid).await?;
                 o.initialized = true;
                 o.was_primary = false;
             }
@@ -1165,7 +1191,7 @@ async fn act(
                 if let Err(e) = pg.rewind(from).await {
                     tracing::warn!(error = %e, "pg_rewind failed; taking a fresh base backup");
                     pg.remove_data()?;
-                    pg.basebackup(from, Some(&slot_name(&cfg.uid))).await?;
+                    copy_from(pg, data, from, &cfg.uid).await?;
                 }
                 o.was_primary = false;
                 o.stuck = false;
@@ -1296,7 +1322,7 @@ async fn act(
             Action::Reinit { from } => {
                 pg.remove_data()?;
                 o.initialized = false;
-                pg.basebackup(from, Some(&slot_name(&cfg.uid))).await?;
+                copy_from(pg, data, from, &cfg.uid).await?;
                 o.initialized = true;
                 o.was_primary = false;
                 o.stuck = false;

@@ -354,7 +354,16 @@ where
                     cancel_key = Some((pid, Bytes::copy_from_slice(&body[4..])));
                 }
                 b'E' => {
-                    if !relayed.load(Relaxed) && protocol::error_code(&body) == Some(b"57P03") {
+                    // Before anything was relayed the server has run
+                    // nothing and the client seen nothing: a server not
+                    // accepting yet (57P03), or ending the session because
+                    // it is going down (57P01: its postmaster died, or a
+                    // shutdown; 57P02: a crash restart) is tried again.
+                    let retry = matches!(
+                        protocol::error_code(&body),
+                        Some(b"57P03" | b"57P01" | b"57P02")
+                    );
+                    if !relayed.load(Relaxed) && retry {
                         return Ok(AuthResult::NotReady(NotReady::Refused(to_client)));
                     }
                     client

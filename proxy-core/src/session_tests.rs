@@ -777,3 +777,53 @@ async fn fenced_in_password_exchange(reason: FenceReason) -> (Vec<u8>, Vec<u8>) 
     let _ = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer)).await;
     (got, answer)
 }
+
+/// A server that ends a session in its startup with 57P01 or 57P02 (its
+/// postmaster died under it, or it is restarting after a crash) has run
+/// nothing and the client has seen nothing: the session is held and set
+/// up again, as for 57P03.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_ending_a_session_in_its_startup_is_tried_again() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    for code in ["57P01", "57P02"] {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let n = seen.clone();
+        let (addr, _) = fake_backend(move |mut s| {
+            let n = n.clone();
+            async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                if n.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let e = msg(
+                        b'E',
+                        &error_body(
+                            code,
+                            "terminating connection due to unexpected postmaster exit",
+                        ),
+                    );
+                    let _ = s.write_all(&e).await;
+                    return;
+                }
+                let mut v = msg(b'R', &0u32.to_be_bytes());
+                v.extend(msg(b'S', b"in_hot_standby\0off\0"));
+                v.extend(msg(b'Z', b"I"));
+                let _ = s.write_all(&v).await;
+            }
+        })
+        .await;
+        let proxy = primary_proxy(&addr, Duration::from_secs(5));
+        let out = exchange(
+            &proxy,
+            ListenerOptions::default(),
+            &startup(&[("user", "u")]),
+        )
+        .await;
+        assert_eq!(
+            out.first(),
+            Some(&b'R'),
+            "{code}: the client was let in: {out:?}"
+        );
+        assert!(!out.contains(&b'E'), "{code}: {out:?}");
+        assert_eq!(seen.load(Ordering::SeqCst), 2, "{code}");
+    }
+}

@@ -304,6 +304,31 @@ async fn archiving_survives_two_failovers_and_a_restore_replays_every_acknowledg
         timeline >= 3,
         "recovery followed both failovers: {timeline}"
     );
+    drop(client);
+    drop(restored);
+
+    // A standby copied afresh from the backup and the archive (taken on
+    // timeline 1, two failovers ago) instead of a pg_basebackup.
+    c.ctl(&[
+        "spec",
+        "update",
+        "--patch",
+        r#"{"backup": {"standbys_from_backup": true}}"#,
+    ])
+    .unwrap();
+    let standby = c.standbys()[0];
+    c.ctl(&["reinit", &c.uid(standby)]).unwrap();
+    crate::assert_eventually!(
+        c.keeper_log(standby)
+            .contains("the standby's data restored from the newest backup"),
+        Duration::from_secs(60),
+        "k{standby} was not restored from the backup:\n{}",
+        c.keeper_log(standby)
+    );
+    c.wait_standby(standby).await;
+    let total = c.direct(c.master, "SELECT count(*) FROM w").await.unwrap();
+    c.wait_standbys_see("SELECT count(*) FROM w", total).await;
+    c.assert_streams_to_all().await;
     c.keepers.clear();
 }
 
@@ -500,4 +525,144 @@ async fn pitr_to_a_time_an_lsn_and_a_restore_point_keeps_the_first_insert_not_th
             b.data().await.dbs[&b.uid(b.master)].status.pending_restart
         );
     }
+}
+
+/// Runs a PostgreSQL program as the `postgres` account; its stdout.
+fn pg_program(name: &str, args: &[&str]) -> String {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(pg_bindir().join(name));
+    cmd.args(args).current_dir("/");
+    if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
+        cmd.uid(uid).gid(gid);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{name} {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A data directory made outside keelson (`initdb`, a table `w` with
+/// `rows` rows, stopped cleanly) as `keeper_dir/pgdata`; its system id.
+fn data_made_elsewhere(keeper_dir: &Path, rows: i64) -> String {
+    std::fs::create_dir_all(keeper_dir).unwrap();
+    if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
+        std::os::unix::fs::chown(keeper_dir, Some(uid), Some(gid)).unwrap();
+    }
+    let data = keeper_dir.join("pgdata");
+    let (d, sock) = (data.display().to_string(), keeper_dir.display().to_string());
+    pg_program(
+        "initdb",
+        &["-D", &d, "-U", "postgres", "-A", "trust", "--no-sync"],
+    );
+    let port = free_port().to_string();
+    let opts = format!("-p {port} -k {sock} -c listen_addresses=''");
+    pg_program(
+        "pg_ctl",
+        &[
+            "-D",
+            &d,
+            "-o",
+            &opts,
+            "-w",
+            "-l",
+            &format!("{sock}/seed.log"),
+            "start",
+        ],
+    );
+    pg_program(
+        "psql",
+        &[
+            "-h",
+            &sock,
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-XAtq",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            &format!("CREATE TABLE w (x int); INSERT INTO w SELECT generate_series(1, {rows})"),
+        ],
+    );
+    pg_program("pg_ctl", &["-D", &d, "-m", "fast", "-w", "stop"]);
+    system_id(&data)
+}
+
+fn system_id(data: &Path) -> String {
+    pg_program("pg_controldata", &[&data.display().to_string()])
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Database system identifier:")
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap()
+}
+
+/// `ctl init --mode existing --keeper k1` over a data directory made
+/// outside keelson: its rows survive, the other keeper copies them, and a
+/// keeper whose directory holds another PostgreSQL system refuses to join
+/// and leaves it as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_existing_adopts_data_made_elsewhere_and_another_system_is_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let adopted = data_made_elsewhere(&dir.path().join("k1"), 500);
+    let store_dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", store_dir.path().display());
+    let ctl = |args: &[&str]| {
+        Command::new(keelson_bin())
+            .args(["ctl", "--store", &url, "--cluster", "f"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = ctl(&["init", "--mode", "existing"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("needs --keeper"),
+        "{err}"
+    );
+    let out = ctl(&["init", "--mode", "existing", "--keeper", "k1"]);
+    assert!(out.status.success(), "{out:?}");
+    let store = cluster::open(&url).await.unwrap();
+    let mut c =
+        LocalCluster::up_in(dir, &url, store, 1, &["k1", "k2"], Vec::new(), Vec::new()).await;
+    assert_eq!(c.uid(c.master), "k1");
+    assert_eq!(c.direct(1, "SELECT count(*) FROM w").await, Some(500));
+    c.wait_standbys_see("SELECT count(*) FROM w", 500).await;
+    assert_eq!(
+        c.data().await.dbs["k1"].status.system_id.as_deref(),
+        Some(adopted.as_str())
+    );
+
+    // k3's directory holds another system's data.
+    let k3 = c.dir.path().join("k3");
+    let other = data_made_elsewhere(&k3, 7);
+    assert_ne!(other, adopted);
+    let marker = k3.join("pgdata").join("still-here");
+    std::fs::write(&marker, "").unwrap();
+    c.uids.push("k3".into());
+    c.ports.push(free_port());
+    c.api_ports.push(free_port());
+    c.keepers.push(Some(c.keeper_role(3)));
+    crate::assert_eventually!(
+        c.data()
+            .await
+            .dbs
+            .get("k3")
+            .and_then(|d| d.status.problem.clone())
+            .is_some_and(|p| p.contains("another PostgreSQL system")),
+        Duration::from_secs(30),
+        "k3 did not refuse: {:?}",
+        c.data().await.dbs.get("k3").map(|d| d.status.clone())
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        system_id(&k3.join("pgdata")),
+        other,
+        "k3's data was replaced"
+    );
+    assert!(marker.exists(), "k3's data directory was touched");
+    let status = c.ctl(&["status"]).unwrap();
+    assert!(status.contains("another PostgreSQL system"), "{status}");
+    c.keepers.clear();
 }

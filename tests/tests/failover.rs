@@ -278,8 +278,22 @@ impl LocalCluster {
         keeper_urls: Vec<Option<String>>,
         keeper_args: Vec<Vec<String>>,
     ) -> LocalCluster {
-        let keepers = uids.len();
         let dir = tempfile::tempdir().unwrap();
+        Self::up_in(dir, url, store, sentinels, uids, keeper_urls, keeper_args).await
+    }
+
+    /// [`LocalCluster::up_initialized`] with the keepers' directories in
+    /// `dir` (which may hold their data already: `kN/pgdata`).
+    pub(crate) async fn up_in(
+        dir: tempfile::TempDir,
+        url: &str,
+        store: AnyStore,
+        sentinels: usize,
+        uids: &[&str],
+        keeper_urls: Vec<Option<String>>,
+        keeper_args: Vec<Vec<String>>,
+    ) -> LocalCluster {
+        let keepers = uids.len();
         if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
         }
