@@ -467,13 +467,7 @@ impl Instance {
         spec: &cluster::data::BackupSpec,
         target: &cluster::data::RestoreTarget,
     ) -> Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        self.prepare_dir()?;
-        self.write_backup_config(spec)?;
-        let data = self.data_dir();
-        std::fs::create_dir_all(&data)?;
-        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))?;
-        self.chown(&data)?;
+        self.prepare_restore(spec)?;
         let mut args = vec![
             "restore".to_owned(),
             format!("--type={}", target.kind),
@@ -492,18 +486,24 @@ impl Instance {
         Ok(())
     }
 
-    /// Creates a standby's data directory from the newest backup in the
-    /// spec's repository (`pgbackrest restore --type=standby`); the
-    /// recovery settings pgBackRest writes into `postgresql.auto.conf` are
-    /// taken out (the keeper's configuration has its own).
-    pub async fn restore_standby(&self, spec: &cluster::data::BackupSpec) -> Result<()> {
+    /// An empty data directory (mode 0700, owned by the account PostgreSQL
+    /// runs as) and pgBackRest's configuration, for a restore into it.
+    fn prepare_restore(&self, spec: &cluster::data::BackupSpec) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         self.prepare_dir()?;
         self.write_backup_config(spec)?;
         let data = self.data_dir();
         std::fs::create_dir_all(&data)?;
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))?;
-        self.chown(&data)?;
+        self.chown(&data)
+    }
+
+    /// Creates a standby's data directory from the newest backup in the
+    /// spec's repository (`pgbackrest restore --type=standby`); the
+    /// recovery settings pgBackRest writes into `postgresql.auto.conf` are
+    /// taken out (the keeper's configuration has its own).
+    pub async fn restore_standby(&self, spec: &cluster::data::BackupSpec) -> Result<()> {
+        self.prepare_restore(spec)?;
         self.tools()
             .pgbackrest(
                 spec,
