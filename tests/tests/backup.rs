@@ -28,6 +28,8 @@ fn pgbackrest_spec(repo: &Path) -> ClusterSpec {
             tool: BackupTool::Pgbackrest,
             repository: Some(repo.display().to_string()),
             stanza: Some("f".into()),
+            // Cheap on CPU: the tests run beside others on two cores.
+            options: [("compress-type".to_owned(), "lz4".to_owned())].into(),
             ..Default::default()
         },
         // Nothing acknowledged may be lost at a SIGKILL of the primary.

@@ -1673,6 +1673,28 @@ async fn a_paused_cluster_does_not_fail_over_until_resumed_and_history_lists_eve
         "the switchover to k{first} was refused: {:?}",
         c.ctl(&["switchover", "--to", &c.uid(first)])
     );
+    // The sentinel cancels a switchover whose target stops looking healthy
+    // meanwhile (seen in CI under load: its reports stalled on a slow file
+    // store); then it is asked again.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let d = c.data().await;
+        if d.proxy.master_db.as_deref() == Some(c.uid(first).as_str()) {
+            break;
+        }
+        let cancelled =
+            d.failover.is_none() && d.proxy.master_db.as_deref() == Some(c.uid(second).as_str());
+        if cancelled {
+            eprintln!("switchover not under way ({:?}); asking again", d.notice);
+            let _ = c.ctl(&["switchover", "--to", &c.uid(first)]);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no switchover to k{first}: {:?}",
+            d.notice
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let third = c.wait_new_primary(second, Duration::from_secs(60)).await;
     assert_eq!(third, first);
     c.wait_standby(second).await;
