@@ -295,6 +295,12 @@ impl Instance {
         self.data_dir().join("PG_VERSION").exists()
     }
 
+    /// Whether the data directory is in archive recovery for a restore
+    /// (`recovery.signal` without `standby.signal`).
+    pub fn is_restoring(&self) -> bool {
+        !self.has_standby_signal() && self.data_dir().join("recovery.signal").exists()
+    }
+
     /// Whether the data directory is set up as a standby. An initialized
     /// directory without it has been a primary, and may hold WAL that a new
     /// primary never saw.

@@ -524,8 +524,6 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
     }
 }
 
-use cluster::data::PUSH_UNARCHIVED_BUDGET;
-
 /// Before this standby is promoted: pushes the segments it holds that the
 /// old primary had not archived by its last report.
 async fn archive_what_the_old_primary_did_not(pg: &Instance, cx: &Context<'_>, o: &Observed) {
@@ -555,7 +553,7 @@ async fn archive_what_the_old_primary_did_not(pg: &Instance, cx: &Context<'_>, o
         &data.spec.backup,
         &after,
         (timeline, received),
-        PUSH_UNARCHIVED_BUDGET,
+        cluster::data::PUSH_UNARCHIVED_BUDGET,
     )
     .await;
     if failed.is_empty() {
@@ -597,13 +595,12 @@ async fn copy_from(
 fn effective_parameters(
     data: &ClusterData,
     dir: &std::path::Path,
+    restoring: bool,
 ) -> std::collections::BTreeMap<String, String> {
     let mut p = data.spec.pg_parameters.clone();
     p.extend(crate::backup::parameters(&data.spec.backup, dir));
     // While a restore replays the archive: its target, from the keeper's
     // own directory (never from the data directory, which standbys copy).
-    let restoring = dir.join("pgdata").join("recovery.signal").exists()
-        && !dir.join("pgdata").join("standby.signal").exists();
     let target = std::fs::read_to_string(dir.join(RESTORE_TARGET_FILE))
         .ok()
         .and_then(|t| serde_json::from_str::<cluster::data::RestoreTarget>(&t).ok());
@@ -770,9 +767,7 @@ impl Keeper {
         obs.running = pg.is_running();
         obs.initialized = pg.is_initialized();
         obs.was_primary = obs.initialized && !pg.has_standby_signal();
-        obs.restoring = obs.initialized
-            && !pg.has_standby_signal()
-            && pg.data_dir().join("recovery.signal").exists();
+        obs.restoring = obs.initialized && pg.is_restoring();
         let target = cfg.dir.join(RESTORE_TARGET_FILE);
         if !obs.restoring && target.exists() {
             tracing::info!("the restore reached its target and PostgreSQL promoted");
@@ -823,7 +818,7 @@ impl Keeper {
             }
         }
         obs.params_changed = self.written_params.as_ref().is_none_or(|(p, h)| {
-            *p != effective_parameters(data, &cfg.dir) || *h != data.spec.pg_hba
+            *p != effective_parameters(data, &cfg.dir, pg.is_restoring()) || *h != data.spec.pg_hba
         });
         // A renewed certificate (the same paths, new files) is copied and
         // the server reloaded.
@@ -873,7 +868,7 @@ impl Keeper {
             .any(|s| matches!(s, Action::WriteConfig | Action::HoldClients))
         {
             self.written_params = Some((
-                effective_parameters(data, &cfg.dir),
+                effective_parameters(data, &cfg.dir, pg.is_restoring()),
                 data.spec.pg_hba.clone(),
             ));
             let up = obs.configured_upstream.clone().unwrap_or_default();
@@ -1216,7 +1211,7 @@ async fn act(
                     )
                 };
                 pg.write_backup_config(&data.spec.backup)?;
-                let params = effective_parameters(data, &cfg.dir);
+                let params = effective_parameters(data, &cfg.dir, pg.is_restoring());
                 write(&params)?;
                 // Written while running (a reload), the spec's values are
                 // in the file, and PostgreSQL reports any that differ from

@@ -551,6 +551,16 @@ fn error_body(code: &str, text: &str) -> Vec<u8> {
 /// A primary that answers its first `refusals` connections with 57P03
 /// ("the database system is starting up"), then lets clients in.
 async fn starting_primary(refusals: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    refusing_primary(refusals, "57P03", "the database system is starting up").await
+}
+
+/// A primary that ends its first `refusals` sessions in their startup
+/// with a FATAL `code`, then lets clients in; how many it was asked for.
+async fn refusing_primary(
+    refusals: usize,
+    code: &'static str,
+    text: &'static str,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let seen = Arc::new(AtomicUsize::new(0));
     let n = seen.clone();
@@ -560,10 +570,7 @@ async fn starting_primary(refusals: usize) -> (String, Arc<std::sync::atomic::At
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf).await;
             if n.fetch_add(1, Ordering::SeqCst) < refusals {
-                let e = msg(
-                    b'E',
-                    &error_body("57P03", "the database system is starting up"),
-                );
+                let e = msg(b'E', &error_body(code, text));
                 let _ = s.write_all(&e).await;
                 return;
             }
@@ -784,33 +791,10 @@ async fn fenced_in_password_exchange(reason: FenceReason) -> (Vec<u8>, Vec<u8>) 
 /// up again, as for 57P03.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_ending_a_session_in_its_startup_is_tried_again() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     for code in ["57P01", "57P02"] {
-        let seen = Arc::new(AtomicUsize::new(0));
-        let n = seen.clone();
-        let (addr, _) = fake_backend(move |mut s| {
-            let n = n.clone();
-            async move {
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                if n.fetch_add(1, Ordering::SeqCst) == 0 {
-                    let e = msg(
-                        b'E',
-                        &error_body(
-                            code,
-                            "terminating connection due to unexpected postmaster exit",
-                        ),
-                    );
-                    let _ = s.write_all(&e).await;
-                    return;
-                }
-                let mut v = msg(b'R', &0u32.to_be_bytes());
-                v.extend(msg(b'S', b"in_hot_standby\0off\0"));
-                v.extend(msg(b'Z', b"I"));
-                let _ = s.write_all(&v).await;
-            }
-        })
-        .await;
+        let text = "terminating connection due to unexpected postmaster exit";
+        let (addr, seen) = refusing_primary(1, code, text).await;
         let proxy = primary_proxy(&addr, Duration::from_secs(5));
         let out = exchange(
             &proxy,
