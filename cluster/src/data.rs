@@ -1448,6 +1448,36 @@ mod tests {
     }
 
     #[test]
+    fn with_a_backup_tool_convergence_outlasts_the_pre_promotion_push_at_the_boundary() {
+        let spec = |secs: u64| ClusterSpec {
+            failsafe: false,
+            convergence_timeout: Duration::from_secs(secs),
+            backup: BackupSpec {
+                tool: BackupTool::Pgbackrest,
+                repository: Some("/r".into()),
+                stanza: Some("s".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        // PUSH_UNARCHIVED_BUDGET 5 s + a 2 s status query + the 5 s drain.
+        let err = spec(12).validate_written(None).unwrap_err().to_string();
+        assert!(
+            err.contains("must be longer than 12s with a backup tool"),
+            "{err}"
+        );
+        let mut just_above = spec(12);
+        just_above.convergence_timeout += Duration::from_millis(1);
+        just_above.validate_written(None).unwrap();
+        // Without a tool, 12 s is fine.
+        let no_tool = ClusterSpec {
+            backup: BackupSpec::default(),
+            ..spec(12)
+        };
+        no_tool.validate_written(None).unwrap();
+    }
+
+    #[test]
     fn with_the_failsafe_convergence_outlasts_a_promise_at_the_boundary() {
         let mut s = ClusterSpec {
             fence_timeout: Duration::from_secs(5),

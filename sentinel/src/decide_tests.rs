@@ -765,6 +765,35 @@ fn cases() -> Vec<Case> {
             },
         },
         Case {
+            name: "F1b: the last file a primary archived survives a dead PostgreSQL's report and a statistics reset",
+            run: || {
+                let mut d = cluster("m", &["s1"]);
+                d.dbs.get_mut("m").unwrap().status.archive = Some(cluster::data::ArchiveStatus {
+                    mode: "on".into(),
+                    archived_count: 40,
+                    last_archived_wal: Some("000000010000000000000007".into()),
+                    ..Default::default()
+                });
+                // A live keeper reporting its dead PostgreSQL: no archive
+                // status at all.
+                let o = with(observe(&d, &[]), "m", |r| *r = dead_pg("m", 1));
+                let d = decide(&d, &o, T0);
+                // PostgreSQL back after a crash: its statistics start over.
+                let o = with(observe(&d, &[]), "m", |r| {
+                    r.archive = Some(cluster::data::ArchiveStatus {
+                        mode: "on".into(),
+                        ..Default::default()
+                    })
+                });
+                decide(&d, &o, T0 + SEC)
+            },
+            check: |d| {
+                let a = d.dbs["m"].status.archive.as_ref().expect("archive status");
+                assert_eq!(a.last_archived_wal.as_deref(), Some("000000010000000000000007"));
+                assert_eq!(a.archived_count, 0, "the counters are what PostgreSQL says now");
+            },
+        },
+        Case {
             name: "F1a: a standby beyond the lag limit is not promoted when the primary's keeper reports it dead",
             run: || {
                 let mut d = cluster("m", &["s1"]);
