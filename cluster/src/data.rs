@@ -88,9 +88,126 @@ pub struct ClusterSpec {
     /// WAL archiving and backups (docs/backup.md); none by default.
     #[serde(skip_serializing_if = "BackupSpec::is_off")]
     pub backup: BackupSpec,
+    /// `primary` (the default), or `standby`: a standby cluster
+    /// (docs/standby-cluster.md) takes no writes; its elected member, the
+    /// standby leader, follows `standby_source`, and the others cascade
+    /// from it. `keelson ctl promote` makes it a primary cluster.
+    #[serde(skip_serializing_if = "ClusterRole::is_primary")]
+    pub role: ClusterRole,
+    /// What a standby cluster follows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standby_source: Option<StandbySource>,
     /// Fields from a newer keelson, kept as they are.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// Whether a cluster takes writes ([`ClusterSpec::role`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterRole {
+    #[default]
+    Primary,
+    Standby,
+}
+
+impl ClusterRole {
+    pub fn is_primary(&self) -> bool {
+        *self == ClusterRole::Primary
+    }
+}
+
+/// The server a standby cluster's leader streams from: a PostgreSQL
+/// outside keelson, or another keelson cluster's proxy (its primary
+/// listener, which follows that cluster's failovers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct StandbySource {
+    pub host: String,
+    pub port: u16,
+    /// The replication account on the source. It needs `REPLICATION`, and
+    /// for pg_rewind (after the source failed over past what this cluster
+    /// had replayed) the functions keelson grants its own account.
+    pub user: String,
+    /// A file holding the account's password (read at every use, so a
+    /// Kubernetes Secret's update takes effect), the same path on every
+    /// keeper's host.
+    pub password_file: String,
+    /// A physical replication slot on the source to stream through; it
+    /// must exist on whichever server the source routes to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// libpq's `sslmode` for the source (libpq's default, `prefer`, when
+    /// unset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslmode: Option<String>,
+    /// A CA file to check the source's certificate with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<String>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl StandbySource {
+    /// `host:port`, as keepers name the servers they follow.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Checks what an operator wrote.
+    pub fn check(&self) -> Result<(), SpecError> {
+        let bad = |why: &str| Err(SpecError(format!("standby_source: {why}")));
+        let line = |v: &str| v.contains(['\n', '\r', '\0', '\'', '\\']);
+        if self.host.is_empty() || line(&self.host) || self.host.contains(char::is_whitespace) {
+            return bad("needs host, the source's host name or address");
+        }
+        if self.port == 0 {
+            return bad("needs port, the source's TCP port");
+        }
+        if self.user.is_empty() || line(&self.user) {
+            return bad("needs user, the replication account on the source");
+        }
+        if !self.password_file.starts_with('/') || line(&self.password_file) {
+            return bad(
+                "needs password_file, the absolute path of a file holding the account's password",
+            );
+        }
+        if let Some(slot) = &self.slot {
+            let ok = !slot.is_empty()
+                && slot.len() <= 63
+                && slot
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !ok {
+                return bad("slot must be 1 to 63 lower-case letters, digits or underscores, as PostgreSQL names slots");
+            }
+        }
+        if let Some(m) = &self.sslmode {
+            let modes = [
+                "disable",
+                "allow",
+                "prefer",
+                "require",
+                "verify-ca",
+                "verify-full",
+            ];
+            if !modes.contains(&m.as_str()) {
+                return bad(&format!("sslmode must be one of {}", modes.join(", ")));
+            }
+        }
+        if self
+            .sslrootcert
+            .as_ref()
+            .is_some_and(|c| !c.starts_with('/') || line(c))
+        {
+            return bad("sslrootcert must be an absolute path");
+        }
+        Ok(())
+    }
 }
 
 impl Default for ClusterSpec {
@@ -110,6 +227,8 @@ impl Default for ClusterSpec {
             convergence_timeout: Duration::from_secs(60),
             failsafe: true,
             backup: BackupSpec::default(),
+            role: ClusterRole::Primary,
+            standby_source: None,
             extra: BTreeMap::new(),
         }
     }
@@ -544,6 +663,7 @@ impl ClusterSpec {
     /// a spec an older keelson accepted keeps working, and can be patched.
     pub fn validate_written(&self, before: Option<&ClusterSpec>) -> Result<(), SpecError> {
         self.validate()?;
+        self.check_standby(before)?;
         for line in &self.pg_hba {
             if before.is_none_or(|b| !b.pg_hba.contains(line)) {
                 check_hba_line(line)?;
@@ -627,11 +747,60 @@ impl ClusterSpec {
         Ok(())
     }
 
+    /// Whether this is a standby cluster ([`ClusterSpec::role`]).
+    pub fn is_standby(&self) -> bool {
+        self.role == ClusterRole::Standby
+    }
+
+    /// The standby-cluster rules of what an operator writes.
+    fn check_standby(&self, before: Option<&ClusterSpec>) -> Result<(), SpecError> {
+        if let Some(s) = &self.standby_source {
+            if before.is_none_or(|b| b.standby_source.as_ref() != Some(s)) {
+                s.check()?;
+            }
+        }
+        if !self.is_standby() {
+            return Ok(());
+        }
+        if self.standby_source.is_none() {
+            return Err(SpecError(
+                "role standby needs standby_source: the host, port, user and password_file of \
+                 the server to follow"
+                    .into(),
+            ));
+        }
+        if before.is_some_and(|b| !b.is_standby()) {
+            return Err(SpecError(
+                "a primary cluster cannot become a standby cluster: its data may have diverged \
+                 from the source's; make a new cluster with `keelson ctl init` and role standby"
+                    .into(),
+            ));
+        }
+        if self.synchronous_replication {
+            return Err(SpecError(
+                "a standby cluster cannot use synchronous_replication: its members replicate \
+                 in cascade, which PostgreSQL never makes synchronous; turn it on after \
+                 `keelson ctl promote`"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Fields this version of keelson does not know; an operator's spec
     /// with any is refused by `ctl` (a typo must not be silently ignored).
     pub fn unknown_fields(&self) -> Vec<String> {
         let nested = self.backup.extra.keys().map(|k| format!("backup.{k}"));
-        self.extra.keys().cloned().chain(nested).collect()
+        let source = self
+            .standby_source
+            .iter()
+            .flat_map(|s| s.extra.keys().map(|k| format!("standby_source.{k}")));
+        self.extra
+            .keys()
+            .cloned()
+            .chain(nested)
+            .chain(source)
+            .collect()
     }
 
     /// How often a keeper renews its lease: a quarter of `fence_timeout`,
@@ -1153,6 +1322,8 @@ pub struct ProxyView {
     pub primary: Option<String>,
     /// Healthy standbys, with their lag.
     pub replicas: Vec<ReplicaView>,
+    /// A standby cluster: the primary route is refused with that reason.
+    pub standby: bool,
 }
 
 /// A standby as proxies see it.
@@ -1209,11 +1380,16 @@ impl ClusterData {
     }
 
     /// What proxies should route by.
+    ///
+    /// A standby cluster names no primary (nothing in it takes writes);
+    /// its standby leader takes replica sessions with the other members.
     pub fn proxy_view(&self) -> ProxyView {
+        let standby = self.spec.is_standby();
         let primary = self
             .proxy
             .master_db
             .as_ref()
+            .filter(|_| !standby)
             .and_then(|m| self.dbs.get(m))
             .and_then(|db| db.status.address.clone());
         let master_lsn = self
@@ -1226,8 +1402,12 @@ impl ClusterData {
             .dbs
             .iter()
             .filter(|(uid, db)| {
-                Some(*uid) != self.proxy.master_db.as_ref()
-                    && db.spec.role == Role::Standby
+                let leader = standby
+                    && db.spec.role == Role::Master
+                    && Some(*uid) == self.proxy.master_db.as_ref();
+                (leader
+                    || (Some(*uid) != self.proxy.master_db.as_ref()
+                        && db.spec.role == Role::Standby))
                     && db.status.healthy
                     && db.status.in_recovery
                     && !self
@@ -1249,6 +1429,20 @@ impl ClusterData {
             generation: self.proxy.generation,
             primary,
             replicas,
+            standby,
+        }
+    }
+
+    /// Replaces the spec (`ctl spec update`, `ctl promote`). A standby
+    /// cluster made a primary cluster names no primary in the same write:
+    /// its leader is still in recovery, and a proxy reading the new spec
+    /// with it named would route writes to it. The sentinel names it again
+    /// once it has left recovery.
+    pub fn set_spec(&mut self, spec: ClusterSpec) {
+        let promoted = self.spec.is_standby() && !spec.is_standby();
+        self.spec = spec;
+        if promoted && self.proxy.master_db.is_some() {
+            self.set_proxy_master(None);
         }
     }
 
@@ -1549,5 +1743,109 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("upgrade"));
+    }
+
+    fn standby_spec() -> ClusterSpec {
+        ClusterSpec {
+            role: ClusterRole::Standby,
+            standby_source: Some(StandbySource {
+                host: "a-proxy".into(),
+                port: 5432,
+                user: "keelson_repl".into(),
+                password_file: "/etc/keelson/source-password".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn standby_cluster_specs_are_checked_and_roundtrip() {
+        let s = standby_spec();
+        s.validate_written(None).unwrap();
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains(r#""role":"standby""#), "{json}");
+        assert_eq!(serde_json::from_str::<ClusterSpec>(&json).unwrap(), s);
+        // A primary cluster's spec does not mention the role.
+        let plain = serde_json::to_string(&ClusterSpec::default()).unwrap();
+        assert!(!plain.contains("role"), "{plain}");
+        let refused = |spec: ClusterSpec, before: Option<&ClusterSpec>, says: &str| {
+            let e = spec.validate_written(before).unwrap_err().to_string();
+            assert!(e.contains(says), "{e} does not say {says}");
+        };
+        refused(
+            ClusterSpec {
+                standby_source: None,
+                ..standby_spec()
+            },
+            None,
+            "needs standby_source",
+        );
+        refused(
+            ClusterSpec {
+                synchronous_replication: true,
+                ..standby_spec()
+            },
+            None,
+            "cannot use synchronous_replication",
+        );
+        refused(
+            standby_spec(),
+            Some(&ClusterSpec::default()),
+            "cannot become a standby cluster",
+        );
+        let with = |f: fn(&mut StandbySource)| {
+            let mut s = standby_spec();
+            f(s.standby_source.as_mut().unwrap());
+            s
+        };
+        refused(with(|s| s.host.clear()), None, "needs host");
+        refused(with(|s| s.port = 0), None, "needs port");
+        refused(with(|s| s.user.clear()), None, "needs user");
+        refused(
+            with(|s| s.password_file = "rel".into()),
+            None,
+            "password_file",
+        );
+        refused(
+            with(|s| s.slot = Some("Bad-Slot".into())),
+            None,
+            "slot must be",
+        );
+        refused(
+            with(|s| s.sslmode = Some("on".into())),
+            None,
+            "sslmode must be",
+        );
+        // Promotion (role primary) is always allowed; the source may stay.
+        let promoted = ClusterSpec {
+            role: ClusterRole::Primary,
+            ..standby_spec()
+        };
+        promoted.validate_written(Some(&standby_spec())).unwrap();
+        // Promoted in one write with no primary named: the leader is still
+        // in recovery.
+        let mut d = ClusterData::new(standby_spec());
+        d.set_proxy_master(Some("k1"));
+        let generation = d.proxy.generation;
+        d.set_spec(promoted.clone());
+        assert_eq!(
+            (d.proxy.master_db.as_deref(), d.proxy.generation),
+            (None, generation + 1)
+        );
+        d.set_proxy_master(Some("k1"));
+        d.set_spec(promoted);
+        assert_eq!(
+            d.proxy.master_db.as_deref(),
+            Some("k1"),
+            "no change, no unnaming"
+        );
+        assert_eq!(
+            with(|s| s.host = "::1".into())
+                .standby_source
+                .unwrap()
+                .address(),
+            "[::1]:5432"
+        );
     }
 }

@@ -41,6 +41,10 @@ pub struct ClusterStatus {
     pub leader: Option<String>,
     /// Maintenance mode (`ctl pause`).
     pub paused: bool,
+    /// A standby cluster's source (`host:port`); `None` for a primary
+    /// cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standby_of: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -185,6 +189,12 @@ pub fn of(data: &ClusterData, cluster: &str, proxies: Vec<ProxyStatus>) -> Clust
         }),
         notice: data.notice.clone(),
         paused: data.paused,
+        standby_of: data
+            .spec
+            .standby_source
+            .as_ref()
+            .filter(|_| data.spec.is_standby())
+            .map(|s| s.address()),
         keepers,
         proxies,
         sentinels: Vec::new(),

@@ -541,6 +541,7 @@ impl FollowStatus {
         }
         if let Some(d) = &st.data {
             self.view.set_hold_timeout(d.spec.hold_timeout);
+            self.view.set_standby_cluster(d.spec.is_standby());
         }
         let switchover = st.data.as_ref().is_some_and(|d| {
             d.failover

@@ -182,6 +182,9 @@ pub struct Instance {
     /// started (its previous keeper died), adopted instead of started.
     adopted: Option<u32>,
     tls: Option<PgTls>,
+    /// A standby cluster's source, when this instance leads it: connections
+    /// to its address use its account and TLS settings, not keelson's.
+    source: Option<cluster::data::StandbySource>,
 }
 
 /// How long the status queries of one report may take.
@@ -209,7 +212,45 @@ impl Instance {
             child: None,
             adopted: None,
             tls: None,
+            source: None,
         }
+    }
+
+    /// Connections to `source`'s address (a standby cluster's leader
+    /// following it) use its account and TLS settings.
+    pub fn set_source(&mut self, source: Option<cluster::data::StandbySource>) {
+        self.source = source;
+    }
+
+    /// The standby cluster's source, if `address` is its address.
+    fn source_at(&self, address: &str) -> Option<&cluster::data::StandbySource> {
+        self.source.as_ref().filter(|s| s.address() == address)
+    }
+
+    /// A password file for the source's account, from the spec's
+    /// `password_file` (read at every use).
+    fn source_passfile(&self, s: &cluster::data::StandbySource) -> Result<PathBuf> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let password = std::fs::read_to_string(&s.password_file).map_err(|e| PgError::Program {
+            program: "keeper".into(),
+            detail: format!(
+                "cannot read the standby source's password_file {}: {e}",
+                s.password_file
+            ),
+        })?;
+        let password = password.trim_end_matches(['\n', '\r']);
+        let path = self.dir.join("source-pgpass");
+        let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
+        let line = format!("*:*:*:{}:{}\n", esc(&s.user), esc(password));
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        std::io::Write::write_all(&mut f, line.as_bytes())?;
+        self.chown(&path)?;
+        Ok(path)
     }
 
     /// Runs the server with TLS (see [`PgTls`]).
@@ -392,6 +433,22 @@ impl Instance {
     /// A libpq connection string to `address` as the replication account.
     fn repl_conninfo(&self, address: &str) -> Result<String> {
         let (host, port) = host_port(address);
+        if let Some(s) = self.source_at(address) {
+            let mut tls = String::new();
+            if let Some(m) = &s.sslmode {
+                tls.push_str(&format!(" sslmode={}", conninfo_value(m)));
+            }
+            if let Some(ca) = &s.sslrootcert {
+                tls.push_str(&format!(" sslrootcert={}", conninfo_value(ca)));
+            }
+            return Ok(format!(
+                "host={} port={} user={} passfile={}{tls}",
+                conninfo_value(host),
+                conninfo_value(port),
+                conninfo_value(&s.user),
+                conninfo_value(&self.source_passfile(s)?.to_string_lossy()),
+            ));
+        }
         let tls = match &self.tls {
             Some(t) if t.ca.is_some() => format!(
                 " sslmode=verify-full sslrootcert={}",
@@ -573,7 +630,7 @@ impl Instance {
     /// Whether `address` answers as a primary (out of recovery), asked as
     /// the replication account.
     pub async fn is_primary(&self, address: &str) -> Result<bool> {
-        if self.tls.is_some() {
+        if self.tls.is_some() || self.source_at(address).is_some() {
             // Over TLS, checked as libpq checks it (as pg_rewind will).
             let conninfo = format!(
                 "{} dbname=postgres connect_timeout=5",

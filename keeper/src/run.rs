@@ -42,6 +42,13 @@ pub struct Desired {
     /// The first primary of a cluster created with `ctl init --mode pitr`
     /// (while the cluster has no data): restore, do not initdb.
     pub restore: Option<cluster::data::RestoreTarget>,
+    /// The cluster is a standby cluster: nothing in it takes writes, so no
+    /// member diverges from another, and a changed upstream is followed by
+    /// a reload, never a rewind.
+    pub standby_cluster: bool,
+    /// This database leads a standby cluster: it runs as a standby (role
+    /// [`Role::Standby`] here) of this source, whose address is `upstream`.
+    pub source: Option<cluster::data::StandbySource>,
 }
 
 /// The `ctl restart` and `ctl reload` counters a keeper has carried out,
@@ -250,6 +257,17 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
                     a.push(if o.was_primary { StopNow } else { Stop });
                 }
                 a.extend([Reinit { from: up }, WriteConfig, Start]);
+            } else if d.standby_cluster
+                && !o.was_primary
+                && !o.stuck
+                && o.running
+                && o.configured_upstream.as_deref() != Some(up.as_str())
+            {
+                // A standby cluster's members all replay the source's WAL:
+                // a new upstream there (a new standby leader, or the source
+                // for a new leader) holds the same history, at most behind
+                // this one for a while. primary_conninfo is reloaded.
+                a.extend([WriteConfig, Reload]);
             } else if o.was_primary
                 || o.stuck
                 || (o.running && o.configured_upstream.as_deref() != Some(up.as_str()))
@@ -444,6 +462,7 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
         let may_act = k.registered == id && id != 0 && (fresh || !lease.expired());
         if let (Some(data), true) = (&data, may_act) {
             if let Some(desired) = desired_of(data, &cfg.uid) {
+                pg.set_source(desired.source.clone());
                 if desired.role != Role::Master {
                     cfg.node.promises.end_promotion();
                 }
@@ -573,6 +592,15 @@ async fn copy_from(
     from: &str,
     uid: &str,
 ) -> Result<(), PgError> {
+    if let Some(src) = data
+        .spec
+        .standby_source
+        .as_ref()
+        .filter(|s| data.spec.is_standby() && s.address() == from)
+    {
+        // A standby cluster's leader copies the source.
+        return pg.basebackup(from, src.slot.as_deref()).await;
+    }
     if data.spec.backup.standbys_from_backup {
         let t = Instant::now();
         match pg.restore_standby(&data.spec.backup).await {
@@ -847,6 +875,7 @@ impl Keeper {
         if wanted.reload != done_before.reload {
             obs.params_changed = true;
         }
+        let upstream_before = obs.configured_upstream.clone();
         let steps = plan(desired, obs);
         if !steps.is_empty() {
             tracing::info!(?steps, role = desired.role.as_str(), "reconciling");
@@ -913,12 +942,20 @@ impl Keeper {
             self.following_since = Some(Instant::now());
             self.streamed_at = None;
         }
-        if done.iter().any(|s| matches!(s, Action::Start)) && desired.role == Role::Standby {
+        let new_upstream = obs.configured_upstream != upstream_before;
+        if desired.role == Role::Standby
+            && (new_upstream || done.iter().any(|s| matches!(s, Action::Start)))
+        {
             self.following_since = Some(Instant::now());
         }
-        let primary = desired.role == Role::Master && pg.is_running();
-        if primary && !obs.in_recovery {
-            if let Err(e) = serve_standbys(pg, data, &cfg.uid, &mut self.account_ready).await {
+        let primary = desired.role == Role::Master && pg.is_running() && !obs.in_recovery;
+        // A standby cluster's leader keeps its standbys' slots; the
+        // replication account came with the source's data.
+        let leader = desired.source.is_some() && pg.is_running() && obs.in_recovery;
+        if primary || leader {
+            if let Err(e) =
+                serve_standbys(pg, data, &cfg.uid, &mut self.account_ready, primary).await
+            {
                 tracing::warn!(error = %e, "cannot set up replication for the standbys");
             }
         }
@@ -1062,8 +1099,9 @@ async fn serve_standbys(
     data: &ClusterData,
     uid: &str,
     account_ready: &mut bool,
+    writable: bool,
 ) -> Result<(), PgError> {
-    if !*account_ready {
+    if writable && !*account_ready {
         pg.ensure_replication_account().await?;
         *account_ready = true;
     }
@@ -1085,14 +1123,29 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The `application_name` a standby cluster's leader streams from its
+/// source as.
+pub fn source_application_name(uid: &str) -> String {
+    format!("{uid}.standby-leader")
+}
+
 fn desired_of(data: &ClusterData, uid: &str) -> Option<Desired> {
     let db = data.dbs.get(uid)?;
-    let upstream = db
+    let standby_cluster = data.spec.is_standby();
+    let source = data
         .spec
-        .follow
-        .as_ref()
-        .and_then(|f| data.dbs.get(f))
-        .and_then(|f| f.status.address.clone());
+        .standby_source
+        .clone()
+        .filter(|_| standby_cluster && db.spec.role == Role::Master);
+    let upstream = match &source {
+        Some(s) => Some(s.address()),
+        None => db
+            .spec
+            .follow
+            .as_ref()
+            .and_then(|f| data.dbs.get(f))
+            .and_then(|f| f.status.address.clone()),
+    };
     let system_id = match db.spec.role {
         Role::Master => db.status.system_id.clone(),
         _ => db
@@ -1103,7 +1156,11 @@ fn desired_of(data: &ClusterData, uid: &str) -> Option<Desired> {
             .and_then(|f| f.status.system_id.clone()),
     };
     Some(Desired {
-        role: db.spec.role,
+        role: if standby_cluster && db.spec.role == Role::Master {
+            Role::Standby
+        } else {
+            db.spec.role
+        },
         upstream,
         synchronous_standbys: db.spec.synchronous_standbys.clone(),
         generation: db.generation,
@@ -1115,10 +1172,11 @@ fn desired_of(data: &ClusterData, uid: &str) -> Option<Desired> {
         hold_clients: data.spec.synchronous_replication && data.spec.min_sync > 0,
         reinit: db.spec.reinit,
         paused: data.paused,
-        restore: data
-            .init_restore
-            .clone()
-            .filter(|_| db.spec.role == Role::Master && db.status.system_id.is_none()),
+        restore: data.init_restore.clone().filter(|_| {
+            db.spec.role == Role::Master && db.status.system_id.is_none() && !standby_cluster
+        }),
+        standby_cluster,
+        source,
     })
 }
 
@@ -1174,8 +1232,10 @@ async fn act(
             }
             Action::WaitPrimary { from } => {
                 // An unreachable source is no reason to stop this server
-                // or drop its data: wait.
-                if !pg.is_primary(from).await? {
+                // or drop its data: wait. In a standby cluster the leader
+                // is in recovery: that it answers is enough.
+                let inside = d.standby_cluster && d.source.is_none();
+                if !pg.is_primary(from).await? && !inside {
                     return Err(PgError::Program {
                         program: "pg_rewind".into(),
                         detail: format!("the new upstream {from} is not a primary yet; waiting"),
@@ -1193,10 +1253,21 @@ async fn act(
             }
             Action::WriteConfig | Action::HoldClients => {
                 let upstream = match (d.role, &d.upstream) {
-                    (Role::Standby, Some(up)) => Some(Upstream {
-                        address: up.clone(),
-                        application_name: cfg.uid.clone(),
-                        slot: Some(slot_name(&cfg.uid)),
+                    (Role::Standby, Some(up)) => Some(match &d.source {
+                        // Named apart from the source cluster's own
+                        // members: a keeper of it with this uid must never
+                        // be taken for this server in its
+                        // synchronous_standby_names.
+                        Some(src) => Upstream {
+                            address: up.clone(),
+                            application_name: source_application_name(&cfg.uid),
+                            slot: src.slot.clone(),
+                        },
+                        None => Upstream {
+                            address: up.clone(),
+                            application_name: cfg.uid.clone(),
+                            slot: Some(slot_name(&cfg.uid)),
+                        },
                     }),
                     _ => None,
                 };
@@ -1420,6 +1491,8 @@ mod tests {
             reinit: false,
             paused: false,
             restore: None,
+            standby_cluster: false,
+            source: None,
         }
     }
 
@@ -1466,6 +1539,113 @@ mod tests {
             ..replaying
         };
         assert_eq!(plan(&d, &stopped), vec![Action::HoldClients, Action::Start]);
+    }
+
+    /// A standby cluster: its leader is a standby of the source; a new
+    /// upstream is followed by a reload (no member diverges from another);
+    /// a leader elected is never promoted; after `ctl promote` it is.
+    #[test]
+    fn standby_cluster_plans() {
+        let mut data = ClusterData::new(cluster::ClusterSpec {
+            role: cluster::data::ClusterRole::Standby,
+            standby_source: Some(cluster::data::StandbySource {
+                host: "src".into(),
+                port: 5432,
+                user: "r".into(),
+                password_file: "/p".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        for (uid, role) in [("a", Role::Master), ("b", Role::Standby)] {
+            data.dbs.insert(
+                uid.into(),
+                cluster::data::Db {
+                    keeper: uid.into(),
+                    spec: cluster::data::DbSpec {
+                        role,
+                        follow: (role == Role::Standby).then(|| "a".into()),
+                        ..Default::default()
+                    },
+                    status: cluster::data::DbStatus {
+                        address: Some(format!("{uid}:1")),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            );
+        }
+        let leader = desired_of(&data, "a").unwrap();
+        assert_eq!(leader.role, Role::Standby);
+        assert_eq!(leader.upstream.as_deref(), Some("src:5432"));
+        assert!(leader.source.is_some() && leader.restore.is_none());
+        let member = desired_of(&data, "b").unwrap();
+        assert_eq!(
+            (
+                member.role,
+                member.upstream.as_deref(),
+                member.source.is_some()
+            ),
+            (Role::Standby, Some("a:1"), false)
+        );
+        assert_eq!(
+            plan(&leader, &Observed::default()),
+            vec![
+                Action::BaseBackup {
+                    from: "src:5432".into()
+                },
+                Action::WriteConfig,
+                Action::Start
+            ],
+            "the first leader copies the source"
+        );
+        let following_b = Observed {
+            initialized: true,
+            running: true,
+            in_recovery: true,
+            configured_upstream: Some("b:1".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            plan(&leader, &following_b),
+            vec![Action::WriteConfig, Action::Reload],
+            "a member elected leader follows the source by a reload"
+        );
+        let stuck = Observed {
+            configured_upstream: Some("src:5432".into()),
+            stuck: true,
+            ..following_b.clone()
+        };
+        assert_eq!(
+            plan(&leader, &stuck),
+            vec![
+                Action::WaitPrimary {
+                    from: "src:5432".into()
+                },
+                Action::Stop,
+                Action::Rewind {
+                    from: "src:5432".into()
+                },
+                Action::WriteConfig,
+                Action::Start
+            ],
+            "a leader that cannot stream from the source (it failed over past what \
+             this one replayed) is rewound onto it"
+        );
+        data.spec.role = cluster::data::ClusterRole::Primary;
+        let promoted = desired_of(&data, "a").unwrap();
+        assert_eq!(
+            (promoted.role, promoted.source.is_none()),
+            (Role::Master, true)
+        );
+        let following_src = Observed {
+            configured_upstream: Some("src:5432".into()),
+            ..following_b
+        };
+        assert_eq!(
+            plan(&promoted, &following_src),
+            vec![Action::WriteConfig, Action::Reload, Action::Promote]
+        );
     }
 
     #[test]

@@ -107,6 +107,15 @@ pub enum CtlCommand {
     /// End maintenance mode: a primary that failed meanwhile is failed
     /// over at once.
     Resume,
+    /// Make a standby cluster a primary cluster: its standby leader stops
+    /// following the source and is promoted, and its proxies route writes
+    /// to it (docs/standby-cluster.md). Stop writes on the source first:
+    /// what it commits after the leader's last replayed record is not here.
+    Promote {
+        /// How long to wait for the promoted leader to take writes.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Every change of primary: when, why, from and to, timeline and LSN.
     History {
         /// Print JSON instead of a table.
@@ -946,6 +955,17 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             if let Some(uid) = &existing {
                 keeper::validate_uid(uid).map_err(anyhow::Error::msg)?;
             }
+            if spec.is_standby() && mode != InitMode::New {
+                bail!(
+                    "a standby cluster's leader copies its source (role standby in the spec): \
+                     --mode {} does not go with it",
+                    if mode == InitMode::Pitr {
+                        "pitr"
+                    } else {
+                        "existing"
+                    }
+                );
+            }
             if mode != InitMode::Pitr && (!targets.is_empty() || backup.is_some()) {
                 bail!(
                     "--target-time, --target-lsn, --target-name and --backup go with --mode pitr"
@@ -1095,6 +1115,54 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 }
             );
         }
+        CtlCommand::Promote { timeout } => {
+            let mut leader = None;
+            update(&store, &keys, |d| {
+                if !d.spec.is_standby() {
+                    bail!("the cluster is not a standby cluster: it takes writes already");
+                }
+                let spec = ClusterSpec {
+                    role: cluster::data::ClusterRole::Primary,
+                    ..d.spec.clone()
+                };
+                spec.validate_written(Some(&d.spec))?;
+                leader = d.proxy.master_db.clone();
+                d.set_spec(spec);
+                Ok(())
+            })
+            .await?;
+            let t = std::time::Instant::now();
+            println!(
+                "promoting the standby cluster (standby leader {}) ...",
+                leader.as_deref().unwrap_or("not elected yet")
+            );
+            loop {
+                let (d, _) = read(&store, &keys).await?;
+                let writable = d
+                    .proxy
+                    .master_db
+                    .as_ref()
+                    .and_then(|m| d.dbs.get(m))
+                    .filter(|db| db.status.healthy && !db.status.in_recovery);
+                if let (Some(m), Some(db)) = (&d.proxy.master_db, writable) {
+                    println!(
+                        "{m} is the primary (timeline {}, LSN {}) after {:.1}s; the proxies route writes to it",
+                        db.status.timeline,
+                        cluster::status::format_lsn(db.status.lsn),
+                        t.elapsed().as_secs_f64()
+                    );
+                    break;
+                }
+                if t.elapsed() > timeout {
+                    bail!(
+                        "the cluster is a primary cluster now, but no primary took writes within {}: \
+                         `keelson ctl status` says why",
+                        humantime::format_duration(timeout)
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
         CtlCommand::History { json } => {
             let (data, _) = read(&store, &keys).await?;
             if json {
@@ -1147,7 +1215,7 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                     check_parameters(&d.spec, &spec, c)?;
                 }
                 changes = spec_changes(&d.spec, &spec, catalog.as_ref());
-                d.spec = spec;
+                d.set_spec(spec);
                 Ok(())
             })
             .await?;
@@ -1245,6 +1313,12 @@ fn print_table(s: &ClusterStatus) {
     let num = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |n| n.to_string());
     if s.paused {
         println!("PAUSED: no automatic failover; `keelson ctl resume` ends it");
+    }
+    if let Some(source) = &s.standby_of {
+        println!(
+            "STANDBY CLUSTER following {source}: no writes; the primary below is its standby \
+             leader; `keelson ctl promote` makes it a primary cluster"
+        );
     }
     println!("cluster:    {}", s.cluster);
     println!(

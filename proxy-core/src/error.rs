@@ -90,6 +90,8 @@ pub enum SessionError {
     TooManyConnections(usize),
     #[error("no primary server became available within {0:?}; the cluster may be failing over or the proxy cannot reach its cluster store")]
     NoPrimaryAfter(Duration),
+    #[error("no primary within {0:?}: the cluster is a standby cluster, which takes no writes until `keelson ctl promote`")]
+    StandbyCluster(Duration),
     #[error("could not connect to server {addr}: {source}")]
     BackendConnect { addr: String, source: io::Error },
     #[error("connecting to server {addr} timed out after {timeout:?}")]
@@ -144,6 +146,9 @@ impl SessionError {
             TooManyConnections(_)      => (Policy,  "limit",               Some(TOO_MANY_CONNECTIONS),    log(),
                                            Some("Close idle connections or raise the proxy's max_connections."), true),
             NoPrimaryAfter(_)          => (Policy,  "no_primary",          Some(CANNOT_CONNECT_NOW),      log(), retry, true),
+            StandbyCluster(_)          => (Policy,  "standby_cluster",     Some(CANNOT_CONNECT_NOW),
+                                           fixed("the cluster is a standby cluster: it replicates another and takes no writes until it is promoted; read-only sessions can use a replica route"),
+                                           Some("Read with keelson.route=replica or through the replica listener; writes need `keelson ctl promote`."), true),
             BackendConnect { .. }      => (Backend, "backend_unavailable", Some(CONNECTION_FAILURE),
                                            fixed("could not connect to the database server"), check, true),
             BackendConnectTimeout { timeout, .. } => (Backend, "backend_unavailable", Some(CONNECTION_FAILURE),

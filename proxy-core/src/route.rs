@@ -622,6 +622,7 @@ async fn route_session(
                 .held(since.elapsed(), "timed_out", route, view.name_label());
             return Err(match route {
                 Route::Replica => SessionError::NoReplicaAfter(hold),
+                _ if view.is_standby_cluster() => SessionError::StandbyCluster(hold),
                 _ => SessionError::NoPrimaryAfter(hold),
             });
         }

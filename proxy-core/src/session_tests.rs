@@ -454,6 +454,7 @@ fn no_variant_shows_an_address_or_os_error_to_clients() {
         ClientIo(os()),
         TooManyConnections(10),
         NoPrimaryAfter(t),
+        StandbyCluster(t),
         BackendConnect {
             addr: addr(),
             source: os(),
@@ -497,6 +498,7 @@ fn no_variant_shows_an_address_or_os_error_to_clients() {
             | ClientIo(_)
             | TooManyConnections(_)
             | NoPrimaryAfter(_)
+            | StandbyCluster(_)
             | BackendConnect { .. }
             | BackendConnectTimeout { .. }
             | BackendTls { .. }

@@ -202,6 +202,8 @@ struct Shared {
     name: Arc<str>,
     /// Milliseconds; [`HOLD_UNSET`]: the proxy's configured hold timeout.
     hold_timeout_ms: AtomicU64,
+    /// A standby cluster's view ([`ViewHandle::set_standby_cluster`]).
+    standby_cluster: std::sync::atomic::AtomicBool,
     deadline: Deadline,
 }
 
@@ -259,6 +261,7 @@ impl ViewHandle {
                 changed,
                 name: name.into(),
                 hold_timeout_ms: AtomicU64::new(HOLD_UNSET),
+                standby_cluster: std::sync::atomic::AtomicBool::new(false),
                 deadline: Deadline::new(),
             }),
         }
@@ -314,6 +317,20 @@ impl ViewHandle {
         self.shared
             .hold_timeout_ms
             .store(ms.min(HOLD_UNSET - 1), Ordering::Relaxed);
+    }
+
+    /// Marks the view's cluster as a standby cluster (it takes no writes
+    /// until promoted): a primary-route client held past the hold timeout
+    /// is told so, instead of "no primary".
+    pub fn set_standby_cluster(&self, standby: bool) {
+        self.shared
+            .standby_cluster
+            .store(standby, Ordering::Relaxed);
+    }
+
+    /// Whether [`ViewHandle::set_standby_cluster`] said so.
+    pub fn is_standby_cluster(&self) -> bool {
+        self.shared.standby_cluster.load(Ordering::Relaxed)
     }
 
     /// Until when this view may be routed by.

@@ -403,7 +403,7 @@ fn initialize(d: &mut ClusterData, obs: &Observations) {
 /// "the same timeline", keeps the diverged WAL, and never can follow.
 fn rejoin(d: &mut ClusterData, obs: &Observations) {
     let Some(m) = master(d) else { return };
-    if !is_ready(&d.dbs[&m]) || d.failover.is_some() {
+    if !is_ready(d, &d.dbs[&m]) || d.failover.is_some() {
         return;
     }
     for (uid, db) in d.dbs.iter_mut() {
@@ -499,6 +499,11 @@ pub fn ineligible(
             "is on timeline {}, the primary was on {}",
             db.status.timeline, old.status.timeline
         ));
+    }
+    if d.spec.is_standby() {
+        // Nothing is lost in a standby cluster, whichever member leads: the
+        // data is the source's, and a new leader catches up from it.
+        return None;
     }
     let sync = d.spec.synchronous_replication && d.spec.min_sync > 0;
     let confirmed = old.status.sync_confirmed.iter().any(|s| s == uid);
@@ -616,7 +621,7 @@ fn failover(d: &mut ClusterData, obs: &Observations, now_ms: u64) {
         .is_some_and(|t| now_ms.saturating_sub(t) >= d.spec.convergence_timeout.as_millis() as u64);
     if let Some(mut f) = d.failover.clone() {
         if let Some(to) = f.to.clone() {
-            if d.dbs.get(&to).is_some_and(is_ready) {
+            if d.dbs.get(&to).is_some_and(|db| is_ready(d, db)) {
                 return;
             }
             if timed_out {
@@ -815,7 +820,8 @@ fn switchover(d: &mut ClusterData, obs: &Observations, f: &Failover, now_ms: u64
         None => format!("waiting for {from} to stop cleanly"),
         Some(end) => {
             let t = &d.dbs[&target].status;
-            if t.lsn >= end && t.timeline >= old.status.timeline {
+            // A standby cluster's new leader catches up from the source.
+            if d.spec.is_standby() || (t.lsn >= end && t.timeline >= old.status.timeline) {
                 promote(d, f, &target);
                 return;
             }
@@ -884,9 +890,12 @@ fn promote(d: &mut ClusterData, f: &Failover, to: &str) {
 }
 
 /// Whether a database given the primary role runs as one, with its spec
-/// (synchronous standbys included) applied.
-fn is_ready(db: &Db) -> bool {
-    db.status.healthy && !db.status.in_recovery && db.status.applied_generation >= db.generation
+/// (synchronous standbys included) applied. In a standby cluster the
+/// standby leader runs in recovery, following the source.
+fn is_ready(d: &ClusterData, db: &Db) -> bool {
+    db.status.healthy
+        && (d.spec.is_standby() || !db.status.in_recovery)
+        && db.status.applied_generation >= db.generation
 }
 
 fn name_primary(d: &mut ClusterData, wall_ms: u64) {
@@ -894,12 +903,30 @@ fn name_primary(d: &mut ClusterData, wall_ms: u64) {
         return;
     }
     let Some(m) = master(d) else { return };
-    let ready = is_ready(&d.dbs[&m]);
+    let db = &d.dbs[&m];
+    if !d.spec.is_standby()
+        && d.proxy.master_db.as_deref() == Some(m.as_str())
+        && db.status.healthy
+        && db.status.in_recovery
+    {
+        // A standby cluster promoted (`ctl promote`): its leader is named
+        // again once it has left recovery, so that no write is routed to
+        // it while it cannot take one.
+        d.set_proxy_master(None);
+    }
+    let ready = is_ready(d, &d.dbs[&m]);
     if ready && d.proxy.master_db.as_deref() != Some(m.as_str()) {
         // A primary given back after a cancelled failover is no change.
         let change = match &d.failover {
             Some(f) => Some((f.reason.clone(), Some(f.from.clone()))),
             None if d.proxy.generation == 0 => Some(("initial".to_owned(), None)),
+            None if d
+                .history
+                .last()
+                .is_some_and(|h| h.to == m && h.timeline < d.dbs[&m].status.timeline) =>
+            {
+                Some(("promoted".to_owned(), Some(m.clone())))
+            }
             None => None,
         };
         if let Some((reason, from)) = change {
@@ -937,7 +964,7 @@ fn manage_sync(d: &mut ClusterData) {
         return;
     }
     confirm_sync(d, &m);
-    if d.failover.is_some() || !is_ready(&d.dbs[&m]) {
+    if d.failover.is_some() || !is_ready(d, &d.dbs[&m]) {
         // Only a running primary can take a new set: changing it for one
         // that is down or being promoted would only shrink what is
         // confirmed. A promoted primary's set was seeded; it changes once

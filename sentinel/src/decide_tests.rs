@@ -1862,3 +1862,91 @@ fn candidate_order_is_not_stolons_ascending_sort() {
         Ok("s1")
     );
 }
+
+/// A standby cluster: `m` leads (in recovery, following the source), the
+/// rest cascade from it.
+fn standby_cluster(m: &str, standbys: &[&str]) -> ClusterData {
+    let mut d = cluster(m, standbys);
+    d.spec.role = cluster::data::ClusterRole::Standby;
+    d.spec.standby_source = Some(cluster::data::StandbySource {
+        host: "source".into(),
+        port: 5432,
+        user: "keelson_repl".into(),
+        password_file: "/p".into(),
+        ..Default::default()
+    });
+    d.dbs.get_mut(m).unwrap().status.in_recovery = true;
+    d
+}
+
+#[test]
+fn a_standby_leader_in_recovery_is_named_and_replaced_without_lag_limits() {
+    // Named at the start although it is in recovery.
+    let mut d = standby_cluster("m", &["s1", "s2"]);
+    d.proxy.master_db = None;
+    d.proxy.generation = 0;
+    let o = observe(&d, &[]);
+    let d1 = decide(&d, &o, T0);
+    assert_eq!(d1.proxy.master_db.as_deref(), Some("m"));
+    assert_eq!(
+        d1.proxy_view().primary,
+        None,
+        "no writes in a standby cluster"
+    );
+    assert_eq!(
+        d1.proxy_view().replicas.len(),
+        3,
+        "the leader serves reads too"
+    );
+    // Its failure moves the leadership to the most advanced member, even
+    // one far behind and not streaming (it catches up from the source).
+    let mut d = standby_cluster("m", &["s1", "s2"]);
+    for (uid, lsn) in [("s1", 100 << 30), ("s2", 1)] {
+        let db = d.dbs.get_mut(uid).unwrap();
+        db.status.lsn = lsn;
+        db.status.streaming = false;
+    }
+    let o = observe(&d, &["m"]);
+    let o = with(o, "s1", |r| {
+        r.lsn = Some(100 << 30);
+        r.streaming = false;
+        r.streaming_age_ms = None;
+    });
+    let d2 = rounds(&d, &o, &[T0, T0 + 5 * SEC, T0 + 5 * SEC + 1]);
+    assert_eq!(master(&d2).as_deref(), Some("s1"), "{:?}", d2.notice);
+    // The new leader is "ready" once its keeper applied the generation, in
+    // recovery: the proxies name it (for reads) and the others follow it.
+    let gen = d2.dbs["s1"].generation;
+    let o2 = with(o.clone(), "s1", |r| r.applied_generation = gen);
+    let d3 = rounds(&d2, &o2, &[T0 + 6 * SEC, T0 + 6 * SEC + 1]);
+    assert_eq!(d3.proxy.master_db.as_deref(), Some("s1"), "{:?}", d3.notice);
+    assert!(d3.failover.is_none());
+    assert_eq!(d3.dbs["s2"].spec.follow.as_deref(), Some("s1"));
+}
+
+#[test]
+fn a_promoted_standby_cluster_routes_writes_only_once_its_leader_left_recovery() {
+    let mut d = standby_cluster("m", &["s1"]);
+    d.proxy.master_db = None;
+    d.proxy.generation = 0;
+    let mut d = decide(&d, &observe(&d, &[]), T0 - SEC);
+    assert_eq!(d.history.last().map(|h| h.reason.as_str()), Some("initial"));
+    d.spec.role = cluster::data::ClusterRole::Primary;
+    let o = observe(&d, &[]);
+    let d1 = decide(&d, &o, T0);
+    assert_eq!(d1.proxy.master_db, None, "still in recovery: no primary");
+    assert!(d1.proxy.generation > d.proxy.generation);
+    assert_eq!(decide(&d1, &o, T0 + 1).proxy.master_db, None);
+    // Promoted (a new timeline, out of recovery): named again, in history.
+    let o2 = with(o, "m", |r| {
+        r.in_recovery = false;
+        r.timeline = Some(2);
+    });
+    let d2 = decide(&d1, &o2, T0 + SEC);
+    assert_eq!(d2.proxy.master_db.as_deref(), Some("m"));
+    assert_eq!(d2.proxy_view().primary.as_deref(), Some("m:5432"));
+    assert_eq!(
+        d2.history.last().map(|h| h.reason.as_str()),
+        Some("promoted")
+    );
+}

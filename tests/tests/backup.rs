@@ -329,6 +329,15 @@ async fn archiving_survives_two_failovers_and_a_restore_replays_every_acknowledg
     );
     c.wait_standby(standby).await;
     let total = c.direct(c.master, "SELECT count(*) FROM w").await.unwrap();
+    // It replays two timelines of archive before it streams: under a full
+    // CI run that takes longer than an ordinary standby's catching up.
+    crate::assert_eventually!(
+        c.direct(standby, "SELECT count(*) FROM w").await == Some(total),
+        Duration::from_secs(60),
+        "k{standby}, restored from the backup, never saw {total} rows: {:?}\n{}",
+        c.direct(standby, "SELECT count(*) FROM w").await,
+        c.keeper_log(standby)
+    );
     c.wait_standbys_see("SELECT count(*) FROM w", total).await;
     c.assert_streams_to_all().await;
     c.keepers.clear();

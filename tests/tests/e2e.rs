@@ -40,6 +40,9 @@ mod routing;
 mod safety;
 /// A secured etcd: TLS with client certificates, and authentication.
 mod secured;
+/// Standby clusters following another cluster or a PostgreSQL outside
+/// keelson, and the migration recipe.
+mod standby;
 /// The store conformance suite, against the file store and etcd.
 mod store;
 /// PostgreSQL 13 to 18 and a libpq 18 client (fetched by scripts/pg-versions).

@@ -367,6 +367,10 @@ impl LocalCluster {
         );
         let data = status(&c.store, &c.keys).await.unwrap();
         c.master = c.index(&data.proxy.master_db.unwrap());
+        if data.spec.is_standby() {
+            // A standby cluster takes no writes (tests/tests/standby.rs).
+            return c;
+        }
         crate::assert_eventually!(
             landing_port(&c.conn).await == Some(c.ports[c.master - 1]),
             Duration::from_secs(10),

@@ -141,6 +141,26 @@ impl PgServer {
     /// initdb, configure (SCRAM for `alice`, trust for others on loopback),
     /// start, and wait until it accepts queries.
     pub async fn start() -> PgServer {
+        Self::start_with(false).await
+    }
+
+    /// [`PgServer::start`]; `durable` keeps PostgreSQL's defaults for
+    /// fsync, synchronous_commit and full_page_writes (a standby of this
+    /// server can then be base-backed-up: PostgreSQL refuses to copy a
+    /// standby that replayed WAL written without full page writes).
+    pub async fn start_with(durable: bool) -> PgServer {
+        let fast: &[&str] = if durable {
+            &[]
+        } else {
+            &[
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]
+        };
         let mut dir = tempfile::Builder::new()
             .prefix("keelson-pg-")
             .tempdir()
@@ -193,14 +213,9 @@ impl PgServer {
                     "-c",
                     "max_connections=700",
                     "-c",
-                    "fsync=off",
-                    "-c",
-                    "synchronous_commit=off",
-                    "-c",
-                    "full_page_writes=off",
-                    "-c",
                     "shared_buffers=64MB",
                 ])
+                .args(fast)
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -255,6 +270,13 @@ impl PgServer {
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server with a fast shutdown (SIGINT): clients are ended,
+    /// and its WAL senders send everything up to the shutdown checkpoint
+    /// before it exits.
+    pub fn stop_fast(&mut self) {
+        keeper::process::terminate(&mut self.child, libc::SIGINT, Duration::from_secs(30));
     }
 
     pub fn log(&self) -> String {
