@@ -20,7 +20,12 @@ fn password_file(dir: &std::path::Path) -> String {
 
 /// A standby cluster of `keepers` keepers (k1..) following the server at
 /// `port` as `keelson_repl`, with its own file store in `store_dir`.
-async fn standby_cluster(store_dir: &std::path::Path, port: u16, keepers: usize) -> LocalCluster {
+async fn standby_cluster(
+    store_dir: &std::path::Path,
+    port: u16,
+    keepers: usize,
+    slot: Option<&str>,
+) -> LocalCluster {
     std::fs::create_dir_all(store_dir).unwrap();
     let url = format!("file://{}", store_dir.display());
     let store = cluster::open(&url).await.unwrap();
@@ -31,6 +36,7 @@ async fn standby_cluster(store_dir: &std::path::Path, port: u16, keepers: usize)
             port,
             user: "keelson_repl".into(),
             password_file: password_file(store_dir),
+            slot: slot.map(str::to_owned),
             ..Default::default()
         }),
         hold_timeout: Duration::from_secs(2),
@@ -89,7 +95,7 @@ async fn a_standby_cluster_follows_another_through_its_proxy_and_is_promoted() {
     let mut a = LocalCluster::up_with(&url_a, store_a, ClusterSpec::default(), 1, 2).await;
     insert(&a.conn, 100).await;
 
-    let mut b = standby_cluster(&dir.path().join("b"), a.proxy.port(), 3).await;
+    let mut b = standby_cluster(&dir.path().join("b"), a.proxy.port(), 3, None).await;
     all_see(&b, 100, Duration::from_secs(30)).await;
     let leader = b.master;
     let name = keeper::run::source_application_name(&b.uid(leader));
@@ -220,12 +226,22 @@ async fn migration_from_a_postgresql_outside_keelson_loses_nothing() {
         .await
         .batch_execute(
             "CREATE ROLE keelson_repl LOGIN REPLICATION PASSWORD 'test-secret'; \
-             CREATE TABLE w (x int)",
+             CREATE TABLE w (x int); \
+             SELECT pg_create_physical_replication_slot('site_b')",
         )
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let b = standby_cluster(&dir.path().join("b"), old.port, 2).await;
+    let b = standby_cluster(&dir.path().join("b"), old.port, 2, Some("site_b")).await;
+    // The leader streams through the slot the spec names.
+    let active = "SELECT active FROM pg_replication_slots WHERE slot_name = 'site_b'";
+    let su = old.superuser().await;
+    crate::assert_eventually!(
+        su.query_one(active, &[]).await.unwrap().get::<_, bool>(0),
+        Duration::from_secs(20),
+        "the standby leader does not stream through slot site_b"
+    );
+    drop(su);
 
     // The application: one client inserting in a loop into whatever its
     // connection string names; it reconnects after an error.
