@@ -18,6 +18,15 @@ use serde::{Deserialize, Serialize};
 /// Bumped when the JSON layout changes incompatibly.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// The format version a standby cluster's data is written with. A keelson
+/// older than standby clusters keeps `role` and `standby_source` as
+/// unknown fields and would take the cluster for a primary one: its keeper
+/// would promote the standby leader (a second writable copy of the
+/// source's data), its proxy route writes to it. It refuses this version
+/// instead ("upgrade keelson") and changes nothing. A primary cluster (a
+/// standby cluster promoted too) is written as [`FORMAT_VERSION`].
+pub const STANDBY_FORMAT_VERSION: u32 = 2;
+
 /// Serde for durations as humantime strings ("5s", "1m30s").
 pub mod duration_str {
     use std::time::Duration;
@@ -184,6 +193,9 @@ impl StandbySource {
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
             if !ok {
                 return bad("slot must be 1 to 63 lower-case letters, digits or underscores, as PostgreSQL names slots");
+            }
+            if slot.starts_with("keelson_") {
+                return bad("slot must not start with keelson_: a keelson source's keeper drops its inactive slots of that prefix");
             }
         }
         if let Some(m) = &self.sslmode {
@@ -652,6 +664,21 @@ impl ClusterSpec {
                 self.min_sync, self.max_sync
             )));
         }
+        if self.is_standby() && self.standby_source.is_none() {
+            return Err(SpecError(
+                "role standby needs standby_source: the host, port, user and password_file of \
+                 the server to follow"
+                    .into(),
+            ));
+        }
+        if self.is_standby() && self.synchronous_replication {
+            return Err(SpecError(
+                "a standby cluster cannot use synchronous_replication: its members replicate \
+                 in cascade, which PostgreSQL never makes synchronous; turn it on after \
+                 `keelson ctl promote`"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
@@ -759,28 +786,10 @@ impl ClusterSpec {
                 s.check()?;
             }
         }
-        if !self.is_standby() {
-            return Ok(());
-        }
-        if self.standby_source.is_none() {
-            return Err(SpecError(
-                "role standby needs standby_source: the host, port, user and password_file of \
-                 the server to follow"
-                    .into(),
-            ));
-        }
-        if before.is_some_and(|b| !b.is_standby()) {
+        if self.is_standby() && before.is_some_and(|b| !b.is_standby()) {
             return Err(SpecError(
                 "a primary cluster cannot become a standby cluster: its data may have diverged \
                  from the source's; make a new cluster with `keelson ctl init` and role standby"
-                    .into(),
-            ));
-        }
-        if self.synchronous_replication {
-            return Err(SpecError(
-                "a standby cluster cannot use synchronous_replication: its members replicate \
-                 in cascade, which PostgreSQL never makes synchronous; turn it on after \
-                 `keelson ctl promote`"
                     .into(),
             ));
         }
@@ -1360,16 +1369,29 @@ impl ClusterData {
     }
 
     pub fn to_json(&self) -> String {
+        let text = if self.spec.is_standby() && self.format_version == FORMAT_VERSION {
+            let d = ClusterData {
+                format_version: STANDBY_FORMAT_VERSION,
+                ..self.clone()
+            };
+            serde_json::to_string_pretty(&d)
+        } else {
+            serde_json::to_string_pretty(self)
+        };
         // Serializing plain structs with string keys cannot fail.
-        serde_json::to_string_pretty(self).unwrap_or_default()
+        text.unwrap_or_default()
     }
 
     /// Parses and validates stored cluster data.
     pub fn from_json(s: &str) -> Result<Self, DataError> {
-        let d: ClusterData = serde_json::from_str(s)?;
-        if d.format_version != FORMAT_VERSION {
+        let mut d: ClusterData = serde_json::from_str(s)?;
+        // A standby cluster's version (see STANDBY_FORMAT_VERSION) only
+        // with its role.
+        let standby = d.format_version == STANDBY_FORMAT_VERSION && d.spec.is_standby();
+        if d.format_version != FORMAT_VERSION && !standby {
             return Err(DataError::Version(d.format_version));
         }
+        d.format_version = FORMAT_VERSION;
         d.spec.validate()?;
         if let Some(m) = &d.proxy.master_db {
             if !d.dbs.contains_key(m) {
@@ -1817,6 +1839,33 @@ mod tests {
             None,
             "sslmode must be",
         );
+        refused(
+            with(|s| s.slot = Some("keelson_k1".into())),
+            None,
+            "keelson_",
+        );
+        refused(with(|s| s.host = "h' port=1".into()), None, "needs host");
+        refused(with(|s| s.user = "u\nx".into()), None, "needs user");
+        // Stored data is checked too; a standby cluster's is written with a
+        // version older keelsons refuse, and read back.
+        let d = ClusterData::new(standby_spec());
+        let json = d.to_json();
+        assert!(
+            json.contains(&format!("\"format_version\": {STANDBY_FORMAT_VERSION}")),
+            "{json}"
+        );
+        assert_eq!(ClusterData::from_json(&json).unwrap(), d);
+        let bad = json.replace("\"role\": \"standby\"", "\"role\": \"primary\"");
+        assert!(
+            ClusterData::from_json(&bad).is_err(),
+            "version 2 without the role"
+        );
+        let mut no_source = d.clone();
+        no_source.spec.standby_source = None;
+        assert!(ClusterData::from_json(&no_source.to_json())
+            .unwrap_err()
+            .to_string()
+            .contains("needs standby_source"));
         // Promotion (role primary) is always allowed; the source may stay.
         let promoted = ClusterSpec {
             role: ClusterRole::Primary,

@@ -229,27 +229,56 @@ impl Instance {
 
     /// A password file for the source's account, from the spec's
     /// `password_file` (read at every use).
+    ///
+    /// A keeper running as root reads only a file the PostgreSQL account
+    /// could read itself: the spec (anyone who may write the store) must
+    /// not make it send a root-only file to the host the spec names.
     fn source_passfile(&self, s: &cluster::data::StandbySource) -> Result<PathBuf> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let password = std::fs::read_to_string(&s.password_file).map_err(|e| PgError::Program {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let refuse = |why: String| PgError::Program {
             program: "keeper".into(),
             detail: format!(
-                "cannot read the standby source's password_file {}: {e}",
+                "the standby source's password_file {}: {why}",
                 s.password_file
             ),
-        })?;
-        let password = password.trim_end_matches(['\n', '\r']);
+        };
+        let meta = std::fs::metadata(&s.password_file).map_err(|e| refuse(e.to_string()))?;
+        if let Some((uid, gid)) = self.run_as {
+            let mode = meta.mode();
+            let readable = (meta.uid() == uid && mode & 0o400 != 0)
+                || (meta.gid() == gid && mode & 0o040 != 0)
+                || mode & 0o004 != 0;
+            if !readable {
+                return Err(refuse(
+                    "the PostgreSQL account cannot read it; keelson reads it only as that account could".into(),
+                ));
+            }
+        }
+        let text = std::fs::read_to_string(&s.password_file).map_err(|e| refuse(e.to_string()))?;
+        let password = text.strip_suffix('\n').unwrap_or(&text);
+        let password = password.strip_suffix('\r').unwrap_or(password);
+        if password.contains(['\n', '\r']) || password.is_empty() {
+            return Err(refuse("it must hold the password on one line".into()));
+        }
         let path = self.dir.join("source-pgpass");
         let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
         let line = format!("*:*:*:{}:{}\n", esc(&s.user), esc(password));
+        if std::fs::read_to_string(&path).is_ok_and(|old| old == line) {
+            return Ok(path);
+        }
+        // Replaced whole: a WAL receiver reading it meanwhile sees the old
+        // file or the new one.
+        let tmp = self.dir.join("source-pgpass.tmp");
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
             .mode(0o600)
-            .open(&path)?;
+            .open(&tmp)?;
         std::io::Write::write_all(&mut f, line.as_bytes())?;
-        self.chown(&path)?;
+        drop(f);
+        self.chown(&tmp)?;
+        std::fs::rename(&tmp, &path)?;
         Ok(path)
     }
 

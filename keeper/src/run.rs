@@ -49,6 +49,9 @@ pub struct Desired {
     /// This database leads a standby cluster: it runs as a standby (role
     /// [`Role::Standby`] here) of this source, whose address is `upstream`.
     pub source: Option<cluster::data::StandbySource>,
+    /// The cluster's data came from a source (it is, or was, a standby
+    /// cluster): a primary without data never runs initdb.
+    pub from_source: bool,
 }
 
 /// The `ctl restart` and `ctl reload` counters a keeper has carried out,
@@ -192,6 +195,16 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
                     ),
                 }];
             }
+            if !o.initialized && d.from_source {
+                // Promoted before its leader had a copy of the source
+                // (`ctl promote` refuses that; a spec update does not).
+                return vec![Refuse {
+                    why: "the data directory is empty, and this cluster's data comes from its \
+                          standby_source: initdb would serve an empty database as the primary; \
+                          restore it, or copy the source with a new standby cluster"
+                        .into(),
+                }];
+            }
             if !o.initialized {
                 match &d.restore {
                     // Clients stay out until it has replayed to the target
@@ -251,6 +264,26 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
             }
             if !o.initialized {
                 a.extend([BaseBackup { from: up }, WriteConfig, Start]);
+            } else if d.standby_cluster
+                && o.stuck
+                && !o.was_primary
+                && (!d.reinit || o.reinit_done)
+            {
+                // Nothing is rewound or copied by itself in a standby
+                // cluster: the reasons a standby does not stream there
+                // (its slot still held, replication refused, the source
+                // gone, an upstream behind it) leave its data the newest
+                // copy there may be. Only a fork of the source's timeline
+                // before what it replayed needs a new copy (`ctl reinit`).
+                return vec![Refuse {
+                    why: format!(
+                        "has not streamed from {up} for {}s; PostgreSQL's log says why. Nothing is \
+                         rewound or copied by itself in a standby cluster: if the source forked \
+                         its timeline before this server's position, `keelson ctl reinit` copies it \
+                         afresh (docs/standby-cluster.md)",
+                        STUCK_AFTER.as_secs()
+                    ),
+                }];
             } else if (d.reinit && !o.reinit_done) || (o.stuck && o.rewind_did_not_help) {
                 a.push(WaitPrimary { from: up.clone() });
                 if o.running {
@@ -1177,6 +1210,7 @@ fn desired_of(data: &ClusterData, uid: &str) -> Option<Desired> {
         }),
         standby_cluster,
         source,
+        from_source: data.spec.standby_source.is_some(),
     })
 }
 
@@ -1241,6 +1275,13 @@ async fn act(
                         detail: format!("the new upstream {from} is not a primary yet; waiting"),
                     });
                 }
+            }
+            Action::Rewind { from } if d.standby_cluster => {
+                // Never a fresh copy in place of a failed rewind here (see
+                // plan): the data may be the newest copy of the source.
+                pg.rewind(from).await?;
+                o.was_primary = false;
+                o.stuck = false;
             }
             Action::Rewind { from } => {
                 if let Err(e) = pg.rewind(from).await {
@@ -1493,6 +1534,7 @@ mod tests {
             restore: None,
             standby_cluster: false,
             source: None,
+            from_source: false,
         }
     }
 
@@ -1616,21 +1658,44 @@ mod tests {
             stuck: true,
             ..following_b.clone()
         };
+        // A leader that does not stream from the source (a slot still
+        // held, replication refused, the source gone, or its timeline
+        // forked) keeps its data, and says so; so does a member.
+        for (d, o) in [
+            (&leader, stuck.clone()),
+            (
+                &member,
+                Observed {
+                    configured_upstream: Some("a:1".into()),
+                    rewind_did_not_help: true,
+                    ..stuck.clone()
+                },
+            ),
+        ] {
+            let p = plan(d, &o);
+            assert!(
+                matches!(&p[..], [Action::Refuse { why }] if why.contains("ctl reinit")),
+                "{p:?}"
+            );
+        }
+        // `ctl reinit` (the cluster paused) copies the leader from the source.
+        let reinit = Desired {
+            reinit: true,
+            ..leader.clone()
+        };
         assert_eq!(
-            plan(&leader, &stuck),
+            plan(&reinit, &stuck),
             vec![
                 Action::WaitPrimary {
                     from: "src:5432".into()
                 },
                 Action::Stop,
-                Action::Rewind {
+                Action::Reinit {
                     from: "src:5432".into()
                 },
                 Action::WriteConfig,
                 Action::Start
-            ],
-            "a leader that cannot stream from the source (it failed over past what \
-             this one replayed) is rewound onto it"
+            ]
         );
         data.spec.role = cluster::data::ClusterRole::Primary;
         let promoted = desired_of(&data, "a").unwrap();
@@ -1645,6 +1710,16 @@ mod tests {
         assert_eq!(
             plan(&promoted, &following_src),
             vec![Action::WriteConfig, Action::Reload, Action::Promote]
+        );
+        // Promoted without a copy of the source: never initdb.
+        let empty = Desired {
+            system_id: None,
+            ..promoted
+        };
+        let p = plan(&empty, &Observed::default());
+        assert!(
+            matches!(&p[..], [Action::Refuse { why }] if why.contains("initdb")),
+            "{p:?}"
         );
     }
 

@@ -1055,11 +1055,23 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             }
         }
         CtlCommand::Reinit { uid } => {
+            let mut leader = false;
             update(&store, &keys, |d| {
+                let standby_cluster = d.spec.is_standby();
+                let paused = d.paused;
                 let Some(db) = d.dbs.get_mut(&uid) else {
                     bail!("the cluster has no keeper {uid:?}");
                 };
                 match db.spec.role {
+                    // A standby cluster's leader holds a copy of the source:
+                    // it is copied afresh from it (after the source forked
+                    // its timeline before what this cluster replayed).
+                    cluster::data::Role::Master if standby_cluster && paused => leader = true,
+                    cluster::data::Role::Master if standby_cluster => bail!(
+                        "{uid} leads the standby cluster: run `keelson ctl pause` first (its copy \
+                         from the source takes a while, and must not start a failover), then this, \
+                         then `ctl reinit` each other member, then `keelson ctl resume`"
+                    ),
                     cluster::data::Role::Master => bail!(
                         "{uid} is the primary: its data is the cluster's; run `keelson ctl switchover` first"
                     ),
@@ -1076,7 +1088,11 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 Ok(())
             })
             .await?;
-            println!("{uid} will copy its data afresh from the primary; `keelson ctl status` shows when it streams again");
+            if leader {
+                println!("{uid} will copy its data afresh from the standby cluster's source; `keelson ctl status` shows when it streams again");
+            } else {
+                println!("{uid} will copy its data afresh from the primary; `keelson ctl status` shows when it streams again");
+            }
         }
         CtlCommand::Restart {
             pending,
@@ -1120,6 +1136,31 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             update(&store, &keys, |d| {
                 if !d.spec.is_standby() {
                     bail!("the cluster is not a standby cluster: it takes writes already");
+                }
+                // What is promoted must be the most advanced copy there is,
+                // and a copy at all.
+                if let Some(f) = &d.failover {
+                    bail!(
+                        "a {} from {} is under way: promote once `keelson ctl status` shows a \
+                         standby leader again (the member it elects may not be the most advanced)",
+                        f.reason,
+                        f.from
+                    );
+                }
+                let named = d
+                    .proxy
+                    .master_db
+                    .as_ref()
+                    .and_then(|m| d.dbs.get(m).map(|db| (m, db)));
+                let Some((m, db)) = named else {
+                    bail!("the standby cluster has no standby leader yet: nothing to promote");
+                };
+                if !(db.status.healthy && db.status.in_recovery && db.status.system_id.is_some()) {
+                    bail!(
+                        "the standby leader {m} is not a healthy standby holding the source's data \
+                         ({}); promote once it is",
+                        db.status.problem.as_deref().unwrap_or("not healthy")
+                    );
                 }
                 let spec = ClusterSpec {
                     role: cluster::data::ClusterRole::Primary,

@@ -403,6 +403,8 @@ fn initialize(d: &mut ClusterData, obs: &Observations) {
 /// "the same timeline", keeps the diverged WAL, and never can follow.
 fn rejoin(d: &mut ClusterData, obs: &Observations) {
     let Some(m) = master(d) else { return };
+    // A standby cluster's leader may be copied afresh too (`ctl reinit`).
+    let standby = d.spec.is_standby();
     if !is_ready(d, &d.dbs[&m]) || d.failover.is_some() {
         return;
     }
@@ -417,7 +419,7 @@ fn rejoin(d: &mut ClusterData, obs: &Observations) {
             };
             set_spec(db, spec);
         } else if db.spec.reinit
-            && db.spec.role == Role::Standby
+            && (db.spec.role == Role::Standby || standby)
             && db.status.healthy
             && db.status.applied_generation >= db.generation
         {
@@ -631,10 +633,12 @@ fn failover(d: &mut ClusterData, obs: &Observations, now_ms: u64) {
                     // It may have promoted itself: its data is discarded
                     // when it rejoins, and what it reported no longer
                     // ranks it among standbys.
+                    // A standby cluster's candidate never promotes: its
+                    // data cannot have diverged, and is kept.
                     set_spec(
                         db,
                         DbSpec {
-                            reinit: true,
+                            reinit: !d.spec.is_standby(),
                             ..stopped()
                         },
                     );
@@ -905,6 +909,7 @@ fn name_primary(d: &mut ClusterData, wall_ms: u64) {
     let Some(m) = master(d) else { return };
     let db = &d.dbs[&m];
     if !d.spec.is_standby()
+        && d.spec.standby_source.is_some()
         && d.proxy.master_db.as_deref() == Some(m.as_str())
         && db.status.healthy
         && db.status.in_recovery

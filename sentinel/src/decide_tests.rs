@@ -1950,3 +1950,36 @@ fn a_promoted_standby_cluster_routes_writes_only_once_its_leader_left_recovery()
         Some("promoted")
     );
 }
+
+#[test]
+fn a_standby_cluster_candidate_given_up_on_keeps_its_data() {
+    let d = standby_cluster("m", &["s1", "s2"]);
+    let o = observe(&d, &["m"]);
+    let d1 = rounds(&d, &o, &[T0, T0 + 5 * SEC, T0 + 5 * SEC + 1]);
+    let to = master(&d1).expect("a candidate");
+    assert_ne!(to, "m");
+    // It never applies its generation (its keeper cannot reach the
+    // source, say): given up on after convergence_timeout, but not
+    // copied afresh when it rejoins, as a primary cluster's would be.
+    let later = T0 + 6 * SEC + d.spec.convergence_timeout.as_millis() as u64;
+    let waiting = Observations {
+        failover_since_ms: Some(T0 + 6 * SEC),
+        ..o.clone()
+    };
+    let d2 = rounds(&d1, &waiting, &[T0 + 6 * SEC, later, later + 1]);
+    assert_eq!(d2.dbs[&to].spec.role, Role::None, "{:?}", d2.notice);
+    assert!(!d2.dbs[&to].spec.reinit);
+    let mut primary = cluster("m", &["s1", "s2"]);
+    primary.dbs.get_mut("s1").unwrap().status.lsn = 200;
+    let o = with(observe(&primary, &["m"]), "s1", |r| r.lsn = Some(200));
+    let p1 = rounds(&primary, &o, &[T0, T0 + 5 * SEC, T0 + 5 * SEC + 1]);
+    let waiting = Observations {
+        failover_since_ms: Some(T0 + 6 * SEC),
+        ..o.clone()
+    };
+    let p2 = rounds(&p1, &waiting, &[T0 + 6 * SEC, later, later + 1]);
+    assert!(
+        p2.dbs["s1"].spec.reinit,
+        "a primary cluster's candidate may have promoted itself"
+    );
+}

@@ -188,6 +188,10 @@ async fn a_standby_cluster_follows_another_through_its_proxy_and_is_promoted() {
         "B's leader does not stream A's new timeline"
     );
 
+    // The leader is copied afresh only on request, with failover paused.
+    let e = b.ctl(&["reinit", &b.uid(b.master)]).unwrap_err();
+    assert!(e.contains("ctl pause"), "{e}");
+
     // Promotion: B takes writes; A is unaffected.
     let out = b.ctl(&["promote"]).unwrap();
     assert!(out.contains("is the primary"), "{out}");
