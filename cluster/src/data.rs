@@ -993,10 +993,31 @@ pub struct ArchiveStatus {
 #[serde(default)]
 pub struct BackupRequest {
     pub id: u64,
+    /// Taken on a standby (pgBackRest's `--backup-standby`): the files are
+    /// copied from it, the primary only starts and stops the backup.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub from_standby: bool,
     /// pgBackRest's `--type` (`full`, `diff`, `incr`); its default (an
     /// incremental one, full when there is none) when empty.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub kind: String,
+}
+
+/// Where a keeper's pgBackRest TLS server listens, and what a client on
+/// another host names to reach this keeper's PostgreSQL through it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct PgbackrestServer {
+    /// `host:port`.
+    pub address: String,
+    /// pgBackRest's configuration file on that host (`pg-host-config`).
+    pub config: String,
+    /// The data directory and socket directory on that host.
+    pub data_dir: String,
+    pub socket_dir: String,
+    /// The common name of the keeper's certificate: the other keepers'
+    /// servers let it in (`tls-server-auth`).
+    pub cn: String,
 }
 
 /// The outcome of the last backup a keeper took.
@@ -1091,6 +1112,9 @@ pub struct DbStatus {
     /// The last backup its keeper took (see [`KeeperReport::backup`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupDone>,
+    /// Its keeper's pgBackRest TLS server (see [`KeeperReport::pgbackrest_server`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pgbackrest_server: Option<PgbackrestServer>,
 }
 
 /// One PostgreSQL instance, managed by one keeper.
@@ -1194,6 +1218,11 @@ pub struct KeeperReport {
     /// The last backup this keeper took for a [`BackupRequest`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupDone>,
+    /// The pgBackRest TLS server this keeper runs (`--pgbackrest-listen`),
+    /// through which a standby's keeper takes a backup from its standby
+    /// with this primary's help (`ctl backup --from-standby`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pgbackrest_server: Option<PgbackrestServer>,
 }
 
 /// A failover in progress: the fencing handshake and the promotion.

@@ -114,6 +114,145 @@ pub fn pgbackrest_conf(spec: &BackupSpec, dir: &Path, port: u16) -> Option<Strin
     Some(out)
 }
 
+/// Name of the pgBackRest TLS server's configuration file.
+pub const SERVER_CONF: &str = "pgbackrest-server.conf";
+
+/// The TLS files the keeper installs for PostgreSQL (`<dir>/tls`), which
+/// the pgBackRest server and its clients present too.
+fn tls_file(dir: &Path, name: &str) -> String {
+    dir.join("tls").join(name).to_string_lossy().into()
+}
+
+/// The pgBackRest TLS server's configuration: listening on `listen`
+/// (`host:port`), with the keeper's certificate, letting in the keepers
+/// whose certificates have the common names `clients` for the spec's
+/// stanza; `None` without pgBackRest or without a client.
+pub fn server_conf(
+    spec: &BackupSpec,
+    dir: &Path,
+    listen: &str,
+    clients: &[String],
+) -> Option<String> {
+    if spec.tool != BackupTool::Pgbackrest || clients.is_empty() {
+        return None;
+    }
+    let stanza = spec.stanza.as_deref()?;
+    let (host, port) = listen.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let own = dir.join("pgbackrest");
+    let mut out = String::from(
+        "# Written by the keelson keeper: its pgBackRest TLS server (--pgbackrest-listen).\n[global]\n",
+    );
+    for (k, v) in [
+        ("tls-server-address", host.to_owned()),
+        ("tls-server-port", port.to_owned()),
+        ("tls-server-cert-file", tls_file(dir, "server.crt")),
+        ("tls-server-key-file", tls_file(dir, "server.key")),
+        ("tls-server-ca-file", tls_file(dir, "ca.crt")),
+        ("log-path", own.join("log").to_string_lossy().into()),
+        ("lock-path", own.join("lock").to_string_lossy().into()),
+        ("log-level-console", "warn".into()),
+        ("log-level-file", "info".into()),
+    ] {
+        out.push_str(&format!("{k}={v}\n"));
+    }
+    for cn in clients {
+        out.push_str(&format!("tls-server-auth={cn}={stanza}\n"));
+    }
+    Some(out)
+}
+
+/// The common name of the certificate at `path` (`openssl x509`).
+pub fn certificate_cn(path: &Path) -> Option<String> {
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-nameopt", "RFC2253", "-in"])
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let subject = text.trim().strip_prefix("subject=")?;
+    subject
+        .split(',')
+        .find_map(|part| part.trim().strip_prefix("CN="))
+        .map(str::to_owned)
+}
+
+/// The pgBackRest TLS server a keeper runs, restarted whenever its
+/// configuration changes.
+#[derive(Debug, Default)]
+pub struct Server {
+    child: Option<tokio::process::Child>,
+    config: Option<String>,
+}
+
+impl Server {
+    /// Runs the server with `config` (written to [`SERVER_CONF`]), or
+    /// stops it with `None`. A server that exited is started again.
+    pub fn keep(&mut self, tools: &Tools, config: Option<String>) {
+        let exited = self
+            .child
+            .as_mut()
+            .is_some_and(|c| !matches!(c.try_wait(), Ok(None)));
+        if exited {
+            tracing::warn!("the pgBackRest TLS server exited; starting it again");
+            self.child = None;
+        }
+        if self.config == config && (self.child.is_some() || config.is_none()) {
+            return;
+        }
+        self.child = None; // killed on drop
+        self.config = config.clone();
+        let Some(text) = config else { return };
+        let path = tools.dir().join(SERVER_CONF);
+        if let Err(e) = std::fs::write(&path, text) {
+            tracing::error!(error = %e, "cannot write the pgBackRest server's configuration");
+            return;
+        }
+        match tools.pgbackrest_server(&path) {
+            Ok(c) => {
+                tracing::info!("pgBackRest TLS server started");
+                self.child = Some(c);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start the pgBackRest TLS server"),
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// The options that take a backup from this standby through the
+/// primary's pgBackRest TLS server `primary` (its PostgreSQL at
+/// `pg_port`): pgBackRest starts and stops the backup on the primary and
+/// copies the files from here.
+pub fn standby_backup_args(
+    dir: &Path,
+    primary: &cluster::data::PgbackrestServer,
+    pg_port: u16,
+) -> Vec<String> {
+    let (host, port) = primary
+        .address
+        .rsplit_once(':')
+        .unwrap_or((primary.address.as_str(), "8432"));
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    vec![
+        "--backup-standby".into(),
+        format!("--pg2-host={host}"),
+        "--pg2-host-type=tls".into(),
+        format!("--pg2-host-port={port}"),
+        format!("--pg2-host-config={}", primary.config),
+        format!("--pg2-host-ca-file={}", tls_file(dir, "ca.crt")),
+        format!("--pg2-host-cert-file={}", tls_file(dir, "server.crt")),
+        format!("--pg2-host-key-file={}", tls_file(dir, "server.key")),
+        format!("--pg2-path={}", primary.data_dir),
+        format!("--pg2-socket-path={}", primary.socket_dir),
+        format!("--pg2-port={pg_port}"),
+        "--pg2-user=postgres".into(),
+    ]
+}
+
 /// How long a backup may take before the keeper gives up on it.
 const BACKUP_LIMIT: Duration = Duration::from_secs(6 * 3600);
 /// How long `stanza-create` and `info` may take.
@@ -146,6 +285,9 @@ struct Shared {
     /// `pgbackrest info --output=json`, and when it was read.
     list: Option<String>,
     listed: Option<Instant>,
+    /// The backups the cluster's keepers reported taken when the list was
+    /// last read (a standby's backup makes the primary's list stale).
+    listed_for: String,
 }
 
 impl Worker {
@@ -192,6 +334,8 @@ impl Worker {
         spec: &BackupSpec,
         request: Option<&BackupRequest>,
         primary: bool,
+        standby: Option<Vec<String>>,
+        taken: &str,
     ) {
         if self.task.as_ref().is_some_and(|t| !t.is_finished()) {
             return;
@@ -214,7 +358,8 @@ impl Worker {
             let stanza = primary
                 && s.stanza_ok.as_ref() != Some(&key)
                 && s.stanza_tried.is_none_or(|t| t.elapsed() >= STANZA_RETRY);
-            let list = primary && s.listed.is_none_or(|t| t.elapsed() >= LIST_EVERY);
+            let list = primary
+                && (s.listed.is_none_or(|t| t.elapsed() >= LIST_EVERY) || s.listed_for != taken);
             (backup, stanza, list)
         };
         if backup.is_none() && !stanza && !list {
@@ -222,9 +367,12 @@ impl Worker {
         }
         let (shared, tools, spec) = (self.shared.clone(), tools.clone(), spec.clone());
         let done_file = self.done_file.clone();
+        self.lock().listed_for = taken.to_owned();
+        let from_standby = backup.as_ref().is_some_and(|r| r.from_standby);
         self.task = Some(tokio::spawn(async move {
             let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
-            if backup.is_some() || stanza {
+            // On a standby the stanza is the primary's to create.
+            if (backup.is_some() && !from_standby) || stanza {
                 let r = tools
                     .pgbackrest(&spec, &["stanza-create"], TOOL_LIMIT)
                     .await;
@@ -248,8 +396,21 @@ impl Worker {
                 if !req.kind.is_empty() {
                     args.push(&kind);
                 }
+                if from_standby {
+                    args.extend(standby.iter().flatten().map(String::as_str));
+                }
                 let t = Instant::now();
-                let r = tools.pgbackrest(&spec, &args, BACKUP_LIMIT).await;
+                let r = match (&standby, from_standby) {
+                    (None, true) => Err(crate::pg::PgError::Program {
+                        program: "keeper".into(),
+                        detail: "a backup from a standby is taken on a streaming standby whose \
+                                 primary's keeper runs a pgBackRest TLS server \
+                                 (--pgbackrest-listen); this keeper's database is not one, or \
+                                 the primary runs none"
+                            .into(),
+                    }),
+                    _ => tools.pgbackrest(&spec, &args, BACKUP_LIMIT).await,
+                };
                 let info = tools
                     .pgbackrest(&spec, &["info", "--output=json"], TOOL_LIMIT)
                     .await;
@@ -260,7 +421,7 @@ impl Worker {
                             .ok()
                             .and_then(|i| newest_label(i))
                             .unwrap_or_default();
-                        tracing::info!(%label, took = ?t.elapsed(), "backup taken");
+                        tracing::info!(%label, from_standby, took = ?t.elapsed(), "backup taken");
                         BackupDone {
                             id: req.id,
                             ok: true,
@@ -487,6 +648,49 @@ mod tests {
             ),
             "{conf}"
         );
+    }
+
+    #[test]
+    fn a_standby_backs_up_through_the_primarys_tls_server() {
+        let spec = pgbackrest();
+        let dir = Path::new("/k2");
+        assert_eq!(
+            server_conf(&spec, dir, "db1:8432", &[]),
+            None,
+            "no client, no server"
+        );
+        let conf = server_conf(&spec, dir, "db1:8432", &["k1".into(), "k2".into()]).unwrap();
+        for line in [
+            "tls-server-address=db1\n",
+            "tls-server-port=8432\n",
+            "tls-server-cert-file=/k2/tls/server.crt\n",
+            "tls-server-ca-file=/k2/tls/ca.crt\n",
+            "tls-server-auth=k1=main\n",
+            "tls-server-auth=k2=main\n",
+        ] {
+            assert!(conf.contains(line), "{line} not in\n{conf}");
+        }
+        let primary = cluster::data::PgbackrestServer {
+            address: "db1:8432".into(),
+            config: "/k1/pgbackrest.conf".into(),
+            data_dir: "/k1/pgdata".into(),
+            socket_dir: "/k1".into(),
+            cn: "k1".into(),
+        };
+        let args = standby_backup_args(dir, &primary, 5432);
+        for a in [
+            "--backup-standby",
+            "--pg2-host=db1",
+            "--pg2-host-type=tls",
+            "--pg2-host-port=8432",
+            "--pg2-host-config=/k1/pgbackrest.conf",
+            "--pg2-host-cert-file=/k2/tls/server.crt",
+            "--pg2-path=/k1/pgdata",
+            "--pg2-socket-path=/k1",
+            "--pg2-port=5432",
+        ] {
+            assert!(args.iter().any(|x| x == a), "{a} not in {args:?}");
+        }
     }
 
     #[test]

@@ -1510,6 +1510,30 @@ impl Tools {
     /// Runs `pgbackrest` with this instance's configuration and `args`, as
     /// the account PostgreSQL runs as, for at most `limit`; returns what
     /// it printed.
+    /// Starts `pgbackrest server` with the configuration at `config`, as
+    /// the server's account; it is killed when the handle is dropped.
+    pub fn pgbackrest_server(&self, config: &Path) -> Result<tokio::process::Child> {
+        let mut c = Command::new("pgbackrest");
+        if let Some((uid, gid)) = self.run_as {
+            c.uid(uid).gid(gid);
+            c.env("HOME", &self.dir);
+        }
+        let child = c
+            .kill_on_drop(true)
+            .arg(format!("--config={}", config.display()))
+            .arg("server")
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| PgError::Program {
+                program: "pgbackrest".into(),
+                detail: format!("cannot run it: {e}"),
+            })?;
+        Ok(child)
+    }
+
     pub async fn pgbackrest(
         &self,
         spec: &cluster::data::BackupSpec,

@@ -264,10 +264,7 @@ pub fn plan(d: &Desired, o: &Observed) -> Vec<Action> {
             }
             if !o.initialized {
                 a.extend([BaseBackup { from: up }, WriteConfig, Start]);
-            } else if d.standby_cluster
-                && o.stuck
-                && !o.was_primary
-                && (!d.reinit || o.reinit_done)
+            } else if d.standby_cluster && o.stuck && !o.was_primary && (!d.reinit || o.reinit_done)
             {
                 // Nothing is rewound or copied by itself in a standby
                 // cluster: the reasons a standby does not stream there
@@ -381,6 +378,9 @@ pub struct KeeperConfig {
     /// Where other keepers and proxies reach this keeper's node API
     /// (`host:port`), reported to the cluster; `None` without one.
     pub api_address: Option<String>,
+    /// Where this keeper runs a pgBackRest TLS server (`host:port`), with
+    /// pgBackRest as the spec's tool and TLS with a CA; `None`: none.
+    pub pgbackrest_listen: Option<String>,
 }
 
 /// Errors that stop a keeper.
@@ -525,12 +525,46 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
                             .await
                     }
                 }
+                let cn = k.own_cn(&cfg.dir);
                 if let Some(w) = k.backup.as_mut() {
                     let primary =
                         desired.role == Role::Master && pg.is_running() && !obs.in_recovery;
                     let request = data.dbs.get(&cfg.uid).and_then(|d| d.backup.as_ref());
-                    w.tick(&pg.tools(), &data.spec.backup, request, primary);
+                    let streaming_standby =
+                        desired.role == Role::Standby && pg.is_running() && obs.in_recovery;
+                    let standby = standby_backup_args(data, &cfg.dir)
+                        .filter(|_| streaming_standby && cn.is_some());
+                    let taken: String = data
+                        .dbs
+                        .iter()
+                        .filter_map(|(u, db)| {
+                            Some(format!("{u}:{} ", db.status.backup.as_ref()?.id))
+                        })
+                        .collect();
+                    w.tick(
+                        &pg.tools(),
+                        &data.spec.backup,
+                        request,
+                        primary,
+                        standby,
+                        &taken,
+                    );
                 }
+                let server = match (&cfg.pgbackrest_listen, &cn) {
+                    (Some(listen), Some(_)) if pg.is_initialized() => {
+                        let mut clients: Vec<String> = data
+                            .dbs
+                            .values()
+                            .filter_map(|db| db.status.pgbackrest_server.as_ref())
+                            .map(|s| s.cn.clone())
+                            .collect();
+                        clients.sort();
+                        clients.dedup();
+                        crate::backup::server_conf(&data.spec.backup, &cfg.dir, listen, &clients)
+                    }
+                    _ => None,
+                };
+                k.backup_server.keep(&pg.tools(), server);
             }
             if let Some((id, _)) = k.unconfirmed.take() {
                 // Acted on: only now may this lease hold the fence off.
@@ -542,7 +576,20 @@ pub async fn run(cfg: KeeperConfig, store: AnyStore, keys: Keys) -> Result<(), K
             (true, false, Some(pid)) => pid,
             _ => 0,
         });
-        let report = k.report(&pg, &cfg, running, &mut obs).await;
+        let mut report = k.report(&pg, &cfg, running, &mut obs).await;
+        if let (Some(listen), Some((_, Some(cn)))) = (&cfg.pgbackrest_listen, &k.own_cn) {
+            report.pgbackrest_server = Some(cluster::data::PgbackrestServer {
+                address: listen.clone(),
+                config: cfg
+                    .dir
+                    .join(crate::backup::PGBACKREST_CONF)
+                    .to_string_lossy()
+                    .into(),
+                data_dir: cfg.dir.join("pgdata").to_string_lossy().into(),
+                socket_dir: cfg.dir.to_string_lossy().into(),
+                cn: cn.clone(),
+            });
+        }
         k.publish(&store, &keys, &lease, &cfg.uid, &report).await;
         cfg.node.update(|s| {
             s.report = Some(report.clone());
@@ -813,6 +860,10 @@ struct Keeper {
     requests: Option<Requests>,
     /// The backup tool's work (`None` until the loop starts).
     backup: Option<crate::backup::Worker>,
+    /// The pgBackRest TLS server (`--pgbackrest-listen`).
+    backup_server: crate::backup::Server,
+    /// This keeper's certificate, and its common name.
+    own_cn: Option<(Vec<u8>, Option<String>)>,
 }
 
 impl Keeper {
@@ -1065,6 +1116,21 @@ impl Keeper {
         r
     }
 
+    /// The common name of the certificate installed for PostgreSQL
+    /// (`<dir>/tls/server.crt`), read again when the file changes.
+    fn own_cn(&mut self, dir: &std::path::Path) -> Option<String> {
+        let path = dir.join("tls").join("server.crt");
+        let bytes = std::fs::read(&path).ok()?;
+        if self.own_cn.as_ref().map(|(b, _)| b) != Some(&bytes) {
+            let cn = crate::backup::certificate_cn(&path);
+            if cn.is_none() {
+                tracing::warn!(path = %path.display(), "cannot read the certificate's common name (openssl x509)");
+            }
+            self.own_cn = Some((bytes, cn));
+        }
+        self.own_cn.as_ref().and_then(|(_, cn)| cn.clone())
+    }
+
     /// Puts the report under the lease: created only if the key is free,
     /// then replaced only by compare-and-swap, so that two keepers started
     /// with one uid do not take turns in one registration.
@@ -1154,6 +1220,22 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// The pgBackRest options that take a backup on this standby through the
+/// primary's TLS server, if the primary's keeper runs one.
+fn standby_backup_args(data: &ClusterData, dir: &std::path::Path) -> Option<Vec<String>> {
+    let primary = data.dbs.get(data.proxy.master_db.as_ref()?)?;
+    let server = primary.status.pgbackrest_server.as_ref()?;
+    let port = primary
+        .status
+        .address
+        .as_deref()?
+        .rsplit_once(':')?
+        .1
+        .parse()
+        .ok()?;
+    Some(crate::backup::standby_backup_args(dir, server, port))
 }
 
 /// The `application_name` a standby cluster's leader streams from its

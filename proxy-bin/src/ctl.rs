@@ -132,6 +132,11 @@ pub enum CtlCommand {
         /// How long to wait for it.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        /// Copy the files from a streaming standby instead of the primary
+        /// (pgBackRest's --backup-standby; the primary only starts and
+        /// stops the backup). Needs the keepers' --pgbackrest-listen.
+        #[arg(long)]
+        from_standby: bool,
     },
     /// The backups in the repository, each with the WAL it needs, and the
     /// archive's WAL range (from the primary's keeper).
@@ -576,6 +581,7 @@ async fn backup(
     keys: &Keys,
     kind: Option<&str>,
     limit: std::time::Duration,
+    from_standby: bool,
 ) -> Result<()> {
     if let Some(k) = kind {
         if !["full", "diff", "incr"].contains(&k) {
@@ -595,8 +601,45 @@ async fn backup(
         let Some(primary) = d.proxy.master_db.clone() else {
             bail!("the cluster has no primary now (a failover may be under way); try again once `keelson ctl status` shows one");
         };
-        let Some(db) = d.dbs.get_mut(&primary) else {
-            bail!("the cluster data names primary {primary:?} but has no such database");
+        let on = if from_standby {
+            if d.dbs
+                .get(&primary)
+                .is_none_or(|db| db.status.pgbackrest_server.is_none())
+            {
+                bail!(
+                    "the primary {primary}'s keeper runs no pgBackRest TLS server: start the \
+                     keepers with --pgbackrest-listen HOST:PORT and the --pg-ssl-* files with a \
+                     CA (docs/backup.md)"
+                );
+            }
+            // The standby closest to the primary, among those that stream
+            // and whose keeper presents a certificate the server knows.
+            let best = d
+                .dbs
+                .iter()
+                .filter(|(u, db)| {
+                    **u != primary
+                        && db.spec.role == cluster::data::Role::Standby
+                        && db.status.healthy
+                        && db.status.in_recovery
+                        && db.status.streaming
+                        && db.status.pgbackrest_server.is_some()
+                })
+                .max_by_key(|(u, db)| (db.status.replay_lsn, std::cmp::Reverse((*u).clone())))
+                .map(|(u, _)| u.clone());
+            let Some(best) = best else {
+                bail!(
+                    "no streaming standby can take the backup (each needs a healthy, streaming \
+                     database and a keeper with --pgbackrest-listen); take it from the primary \
+                     without --from-standby"
+                );
+            };
+            best
+        } else {
+            primary.clone()
+        };
+        let Some(db) = d.dbs.get_mut(&on) else {
+            bail!("the cluster data names {on:?} but has no such database");
         };
         let last = db.backup.as_ref().map_or(0, |r| r.id);
         let done = db.status.backup.as_ref().map_or(0, |b| b.id);
@@ -604,12 +647,19 @@ async fn backup(
         db.backup = Some(cluster::data::BackupRequest {
             id,
             kind: kind.unwrap_or_default().to_owned(),
+            from_standby,
         });
-        uid = primary;
+        uid = on;
         Ok(())
     })
     .await?;
-    println!("backup {id} requested from {uid}, the primary ...");
+    if from_standby {
+        println!(
+            "backup {id} requested from {uid}, a standby (the primary starts and stops it) ..."
+        );
+    } else {
+        println!("backup {id} requested from {uid}, the primary ...");
+    }
     wait_for(store, keys, limit, &format!("backup {id} on {uid}"), |d| {
         d.dbs
             .get(&uid)
@@ -1099,9 +1149,11 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             timeout,
             uids,
         } => rolling_restart(&store, &keys, uids, pending, timeout).await?,
-        CtlCommand::Backup { kind, timeout } => {
-            backup(&store, &keys, kind.as_deref(), timeout).await?
-        }
+        CtlCommand::Backup {
+            kind,
+            timeout,
+            from_standby,
+        } => backup(&store, &keys, kind.as_deref(), timeout, from_standby).await?,
         CtlCommand::Backups { json } => backups(&store, &keys, json).await?,
         CtlCommand::Reload => {
             update(&store, &keys, |d| {

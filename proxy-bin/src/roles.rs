@@ -87,6 +87,13 @@ pub struct KeeperArgs {
     /// A second SIGTERM or SIGINT stops at once.
     #[arg(long, env = "KEELSON_STOP_SWITCHOVER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "0s")]
     pub stop_switchover_timeout: std::time::Duration,
+    /// Run a pgBackRest TLS server here (HOST:PORT, reachable from the
+    /// other keepers' hosts) while the spec's backup tool is pgbackrest:
+    /// a standby's keeper takes `ctl backup --from-standby` through the
+    /// primary's. Needs the --pg-ssl-* files with a CA: the server and the
+    /// clients present the keepers' certificates (docs/backup.md).
+    #[arg(long, env = "KEELSON_PGBACKREST_LISTEN", requires = "pg_ssl_ca_file")]
+    pub pgbackrest_listen: Option<String>,
 }
 
 impl KeeperArgs {
@@ -200,6 +207,7 @@ pub fn keeper(args: KeeperArgs) -> Result<()> {
     });
     let cfg = keeper::run::KeeperConfig {
         api_address,
+        pgbackrest_listen: args.pgbackrest_listen.clone(),
         tls,
         node: node.clone(),
         tags: args.tags(),

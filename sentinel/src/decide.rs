@@ -278,6 +278,7 @@ fn update_status(d: &mut ClusterData, obs: &Observations) {
                     s.backup = r.backup.clone();
                 }
                 s.api_address = r.api_address.clone();
+                s.pgbackrest_server = r.pgbackrest_server.clone();
                 s.membership = s.membership.max(r.membership);
                 s.applied_generation = r.applied_generation;
                 s.stopped_lsn = r.stopped_lsn;

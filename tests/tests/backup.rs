@@ -174,6 +174,8 @@ async fn archiving_survives_two_failovers_and_a_restore_replays_every_acknowledg
     // Bad input is explained.
     let err = c.ctl(&["backup", "--type", "weekly"]).unwrap_err();
     assert!(err.contains("full, diff or incr"), "{err}");
+    let err = c.ctl(&["backup", "--from-standby"]).unwrap_err();
+    assert!(err.contains("--pgbackrest-listen"), "{err}");
 
     let out = c.ctl(&["backup", "--type", "full"]).unwrap();
     assert!(out.contains("taken on"), "{out}");
@@ -676,4 +678,118 @@ async fn init_existing_adopts_data_made_elsewhere_and_another_system_is_never_ov
     let status = c.ctl(&["status"]).unwrap();
     assert!(status.contains("another PostgreSQL system"), "{status}");
     c.keepers.clear();
+}
+
+/// `ctl backup --from-standby`: pgBackRest copies the files from a
+/// streaming standby, and only starts and stops the backup on the primary,
+/// through the primary's keeper's pgBackRest TLS server
+/// (`--pgbackrest-listen`, with the keepers' certificates); the backup
+/// restores with every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_from_a_standby_goes_through_the_primarys_tls_server_and_restores() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca_cert, issuer) = crate::secured::ca("keelson test PostgreSQL CA");
+    let ca_path = certs.path().join("ca.pem");
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    let args: Vec<Vec<String>> = (1..=2)
+        .map(|i| {
+            let (cert, key) = crate::secured::signed(
+                certs.path(),
+                &format!("k{i}"),
+                &["127.0.0.1", "localhost"],
+                &format!("k{i}"),
+                &issuer,
+            );
+            vec![
+                "--pg-ssl-cert-file".into(),
+                cert.display().to_string(),
+                "--pg-ssl-key-file".into(),
+                key.display().to_string(),
+                "--pg-ssl-ca-file".into(),
+                ca_path.display().to_string(),
+                // pgBackRest checks the server's certificate for a host
+                // name (an IP address SAN does not match).
+                "--pgbackrest-listen".into(),
+                format!("localhost:{}", free_port()),
+            ]
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repository(dir.path());
+    let url = format!("file://{}", dir.path().join("store").display());
+    let store = cluster::open(&url).await.unwrap();
+    let spec = ClusterSpec {
+        synchronous_replication: false,
+        ..pgbackrest_spec(&repo)
+    };
+    let c = LocalCluster::up_with_keeper_args(&url, store, spec, args).await;
+    let client = connect(&c.conn).await;
+    client
+        .batch_execute("INSERT INTO w SELECT generate_series(1, 1000)")
+        .await
+        .unwrap();
+    drop(client);
+    crate::assert_eventually!(
+        c.data()
+            .await
+            .dbs
+            .values()
+            .all(|db| db.status.pgbackrest_server.is_some()),
+        Duration::from_secs(30),
+        "the keepers do not report their pgBackRest servers"
+    );
+    let standby = c.standbys()[0];
+    c.wait_standbys_see("SELECT count(*) FROM w", 1000).await;
+    let out = c
+        .ctl(&["backup", "--from-standby", "--type", "full"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.keeper_log(standby)));
+    eprintln!("{out}");
+    assert!(out.contains("a standby"), "{out}");
+    assert!(out.contains(&format!("taken on k{standby}")), "{out}");
+    // pgBackRest waited for the standby to replay the backup's start.
+    let log = std::fs::read_to_string(
+        c.dir
+            .path()
+            .join(format!("k{standby}/pgbackrest/log/f-backup.log")),
+    )
+    .unwrap_or_default();
+    assert!(
+        log.contains("replay on the standby"),
+        "pgBackRest did not back up from the standby:\n{log}"
+    );
+    // The primary's list (what `ctl backups` reads) is read again once a
+    // standby reports a backup.
+    crate::assert_eventually!(
+        c.ctl(&["backups"]).unwrap().contains(" full "),
+        Duration::from_secs(20),
+        "`ctl backups` does not list the standby's backup: {}",
+        c.ctl(&["backups"]).unwrap()
+    );
+
+    // It restores, with every row.
+    let target = dir.path().join("restored");
+    std::fs::create_dir_all(&target).unwrap();
+    if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
+        std::os::unix::fs::chown(&target, Some(uid), Some(gid)).unwrap();
+    }
+    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    pgbackrest(
+        &c,
+        standby,
+        &[
+            "restore",
+            &format!("--pg1-path={}", target.display()),
+            "--archive-mode=off",
+        ],
+    )
+    .unwrap();
+    let restored = Restored::start(&target);
+    restored.wait_promoted(&target).await;
+    let client = connect(&restored.conn()).await;
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM w", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1000, "the backup from the standby restores every row");
 }
