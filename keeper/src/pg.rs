@@ -1518,6 +1518,16 @@ impl Tools {
             c.uid(uid).gid(gid);
             c.env("HOME", &self.dir);
         }
+        // It ends with the keeper, even a SIGKILLed one: an orphan would
+        // hold the port, and serve a configuration no longer kept.
+        // SAFETY: prctl is async-signal-safe, and only sets a flag of the
+        // child.
+        unsafe {
+            c.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
         let child = c
             .kill_on_drop(true)
             .arg(format!("--config={}", config.display()))

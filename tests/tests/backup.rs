@@ -792,4 +792,29 @@ async fn a_backup_from_a_standby_goes_through_the_primarys_tls_server_and_restor
         .unwrap()
         .get(0);
     assert_eq!(n, 1000, "the backup from the standby restores every row");
+    drop(client);
+    drop(restored);
+    // The server ends with its keeper, even a SIGKILLed one.
+    let conf = c
+        .dir
+        .path()
+        .join(format!("k{}/pgbackrest-server.conf", c.master));
+    let running = || {
+        Command::new("pgrep")
+            .args(["-f", &conf.display().to_string()])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(
+        running(),
+        "k{}'s pgBackRest server is not running",
+        c.master
+    );
+    let mut c = c;
+    c.kill_primary();
+    crate::assert_eventually!(
+        !running(),
+        Duration::from_secs(5),
+        "the pgBackRest server outlived its SIGKILLed keeper"
+    );
 }
