@@ -8,6 +8,11 @@
 //! - `pgbench -S` TPS at 16 clients, as a ratio to a direct connection;
 //! - the proxy's CPU microseconds per transaction (utime+stime from /proc
 //!   over a fixed transaction count);
+//! - the machine's CPU per transaction (user, nice, system, irq and
+//!   softirq of all cores from /proc/stat, steal and idle excluded) minus a
+//!   direct connection's in the same round: a proxy's own process time
+//!   hides the kernel work it causes elsewhere (softirq on other cores,
+//!   wake-ups of the client and the server);
 //! - the average latency added at 1 client;
 //! - syscalls per transaction (strace -c -f), for keelson and HAProxy;
 //! - resident memory per idle session with 2000 idle sessions open;
@@ -38,10 +43,32 @@ struct PgbenchResult {
     tps: f64,
     latency_ms: f64,
     cpu_us_per_tx: Option<f64>,
+    /// Every core's busy time (see the module's notes) per transaction.
+    machine_us_per_tx: f64,
+}
+
+/// The machine's busy CPU time so far, in microseconds: user, nice,
+/// system, irq and softirq of the `cpu` line of /proc/stat (guest time is
+/// inside user; idle, iowait and steal are left out).
+fn machine_busy_us() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0;
+    };
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let busy: u64 = [0, 1, 2, 5, 6].iter().filter_map(|i| f.get(*i)).sum();
+    busy * 1_000_000 / hz
 }
 
 fn pgbench(bindir: &Path, t: &Target, clients: u32, txns_per_client: u32) -> Result<PgbenchResult> {
     let cpu0 = t.pid.map(cpu_us);
+    let machine0 = machine_busy_us();
     let out = Command::new(bindir.join("pgbench"))
         .args(["-n", "-S", "-h", "127.0.0.1", "-U", "postgres"])
         .args(["-p", &t.port.to_string()])
@@ -54,6 +81,7 @@ fn pgbench(bindir: &Path, t: &Target, clients: u32, txns_per_client: u32) -> Res
         .args(["-t", &txns_per_client.to_string(), "postgres"])
         .output()?;
     let cpu1 = t.pid.map(cpu_us);
+    let machine1 = machine_busy_us();
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
@@ -81,6 +109,7 @@ fn pgbench(bindir: &Path, t: &Target, clients: u32, txns_per_client: u32) -> Res
         tps,
         latency_ms,
         cpu_us_per_tx,
+        machine_us_per_tx: machine1.saturating_sub(machine0) as f64 / total,
     })
 }
 
@@ -374,7 +403,10 @@ fn main() -> Result<()> {
     let mut tps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut lat: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    // Per round, each target's machine CPU per transaction.
+    let mut machine: Vec<BTreeMap<&str, f64>> = Vec::new();
     for round in 0..rounds {
+        machine.push(BTreeMap::new());
         eprintln!(
             "round {}/{rounds}: pgbench -S, 16 clients and 1 client",
             round + 1
@@ -385,6 +417,7 @@ fn main() -> Result<()> {
             let t = &targets[(k + round) % n];
             let r = pgbench(&bindir, t, 16, per_client)?;
             tps.entry(t.name).or_default().push(r.tps);
+            machine[round].insert(t.name, r.machine_us_per_tx);
             if let Some(c) = r.cpu_us_per_tx {
                 cpu.entry(t.name).or_default().push(c);
             }
@@ -442,6 +475,25 @@ fn main() -> Result<()> {
             mine.iter().zip(&hap_cpu).map(|(m, h)| m / h).collect(),
         ))
     };
+    // Machine CPU added per transaction: the target's minus the direct
+    // connection's in the same round; its ratio to HAProxy's, round by
+    // round.
+    let added = |name: &str| -> Vec<f64> {
+        machine
+            .iter()
+            .filter_map(|r| Some(r.get(name)? - r.get("direct")?))
+            .collect()
+    };
+    let hap_added = added("haproxy");
+    let added_ratio = |name: &str| -> Option<f64> {
+        let v: Vec<f64> = added(name)
+            .iter()
+            .zip(&hap_added)
+            .filter(|(_, h)| **h > 0.0)
+            .map(|(m, h)| m / h)
+            .collect();
+        (!v.is_empty()).then(|| median(v))
+    };
     println!();
     println!("keelson comparison, {rounds} round(s), medians; PostgreSQL on 127.0.0.1:{pg_port}");
     println!(
@@ -478,6 +530,32 @@ fn main() -> Result<()> {
         );
     }
     println!("(tps: pgbench -S -c 16 -t {per_client}; latency: -c 1; idle: {idle_n} sessions after startup; copy: {copy_rows} rows)");
+    println!();
+    println!(
+        "{:<10} {:>16} {:>18} {:>10}",
+        "target", "machine µs/tx", "added vs direct", "vs haproxy"
+    );
+    for t in &targets {
+        let m: Vec<f64> = machine
+            .iter()
+            .filter_map(|r| r.get(t.name).copied())
+            .collect();
+        let a = added(t.name);
+        println!(
+            "{:<10} {:>16.2} {:>18} {:>10}",
+            t.name,
+            median(m),
+            if t.name == "direct" {
+                "-".to_owned()
+            } else {
+                format!("{:.2}", median(a))
+            },
+            added_ratio(t.name).map_or("-".to_owned(), |v| format!("{v:.3}")),
+        );
+    }
+    println!(
+        "(machine: user+nice+system+irq+softirq of all cores per transaction, pgbench -S -c 16)"
+    );
     for name in ["keelson", "keelson-1w", "pgbouncer"] {
         if let Some(mine) = cpu.get(name) {
             let per_round: Vec<String> = mine

@@ -484,9 +484,19 @@ pub(crate) async fn until_fenced<T>(
     if fence.is_fired() {
         return Err(SessionError::FencedWhileConnecting);
     }
+    // A fence that fired wins over work that finished in the same poll
+    // (the work can finish after the fence was looked at, within one poll,
+    // while another thread fires it): it is looked at again.
     tokio::select! {
-        r = work => r,
+        biased;
         _ = notified => Err(SessionError::FencedWhileConnecting),
+        r = work => {
+            if fence.is_fired() {
+                Err(SessionError::FencedWhileConnecting)
+            } else {
+                r
+            }
+        }
     }
 }
 
@@ -504,14 +514,27 @@ pub(crate) async fn until_fenced_unless_draining<T>(
     notified.as_mut().enable();
     if !fence.is_fired() {
         tokio::select! {
-            r = &mut work => return r,
+            // The fence first, and again once the work finished (see
+            // until_fenced).
+            biased;
             _ = notified => {}
+            r = &mut work => {
+                if !fence.is_fired() || draining(fence, &committed) {
+                    return r;
+                }
+                return Err(SessionError::FencedWhileConnecting);
+            }
         }
     }
-    if committed() && fence.reason().is_some_and(|r| r.drain) {
+    if draining(fence, &committed) {
         return work.await;
     }
     Err(SessionError::FencedWhileConnecting)
+}
+
+/// A switchover's drain lets a session the client has seen set up finish.
+fn draining(fence: &Fence, committed: &impl Fn() -> bool) -> bool {
+    committed() && fence.reason().is_some_and(|r| r.drain)
 }
 
 /// Where a session was routed.

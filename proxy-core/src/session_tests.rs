@@ -713,6 +713,7 @@ async fn a_switchover_fence_lets_a_session_in_its_password_exchange_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_fence_ends_a_session_in_its_password_exchange() {
     let (got, _) = fenced_in_password_exchange(FenceReason::primary_changed()).await;
+    assert!(got.contains(&b'E'), "no ErrorResponse in {got:?}");
     let fields = error_fields(&got);
     assert_eq!(field(&fields, b'C'), Some("57P03"), "{got:?}");
     assert!(!got.starts_with(b"R"), "{got:?}");
