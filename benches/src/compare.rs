@@ -292,7 +292,8 @@ fn main() -> Result<()> {
         &format!("CREATE TABLE bulk AS SELECT g AS id, repeat(md5(g::text), 3) AS v FROM generate_series(1, {copy_rows}) g"),
     )?;
 
-    // keelson, with its default worker count and with one worker.
+    // keelson, with its default worker count (half the CPUs) and with one
+    // worker per CPU (the default before it was measured).
     let start_keelson = |port: u16, workers: Option<&str>| -> Result<Proc> {
         let mut c = Command::new(&keelson);
         c.args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
@@ -313,7 +314,10 @@ fn main() -> Result<()> {
     let k_port = free_port();
     let keelson_proc = start_keelson(k_port, None)?;
     let k1_port = free_port();
-    let keelson1_proc = start_keelson(k1_port, Some("1"))?;
+    let ncpu = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    let keelson1_proc = start_keelson(k1_port, Some(&ncpu))?;
     // HAProxy
     let h_port = free_port();
     let hcfg = dir.path().join("haproxy.cfg");
@@ -361,7 +365,7 @@ fn main() -> Result<()> {
     };
     for (p, n) in [
         (k_port, "keelson"),
-        (k1_port, "keelson-1w"),
+        (k1_port, "keelson-ncpu"),
         (h_port, "haproxy"),
         (b_port, "pgbouncer"),
     ] {
@@ -379,7 +383,7 @@ fn main() -> Result<()> {
             pid: Some(keelson_proc.child.id()),
         },
         Target {
-            name: "keelson-1w",
+            name: "keelson-ncpu",
             port: k1_port,
             pid: Some(keelson1_proc.child.id()),
         },
@@ -497,7 +501,7 @@ fn main() -> Result<()> {
     println!();
     println!("keelson comparison, {rounds} round(s), medians; PostgreSQL on 127.0.0.1:{pg_port}");
     println!(
-        "{:<10} {:>10} {:>9} {:>12} {:>10} {:>14} {:>10} {:>14} {:>13} {:>11}",
+        "{:<12} {:>10} {:>9} {:>12} {:>10} {:>14} {:>10} {:>14} {:>13} {:>11}",
         "target",
         "tps@16",
         "vs direct",
@@ -516,7 +520,7 @@ fn main() -> Result<()> {
         let (gbs, cpg) = copy[t.name];
         let fmt_opt = |v: Option<f64>, p: usize| v.map_or("-".to_owned(), |v| format!("{v:.p$}"));
         println!(
-            "{:<10} {:>10.0} {:>9.3} {:>12} {:>10} {:>14.1} {:>10} {:>14} {:>13.3} {:>11}",
+            "{:<12} {:>10.0} {:>9.3} {:>12} {:>10} {:>14.1} {:>10} {:>14} {:>13.3} {:>11}",
             t.name,
             tp,
             tp / direct_tps,
@@ -532,7 +536,7 @@ fn main() -> Result<()> {
     println!("(tps: pgbench -S -c 16 -t {per_client}; latency: -c 1; idle: {idle_n} sessions after startup; copy: {copy_rows} rows)");
     println!();
     println!(
-        "{:<10} {:>16} {:>18} {:>10}",
+        "{:<12} {:>16} {:>18} {:>10}",
         "target", "machine µs/tx", "added vs direct", "vs haproxy"
     );
     for t in &targets {
@@ -542,7 +546,7 @@ fn main() -> Result<()> {
             .collect();
         let a = added(t.name);
         println!(
-            "{:<10} {:>16.2} {:>18} {:>10}",
+            "{:<12} {:>16.2} {:>18} {:>10}",
             t.name,
             median(m),
             if t.name == "direct" {
@@ -550,13 +554,15 @@ fn main() -> Result<()> {
             } else {
                 format!("{:.2}", median(a))
             },
-            added_ratio(t.name).map_or("-".to_owned(), |v| format!("{v:.3}")),
+            added_ratio(t.name)
+                .filter(|_| t.name != "direct")
+                .map_or("-".to_owned(), |v| format!("{v:.3}")),
         );
     }
     println!(
         "(machine: user+nice+system+irq+softirq of all cores per transaction, pgbench -S -c 16)"
     );
-    for name in ["keelson", "keelson-1w", "pgbouncer"] {
+    for name in ["keelson", "keelson-ncpu", "pgbouncer"] {
         if let Some(mine) = cpu.get(name) {
             let per_round: Vec<String> = mine
                 .iter()

@@ -1497,6 +1497,62 @@ impl ClusterData {
         }
     }
 
+    /// Why `ctl promote` must not promote this standby cluster now, or
+    /// `None`. What is promoted must be a copy of the source, and the most
+    /// advanced one there is: not while a failover or switchover inside it
+    /// is electing another leader (it may elect a less advanced member), not
+    /// without a healthy leader holding data, and, unless `force`, not while
+    /// a member that is down was last seen ahead of the leader (it may hold
+    /// the source's WAL the leader lacks: with the source gone, the newest
+    /// copy). A healthy member streams from the leader: never really ahead
+    /// of it, though its newer report can be.
+    pub fn why_not_promote(&self, force: bool) -> Option<String> {
+        use crate::status::format_lsn;
+        if !self.spec.is_standby() {
+            return Some("the cluster is not a standby cluster: it takes writes already".into());
+        }
+        if let Some(f) = &self.failover {
+            return Some(format!(
+                "a {} from {} is under way: promote once `keelson ctl status` shows a standby \
+                 leader again (the member it elects may not be the most advanced)",
+                f.reason, f.from
+            ));
+        }
+        let Some((m, db)) = self
+            .proxy
+            .master_db
+            .as_ref()
+            .and_then(|m| self.dbs.get(m).map(|db| (m, db)))
+        else {
+            return Some(
+                "the standby cluster has no standby leader yet: nothing to promote".into(),
+            );
+        };
+        if !(db.status.healthy && db.status.in_recovery && db.status.system_id.is_some()) {
+            return Some(format!(
+                "the standby leader {m} is not a healthy standby holding the source's data ({}); \
+                 promote once it is",
+                db.status.problem.as_deref().unwrap_or("not healthy")
+            ));
+        }
+        let ahead: Vec<String> = self
+            .dbs
+            .iter()
+            .filter(|(u, o)| *u != m && !o.status.healthy && o.status.lsn > db.status.lsn)
+            .map(|(u, o)| format!("{u} (last seen at {})", format_lsn(o.status.lsn)))
+            .collect();
+        if !ahead.is_empty() && !force {
+            return Some(format!(
+                "{} ahead of the standby leader {m} ({}): promoting {m} would lose the source's \
+                 WAL beyond it. Bring it back (it then catches up, or leads), or promote anyway \
+                 with --force",
+                ahead.join(", "),
+                format_lsn(db.status.lsn)
+            ));
+        }
+        None
+    }
+
     /// Names `db` (or nobody) as the primary proxies route to, bumping the
     /// proxy generation.
     pub fn set_proxy_master(&mut self, db: Option<&str>) {
@@ -1925,5 +1981,53 @@ mod tests {
                 .address(),
             "[::1]:5432"
         );
+    }
+
+    #[test]
+    fn promotion_needs_a_healthy_leader_ahead_of_every_member_that_is_down() {
+        let mut d = ClusterData::new(standby_spec());
+        let why = |d: &ClusterData, force| d.why_not_promote(force).unwrap_or_default();
+        assert!(why(&d, false).contains("no standby leader yet"));
+        for (uid, lsn) in [("k1", 100), ("k2", 100), ("k3", 90)] {
+            d.dbs.insert(
+                uid.into(),
+                Db {
+                    keeper: uid.into(),
+                    status: DbStatus {
+                        healthy: true,
+                        in_recovery: true,
+                        lsn,
+                        system_id: Some("s".into()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            );
+        }
+        d.set_proxy_master(Some("k1"));
+        assert_eq!(d.why_not_promote(false), None);
+        // A healthy member's newer report may show it ahead: no refusal.
+        d.dbs.get_mut("k3").unwrap().status.lsn = 120;
+        assert_eq!(d.why_not_promote(false), None);
+        // One that is down and was last seen ahead: refused, unless forced.
+        d.dbs.get_mut("k2").unwrap().status.healthy = false;
+        d.dbs.get_mut("k2").unwrap().status.lsn = 200;
+        assert!(
+            why(&d, false).contains("k2 (last seen at 0/C8) ahead"),
+            "{}",
+            why(&d, false)
+        );
+        assert_eq!(d.why_not_promote(true), None);
+        d.failover = Some(Failover {
+            from: "k1".into(),
+            reason: "failover".into(),
+            ..Default::default()
+        });
+        assert!(why(&d, true).contains("under way"));
+        d.failover = None;
+        d.dbs.get_mut("k1").unwrap().status.healthy = false;
+        assert!(why(&d, true).contains("not a healthy standby"));
+        d.spec.role = ClusterRole::Primary;
+        assert!(why(&d, true).contains("not a standby cluster"));
     }
 }

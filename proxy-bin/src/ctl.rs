@@ -115,6 +115,10 @@ pub enum CtlCommand {
         /// How long to wait for the promoted leader to take writes.
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        /// Promote even though another member was last seen further ahead
+        /// than the leader (its WAL beyond the leader's is then lost).
+        #[arg(long)]
+        force: bool,
     },
     /// Every change of primary: when, why, from and to, timeline and LSN.
     History {
@@ -1183,36 +1187,11 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 }
             );
         }
-        CtlCommand::Promote { timeout } => {
+        CtlCommand::Promote { timeout, force } => {
             let mut leader = None;
             update(&store, &keys, |d| {
-                if !d.spec.is_standby() {
-                    bail!("the cluster is not a standby cluster: it takes writes already");
-                }
-                // What is promoted must be the most advanced copy there is,
-                // and a copy at all.
-                if let Some(f) = &d.failover {
-                    bail!(
-                        "a {} from {} is under way: promote once `keelson ctl status` shows a \
-                         standby leader again (the member it elects may not be the most advanced)",
-                        f.reason,
-                        f.from
-                    );
-                }
-                let named = d
-                    .proxy
-                    .master_db
-                    .as_ref()
-                    .and_then(|m| d.dbs.get(m).map(|db| (m, db)));
-                let Some((m, db)) = named else {
-                    bail!("the standby cluster has no standby leader yet: nothing to promote");
-                };
-                if !(db.status.healthy && db.status.in_recovery && db.status.system_id.is_some()) {
-                    bail!(
-                        "the standby leader {m} is not a healthy standby holding the source's data \
-                         ({}); promote once it is",
-                        db.status.problem.as_deref().unwrap_or("not healthy")
-                    );
+                if let Some(why) = d.why_not_promote(force) {
+                    bail!("{why}");
                 }
                 let spec = ClusterSpec {
                     role: cluster::data::ClusterRole::Primary,
