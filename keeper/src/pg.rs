@@ -234,7 +234,7 @@ impl Instance {
     /// could read itself: the spec (anyone who may write the store) must
     /// not make it send a root-only file to the host the spec names.
     fn source_passfile(&self, s: &cluster::data::StandbySource) -> Result<PathBuf> {
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        use std::os::unix::fs::MetadataExt;
         let refuse = |why: String| PgError::Program {
             program: "keeper".into(),
             detail: format!(
@@ -260,26 +260,7 @@ impl Instance {
         if password.contains(['\n', '\r']) || password.is_empty() {
             return Err(refuse("it must hold the password on one line".into()));
         }
-        let path = self.dir.join("source-pgpass");
-        let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
-        let line = format!("*:*:*:{}:{}\n", esc(&s.user), esc(password));
-        if std::fs::read_to_string(&path).is_ok_and(|old| old == line) {
-            return Ok(path);
-        }
-        // Replaced whole: a WAL receiver reading it meanwhile sees the old
-        // file or the new one.
-        let tmp = self.dir.join("source-pgpass.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        std::io::Write::write_all(&mut f, line.as_bytes())?;
-        drop(f);
-        self.chown(&tmp)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(path)
+        self.write_passfile("source-pgpass", &s.user, password)
     }
 
     /// Runs the server with TLS (see [`PgTls`]).
@@ -440,22 +421,32 @@ impl Instance {
     /// The replication account's password file (mode 0600), written on
     /// every use so that a changed password takes effect.
     fn passfile(&self) -> Result<PathBuf> {
+        self.write_passfile("pgpass", &self.repl.user, &self.repl.password)
+    }
+
+    /// Writes a libpq password file `name` in the keeper's directory (mode
+    /// 0600, owned by the server's account) for `user` on every host, when
+    /// its text changes. Replaced whole: a WAL receiver reading it meanwhile
+    /// sees the old file or the new one.
+    fn write_passfile(&self, name: &str, user: &str, password: &str) -> Result<PathBuf> {
         use std::os::unix::fs::OpenOptionsExt;
-        let path = self.dir.join("pgpass");
+        let path = self.dir.join(name);
         let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
-        let line = format!(
-            "*:*:*:{}:{}\n",
-            esc(&self.repl.user),
-            esc(&self.repl.password)
-        );
+        let line = format!("*:*:*:{}:{}\n", esc(user), esc(password));
+        if std::fs::read_to_string(&path).is_ok_and(|old| old == line) {
+            return Ok(path);
+        }
+        let tmp = self.dir.join(format!("{name}.tmp"));
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
             .mode(0o600)
-            .open(&path)?;
+            .open(&tmp)?;
         std::io::Write::write_all(&mut f, line.as_bytes())?;
-        self.chown(&path)?;
+        drop(f);
+        self.chown(&tmp)?;
+        std::fs::rename(&tmp, &path)?;
         Ok(path)
     }
 

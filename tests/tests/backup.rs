@@ -64,6 +64,30 @@ fn pgbackrest(c: &LocalCluster, i: usize, args: &[&str]) -> Result<String, Strin
     }
 }
 
+/// Restores the newest backup into `target` with keeper `i`'s
+/// configuration, archiving nothing, and starts PostgreSQL on it once it
+/// has replayed the archive and promoted.
+async fn restore(c: &LocalCluster, i: usize, target: &Path) -> Restored {
+    std::fs::create_dir_all(target).unwrap();
+    if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
+        std::os::unix::fs::chown(target, Some(uid), Some(gid)).unwrap();
+    }
+    std::fs::set_permissions(target, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    pgbackrest(
+        c,
+        i,
+        &[
+            "restore",
+            &format!("--pg1-path={}", target.display()),
+            "--archive-mode=off",
+        ],
+    )
+    .unwrap();
+    let restored = Restored::start(target);
+    restored.wait_promoted(target).await;
+    restored
+}
+
 /// A text value from keeper `i`'s PostgreSQL.
 async fn text(c: &LocalCluster, i: usize, sql: &str) -> String {
     let conn = format!(
@@ -268,25 +292,8 @@ async fn archiving_survives_two_failovers_and_a_restore_replays_every_acknowledg
 
     // A restore of the backup taken before both failovers replays the
     // archive across both timelines to the last acknowledged write.
-    let target = dir.path().join("restored");
-    std::fs::create_dir_all(&target).unwrap();
-    if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
-        std::os::unix::fs::chown(&target, Some(uid), Some(gid)).unwrap();
-    }
-    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let t = Instant::now();
-    pgbackrest(
-        &c,
-        m,
-        &[
-            "restore",
-            &format!("--pg1-path={}", target.display()),
-            "--archive-mode=off",
-        ],
-    )
-    .unwrap();
-    let restored = Restored::start(&target);
-    restored.wait_promoted(&target).await;
+    let restored = restore(&c, m, &dir.path().join("restored")).await;
     eprintln!("restored and replayed in {:?}", t.elapsed());
     let client = connect(&restored.conn()).await;
     let present: i64 = client
@@ -693,25 +700,14 @@ async fn a_backup_from_a_standby_goes_through_the_primarys_tls_server_and_restor
     std::fs::write(&ca_path, ca_cert.pem()).unwrap();
     let args: Vec<Vec<String>> = (1..=2)
         .map(|i| {
-            let (cert, key) = crate::secured::signed(
-                certs.path(),
-                &format!("k{i}"),
-                &["127.0.0.1", "localhost"],
-                &format!("k{i}"),
-                &issuer,
-            );
-            vec![
-                "--pg-ssl-cert-file".into(),
-                cert.display().to_string(),
-                "--pg-ssl-key-file".into(),
-                key.display().to_string(),
-                "--pg-ssl-ca-file".into(),
-                ca_path.display().to_string(),
-                // pgBackRest checks the server's certificate for a host
-                // name (an IP address SAN does not match).
+            let mut a = crate::secured::keeper_tls_args(certs.path(), i, &issuer, &ca_path);
+            // pgBackRest checks the server's certificate for a host name
+            // (an IP address SAN does not match).
+            a.extend([
                 "--pgbackrest-listen".into(),
                 format!("localhost:{}", free_port()),
-            ]
+            ]);
+            a
         })
         .collect();
     let dir = tempfile::tempdir().unwrap();
@@ -740,6 +736,13 @@ async fn a_backup_from_a_standby_goes_through_the_primarys_tls_server_and_restor
     );
     let standby = c.standbys()[0];
     c.wait_standbys_see("SELECT count(*) FROM w", 1000).await;
+    // `ctl backup --from-standby` takes a standby the cluster data shows
+    // streaming.
+    crate::assert_eventually!(
+        c.data().await.dbs[&c.uid(standby)].status.streaming,
+        Duration::from_secs(30),
+        "k{standby} is not reported streaming"
+    );
     let out = c
         .ctl(&["backup", "--from-standby", "--type", "full"])
         .unwrap_or_else(|e| panic!("{e}\n{}", c.keeper_log(standby)));
@@ -767,24 +770,7 @@ async fn a_backup_from_a_standby_goes_through_the_primarys_tls_server_and_restor
     );
 
     // It restores, with every row.
-    let target = dir.path().join("restored");
-    std::fs::create_dir_all(&target).unwrap();
-    if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
-        std::os::unix::fs::chown(&target, Some(uid), Some(gid)).unwrap();
-    }
-    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    pgbackrest(
-        &c,
-        standby,
-        &[
-            "restore",
-            &format!("--pg1-path={}", target.display()),
-            "--archive-mode=off",
-        ],
-    )
-    .unwrap();
-    let restored = Restored::start(&target);
-    restored.wait_promoted(&target).await;
+    let restored = restore(&c, standby, &dir.path().join("restored")).await;
     let client = connect(&restored.conn()).await;
     let n: i64 = client
         .query_one("SELECT count(*) FROM w", &[])

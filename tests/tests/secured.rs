@@ -32,6 +32,27 @@ pub(crate) fn ca(name: &str) -> (rcgen::Certificate, rcgen::Issuer<'static, rcge
     (cert, rcgen::Issuer::new(params, key))
 }
 
+/// Keeper `k{i}`'s `--pg-ssl-*` flags: a certificate for 127.0.0.1 and
+/// localhost with the common name `k{i}`, signed by `issuer`, whose
+/// certificate is at `ca_path`.
+pub(crate) fn keeper_tls_args(
+    dir: &Path,
+    i: usize,
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    ca_path: &Path,
+) -> Vec<String> {
+    let name = format!("k{i}");
+    let (c, k) = signed(dir, &name, &["127.0.0.1", "localhost"], &name, issuer);
+    vec![
+        "--pg-ssl-cert-file".into(),
+        c.display().to_string(),
+        "--pg-ssl-key-file".into(),
+        k.display().to_string(),
+        "--pg-ssl-ca-file".into(),
+        ca_path.display().to_string(),
+    ]
+}
+
 pub(crate) fn signed(
     dir: &Path,
     name: &str,
@@ -332,23 +353,7 @@ async fn replication_runs_over_tls_with_keeper_managed_certificates() {
     std::fs::write(&ca_path, ca_cert.pem()).unwrap();
     std::fs::write(&other_ca, other_cert.pem()).unwrap();
     let args: Vec<Vec<String>> = (1..=2)
-        .map(|i| {
-            let (c, k) = signed(
-                certs.path(),
-                &format!("k{i}"),
-                &["127.0.0.1", "localhost"],
-                &format!("k{i}"),
-                &issuer,
-            );
-            vec![
-                "--pg-ssl-cert-file".into(),
-                c.display().to_string(),
-                "--pg-ssl-key-file".into(),
-                k.display().to_string(),
-                "--pg-ssl-ca-file".into(),
-                ca_path.display().to_string(),
-            ]
-        })
+        .map(|i| keeper_tls_args(certs.path(), i, &issuer, &ca_path))
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());

@@ -72,6 +72,21 @@ async fn all_see(c: &LocalCluster, want: i64, limit: Duration) {
     }
 }
 
+/// Waits until A's primary streams to B's member `leader`, under the
+/// name a standby leader streams as.
+async fn streams_to_leader(a: &LocalCluster, b: &LocalCluster, leader: usize) {
+    let name = keeper::run::source_application_name(&b.uid(leader));
+    let on_a = format!(
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name = '{name}' \
+         AND state = 'streaming'"
+    );
+    crate::assert_eventually!(
+        a.direct(a.master, &on_a).await == Some(1),
+        Duration::from_secs(20),
+        "A's primary does not stream to B's leader k{leader} as {name}"
+    );
+}
+
 async fn insert(conn: &str, n: i32) {
     let client = connect(conn).await;
     client
@@ -98,16 +113,7 @@ async fn a_standby_cluster_follows_another_through_its_proxy_and_is_promoted() {
     let mut b = standby_cluster(&dir.path().join("b"), a.proxy.port(), 3, None).await;
     all_see(&b, 100, Duration::from_secs(30)).await;
     let leader = b.master;
-    let name = keeper::run::source_application_name(&b.uid(leader));
-    let on_a = format!(
-        "SELECT count(*) FROM pg_stat_replication WHERE application_name = '{name}' \
-         AND state = 'streaming'"
-    );
-    crate::assert_eventually!(
-        a.direct(a.master, &on_a).await == Some(1),
-        Duration::from_secs(20),
-        "A's primary does not stream to B's leader as {name}"
-    );
+    streams_to_leader(&a, &b, leader).await;
     // Every member of B is in recovery; its standbys stream from its leader.
     for i in 1..=3 {
         assert_eq!(
@@ -156,16 +162,7 @@ async fn a_standby_cluster_follows_another_through_its_proxy_and_is_promoted() {
     );
     insert(&a.conn, 50).await;
     all_see(&b, 150, Duration::from_secs(30)).await;
-    let name = keeper::run::source_application_name(&b.uid(new_leader));
-    let on_a = format!(
-        "SELECT count(*) FROM pg_stat_replication WHERE application_name = '{name}' \
-         AND state = 'streaming'"
-    );
-    crate::assert_eventually!(
-        a.direct(a.master, &on_a).await == Some(1),
-        Duration::from_secs(20),
-        "A's primary does not stream to B's new leader"
-    );
+    streams_to_leader(&a, &b, new_leader).await;
     // The old leader rejoins B, following the new one.
     b.keepers[leader - 1] = Some(b.keeper_role(leader));
     b.wait_standby(leader).await;
