@@ -185,9 +185,58 @@ async fn a_standby_cluster_follows_another_through_its_proxy_and_is_promoted() {
         "B's leader does not stream A's new timeline"
     );
 
-    // The leader is copied afresh only on request, with failover paused.
+    // The leader is copied afresh only on request, with failover paused
+    // (docs/standby-cluster.md: after the source forked its timeline before
+    // what the standby cluster replayed): from the source, and the cluster
+    // keeps following it.
     let e = b.ctl(&["reinit", &b.uid(b.master)]).unwrap_err();
     assert!(e.contains("ctl pause"), "{e}");
+    b.ctl(&["pause"]).unwrap();
+    let leader = b.master;
+    let out = b.ctl(&["reinit", &b.uid(leader)]).unwrap();
+    assert!(out.contains("from the standby cluster's source"), "{out}");
+    let copied = format!("Reinit {{ from: \"127.0.0.1:{}\" }}", a.proxy.port());
+    crate::assert_eventually!(
+        b.keeper_log(leader).contains(&copied),
+        Duration::from_secs(30),
+        "k{leader} was not copied afresh from the source:\n{}",
+        b.keeper_log(leader)
+    );
+    crate::assert_eventually!(
+        b.data()
+            .await
+            .dbs
+            .get(&b.uid(leader))
+            .is_some_and(|db| !db.spec.reinit && db.status.healthy && db.status.streaming),
+        Duration::from_secs(60),
+        "k{leader} does not stream from the source again after its copy:\n{}",
+        b.keeper_log(leader)
+    );
+    assert_eq!(b.master, leader);
+    assert_eq!(
+        b.data().await.proxy.master_db.as_deref(),
+        Some(b.uid(leader).as_str()),
+        "paused: the leadership stayed"
+    );
+    // Then each other member, from the leader: the leader's new copy holds
+    // neither their slots nor the WAL they would stream from.
+    for i in b.standbys() {
+        b.ctl(&["reinit", &b.uid(i)]).unwrap();
+        crate::assert_eventually!(
+            b.data()
+                .await
+                .dbs
+                .get(&b.uid(i))
+                .is_some_and(|db| !db.spec.reinit && db.status.healthy && db.status.streaming),
+            Duration::from_secs(60),
+            "k{i} does not stream from the leader after its copy:\n{}",
+            b.keeper_log(i)
+        );
+    }
+    b.ctl(&["resume"]).unwrap();
+    insert(&a.conn, 5).await;
+    all_see(&b, 180, Duration::from_secs(30)).await;
+    b.assert_streams_to_all().await;
 
     // Promotion: B takes writes; A is unaffected.
     let out = b.ctl(&["promote"]).unwrap();
@@ -195,18 +244,18 @@ async fn a_standby_cluster_follows_another_through_its_proxy_and_is_promoted() {
     eprintln!("{out}");
     insert(&b.conn, 7).await;
     let n = b.direct(b.master, "SELECT count(*) FROM w").await;
-    assert_eq!(n, Some(182));
+    assert_eq!(n, Some(187));
     assert_eq!(
         a.direct(a.master, "SELECT count(*) FROM w").await,
-        Some(175)
+        Some(180)
     );
     insert(&a.conn, 1).await;
     assert_eq!(
         a.direct(a.master, "SELECT count(*) FROM w").await,
-        Some(176)
+        Some(181)
     );
     // B's other members follow its new primary.
-    b.wait_standbys_see("SELECT count(*) FROM w", 182).await;
+    b.wait_standbys_see("SELECT count(*) FROM w", 187).await;
     let again = b.ctl(&["promote"]).unwrap_err();
     assert!(again.contains("not a standby cluster"), "{again}");
     a.keepers.clear();
