@@ -1360,8 +1360,6 @@ pub struct ProxyView {
     pub primary: Option<String>,
     /// Healthy standbys, with their lag.
     pub replicas: Vec<ReplicaView>,
-    /// A standby cluster: the primary route is refused with that reason.
-    pub standby: bool,
 }
 
 /// A standby as proxies see it.
@@ -1480,7 +1478,6 @@ impl ClusterData {
             generation: self.proxy.generation,
             primary,
             replicas,
-            standby,
         }
     }
 

@@ -137,8 +137,7 @@ pub fn server_conf(
         return None;
     }
     let stanza = spec.stanza.as_deref()?;
-    let (host, port) = listen.rsplit_once(':')?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let (host, port) = crate::pg::split_address(listen)?;
     let own = dir.join("pgbackrest");
     let mut out = String::from(
         "# Written by the keelson keeper: its pgBackRest TLS server (--pgbackrest-listen).\n[global]\n",
@@ -232,11 +231,8 @@ pub fn standby_backup_args(
     primary: &cluster::data::PgbackrestServer,
     pg_port: u16,
 ) -> Vec<String> {
-    let (host, port) = primary
-        .address
-        .rsplit_once(':')
-        .unwrap_or((primary.address.as_str(), "8432"));
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let (host, port) =
+        crate::pg::split_address(&primary.address).unwrap_or((primary.address.as_str(), "8432"));
     vec![
         "--backup-standby".into(),
         format!("--pg2-host={host}"),
@@ -670,6 +666,8 @@ mod tests {
         ] {
             assert!(conf.contains(line), "{line} not in\n{conf}");
         }
+        let v6 = server_conf(&spec, dir, "[::1]:8432", &["k1".into()]).unwrap();
+        assert!(v6.contains("tls-server-address=::1\n"), "{v6}");
         let primary = cluster::data::PgbackrestServer {
             address: "db1:8432".into(),
             config: "/k1/pgbackrest.conf".into(),

@@ -159,7 +159,14 @@ fn quote_literal(s: &str) -> String {
 
 /// `host:port` split in two; the port defaults to 5432.
 fn host_port(address: &str) -> (&str, &str) {
-    address.rsplit_once(':').unwrap_or((address, "5432"))
+    split_address(address).unwrap_or((address, "5432"))
+}
+
+/// `host:port` (or `[v6]:port`) split, the host without brackets, as
+/// libpq and pgBackRest take it; `None` without a port.
+pub(crate) fn split_address(address: &str) -> Option<(&str, &str)> {
+    let (host, port) = address.rsplit_once(':')?;
+    Some((host.trim_start_matches('[').trim_end_matches(']'), port))
 }
 
 /// One value of a libpq connection string, quoted.
@@ -1600,5 +1607,19 @@ impl Drop for Instance {
         if let Some(pid) = self.pid() {
             crate::postmaster::signal(pid, libc::SIGQUIT);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A standby source's `[v6]:port` reaches libpq without brackets.
+    #[test]
+    fn addresses_split_as_libpq_takes_them() {
+        assert_eq!(host_port("[::1]:5433"), ("::1", "5433"));
+        assert_eq!(host_port("db1:5433"), ("db1", "5433"));
+        assert_eq!(host_port("db1"), ("db1", "5432"));
+        assert_eq!(split_address("db1"), None);
     }
 }

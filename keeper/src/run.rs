@@ -1227,11 +1227,7 @@ impl Drop for AbortOnDrop {
 fn standby_backup_args(data: &ClusterData, dir: &std::path::Path) -> Option<Vec<String>> {
     let primary = data.dbs.get(data.proxy.master_db.as_ref()?)?;
     let server = primary.status.pgbackrest_server.as_ref()?;
-    let port = primary
-        .status
-        .address
-        .as_deref()?
-        .rsplit_once(':')?
+    let port = crate::pg::split_address(primary.status.address.as_deref()?)?
         .1
         .parse()
         .ok()?;

@@ -87,6 +87,21 @@ async fn streams_to_leader(a: &LocalCluster, b: &LocalCluster, leader: usize) {
     );
 }
 
+/// Waits until member `i`, asked to copy its data afresh, has (the
+/// sentinel cleared the request) and streams again.
+async fn streams_after_its_copy(b: &LocalCluster, i: usize) {
+    crate::assert_eventually!(
+        b.data()
+            .await
+            .dbs
+            .get(&b.uid(i))
+            .is_some_and(|db| !db.spec.reinit && db.status.healthy && db.status.streaming),
+        Duration::from_secs(60),
+        "k{i} does not stream again after its copy:\n{}",
+        b.keeper_log(i)
+    );
+}
+
 async fn insert(conn: &str, n: i32) {
     let client = connect(conn).await;
     client
@@ -202,16 +217,7 @@ async fn a_standby_cluster_follows_another_through_its_proxy_and_is_promoted() {
         "k{leader} was not copied afresh from the source:\n{}",
         b.keeper_log(leader)
     );
-    crate::assert_eventually!(
-        b.data()
-            .await
-            .dbs
-            .get(&b.uid(leader))
-            .is_some_and(|db| !db.spec.reinit && db.status.healthy && db.status.streaming),
-        Duration::from_secs(60),
-        "k{leader} does not stream from the source again after its copy:\n{}",
-        b.keeper_log(leader)
-    );
+    streams_after_its_copy(&b, leader).await;
     assert_eq!(b.master, leader);
     assert_eq!(
         b.data().await.proxy.master_db.as_deref(),
@@ -222,16 +228,7 @@ async fn a_standby_cluster_follows_another_through_its_proxy_and_is_promoted() {
     // neither their slots nor the WAL they would stream from.
     for i in b.standbys() {
         b.ctl(&["reinit", &b.uid(i)]).unwrap();
-        crate::assert_eventually!(
-            b.data()
-                .await
-                .dbs
-                .get(&b.uid(i))
-                .is_some_and(|db| !db.spec.reinit && db.status.healthy && db.status.streaming),
-            Duration::from_secs(60),
-            "k{i} does not stream from the leader after its copy:\n{}",
-            b.keeper_log(i)
-        );
+        streams_after_its_copy(&b, i).await;
     }
     b.ctl(&["resume"]).unwrap();
     insert(&a.conn, 5).await;
