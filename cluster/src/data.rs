@@ -682,6 +682,33 @@ impl ClusterSpec {
         Ok(())
     }
 
+    /// The shortest `fail_interval` that a store fault alone cannot
+    /// exceed: a healthy keeper reports every `keeper_report_interval`,
+    /// one of its requests may wait [`crate::store::REQUEST_TIMEOUT`] on a
+    /// dead etcd member before its client tries the next, and 1 s covers
+    /// the sentinel's tick and the keeper's own round.
+    pub fn tolerant_fail_interval(&self) -> Duration {
+        self.keeper_report_interval + crate::store::REQUEST_TIMEOUT + Duration::from_secs(1)
+    }
+
+    /// Settings that are safe but cost availability, each as a sentence
+    /// (`ctl init` and `ctl spec update` print them; nothing is refused: a
+    /// short `fail_interval` is a trade the operator may choose).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let tolerant = self.tolerant_fail_interval();
+        if self.fail_interval < tolerant {
+            out.push(format!(
+                "fail_interval ({}) is shorter than keeper_report_interval + the 2s store request \
+                 timeout + 1s ({}): a healthy primary whose keeper waits on one dead etcd member \
+                 can be failed over",
+                humantime::format_duration(self.fail_interval),
+                humantime::format_duration(tolerant)
+            ));
+        }
+        out
+    }
+
     /// [`ClusterSpec::validate`], and the checks of what an operator
     /// writes (`ctl init`, `ctl spec update`) on top: pg_hba lines,
     /// `pg_parameters` names and values, `convergence_timeout` longer than
@@ -1684,6 +1711,23 @@ mod tests {
     }
 
     /// The timing relations are checked at their boundary, not far inside.
+    /// The warning's boundary: keeper_report_interval + 2 s + 1 s.
+    #[test]
+    fn a_fail_interval_a_store_fault_can_exceed_is_warned_of() {
+        let at = |fail_ms: u64| ClusterSpec {
+            fail_interval: Duration::from_millis(fail_ms),
+            ..Default::default()
+        };
+        assert!(ClusterSpec::default().warnings().is_empty());
+        assert!(at(4000).warnings().is_empty());
+        let w = at(3999).warnings();
+        assert!(
+            w.len() == 1 && w[0].contains("fail_interval (3s 999ms)"),
+            "{w:?}"
+        );
+        assert!(at(3999).validate().is_ok(), "warned, not refused");
+    }
+
     #[test]
     fn timing_relations_are_enforced_at_the_boundary() {
         let base = ClusterSpec::default();

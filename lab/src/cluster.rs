@@ -290,7 +290,11 @@ impl Lab {
         let spec = if fast {
             serde_json::json!({
                 "synchronous_replication": sync,
-                "fail_interval": "3s",
+                // At least keeper_report_interval + REQUEST_TIMEOUT +
+                // 1 s (docs/ha.md, "Timing relations"): a healthy keeper
+                // whose request waits on a paused etcd member until its
+                // client tries the next one is silent about 3.2 s.
+                "fail_interval": "4s",
                 "fence_timeout": "3s",
                 "proxy_timeout": "3s",
             })

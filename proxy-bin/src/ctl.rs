@@ -977,6 +977,9 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                 None => ClusterSpec::default(),
             };
             spec.validate_written(None)?;
+            for w in spec.warnings() {
+                eprintln!("warning: {w}");
+            }
             let targets: Vec<(&str, String)> = [
                 ("time", target_time),
                 ("lsn", target_lsn),
@@ -1280,6 +1283,13 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                     (None, None) => bail!("give --file or --patch"),
                 };
                 spec.validate_written(Some(&d.spec))?;
+                if spec.fail_interval != d.spec.fail_interval
+                    || spec.keeper_report_interval != d.spec.keeper_report_interval
+                {
+                    for w in spec.warnings() {
+                        eprintln!("warning: {w}");
+                    }
+                }
                 // Fields a newer keelson wrote stay as they are.
                 let extra = d.spec.extra.clone();
                 let spec = ClusterSpec { extra, ..spec };

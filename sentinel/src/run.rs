@@ -60,17 +60,31 @@ impl Memory {
 pub type Clock<'a> = &'a (dyn Fn() -> u64 + Sync);
 
 /// Reads what the keepers and proxies report, judged by `mem` at `now`.
-pub async fn observe(
-    store: &AnyStore,
+pub async fn observe<S: Store>(
+    store: &S,
     keys: &Keys,
     data: &ClusterData,
     mem: &mut Memory,
     now_ms: u64,
 ) -> Result<Observations, StoreError> {
+    let (keepers, _) = store.list(&keys.keepers()).await?;
+    let (proxies, _) = store.list(&keys.proxies()).await?;
+    Ok(judge(keys, data, keepers, proxies, mem, now_ms))
+}
+
+/// Judges the keepers' and proxies' registrations read at `now_ms` by
+/// what `mem` remembers of earlier rounds.
+fn judge(
+    keys: &Keys,
+    data: &ClusterData,
+    keepers: Vec<cluster::KeyValue>,
+    proxies: Vec<cluster::KeyValue>,
+    mem: &mut Memory,
+    now_ms: u64,
+) -> Observations {
     let mut obs = Observations::default();
     let stale_ms = data.spec.report_stale_after().as_millis() as u64 + TICK.as_millis() as u64;
-    let (kvs, _) = store.list(&keys.keepers()).await?;
-    for kv in kvs {
+    for kv in keepers {
         // A registration that cannot be read still holds a live lease: its
         // keeper has not fenced itself.
         if let Some(uid) = kv.key.strip_prefix(&keys.keepers()) {
@@ -100,8 +114,7 @@ pub async fn observe(
         obs.keepers.insert(r.uid.clone(), r);
     }
     mem.seen.retain(|uid, _| obs.registered.contains(uid));
-    let (kvs, _) = store.list(&keys.proxies()).await?;
-    for kv in kvs {
+    for kv in proxies {
         match serde_json::from_str::<ProxyReport>(&kv.value) {
             Ok(p) => {
                 obs.proxies.insert(p.uid.clone(), p);
@@ -138,7 +151,7 @@ pub async fn observe(
     obs.wall_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    Ok(obs)
+    obs
 }
 
 /// The keepers' and proxies' registrations as they are now, every report
@@ -164,48 +177,57 @@ fn only_volatile(a: &ClusterData, b: &ClusterData) -> bool {
     strip(a) == strip(b)
 }
 
-/// One round as leader. Returns whether the cluster data changed.
-pub async fn step(
-    store: &AnyStore,
-    keys: &Keys,
-    mem: &mut Memory,
-    clock: Clock<'_>,
-) -> Result<bool, StoreError> {
-    let round = clock();
-    // A gap in observation (a store outage, a stall of this process) is
-    // not failure time: start every timer afresh.
-    let gap = (2 * TICK + cluster::store::REQUEST_TIMEOUT).as_millis() as u64;
-    if mem
-        .last_round_ms
-        .is_none_or(|t| round.saturating_sub(t) > gap)
-    {
-        if mem.last_round_ms.is_some() {
-            tracing::info!(
-                gap_ms = round.saturating_sub(mem.last_round_ms.unwrap_or(round)),
-                "observation gap: restarting failure timers"
-            );
+/// Longer than this between two observations (the moments a round's
+/// reads returned) is a gap: a store outage, a request that waited on a
+/// dead etcd member until the client tried the next one, an etcd
+/// election, a stall of this process. Every keeper's writes may have
+/// waited as long, so that time never counts as failure time.
+pub const OBSERVATION_GAP: Duration = Duration::from_millis(
+    2 * TICK.as_millis() as u64 + cluster::store::REQUEST_TIMEOUT.as_millis() as u64,
+);
+
+/// Restarts every timer if the observation made at `now` follows the
+/// last one by more than [`OBSERVATION_GAP`], and records it.
+fn observed_at(mem: &mut Memory, now: u64) {
+    let gap = OBSERVATION_GAP.as_millis() as u64;
+    match mem.last_round_ms {
+        Some(t) if now.saturating_sub(t) <= gap => {}
+        last => {
+            if let Some(t) = last {
+                tracing::info!(
+                    gap_ms = now.saturating_sub(t),
+                    "observation gap: restarting failure timers"
+                );
+            }
+            mem.reset(now);
         }
-        mem.reset(round);
     }
-    let result = round_once(store, keys, mem, clock).await;
-    if result.is_ok() {
-        mem.last_round_ms = Some(clock());
-    }
-    result
+    mem.last_round_ms = Some(now);
 }
 
-async fn round_once(
-    store: &AnyStore,
+/// One round as leader. Returns whether the cluster data changed.
+pub async fn step<S: Store>(
+    store: &S,
     keys: &Keys,
     mem: &mut Memory,
     clock: Clock<'_>,
 ) -> Result<bool, StoreError> {
-    let Some(kv) = store.get(&keys.clusterdata()).await? else {
+    // The three reads at once: a round's observation is as of when they
+    // all returned, and one slow store costs one request's time, not three.
+    let (data_key, keepers_prefix, proxies_prefix) =
+        (keys.clusterdata(), keys.keepers(), keys.proxies());
+    let (kv, (keepers, _), (proxies, _)) = tokio::try_join!(
+        store.get(&data_key),
+        store.list(&keepers_prefix),
+        store.list(&proxies_prefix),
+    )?;
+    let now = clock();
+    observed_at(mem, now);
+    let Some(kv) = kv else {
         return Ok(false);
     };
     let data = ClusterData::from_json(&kv.value).map_err(|e| StoreError::Invalid(e.to_string()))?;
-    let now = clock();
-    let obs = observe(store, keys, &data, mem, now).await?;
+    let obs = judge(keys, &data, keepers, proxies, mem, now);
     let next = decide(&data, &obs, now);
     if next == data {
         return Ok(false);
@@ -706,5 +728,140 @@ mod tests {
         )
         .await;
         assert!(data(&store, &keys).await.failover.is_some());
+    }
+
+    /// A store whose next read of the cluster data waits `stall` ms of
+    /// test time: a request stuck on a paused etcd member until the
+    /// client tries the next one, or an etcd election.
+    #[derive(Clone)]
+    struct Stalling {
+        inner: AnyStore,
+        now: std::sync::Arc<AtomicU64>,
+        stall: std::sync::Arc<AtomicU64>,
+    }
+
+    impl Store for Stalling {
+        async fn get(&self, key: &str) -> Result<Option<cluster::KeyValue>, StoreError> {
+            let stall = self.stall.swap(0, Ordering::Relaxed);
+            self.now.fetch_add(stall, Ordering::Relaxed);
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<(Vec<cluster::KeyValue>, i64), StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn put_if_revision(
+            &self,
+            key: &str,
+            value: &str,
+            expected: i64,
+            lease: LeaseId,
+        ) -> Result<Cas, StoreError> {
+            self.inner
+                .put_if_revision(key, value, expected, lease)
+                .await
+        }
+        async fn put(&self, key: &str, value: &str, lease: LeaseId) -> Result<i64, StoreError> {
+            self.inner.put(key, value, lease).await
+        }
+        async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+            self.inner.delete(key).await
+        }
+        async fn delete_if_revision(&self, key: &str, expected: i64) -> Result<bool, StoreError> {
+            self.inner.delete_if_revision(key, expected).await
+        }
+        async fn watch(&self, prefix: &str, revision: i64) -> Result<cluster::Watch, StoreError> {
+            self.inner.watch(prefix, revision).await
+        }
+        async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+            self.inner.grant(ttl).await
+        }
+        async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+            self.inner.keep_alive(lease).await
+        }
+        async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+            self.inner.revoke(lease).await
+        }
+    }
+
+    struct Round<'a> {
+        store: &'a Stalling,
+        keys: &'a Keys,
+        lease: LeaseId,
+        mem: &'a mut Memory,
+    }
+
+    impl Round<'_> {
+        /// A round at `t` whose read waits `stall` ms; the keepers not
+        /// `silent` reported just before it.
+        async fn at(&mut self, t: u64, silent: &[&str], stall: u64) {
+            let s = self.store;
+            s.now.store(t, Ordering::Relaxed);
+            for uid in ["m", "s1"] {
+                if !silent.contains(&uid) {
+                    report(&s.inner, self.keys, self.lease, uid, t).await;
+                }
+            }
+            s.stall.store(stall, Ordering::Relaxed);
+            let clock = || s.now.load(Ordering::Relaxed);
+            step(s, self.keys, self.mem, &clock).await.unwrap();
+        }
+    }
+
+    /// The lab's PauseEtcdMember of the etcd leader: a round begins on
+    /// time, its read waits 6 s on the store, and meanwhile the standby's
+    /// keeper (its client on a live member) reported while the primary's
+    /// (its client on the paused member) could not. The time the read
+    /// waited is a gap in observation, as if the round had begun late: no
+    /// failover (the old rule measured the gap at the round's start only,
+    /// and failed the primary over at once). A primary that then really
+    /// stays silent is failed over fail_interval after the read returned.
+    #[tokio::test]
+    async fn a_read_that_waits_on_the_store_is_a_gap_in_observation() {
+        let (_dir, inner, keys, lease) = setup().await;
+        let now = std::sync::Arc::new(AtomicU64::new(1));
+        let store = Stalling {
+            inner: inner.clone(),
+            now: now.clone(),
+            stall: Default::default(),
+        };
+        let mut mem = Memory::default();
+        let mut t = 1;
+        let mut round = Round {
+            store: &store,
+            keys: &keys,
+            lease,
+            mem: &mut mem,
+        };
+        while t <= 3000 {
+            round.at(t, &[], 0).await;
+            t += 250;
+        }
+        // m's last report is from 3000; the read of the round at 3250
+        // returns at 9250 with s1's newer report.
+        round.at(3250, &["m"], 6000).await;
+        let d = data(&inner, &keys).await;
+        assert!(
+            d.failover.is_none(),
+            "a primary failed over for the time the sentinel's read waited: {d:?}"
+        );
+        // m's keeper writes again 1 s later; all is well.
+        t = 9500;
+        while t <= 20_000 {
+            round.at(t, if t < 10_250 { &["m"] } else { &[] }, 0).await;
+            t += 250;
+        }
+        assert!(data(&inner, &keys).await.failover.is_none());
+        // Then m really stops: failed over after fail_interval (5 s), not
+        // before.
+        while t <= 24_750 {
+            round.at(t, &["m"], 0).await;
+            t += 250;
+        }
+        assert!(data(&inner, &keys).await.failover.is_none(), "before 5 s");
+        while t <= 26_000 {
+            round.at(t, &["m"], 0).await;
+            t += 250;
+        }
+        assert!(data(&inner, &keys).await.failover.is_some(), "after 5 s");
     }
 }

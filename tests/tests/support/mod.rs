@@ -38,6 +38,52 @@ macro_rules! assert_eventually {
     }};
 }
 
+thread_local! {
+    static PANIC_MESSAGE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Remembers each thread's panic message (once installed), so that a
+/// failed test can repeat it after its backtrace and logs: CI keeps the
+/// end of a failure's output, where the message would otherwise not be.
+pub fn note_panics() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}: ", l.file(), l.line()))
+                .unwrap_or_default();
+            PANIC_MESSAGE.with(|m| *m.borrow_mut() = Some(format!("{at}{msg}")));
+            previous(info)
+        }));
+    });
+}
+
+/// This thread's last panic message, on one line, at most `max` bytes.
+pub fn panic_message(max: usize) -> Option<String> {
+    PANIC_MESSAGE.with(|m| {
+        m.borrow().as_ref().map(|s| {
+            let mut s = s.replace('\n', " | ");
+            if s.len() > max {
+                let mut cut = max;
+                while !s.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                s.truncate(cut);
+                s.push_str(" ...");
+            }
+            s
+        })
+    })
+}
+
 /// Raises the open-file limit to its hard maximum once: the bad-input tests
 /// hold thousands of sockets, both ends in this process.
 pub fn raise_fd_limit() {
