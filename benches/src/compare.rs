@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-struct Target {
-    name: &'static str,
+struct Target<'a> {
+    name: &'a str,
     port: u16,
     /// The proxy process to measure; `None` for the direct connection.
     pid: Option<u32>,
@@ -228,8 +228,35 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Resident memory per idle session: each proxy's RSS before and after
+/// `n` sessions are opened and left idle (bytes per session, and the RSS
+/// after in KiB).
+fn measure_idle<'a>(targets: &[Target<'a>], n: usize) -> Result<BTreeMap<&'a str, (f64, u64)>> {
+    eprintln!("opening {n} idle sessions through each proxy...");
+    let mut idle = BTreeMap::new();
+    for t in targets.iter().filter(|t| t.pid.is_some()) {
+        let pid = t.pid.unwrap_or(0);
+        let before = rss_kib(pid);
+        let socks = open_idle_sessions(t.port, n)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let after = rss_kib(pid);
+        idle.insert(
+            t.name,
+            (
+                after.saturating_sub(before) as f64 * 1024.0 / n as f64,
+                after,
+            ),
+        );
+        drop(socks);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Ok(idle)
+}
+
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
+    // Only the idle sessions' memory (for work on it; seconds, not minutes).
+    let idle_only = std::env::args().any(|a| a == "--idle-only");
     let rounds = if quick { 1 } else { 5 };
     let idle_n = if quick { 500 } else { 2000 };
     let bindir = pg_bindir()?;
@@ -265,32 +292,34 @@ fn main() -> Result<()> {
         }
         Ok(())
     };
-    eprintln!("preparing pgbench data and a COPY table...");
-    let st = Command::new(bindir.join("pgbench"))
-        .args([
-            "-i",
-            "-q",
-            "-s",
-            "10",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-p",
-            &pg_port.to_string(),
-            "postgres",
-        ])
-        .stderr(Stdio::null())
-        .stdout(Stdio::null())
-        .status()?;
-    if !st.success() {
-        bail!("pgbench -i failed");
-    }
     let copy_rows = if quick { 2_000_000 } else { 5_000_000 };
-    psql(
-        pg_port,
-        &format!("CREATE TABLE bulk AS SELECT g AS id, repeat(md5(g::text), 3) AS v FROM generate_series(1, {copy_rows}) g"),
-    )?;
+    if !idle_only {
+        eprintln!("preparing pgbench data and a COPY table...");
+        let st = Command::new(bindir.join("pgbench"))
+            .args([
+                "-i",
+                "-q",
+                "-s",
+                "10",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-p",
+                &pg_port.to_string(),
+                "postgres",
+            ])
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("pgbench -i failed");
+        }
+        psql(
+            pg_port,
+            &format!("CREATE TABLE bulk AS SELECT g AS id, repeat(md5(g::text), 3) AS v FROM generate_series(1, {copy_rows}) g"),
+        )?;
+    }
 
     // keelson, with its default worker count (half the CPUs) and with one
     // worker per CPU (the default before it was measured).
@@ -399,6 +428,12 @@ fn main() -> Result<()> {
         },
     ];
 
+    if idle_only {
+        for (name, (per, rss)) in measure_idle(&targets, idle_n)? {
+            println!("{name:<12} idle B/session {per:>8.0}  (RSS after {rss} KiB)");
+        }
+        return Ok(());
+    }
     // Warm up every path.
     for t in &targets {
         pgbench(&bindir, t, 16, 200)?;
@@ -449,24 +484,7 @@ fn main() -> Result<()> {
         }
         copy.insert(t.name, best);
     }
-    eprintln!("opening {idle_n} idle sessions through each proxy...");
-    let mut idle = BTreeMap::new();
-    for t in targets.iter().filter(|t| t.pid.is_some()) {
-        let pid = t.pid.unwrap_or(0);
-        let before = rss_kib(pid);
-        let socks = open_idle_sessions(t.port, idle_n)?;
-        std::thread::sleep(Duration::from_millis(500));
-        let after = rss_kib(pid);
-        idle.insert(
-            t.name,
-            (
-                after.saturating_sub(before) as f64 * 1024.0 / idle_n as f64,
-                after,
-            ),
-        );
-        drop(socks);
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    let idle = measure_idle(&targets, idle_n)?;
 
     let direct_tps = median(tps["direct"].clone());
     let direct_lat = median(lat["direct"].clone());

@@ -29,7 +29,28 @@ use crate::backend::{connect, SocketOptions};
 use crate::protocol::CancelRequest;
 use crate::view::{Backend, View};
 
-type Key = (u32, Bytes);
+type Key = (u32, Secret);
+
+/// A cancel key's secret: protocol 3.0's 4 bytes (and anything up to 8)
+/// inline, so that a session's registration allocates nothing for it;
+/// protocol 3.2's longer keys as they came.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Secret {
+    Short(u8, [u8; 8]),
+    Long(Bytes),
+}
+
+impl Secret {
+    fn new(bytes: &Bytes) -> Secret {
+        if bytes.len() <= 8 {
+            let mut b = [0u8; 8];
+            b[..bytes.len()].copy_from_slice(bytes);
+            Secret::Short(bytes.len() as u8, b)
+        } else {
+            Secret::Long(bytes.clone())
+        }
+    }
+}
 
 /// Shards of the key map: sessions start and end on every worker at once
 /// (all clients reconnect together after a failover), so one lock would be
@@ -103,7 +124,8 @@ impl CancelRegistry {
 
     /// Records that `backend` issued this key. Called once per session.
     pub fn register(self: &Arc<Self>, pid: u32, secret: Bytes, backend: Backend) -> CancelGuard {
-        let key = (pid, secret);
+        let key = (pid, Secret::new(&secret));
+        drop(secret);
         self.shard(pid).insert(key.clone(), backend);
         CancelGuard {
             registry: self.clone(),
@@ -132,7 +154,7 @@ impl CancelRegistry {
         req: &CancelRequest,
         views: impl IntoIterator<Item = &'v View>,
     ) -> (CancelRoute, Vec<Backend>) {
-        if let Some(b) = self.shard(req.pid).get(&(req.pid, req.key.clone())) {
+        if let Some(b) = self.shard(req.pid).get(&(req.pid, Secret::new(&req.key))) {
             return (CancelRoute::Known, vec![b.clone()]);
         }
         let allowed = self

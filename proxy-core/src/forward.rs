@@ -240,178 +240,287 @@ enum FenceState {
 ///
 /// `tracker` must describe the server stream as of the first byte this
 /// function will forward (a fresh tracker after ReadyForQuery).
+///
+/// The future is a plain struct (no async fn, no closure): every idle
+/// session keeps it, and an async fn would hold its arguments and a
+/// closure's references to them twice over (424 bytes as an async fn).
 #[allow(clippy::too_many_arguments)]
-pub async fn forward<C, B, CC, BC>(
-    client: &mut C,
-    backend: &mut B,
-    tracker: &mut MessageTracker,
-    fence: &Fence,
-    deadline: Option<&Deadline>,
-    to_backend_bytes: &CC,
-    to_client_bytes: &BC,
-) -> (Outcome, Transferred)
+pub fn forward<'a, C, B, CC, BC>(
+    client: &'a mut C,
+    backend: &'a mut B,
+    tracker: &'a mut MessageTracker,
+    fence: &'a Fence,
+    deadline: Option<&'a Deadline>,
+    to_backend_bytes: &'a CC,
+    to_client_bytes: &'a BC,
+) -> Forward<'a, C, B, CC, BC>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
     CC: ByteCounter,
     BC: ByteCounter,
 {
-    let notified = fence.notified();
-    let mut notified = std::pin::pin!(notified);
-    let mut armed = false;
-    let mut up = Half::default();
-    let mut down = Half::default();
-    let mut state = FenceState::Open;
-    // Client bytes were read since the server's last answer: a query may be
-    // on its way or running, even though the server's stream still ends
-    // with the ReadyForQuery before it. (A pipelined query sent before an
-    // earlier one's answer is not told apart from it.)
-    let mut awaiting = false;
+    Forward {
+        notified: fence.notified(),
+        s: Forwarding {
+            client,
+            backend,
+            tracker,
+            fence,
+            deadline,
+            to_backend_bytes,
+            to_client_bytes,
+            armed: false,
+            up: Half::default(),
+            down: Half::default(),
+            state: FenceState::Open,
+            awaiting: false,
+        },
+    }
+}
 
-    let outcome = std::future::poll_fn(|cx| {
-        if !armed {
-            // Registers this task's waker with the fence; afterwards the
-            // atomic flag alone tells whether it fired.
-            let _ = notified.as_mut().poll(cx);
-            armed = true;
-        }
-        loop {
-            match &mut state {
-                FenceState::Open => {
-                    if fence.is_fired() {
-                        let reason = fence.reason().cloned().unwrap_or_else(default_reason);
-                        state = if reason.drain {
-                            FenceState::Finishing(
-                                Box::pin(tokio::time::sleep(SWITCHOVER_DRAIN)),
-                                reason,
-                            )
-                        } else {
-                            FenceState::Draining(
-                                Box::pin(tokio::time::sleep(FENCE_DEADLINE)),
-                                reason,
-                            )
+/// The future [`forward`] returns.
+pub struct Forward<'a, C: ?Sized, B: ?Sized, CC, BC> {
+    /// Pinned with the struct (never moved out of it).
+    notified: tokio::sync::futures::Notified<'a>,
+    s: Forwarding<'a, C, B, CC, BC>,
+}
+
+struct Forwarding<'a, C: ?Sized, B: ?Sized, CC, BC> {
+    client: &'a mut C,
+    backend: &'a mut B,
+    tracker: &'a mut MessageTracker,
+    fence: &'a Fence,
+    deadline: Option<&'a Deadline>,
+    to_backend_bytes: &'a CC,
+    to_client_bytes: &'a BC,
+    /// The fence's notification is registered.
+    armed: bool,
+    up: Half,
+    down: Half,
+    state: FenceState,
+    /// Client bytes were read since the server's last answer: a query may be
+    /// on its way or running, even though the server's stream still ends
+    /// with the ReadyForQuery before it. (A pipelined query sent before an
+    /// earlier one's answer is not told apart from it.)
+    awaiting: bool,
+}
+
+impl<C, B, CC, BC> Future for Forward<'_, C, B, CC, BC>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    CC: ByteCounter,
+    BC: ByteCounter,
+{
+    type Output = (Outcome, Transferred);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: `notified` is only ever used pinned, through this
+        // projection, and never moved out; the other fields are Unpin
+        // data that may move freely.
+        let this = unsafe { self.get_unchecked_mut() };
+        let notified = unsafe { Pin::new_unchecked(&mut this.notified) };
+        let outcome = ready!(poll_forward(cx, &mut this.s, notified));
+        Poll::Ready((
+            outcome,
+            Transferred {
+                client_to_backend: this.s.up.total,
+                backend_to_client: this.s.down.total,
+            },
+        ))
+    }
+}
+
+fn poll_forward<C, B, CC, BC>(
+    cx: &mut Context<'_>,
+    s: &mut Forwarding<'_, C, B, CC, BC>,
+    mut notified: Pin<&mut tokio::sync::futures::Notified<'_>>,
+) -> Poll<Outcome>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    CC: ByteCounter,
+    BC: ByteCounter,
+{
+    let Forwarding {
+        client,
+        backend,
+        tracker,
+        fence,
+        deadline,
+        to_backend_bytes,
+        to_client_bytes,
+        armed,
+        up,
+        down,
+        state,
+        awaiting,
+    } = s;
+    let (client, backend, tracker): (&mut C, &mut B, &mut MessageTracker) =
+        (&mut **client, &mut **backend, &mut **tracker);
+    let (fence, deadline, to_backend_bytes, to_client_bytes) =
+        (*fence, *deadline, *to_backend_bytes, *to_client_bytes);
+    if !*armed {
+        // Registers this task's waker with the fence; afterwards the
+        // atomic flag alone tells whether it fired.
+        let _ = notified.as_mut().poll(cx);
+        *armed = true;
+    }
+    loop {
+        match &mut *state {
+            FenceState::Open => {
+                if fence.is_fired() {
+                    let reason = fence.reason().cloned().unwrap_or_else(default_reason);
+                    *state = if reason.drain {
+                        FenceState::Finishing(
+                            Box::pin(tokio::time::sleep(SWITCHOVER_DRAIN)),
+                            reason,
+                        )
+                    } else {
+                        FenceState::Draining(Box::pin(tokio::time::sleep(FENCE_DEADLINE)), reason)
+                    };
+                    continue;
+                }
+                let (sent, received) = (up.total, down.total);
+                let copied = copy_both(
+                    cx,
+                    (&mut *up, &mut *down),
+                    &mut *client,
+                    &mut *backend,
+                    tracker,
+                    deadline,
+                    (to_backend_bytes, to_client_bytes),
+                );
+                if up.total != sent {
+                    *awaiting = true;
+                } else if down.total != received && tracker.idle() {
+                    *awaiting = false;
+                }
+                match copied {
+                    Poll::Ready(None) => {
+                        *state = expired();
+                        continue;
+                    }
+                    Poll::Ready(Some(o)) => return Poll::Ready(o),
+                    Poll::Pending => {}
+                }
+                // Re-check: the fence may have fired while we copied.
+                if !fence.is_fired() {
+                    return Poll::Pending;
+                }
+            }
+            FenceState::Finishing(limit, reason) => {
+                // Checked before any client byte is forwarded: once
+                // idle, nothing more reaches the server. A session that
+                // has sent nothing since it started (its client is
+                // about to) runs its first statement first: a client
+                // with a connection per transaction sees no error.
+                let out_of_time = limit.as_mut().poll(cx).is_ready();
+                let quiet = tracker.idle() && !*awaiting;
+                if (quiet && up.total > 0) || out_of_time {
+                    let reason = reason.clone();
+                    if quiet {
+                        let mut msg = BytesMut::new();
+                        protocol::write_error(
+                            &mut msg,
+                            Severity::Fatal,
+                            reason.sqlstate,
+                            &reason.message,
+                            None,
+                        );
+                        let sleep = Box::pin(tokio::time::sleep(FENCE_DEADLINE));
+                        *state = FenceState::Telling(sleep, msg, 0, reason.label);
+                    } else {
+                        // A transaction still open: ended at the next
+                        // message boundary, as any fenced session.
+                        let sleep = Box::pin(tokio::time::sleep(FENCE_DEADLINE));
+                        *state = FenceState::Draining(sleep, reason);
+                    }
+                    continue;
+                }
+                let (sent, received) = (up.total, down.total);
+                let copied = copy_both(
+                    cx,
+                    (&mut *up, &mut *down),
+                    &mut *client,
+                    &mut *backend,
+                    tracker,
+                    deadline,
+                    (to_backend_bytes, to_client_bytes),
+                );
+                if up.total != sent {
+                    *awaiting = true;
+                } else if down.total != received && tracker.idle() {
+                    *awaiting = false;
+                }
+                match copied {
+                    Poll::Ready(None) => {
+                        *state = expired();
+                        continue;
+                    }
+                    Poll::Ready(Some(o)) => return Poll::Ready(o),
+                    Poll::Pending => {}
+                }
+                if !(tracker.idle() && !*awaiting && up.total > 0) {
+                    return Poll::Pending;
+                }
+            }
+            FenceState::Draining(deadline, reason) => {
+                let label = reason.label;
+                if deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Outcome::Fenced {
+                        label,
+                        clean: false,
+                    });
+                }
+                match down.poll_copy(
+                    cx,
+                    Pin::new(&mut *backend),
+                    Pin::new(&mut *client),
+                    Some(&mut *tracker),
+                    true,
+                    None,
+                    to_client_bytes,
+                ) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(Step::Boundary)) if tracker.to_boundary() == Some(0) => {
+                        let mut msg = BytesMut::new();
+                        protocol::write_error(
+                            &mut msg,
+                            Severity::Fatal,
+                            reason.sqlstate,
+                            &reason.message,
+                            None,
+                        );
+                        let FenceState::Draining(deadline, _) =
+                            std::mem::replace(state, FenceState::Open)
+                        else {
+                            unreachable!("state checked above")
                         };
-                        continue;
+                        *state = FenceState::Telling(deadline, msg, 0, label);
                     }
-                    let (sent, received) = (up.total, down.total);
-                    let copied = copy_both(
-                        cx,
-                        (&mut up, &mut down),
-                        &mut *client,
-                        &mut *backend,
-                        tracker,
-                        deadline,
-                        (to_backend_bytes, to_client_bytes),
-                    );
-                    if up.total != sent {
-                        awaiting = true;
-                    } else if down.total != received && tracker.idle() {
-                        awaiting = false;
-                    }
-                    match copied {
-                        Poll::Ready(None) => {
-                            state = expired();
-                            continue;
-                        }
-                        Poll::Ready(Some(o)) => return Poll::Ready(o),
-                        Poll::Pending => {}
-                    }
-                    // Re-check: the fence may have fired while we copied.
-                    if !fence.is_fired() {
-                        return Poll::Pending;
-                    }
-                }
-                FenceState::Finishing(limit, reason) => {
-                    // Checked before any client byte is forwarded: once
-                    // idle, nothing more reaches the server. A session that
-                    // has sent nothing since it started (its client is
-                    // about to) runs its first statement first: a client
-                    // with a connection per transaction sees no error.
-                    let out_of_time = limit.as_mut().poll(cx).is_ready();
-                    let quiet = tracker.idle() && !awaiting;
-                    if (quiet && up.total > 0) || out_of_time {
-                        let reason = reason.clone();
-                        if quiet {
-                            let mut msg = BytesMut::new();
-                            protocol::write_error(
-                                &mut msg,
-                                Severity::Fatal,
-                                reason.sqlstate,
-                                &reason.message,
-                                None,
-                            );
-                            let sleep = Box::pin(tokio::time::sleep(FENCE_DEADLINE));
-                            state = FenceState::Telling(sleep, msg, 0, reason.label);
-                        } else {
-                            // A transaction still open: ended at the next
-                            // message boundary, as any fenced session.
-                            let sleep = Box::pin(tokio::time::sleep(FENCE_DEADLINE));
-                            state = FenceState::Draining(sleep, reason);
-                        }
-                        continue;
-                    }
-                    let (sent, received) = (up.total, down.total);
-                    let copied = copy_both(
-                        cx,
-                        (&mut up, &mut down),
-                        &mut *client,
-                        &mut *backend,
-                        tracker,
-                        deadline,
-                        (to_backend_bytes, to_client_bytes),
-                    );
-                    if up.total != sent {
-                        awaiting = true;
-                    } else if down.total != received && tracker.idle() {
-                        awaiting = false;
-                    }
-                    match copied {
-                        Poll::Ready(None) => {
-                            state = expired();
-                            continue;
-                        }
-                        Poll::Ready(Some(o)) => return Poll::Ready(o),
-                        Poll::Pending => {}
-                    }
-                    if !(tracker.idle() && !awaiting && up.total > 0) {
-                        return Poll::Pending;
-                    }
-                }
-                FenceState::Draining(deadline, reason) => {
-                    let label = reason.label;
-                    if deadline.as_mut().poll(cx).is_ready() {
+                    Poll::Ready(_) => {
                         return Poll::Ready(Outcome::Fenced {
                             label,
                             clean: false,
-                        });
+                        })
                     }
-                    match down.poll_copy(
-                        cx,
-                        Pin::new(&mut *backend),
-                        Pin::new(&mut *client),
-                        Some(&mut *tracker),
-                        true,
-                        None,
-                        to_client_bytes,
-                    ) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Ok(Step::Boundary)) if tracker.to_boundary() == Some(0) => {
-                            let mut msg = BytesMut::new();
-                            protocol::write_error(
-                                &mut msg,
-                                Severity::Fatal,
-                                reason.sqlstate,
-                                &reason.message,
-                                None,
-                            );
-                            let FenceState::Draining(deadline, _) =
-                                std::mem::replace(&mut state, FenceState::Open)
-                            else {
-                                unreachable!("state checked above")
-                            };
-                            state = FenceState::Telling(deadline, msg, 0, label);
-                        }
-                        Poll::Ready(_) => {
+                }
+            }
+            FenceState::Telling(deadline, msg, pos, label) => {
+                let label = *label;
+                if deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Outcome::Fenced {
+                        label,
+                        clean: false,
+                    });
+                }
+                let mut w = Pin::new(&mut *client);
+                while *pos < msg.len() {
+                    match ready!(w.as_mut().poll_write(cx, &msg[*pos..])) {
+                        Ok(n) if n > 0 => *pos += n,
+                        _ => {
                             return Poll::Ready(Outcome::Fenced {
                                 label,
                                 clean: false,
@@ -419,39 +528,12 @@ where
                         }
                     }
                 }
-                FenceState::Telling(deadline, msg, pos, label) => {
-                    let label = *label;
-                    if deadline.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Outcome::Fenced {
-                            label,
-                            clean: false,
-                        });
-                    }
-                    let mut w = Pin::new(&mut *client);
-                    while *pos < msg.len() {
-                        match ready!(w.as_mut().poll_write(cx, &msg[*pos..])) {
-                            Ok(n) if n > 0 => *pos += n,
-                            _ => {
-                                return Poll::Ready(Outcome::Fenced {
-                                    label,
-                                    clean: false,
-                                })
-                            }
-                        }
-                    }
-                    let clean = ready!(w.as_mut().poll_flush(cx)).is_ok();
-                    let _ = ready!(w.as_mut().poll_shutdown(cx));
-                    return Poll::Ready(Outcome::Fenced { label, clean });
-                }
+                let clean = ready!(w.as_mut().poll_flush(cx)).is_ok();
+                let _ = ready!(w.as_mut().poll_shutdown(cx));
+                return Poll::Ready(Outcome::Fenced { label, clean });
             }
         }
-    })
-    .await;
-    let totals = Transferred {
-        client_to_backend: up.total,
-        backend_to_client: down.total,
-    };
-    (outcome, totals)
+    }
 }
 
 /// Both directions of an open session, as far as they go now: `Ready`

@@ -381,7 +381,12 @@ impl Proxy {
             user = field::Empty,
             database = field::Empty,
         );
-        let session = crate::session::run(shared.clone(), io, peer, opts.clone(), guard);
+        let accepted = Box::new(crate::session::Accepted {
+            io,
+            peer,
+            opts: opts.clone(),
+        });
+        let session = crate::session::run(shared.clone(), accepted, guard);
         tokio::spawn(session.instrument(span));
     }
 
@@ -436,13 +441,12 @@ where
     let proxy = Proxy::new(ProxyConfig::default(), ViewHandle::new(View::default()));
     let guard = ActiveGuard(proxy.shared.clone());
     proxy.shared.active.fetch_add(1, Ordering::AcqRel);
-    let f = crate::session::run(
-        proxy.shared.clone(),
+    let accepted = Box::new(crate::session::Accepted {
         io,
-        SocketAddr::from(([127, 0, 0, 1], 1)),
-        Arc::new(ListenerOptions::default()),
-        guard,
-    );
+        peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+        opts: Arc::new(ListenerOptions::default()),
+    });
+    let f = crate::session::run(proxy.shared.clone(), accepted, guard);
     std::mem::size_of_val(&f)
 }
 

@@ -527,15 +527,17 @@ fn no_variant_shows_an_address_or_os_error_to_clients() {
     assert!(e.to_string().contains("10.1.2.3:5432") && e.to_string().contains("os error 111"));
 }
 
-/// Every idle session keeps its whole future: the setup and refusal steps
-/// are boxed so that only the forwarding state stays (1760 bytes over TCP
-/// when this was measured; it was 3328 with the steps inline).
+/// Every idle session keeps its whole future: the setup steps run in
+/// their own boxed future, dropped once the session forwards, and the
+/// forwarding future is a plain struct, so only the forwarding state stays
+/// (640 bytes over an in-memory stream when this was measured; 1008 with
+/// the setup's inner futures boxed one by one, 3328 with nothing boxed).
 #[test]
 fn the_session_future_stays_small() {
     let (_a, b) = tokio::io::duplex(64);
     let size = crate::proxy::session_future_size(b);
     eprintln!("session future: {size} bytes");
-    assert!(size <= 2048, "the session future grew to {size} bytes");
+    assert!(size <= 768, "the session future grew to {size} bytes");
 }
 
 /// An ErrorResponse body with SQLSTATE `code`.
