@@ -111,12 +111,16 @@ pub struct Transferred {
     pub backend_to_client: u64,
 }
 
+const _: () = assert!(crate::pool::BUF_SIZE <= u32::MAX as usize);
+
 /// One direction of the copy.
 #[derive(Default)]
 struct Half {
     buf: Option<PooledBuf>,
-    pos: usize,
-    end: usize,
+    /// Written and read up to, in `buf` (a pooled buffer is far smaller
+    /// than 4 GiB; 32 bits keep every idle session's state smaller).
+    pos: u32,
+    end: u32,
     needs_flush: bool,
     eof: bool,
     total: u64,
@@ -166,12 +170,14 @@ impl Half {
         loop {
             if let Some(buf) = &self.buf {
                 while self.pos < self.end {
-                    let n = ready!(w.as_mut().poll_write(cx, &buf[self.pos..self.end]))
-                        .map_err(HalfError::Write)?;
+                    let n = ready!(w
+                        .as_mut()
+                        .poll_write(cx, &buf[self.pos as usize..self.end as usize]))
+                    .map_err(HalfError::Write)?;
                     if n == 0 {
                         return Poll::Ready(Err(HalfError::Write(io::ErrorKind::WriteZero.into())));
                     }
-                    self.pos += n;
+                    self.pos += n as u32;
                     self.needs_flush = true;
                 }
             }
@@ -213,7 +219,7 @@ impl Half {
             counter.add(n as u64);
             self.total += n as u64;
             self.pos = 0;
-            self.end = n;
+            self.end = n as u32;
             self.buf = Some(buf);
         }
     }
@@ -223,16 +229,35 @@ impl Half {
 /// deliver its FATAL before both sockets are simply closed.
 pub const FENCE_DEADLINE: Duration = Duration::from_secs(1);
 
+/// Where a session stands with its fence. Each fenced state is boxed:
+/// every idle session holds an `Open` one, two words, not the 80 bytes
+/// of the largest.
 enum FenceState {
-    /// Not fenced yet; `registered` once the notification is armed.
+    /// Not fenced yet.
     Open,
     /// Fenced by a planned switchover: forwarding both ways until no
     /// transaction is open, or the deadline passes.
-    Finishing(Pin<Box<Sleep>>, FenceReason),
+    Finishing(Box<(Pin<Box<Sleep>>, FenceReason)>),
     /// Forwarding server bytes up to the next boundary.
-    Draining(Pin<Box<Sleep>>, FenceReason),
+    Draining(Box<(Pin<Box<Sleep>>, FenceReason)>),
     /// Writing the FATAL; `pos` bytes of `msg` written.
-    Telling(Pin<Box<Sleep>>, BytesMut, usize, &'static str),
+    Telling(Box<Telling>),
+}
+
+struct Telling {
+    deadline: Pin<Box<Sleep>>,
+    msg: BytesMut,
+    pos: usize,
+    label: &'static str,
+}
+
+fn telling(deadline: Pin<Box<Sleep>>, msg: BytesMut, label: &'static str) -> FenceState {
+    FenceState::Telling(Box::new(Telling {
+        deadline,
+        msg,
+        pos: 0,
+        label,
+    }))
 }
 
 /// Copies between `client` and `backend` until either side closes, an error
@@ -373,12 +398,15 @@ where
                 if fence.is_fired() {
                     let reason = fence.reason().cloned().unwrap_or_else(default_reason);
                     *state = if reason.drain {
-                        FenceState::Finishing(
+                        FenceState::Finishing(Box::new((
                             Box::pin(tokio::time::sleep(SWITCHOVER_DRAIN)),
                             reason,
-                        )
+                        )))
                     } else {
-                        FenceState::Draining(Box::pin(tokio::time::sleep(FENCE_DEADLINE)), reason)
+                        FenceState::Draining(Box::new((
+                            Box::pin(tokio::time::sleep(FENCE_DEADLINE)),
+                            reason,
+                        )))
                     };
                     continue;
                 }
@@ -410,7 +438,8 @@ where
                     return Poll::Pending;
                 }
             }
-            FenceState::Finishing(limit, reason) => {
+            FenceState::Finishing(b) => {
+                let (limit, reason) = &mut **b;
                 // Checked before any client byte is forwarded: once
                 // idle, nothing more reaches the server. A session that
                 // has sent nothing since it started (its client is
@@ -430,12 +459,12 @@ where
                             None,
                         );
                         let sleep = Box::pin(tokio::time::sleep(FENCE_DEADLINE));
-                        *state = FenceState::Telling(sleep, msg, 0, reason.label);
+                        *state = telling(sleep, msg, reason.label);
                     } else {
                         // A transaction still open: ended at the next
                         // message boundary, as any fenced session.
                         let sleep = Box::pin(tokio::time::sleep(FENCE_DEADLINE));
-                        *state = FenceState::Draining(sleep, reason);
+                        *state = FenceState::Draining(Box::new((sleep, reason)));
                     }
                     continue;
                 }
@@ -466,7 +495,8 @@ where
                     return Poll::Pending;
                 }
             }
-            FenceState::Draining(deadline, reason) => {
+            FenceState::Draining(b) => {
+                let (deadline, reason) = &mut **b;
                 let label = reason.label;
                 if deadline.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Outcome::Fenced {
@@ -493,12 +523,11 @@ where
                             &reason.message,
                             None,
                         );
-                        let FenceState::Draining(deadline, _) =
-                            std::mem::replace(state, FenceState::Open)
+                        let FenceState::Draining(b) = std::mem::replace(state, FenceState::Open)
                         else {
                             unreachable!("state checked above")
                         };
-                        *state = FenceState::Telling(deadline, msg, 0, label);
+                        *state = telling(b.0, msg, label);
                     }
                     Poll::Ready(_) => {
                         return Poll::Ready(Outcome::Fenced {
@@ -508,7 +537,13 @@ where
                     }
                 }
             }
-            FenceState::Telling(deadline, msg, pos, label) => {
+            FenceState::Telling(t) => {
+                let Telling {
+                    deadline,
+                    msg,
+                    pos,
+                    label,
+                } = &mut **t;
                 let label = *label;
                 if deadline.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Outcome::Fenced {
@@ -592,10 +627,10 @@ where
 /// A primary session past its view's deadline: it ends as if fenced.
 #[cold]
 fn expired() -> FenceState {
-    FenceState::Draining(
+    FenceState::Draining(Box::new((
         Box::pin(tokio::time::sleep(FENCE_DEADLINE)),
         FenceReason::primary_unconfirmed(),
-    )
+    )))
 }
 
 #[cold]
