@@ -1710,7 +1710,6 @@ mod tests {
         assert_eq!(again, d);
     }
 
-    /// The timing relations are checked at their boundary, not far inside.
     /// The warning's boundary: keeper_report_interval + 2 s + 1 s.
     #[test]
     fn a_fail_interval_a_store_fault_can_exceed_is_warned_of() {
@@ -1728,6 +1727,7 @@ mod tests {
         assert!(at(3999).validate().is_ok(), "warned, not refused");
     }
 
+    /// The timing relations are checked at their boundary, not far inside.
     #[test]
     fn timing_relations_are_enforced_at_the_boundary() {
         let base = ClusterSpec::default();

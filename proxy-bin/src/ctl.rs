@@ -595,6 +595,12 @@ async fn backup(
     let t = std::time::Instant::now();
     let (mut uid, mut id) = (String::new(), 0);
     update(store, keys, |d| {
+        if d.spec.backup.tool == cluster::data::BackupTool::Command {
+            bail!(
+                "ctl backup runs pgBackRest, and this cluster archives with its own commands \
+                 (backup.tool command): take base backups with that tool (docs/backup.md)"
+            );
+        }
         if d.spec.backup.tool != cluster::data::BackupTool::Pgbackrest {
             bail!(
                 "the cluster spec has no pgbackrest backup section; add one with `keelson ctl \

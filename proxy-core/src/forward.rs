@@ -440,14 +440,18 @@ where
             }
             FenceState::Finishing(b) => {
                 let (limit, reason) = &mut **b;
-                // Checked before any client byte is forwarded: once
-                // idle, nothing more reaches the server. A session that
-                // has sent nothing since it started (its client is
-                // about to) runs its first statement first: a client
-                // with a connection per transaction sees no error.
+                // Checked before any client byte is forwarded: once idle
+                // after a round that ran a statement, nothing more
+                // reaches the server. A session that has run nothing since
+                // it started (its client is about to) runs its first
+                // statement first, and one idle only after a prepare or a
+                // describe (an extended-protocol client's first round trip
+                // of two) runs its execute: a client with a connection per
+                // transaction sees no error.
                 let out_of_time = limit.as_mut().poll(cx).is_ready();
                 let quiet = tracker.idle() && !*awaiting;
-                if (quiet && up.total > 0) || out_of_time {
+                let done = tracker.idle_after_work() && !*awaiting;
+                if done || out_of_time {
                     let reason = reason.clone();
                     if quiet {
                         let mut msg = BytesMut::new();
@@ -491,7 +495,7 @@ where
                     Poll::Ready(Some(o)) => return Poll::Ready(o),
                     Poll::Pending => {}
                 }
-                if !(tracker.idle() && !*awaiting && up.total > 0) {
+                if !tracker.idle_after_work() || *awaiting {
                     return Poll::Pending;
                 }
             }
@@ -691,6 +695,22 @@ mod tests {
         assert_eq!(t.to_boundary(), Some(9));
     }
 
+    /// A round that only prepared or described leaves the client's unit of
+    /// work open; one that ran a statement (or failed one) closes it.
+    #[test]
+    fn tracker_tells_a_prepare_from_a_statement_that_ran() {
+        let mut t = MessageTracker::after_ready();
+        assert!(t.idle() && !t.idle_after_work(), "after authentication");
+        t.observe(&[msg(b'1', b""), msg(b'n', b""), msg(b'Z', b"I")].concat());
+        assert!(t.idle() && !t.idle_after_work(), "after a prepare");
+        t.observe(&[msg(b'2', b""), msg(b'C', b"INSERT 0 1\0"), msg(b'Z', b"I")].concat());
+        assert!(t.idle_after_work(), "after an execute");
+        t.observe(&[msg(b'E', b"SERROR\0\0"), msg(b'Z', b"I")].concat());
+        assert!(t.idle_after_work(), "after an error");
+        t.observe(&[msg(b'T', b""), msg(b'Z', b"I")].concat());
+        assert!(!t.idle_after_work(), "after a describe");
+    }
+
     #[test]
     fn tracker_gives_up_on_bad_length() {
         let mut t = MessageTracker::default();
@@ -873,6 +893,50 @@ mod tests {
         client_end.read_to_end(&mut got).await.unwrap();
         assert!(got.starts_with(&idle), "{got:?}");
         assert_eq!(got[idle.len()], b'E');
+    }
+
+    /// A client that prepares (one round trip, idle after it) and then
+    /// executes (a second), fenced by a switchover between the two: the
+    /// execute still reaches the server and its answer the client before
+    /// the FATAL. (CI saw tokio-postgres, a connection per write, lose its
+    /// INSERT this way: the FATAL came right after the prepare.)
+    #[tokio::test(start_paused = true)]
+    async fn a_switchover_fence_lets_a_prepared_statement_run() {
+        let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
+        let (mut backend_end, mut backend) = tokio::io::duplex(1 << 16);
+        let fence = Arc::new(Fence::default());
+        let f2 = fence.clone();
+        let task = tokio::spawn(async move {
+            let mut t = MessageTracker::after_ready();
+            forward(&mut client, &mut backend, &mut t, &f2, None, &(), &()).await
+        });
+        client_end.write_all(b"P parse").await.unwrap();
+        let mut got = [0u8; 7];
+        backend_end.read_exact(&mut got).await.unwrap();
+        let prepared = [msg(b'1', b""), msg(b'n', b""), msg(b'Z', b"I")].concat();
+        backend_end.write_all(&prepared).await.unwrap();
+        let mut got = vec![0u8; prepared.len()];
+        client_end.read_exact(&mut got).await.unwrap();
+        fence.trigger(FenceReason::primary_switched_over());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        client_end.write_all(b"B execute").await.unwrap();
+        let mut got = [0u8; 9];
+        backend_end.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"B execute");
+        let done = [msg(b'C', b"INSERT 0 1\0"), msg(b'Z', b"I")].concat();
+        backend_end.write_all(&done).await.unwrap();
+        let (outcome, _) = task.await.unwrap();
+        assert_eq!(
+            outcome,
+            Outcome::Fenced {
+                label: "switchover",
+                clean: true
+            }
+        );
+        let mut got = Vec::new();
+        client_end.read_to_end(&mut got).await.unwrap();
+        assert!(got.starts_with(&done), "{got:?}");
+        assert_eq!(got[done.len()], b'E');
     }
 
     /// A session fenced by a switchover before it sent anything (its

@@ -423,6 +423,12 @@ pub struct MessageTracker {
     /// ReadyForQuery its transaction status.
     tag: u8,
     status: u8,
+    /// A statement ran to its end (CommandComplete, EmptyQueryResponse or
+    /// ErrorResponse) since the last ReadyForQuery.
+    ran: bool,
+    /// The last ReadyForQuery closed a round in which a statement ran (not
+    /// only a prepare or a describe, nor the end of authentication).
+    ran_before_ready: bool,
 }
 
 impl MessageTracker {
@@ -446,6 +452,28 @@ impl MessageTracker {
             && self.status == b'I'
     }
 
+    /// [`MessageTracker::idle`], and the round that ReadyForQuery ended ran
+    /// a statement: the client's unit of work is done. After a round that
+    /// only prepared or described (an extended-protocol client's first
+    /// round trip of two), or right after authentication, it is not.
+    pub fn idle_after_work(&self) -> bool {
+        self.idle() && self.ran_before_ready
+    }
+
+    #[inline]
+    fn begin(&mut self, tag: u8) {
+        self.tag = tag;
+        self.status = 0;
+        match tag {
+            b'Z' => {
+                self.ran_before_ready = self.ran;
+                self.ran = false;
+            }
+            b'C' | b'I' | b'E' => self.ran = true,
+            _ => {}
+        }
+    }
+
     /// Accounts for bytes about to be forwarded.
     #[inline]
     pub fn observe(&mut self, mut data: &[u8]) {
@@ -458,8 +486,7 @@ impl MessageTracker {
                 self.body_left -= n;
                 data = &data[n..];
             } else if self.header_len == 0 && data.len() >= HEADER_LEN {
-                self.tag = data[0];
-                self.status = 0;
+                self.begin(data[0]);
                 self.start_body(data[1], data[2], data[3], data[4]);
                 data = &data[HEADER_LEN..];
             } else {
@@ -471,8 +498,7 @@ impl MessageTracker {
                 if usize::from(self.header_len) == HEADER_LEN {
                     self.header_len = 0;
                     let h = self.header;
-                    self.tag = h[0];
-                    self.status = 0;
+                    self.begin(h[0]);
                     self.start_body(h[1], h[2], h[3], h[4]);
                 }
             }

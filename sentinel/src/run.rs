@@ -177,32 +177,39 @@ fn only_volatile(a: &ClusterData, b: &ClusterData) -> bool {
     strip(a) == strip(b)
 }
 
-/// Longer than this between two observations (the moments a round's
-/// reads returned) is a gap: a store outage, a request that waited on a
-/// dead etcd member until the client tried the next one, an etcd
-/// election, a stall of this process. Every keeper's writes may have
-/// waited as long, so that time never counts as failure time.
+/// Longer than this from the end of one round to the start of the next
+/// one's reads is a gap in observation: a store outage, a stall of this
+/// process. Every keeper's writes may have waited as long, so that time
+/// never counts as failure time.
 pub const OBSERVATION_GAP: Duration = Duration::from_millis(
     2 * TICK.as_millis() as u64 + cluster::store::REQUEST_TIMEOUT.as_millis() as u64,
 );
 
-/// Restarts every timer if the observation made at `now` follows the
-/// last one by more than [`OBSERVATION_GAP`], and records it.
-fn observed_at(mem: &mut Memory, now: u64) {
-    let gap = OBSERVATION_GAP.as_millis() as u64;
-    match mem.last_round_ms {
-        Some(t) if now.saturating_sub(t) <= gap => {}
-        last => {
-            if let Some(t) = last {
-                tracing::info!(
-                    gap_ms = now.saturating_sub(t),
-                    "observation gap: restarting failure timers"
-                );
-            }
-            mem.reset(now);
+/// A round's reads that took longer than this waited on the store past
+/// one request's timeout (a request stuck on a dead etcd member until the
+/// client tried the next one, an election): a gap in observation too.
+/// Reads that are merely slow (each request answered within its timeout)
+/// are not, so a slow store still fails a dead primary over.
+pub const READ_STALL: Duration = cluster::store::REQUEST_TIMEOUT;
+
+/// Restarts every timer, as of `done`, if this round's reads began more
+/// than [`OBSERVATION_GAP`] after the last round ended or took longer than
+/// [`READ_STALL`].
+fn after_gap(mem: &mut Memory, started: u64, done: u64) {
+    let before = mem.last_round_ms.map(|t| started.saturating_sub(t));
+    let read = done.saturating_sub(started);
+    let gap = before.is_none_or(|b| b > OBSERVATION_GAP.as_millis() as u64)
+        || read > READ_STALL.as_millis() as u64;
+    if gap {
+        if before.is_some() {
+            tracing::info!(
+                since_last_round_ms = before,
+                read_ms = read,
+                "observation gap: restarting failure timers"
+            );
         }
+        mem.reset(done);
     }
-    mem.last_round_ms = Some(now);
 }
 
 /// One round as leader. Returns whether the cluster data changed.
@@ -212,17 +219,33 @@ pub async fn step<S: Store>(
     mem: &mut Memory,
     clock: Clock<'_>,
 ) -> Result<bool, StoreError> {
-    // The three reads at once: a round's observation is as of when they
-    // all returned, and one slow store costs one request's time, not three.
+    let result = round(store, keys, mem, clock).await;
+    if result.is_ok() {
+        mem.last_round_ms = Some(clock());
+    }
+    result
+}
+
+async fn round<S: Store>(
+    store: &S,
+    keys: &Keys,
+    mem: &mut Memory,
+    clock: Clock<'_>,
+) -> Result<bool, StoreError> {
+    // The three reads at once (a slow store costs one request's time, not
+    // three); the keepers are judged as of when their list returned.
     let (data_key, keepers_prefix, proxies_prefix) =
         (keys.clusterdata(), keys.keepers(), keys.proxies());
-    let (kv, (keepers, _), (proxies, _)) = tokio::try_join!(
+    let started = clock();
+    let (kv, (keepers, now), (proxies, _)) = tokio::try_join!(
         store.get(&data_key),
-        store.list(&keepers_prefix),
+        async {
+            let (kvs, _) = store.list(&keepers_prefix).await?;
+            Ok::<_, StoreError>((kvs, clock()))
+        },
         store.list(&proxies_prefix),
     )?;
-    let now = clock();
-    observed_at(mem, now);
+    after_gap(mem, started, clock());
     let Some(kv) = kv else {
         return Ok(false);
     };
@@ -863,5 +886,46 @@ mod tests {
             t += 250;
         }
         assert!(data(&inner, &keys).await.failover.is_some(), "after 5 s");
+    }
+
+    /// ... but a store that is merely slow (every read answered in 1.5 s,
+    /// within the request timeout) is observed through: a primary whose
+    /// reports stop is failed over after fail_interval (5 s), not before
+    /// and not never.
+    #[tokio::test]
+    async fn a_slow_store_still_fails_a_silent_primary_over() {
+        let (_dir, inner, keys, lease) = setup().await;
+        let store = Stalling {
+            inner: inner.clone(),
+            now: Default::default(),
+            stall: Default::default(),
+        };
+        let mut mem = Memory::default();
+        let mut round = Round {
+            store: &store,
+            keys: &keys,
+            lease,
+            mem: &mut mem,
+        };
+        // Rounds every 1.75 s: a 250 ms tick and a 1.5 s read.
+        let mut t = 1;
+        while t <= 7001 {
+            round.at(t, &[], 1500).await;
+            t += 1750;
+        }
+        // m's last report is at 7001 (seen when that read returned, 8501).
+        let mut failed_at = None;
+        while t <= 30_000 {
+            round.at(t, &["m"], 1500).await;
+            if failed_at.is_none() && data(&inner, &keys).await.failover.is_some() {
+                failed_at = Some(t + 1500);
+            }
+            t += 1750;
+        }
+        let at = failed_at.expect("the silent primary was never failed over");
+        assert!(
+            (8501 + 5000..=8501 + 5000 + 2 * 1750).contains(&at),
+            "failed over at {at}, the last report seen at 8501"
+        );
     }
 }

@@ -401,6 +401,100 @@ async fn a_backup_section_that_cannot_work_is_refused() {
     assert!(!out.status.success(), "nothing was created");
 }
 
+/// The `command` kind: the operator's own templates (here `cp` into a
+/// directory; a segment pushed again must be the same file, as
+/// docs/backup.md asks of a tool). The primary archives through them, a
+/// failover's new primary archives its timeline history file and its own
+/// segments there, each instance runs them as PostgreSQL shows, and `ctl
+/// backup` says that base backups are the tool's business.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_tool_archives_through_the_operators_templates_across_a_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    std::fs::create_dir_all(&archive).unwrap();
+    if let Some((uid, gid)) = keeper::pg::unprivileged_ids() {
+        std::os::unix::fs::chown(&archive, Some(uid), Some(gid)).unwrap();
+    }
+    let a = archive.display();
+    let spec = ClusterSpec {
+        backup: BackupSpec {
+            tool: BackupTool::Command,
+            archive_command: Some(format!(
+                "if test -f {a}/%f; then cmp -s %p {a}/%f; else cp %p {a}/%f; fi"
+            )),
+            restore_command: Some(format!("cp {a}/%f %p")),
+            ..Default::default()
+        },
+        // Asynchronous: with two keepers, a synchronous new primary would
+        // wait for the dead one to rejoin before taking a commit.
+        synchronous_replication: false,
+        ..Default::default()
+    };
+    let url = format!("file://{}", dir.path().join("store").display());
+    let store = cluster::open(&url).await.unwrap();
+    let mut c = LocalCluster::up_with(&url, store, spec, 1, 2).await;
+    for i in 1..=2 {
+        assert_eq!(c.show(i, "archive_mode").await.as_deref(), Some("on"));
+        let cmd = c.show(i, "archive_command").await.unwrap_or_default();
+        assert!(cmd.contains(&format!("else cp %p {a}/%f")), "k{i}: {cmd}");
+        let cmd = c.show(i, "restore_command").await.unwrap_or_default();
+        assert!(cmd.contains(&format!("cp {a}/%f %p")), "k{i}: {cmd}");
+    }
+    let err = c.ctl(&["backup"]).unwrap_err();
+    assert!(err.contains("take base backups with that tool"), "{err}");
+
+    let archived = |name: String| {
+        let path = archive.join(&name);
+        async move {
+            crate::assert_eventually!(
+                path.exists(),
+                Duration::from_secs(60),
+                "{name} never reached the archive"
+            );
+        }
+    };
+    let old = c.master;
+    let proxy = c.conn.clone();
+    let insert = |x: i32| {
+        let conn = proxy.clone();
+        async move {
+            let client = connect(&conn).await;
+            client
+                .execute("INSERT INTO w VALUES ($1)", &[&x])
+                .await
+                .unwrap();
+        }
+    };
+    insert(1).await;
+    let seg = text(&c, old, "SELECT pg_walfile_name(pg_switch_wal() - 1)").await;
+    archived(seg).await;
+    c.kill_primary();
+    let new = c.wait_new_primary(old, Duration::from_secs(60)).await;
+    // The timeline, as the first 8 hex digits of a WAL file's name.
+    let timeline = text(
+        &c,
+        new,
+        "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)",
+    )
+    .await;
+    assert_ne!(
+        timeline, "00000001",
+        "the new primary is still on timeline 1"
+    );
+    archived(format!("{timeline}.history")).await;
+    insert(2).await;
+    let seg = text(&c, new, "SELECT pg_walfile_name(pg_switch_wal() - 1)").await;
+    assert!(seg.starts_with(&timeline), "{seg}");
+    archived(seg).await;
+    let failed = text(&c, new, "SELECT failed_count::text FROM pg_stat_archiver").await;
+    assert_eq!(failed, "0", "the new primary's archiver failed");
+    let log = c.keeper_log(new);
+    assert!(
+        !log.contains("could not archive every segment"),
+        "the pre-promotion push failed:\n{log}"
+    );
+}
+
 /// `ctl init --mode pitr` to a time, an LSN and a restore point's name
 /// taken between two marked inserts: each restored cluster (a primary
 /// restored and replayed by its keeper, a standby copied from it) has the

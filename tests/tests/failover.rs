@@ -108,7 +108,7 @@ impl Drop for LocalCluster {
             }
         }
         eprintln!("the cluster's logs are kept in {}", keep.display());
-        if let Some(m) = crate::support::panic_message(600) {
+        if let Some(m) = crate::support::panic_message(600).filter(|_| failed) {
             eprintln!("the test failed at {m}");
         }
     }

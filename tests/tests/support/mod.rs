@@ -48,6 +48,13 @@ thread_local! {
 pub fn note_panics() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
+        // KEELSON_TEST_LOG=filter: the in-process proxies' logs on stderr.
+        if let Ok(filter) = std::env::var("KEELSON_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             let msg = info
