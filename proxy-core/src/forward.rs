@@ -410,21 +410,15 @@ where
                     };
                     continue;
                 }
-                let (sent, received) = (up.total, down.total);
-                let copied = copy_both(
+                let copied = copy_noting(
                     cx,
                     (&mut *up, &mut *down),
-                    &mut *client,
-                    &mut *backend,
+                    (&mut *client, &mut *backend),
                     tracker,
                     deadline,
                     (to_backend_bytes, to_client_bytes),
+                    awaiting,
                 );
-                if up.total != sent {
-                    *awaiting = true;
-                } else if down.total != received && tracker.idle() {
-                    *awaiting = false;
-                }
                 match copied {
                     Poll::Ready(None) => {
                         *state = expired();
@@ -472,21 +466,15 @@ where
                     }
                     continue;
                 }
-                let (sent, received) = (up.total, down.total);
-                let copied = copy_both(
+                let copied = copy_noting(
                     cx,
                     (&mut *up, &mut *down),
-                    &mut *client,
-                    &mut *backend,
+                    (&mut *client, &mut *backend),
                     tracker,
                     deadline,
                     (to_backend_bytes, to_client_bytes),
+                    awaiting,
                 );
-                if up.total != sent {
-                    *awaiting = true;
-                } else if down.total != received && tracker.idle() {
-                    *awaiting = false;
-                }
                 match copied {
                     Poll::Ready(None) => {
                         *state = expired();
@@ -573,6 +561,35 @@ where
             }
         }
     }
+}
+
+/// [`copy_both`], noting in `awaiting` that the client sent bytes (a
+/// statement may be on its way) or that the server answered up to a
+/// ReadyForQuery saying idle.
+#[inline]
+fn copy_noting<C, B, CC, BC>(
+    cx: &mut Context<'_>,
+    (up, down): (&mut Half, &mut Half),
+    (client, backend): (&mut C, &mut B),
+    tracker: &mut MessageTracker,
+    deadline: Option<&Deadline>,
+    counters: (&CC, &BC),
+    awaiting: &mut bool,
+) -> Poll<Option<Outcome>>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    CC: ByteCounter,
+    BC: ByteCounter,
+{
+    let (sent, received) = (up.total, down.total);
+    let copied = copy_both(cx, (up, down), client, backend, tracker, deadline, counters);
+    if up.total != sent {
+        *awaiting = true;
+    } else if down.total != received && tracker.idle() {
+        *awaiting = false;
+    }
+    copied
 }
 
 /// Both directions of an open session, as far as they go now: `Ready`
@@ -668,6 +685,49 @@ mod tests {
     use bytes::BufMut;
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    type Task = tokio::task::JoinHandle<(Outcome, Transferred)>;
+
+    /// A session forwarding between two in-memory streams, right after
+    /// its first ReadyForQuery: the client's end, the server's end, its
+    /// fence, and the forwarding task.
+    fn session() -> (
+        tokio::io::DuplexStream,
+        tokio::io::DuplexStream,
+        Arc<Fence>,
+        Task,
+    ) {
+        let (client_end, mut client) = tokio::io::duplex(1 << 16);
+        let (backend_end, mut backend) = tokio::io::duplex(1 << 16);
+        let fence = Arc::new(Fence::default());
+        let f2 = fence.clone();
+        let task = tokio::spawn(async move {
+            let mut t = MessageTracker::after_ready();
+            forward(&mut client, &mut backend, &mut t, &f2, None, &(), &()).await
+        });
+        (client_end, backend_end, fence, task)
+    }
+
+    /// The session ended fenced by the switchover, cleanly: the client
+    /// read `before`, then a FATAL.
+    async fn ends_with_a_fatal(
+        task: Task,
+        client_end: &mut tokio::io::DuplexStream,
+        before: &[u8],
+    ) {
+        let (outcome, _) = task.await.unwrap();
+        assert_eq!(
+            outcome,
+            Outcome::Fenced {
+                label: "switchover",
+                clean: true
+            }
+        );
+        let mut got = Vec::new();
+        client_end.read_to_end(&mut got).await.unwrap();
+        assert!(got.starts_with(before), "{got:?}");
+        assert_eq!(got[before.len()], b'E');
+    }
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut v = vec![tag];
@@ -808,14 +868,7 @@ mod tests {
     /// transactions.
     #[tokio::test(start_paused = true)]
     async fn a_switchover_fence_ends_the_session_between_transactions() {
-        let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
-        let (mut backend_end, mut backend) = tokio::io::duplex(1 << 16);
-        let fence = Arc::new(Fence::default());
-        let f2 = fence.clone();
-        let task = tokio::spawn(async move {
-            let mut t = MessageTracker::after_ready();
-            forward(&mut client, &mut backend, &mut t, &f2, None, &(), &()).await
-        });
+        let (mut client_end, mut backend_end, fence, task) = session();
         // A transaction is open when the fence fires.
         client_end.write_all(b"Q BEGIN").await.unwrap();
         let mut got = [0u8; 7];
@@ -834,18 +887,7 @@ mod tests {
         let done = [msg(b'C', b"COMMIT\0"), msg(b'Z', b"I")].concat();
         backend_end.write_all(&done).await.unwrap();
         // ...and its answer the client, then the FATAL.
-        let (outcome, _) = task.await.unwrap();
-        assert_eq!(
-            outcome,
-            Outcome::Fenced {
-                label: "switchover",
-                clean: true
-            }
-        );
-        let mut got = Vec::new();
-        client_end.read_to_end(&mut got).await.unwrap();
-        assert!(got.starts_with(&done), "{got:?}");
-        assert_eq!(got[done.len()], b'E');
+        ends_with_a_fatal(task, &mut client_end, &done).await;
     }
 
     /// A statement sent but not yet answered when a switchover's fence
@@ -854,14 +896,7 @@ mod tests {
     /// session ended while its statement may commit.
     #[tokio::test(start_paused = true)]
     async fn a_switchover_fence_waits_for_the_answer_to_a_statement_in_flight() {
-        let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
-        let (mut backend_end, mut backend) = tokio::io::duplex(1 << 16);
-        let fence = Arc::new(Fence::default());
-        let f2 = fence.clone();
-        let task = tokio::spawn(async move {
-            let mut t = MessageTracker::after_ready();
-            forward(&mut client, &mut backend, &mut t, &f2, None, &(), &()).await
-        });
+        let (mut client_end, mut backend_end, fence, task) = session();
         // A first statement, answered: the session is not fresh.
         client_end.write_all(b"Q one").await.unwrap();
         let mut got = [0u8; 5];
@@ -881,18 +916,7 @@ mod tests {
             "the session ended with a statement in flight"
         );
         backend_end.write_all(&idle).await.unwrap();
-        let (outcome, _) = task.await.unwrap();
-        assert_eq!(
-            outcome,
-            Outcome::Fenced {
-                label: "switchover",
-                clean: true
-            }
-        );
-        let mut got = Vec::new();
-        client_end.read_to_end(&mut got).await.unwrap();
-        assert!(got.starts_with(&idle), "{got:?}");
-        assert_eq!(got[idle.len()], b'E');
+        ends_with_a_fatal(task, &mut client_end, &idle).await;
     }
 
     /// A client that prepares (one round trip, idle after it) and then
@@ -902,14 +926,7 @@ mod tests {
     /// INSERT this way: the FATAL came right after the prepare.)
     #[tokio::test(start_paused = true)]
     async fn a_switchover_fence_lets_a_prepared_statement_run() {
-        let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
-        let (mut backend_end, mut backend) = tokio::io::duplex(1 << 16);
-        let fence = Arc::new(Fence::default());
-        let f2 = fence.clone();
-        let task = tokio::spawn(async move {
-            let mut t = MessageTracker::after_ready();
-            forward(&mut client, &mut backend, &mut t, &f2, None, &(), &()).await
-        });
+        let (mut client_end, mut backend_end, fence, task) = session();
         client_end.write_all(b"P parse").await.unwrap();
         let mut got = [0u8; 7];
         backend_end.read_exact(&mut got).await.unwrap();
@@ -925,18 +942,7 @@ mod tests {
         assert_eq!(&got, b"B execute");
         let done = [msg(b'C', b"INSERT 0 1\0"), msg(b'Z', b"I")].concat();
         backend_end.write_all(&done).await.unwrap();
-        let (outcome, _) = task.await.unwrap();
-        assert_eq!(
-            outcome,
-            Outcome::Fenced {
-                label: "switchover",
-                clean: true
-            }
-        );
-        let mut got = Vec::new();
-        client_end.read_to_end(&mut got).await.unwrap();
-        assert!(got.starts_with(&done), "{got:?}");
-        assert_eq!(got[done.len()], b'E');
+        ends_with_a_fatal(task, &mut client_end, &done).await;
     }
 
     /// A session fenced by a switchover before it sent anything (its
@@ -945,14 +951,7 @@ mod tests {
     /// connection per transaction sees no error.
     #[tokio::test(start_paused = true)]
     async fn a_switchover_fence_lets_a_fresh_session_run_its_first_statement() {
-        let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
-        let (mut backend_end, mut backend) = tokio::io::duplex(1 << 16);
-        let fence = Arc::new(Fence::default());
-        let f2 = fence.clone();
-        let task = tokio::spawn(async move {
-            let mut t = MessageTracker::after_ready();
-            forward(&mut client, &mut backend, &mut t, &f2, None, &(), &()).await
-        });
+        let (mut client_end, mut backend_end, fence, task) = session();
         fence.trigger(FenceReason::primary_switched_over());
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(
@@ -965,32 +964,14 @@ mod tests {
         assert_eq!(&got, b"Q INSERT");
         let done = [msg(b'C', b"INSERT 0 1\0"), msg(b'Z', b"I")].concat();
         backend_end.write_all(&done).await.unwrap();
-        let (outcome, _) = task.await.unwrap();
-        assert_eq!(
-            outcome,
-            Outcome::Fenced {
-                label: "switchover",
-                clean: true
-            }
-        );
-        let mut got = Vec::new();
-        client_end.read_to_end(&mut got).await.unwrap();
-        assert!(got.starts_with(&done), "{got:?}");
-        assert_eq!(got[done.len()], b'E');
+        ends_with_a_fatal(task, &mut client_end, &done).await;
     }
 
     /// A transaction that does not end within the drain is ended at the
     /// next message boundary.
     #[tokio::test(start_paused = true)]
     async fn a_switchover_fence_does_not_wait_for_a_transaction_forever() {
-        let (mut client_end, mut client) = tokio::io::duplex(1 << 16);
-        let (mut backend_end, mut backend) = tokio::io::duplex(1 << 16);
-        let fence = Arc::new(Fence::default());
-        let f2 = fence.clone();
-        let task = tokio::spawn(async move {
-            let mut t = MessageTracker::after_ready();
-            forward(&mut client, &mut backend, &mut t, &f2, None, &(), &()).await
-        });
+        let (mut client_end, mut backend_end, fence, task) = session();
         backend_end.write_all(&msg(b'Z', b"T")).await.unwrap();
         let mut got = vec![0u8; 6];
         client_end.read_exact(&mut got).await.unwrap();
