@@ -41,13 +41,13 @@ enum Secret {
 }
 
 impl Secret {
-    fn new(bytes: &Bytes) -> Secret {
+    fn new(bytes: Bytes) -> Secret {
         if bytes.len() <= 8 {
             let mut b = [0u8; 8];
-            b[..bytes.len()].copy_from_slice(bytes);
+            b[..bytes.len()].copy_from_slice(&bytes);
             Secret::Short(bytes.len() as u8, b)
         } else {
-            Secret::Long(bytes.clone())
+            Secret::Long(bytes)
         }
     }
 }
@@ -124,8 +124,7 @@ impl CancelRegistry {
 
     /// Records that `backend` issued this key. Called once per session.
     pub fn register(self: &Arc<Self>, pid: u32, secret: Bytes, backend: Backend) -> CancelGuard {
-        let key = (pid, Secret::new(&secret));
-        drop(secret);
+        let key = (pid, Secret::new(secret));
         self.shard(pid).insert(key.clone(), backend);
         CancelGuard {
             registry: self.clone(),
@@ -154,7 +153,10 @@ impl CancelRegistry {
         req: &CancelRequest,
         views: impl IntoIterator<Item = &'v View>,
     ) -> (CancelRoute, Vec<Backend>) {
-        if let Some(b) = self.shard(req.pid).get(&(req.pid, Secret::new(&req.key))) {
+        if let Some(b) = self
+            .shard(req.pid)
+            .get(&(req.pid, Secret::new(req.key.clone())))
+        {
             return (CancelRoute::Known, vec![b.clone()]);
         }
         let allowed = self

@@ -1,4 +1,4 @@
-//! Forwarding: copies bytes both ways between a client and its backend once
+//! ForwardState: copies bytes both ways between a client and its backend once
 //! the session is established.
 //!
 //! - Nothing is allocated per message. A direction takes a pooled buffer just
@@ -238,7 +238,7 @@ enum FenceState {
     /// Fenced by a planned switchover: forwarding both ways until no
     /// transaction is open, or the deadline passes.
     Finishing(Box<(Pin<Box<Sleep>>, FenceReason)>),
-    /// Forwarding server bytes up to the next boundary.
+    /// ForwardState server bytes up to the next boundary.
     Draining(Box<(Pin<Box<Sleep>>, FenceReason)>),
     /// Writing the FATAL; `pos` bytes of `msg` written.
     Telling(Box<Telling>),
@@ -287,7 +287,7 @@ where
 {
     Forward {
         notified: fence.notified(),
-        s: Forwarding {
+        s: ForwardState {
             client,
             backend,
             tracker,
@@ -308,10 +308,10 @@ where
 pub struct Forward<'a, C: ?Sized, B: ?Sized, CC, BC> {
     /// Pinned with the struct (never moved out of it).
     notified: tokio::sync::futures::Notified<'a>,
-    s: Forwarding<'a, C, B, CC, BC>,
+    s: ForwardState<'a, C, B, CC, BC>,
 }
 
-struct Forwarding<'a, C: ?Sized, B: ?Sized, CC, BC> {
+struct ForwardState<'a, C: ?Sized, B: ?Sized, CC, BC> {
     client: &'a mut C,
     backend: &'a mut B,
     tracker: &'a mut MessageTracker,
@@ -359,7 +359,7 @@ where
 
 fn poll_forward<C, B, CC, BC>(
     cx: &mut Context<'_>,
-    s: &mut Forwarding<'_, C, B, CC, BC>,
+    s: &mut ForwardState<'_, C, B, CC, BC>,
     mut notified: Pin<&mut tokio::sync::futures::Notified<'_>>,
 ) -> Poll<Outcome>
 where
@@ -368,7 +368,7 @@ where
     CC: ByteCounter,
     BC: ByteCounter,
 {
-    let Forwarding {
+    let ForwardState {
         client,
         backend,
         tracker,
