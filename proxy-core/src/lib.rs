@@ -33,6 +33,8 @@ pub mod view;
 mod backend;
 mod cancel;
 mod handshake;
+#[cfg(target_os = "linux")]
+mod kernel;
 mod pool;
 mod proxy;
 mod session;

@@ -442,6 +442,19 @@ impl MessageTracker {
         }
     }
 
+    /// A tracker for the stream at a message boundary after a message of
+    /// type `tag` (with `status`, for a ReadyForQuery), as the kernel's
+    /// parser saw it; `ran` says whether the round before it may have run
+    /// a statement (kernel forwarding, `crate::kernel`).
+    pub fn at_boundary(tag: u8, status: u8, ran: bool) -> Self {
+        MessageTracker {
+            tag,
+            status: if tag == b'Z' { status } else { 0 },
+            ran_before_ready: ran,
+            ..Default::default()
+        }
+    }
+
     /// Whether the stream is at a message boundary right after a
     /// ReadyForQuery saying idle: no transaction is open.
     pub fn idle(&self) -> bool {

@@ -122,6 +122,10 @@ pub struct Deadline {
     epoch: Instant,
     /// Nanoseconds after `epoch`; [`Deadline::NONE`] while unset.
     nanos: AtomicU64,
+    /// Its slot in the kernel's copy of deadlines, once a session of its
+    /// view forwards in the kernel (`crate::kernel`).
+    #[cfg(target_os = "linux")]
+    pub(crate) kernel_slot: std::sync::OnceLock<u32>,
 }
 
 impl Deadline {
@@ -131,6 +135,8 @@ impl Deadline {
         Deadline {
             epoch: Instant::now(),
             nanos: AtomicU64::new(Self::NONE),
+            #[cfg(target_os = "linux")]
+            kernel_slot: std::sync::OnceLock::new(),
         }
     }
 
@@ -175,6 +181,9 @@ impl Deadline {
     fn set(&self, until: Instant) -> bool {
         let was_passed = self.passed();
         let n = Self::nanos_since(self.epoch, until);
+        #[cfg(target_os = "linux")]
+        crate::kernel::deadline_set(self, || self.nanos.store(n, Ordering::Release));
+        #[cfg(not(target_os = "linux"))]
         self.nanos.store(n, Ordering::Release);
         was_passed
     }

@@ -1,0 +1,1030 @@
+//! Kernel forwarding (Linux): an established plaintext session's two TCP
+//! sockets are handed to a BPF sockhash, and the kernel moves every byte
+//! from one to the other without waking the proxy or copying it to user
+//! space. The programs are assembled here, instruction by instruction: no
+//! compiler is needed to build them, and a kernel without the support
+//! (no BPF, no stream parser, not root) is found out at start.
+//!
+//! What each socket runs, in the kernel:
+//! - a stream parser that cuts what arrived into chunks. The client's data
+//!   is one chunk per arrival (it needs no boundaries: a fenced session's
+//!   client bytes go nowhere). The server's is followed message by
+//!   message (1 type byte, a 4-byte length), in its `State`, so that the
+//!   kernel always knows whether the next byte starts a message, which
+//!   message was last, and a ReadyForQuery's transaction status;
+//! - a verdict that redirects the chunk to the peer's send queue, unless
+//!   the session was fenced (a flag the proxy sets in the `ctl` map) or
+//!   its view's validity deadline has passed (the `deadlines` map, read
+//!   against the kernel's monotonic clock, so a frozen proxy forwards
+//!   nothing after it). Then client chunks, and server chunks from the
+//!   next message boundary on, pass to the proxy's own socket, where the
+//!   proxy reads them as it would without the sockhash.
+//!
+//! Taking a session back ([`take_back`]): the proxy sets the flag, waits
+//! until the kernel's last server chunk ended at a boundary and every
+//! redirected byte is in its destination socket's send queue (counted by
+//! the kernel and read from TCP_INFO), and only then writes to either
+//! socket itself. So the FATAL of a fenced session follows a whole message,
+//! and nothing the client sent after the fence reaches the server.
+//!
+//! Ordering facts this relies on (kernel 5.x-6.x): a socket's parser and
+//! verdict run under its socket lock, one chunk at a time, so an ioctl
+//! that takes the lock (FIONREAD) is a barrier after which every chunk
+//! sees the flag; a redirect is queued to the peer's psock and written by
+//! a kernel worker, so "sent" is measured, never assumed; a socket leaves
+//! the sockhash when it closes, and deleting it earlier would drop bytes
+//! still queued, so the proxy never does.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::fence::Fence;
+use crate::protocol::MessageTracker;
+use crate::view::Deadline;
+
+// bpf(2) commands, map and program types, attach types, helpers.
+const MAP_CREATE: i32 = 0;
+const MAP_LOOKUP_ELEM: i32 = 1;
+const MAP_UPDATE_ELEM: i32 = 2;
+const MAP_DELETE_ELEM: i32 = 3;
+const PROG_LOAD: i32 = 5;
+const PROG_ATTACH: i32 = 8;
+const MAP_TYPE_HASH: u32 = 1;
+const MAP_TYPE_ARRAY: u32 = 2;
+const MAP_TYPE_SOCKHASH: u32 = 18;
+const PROG_TYPE_SK_SKB: u32 = 14;
+const SK_SKB_STREAM_PARSER: u32 = 4;
+const SK_SKB_STREAM_VERDICT: u32 = 5;
+const F_NO_PREALLOC: u32 = 1;
+const NOEXIST: u64 = 1;
+const HELPER_MAP_LOOKUP: i32 = 1;
+const HELPER_KTIME_GET_NS: i32 = 5;
+const HELPER_SKB_LOAD_BYTES: i32 = 26;
+const HELPER_GET_SOCKET_COOKIE: i32 = 46;
+const HELPER_SK_REDIRECT_HASH: i32 = 72;
+const SO_COOKIE: libc::c_int = 57;
+const SIOCOUTQ: libc::c_ulong = 0x5411;
+
+/// Sessions the maps hold at once (two sockets each); a session beyond
+/// it forwards in user space.
+const MAX_SESSIONS: u32 = 1 << 17;
+/// Validity deadlines (one per cluster view); slot 0 means none.
+const DEADLINE_SLOTS: u32 = 4096;
+
+/// One socket's state in the `state` map, written by the kernel's
+/// programs once the socket is in the sockhash (the proxy only reads it).
+mod st {
+    pub const PEER: i16 = 0; // u64: the other socket's cookie
+    pub const REDIR: i16 = 8; // u64: bytes redirected to the peer
+    pub const PASSED: i16 = 16; // u64: bytes passed to the proxy
+    pub const ZREDIR: i16 = 24; // u64: the peer's REDIR at the last ReadyForQuery
+    pub const REMAINING: i16 = 32; // u32: bytes left of the current message
+    pub const IS_SERVER: i16 = 36; // u32: the server's socket (framed)
+    pub const SLOT: i16 = 40; // u32: deadline slot (client), 0: none
+    pub const PASSING: i16 = 44; // u32: chunks go to the proxy from now on
+    pub const START_BOUNDARY: i16 = 48; // u32: this chunk starts a message
+    pub const LAST_TAG: i16 = 52; // u32: type of the last message begun
+    pub const LAST_STATUS: i16 = 56; // u32: the last ReadyForQuery's status
+    pub const ZSEEN: i16 = 60; // u32: a ReadyForQuery in this chunk
+    pub const SIZE: usize = 64;
+}
+
+/// The programs and maps, loaded once per process.
+pub(crate) struct Kernel {
+    sockhash: OwnedFd,
+    state: OwnedFd,
+    ctl: OwnedFd,
+    deadlines: OwnedFd,
+    _parser: OwnedFd,
+    _verdict: OwnedFd,
+    next_slot: AtomicU32,
+    /// Serialises writing a deadline's kernel copy with assigning its slot.
+    deadline_lock: Mutex<()>,
+}
+
+static KERNEL: OnceLock<Result<Kernel, String>> = OnceLock::new();
+
+/// The loaded programs, loading them on first use; the error says why
+/// kernel forwarding is unavailable here.
+pub(crate) fn get() -> Result<&'static Kernel, &'static str> {
+    KERNEL
+        .get_or_init(|| Kernel::load().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(String::as_str)
+}
+
+/// The programs if they were loaded already (never loads them).
+fn loaded() -> Option<&'static Kernel> {
+    KERNEL.get().and_then(|r| r.as_ref().ok())
+}
+
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn new() -> Self {
+        Attr([0; 128])
+    }
+    fn u32(&mut self, off: usize, v: u32) -> &mut Self {
+        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+    fn u64(&mut self, off: usize, v: u64) -> &mut Self {
+        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+    fn ptr<T>(&mut self, off: usize, p: *const T) -> &mut Self {
+        self.u64(off, p as usize as u64)
+    }
+}
+
+fn bpf(cmd: i32, attr: &mut Attr) -> io::Result<i64> {
+    // SAFETY: `attr` is a valid, writable 128-byte bpf_attr; the pointers
+    // it holds point to live buffers of the sizes it names.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.0.as_mut_ptr() as *mut libc::c_void,
+            attr.0.len() as u32,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn fd(r: i64) -> OwnedFd {
+    // SAFETY: bpf(2) returned a new file descriptor that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(r as RawFd) }
+}
+
+fn map_create(kind: u32, key: u32, value: u32, max: u32, flags: u32, name: &str) -> io::Result<OwnedFd> {
+    let mut a = Attr::new();
+    a.u32(0, kind).u32(4, key).u32(8, value).u32(12, max).u32(16, flags);
+    let n = name.len().min(15);
+    a.0[28..28 + n].copy_from_slice(&name.as_bytes()[..n]);
+    bpf(MAP_CREATE, &mut a)
+        .map(fd)
+        .map_err(|e| io::Error::new(e.kind(), format!("creating the {name} map: {e}")))
+}
+
+fn update<K, V>(map: &OwnedFd, key: &K, value: &V, flags: u64) -> io::Result<()> {
+    let mut a = Attr::new();
+    a.u32(0, map.as_raw_fd() as u32)
+        .ptr(8, key)
+        .ptr(16, value)
+        .u64(24, flags);
+    bpf(MAP_UPDATE_ELEM, &mut a).map(drop)
+}
+
+fn lookup<K, V: Default>(map: &OwnedFd, key: &K) -> io::Result<V> {
+    let mut v = V::default();
+    let mut a = Attr::new();
+    a.u32(0, map.as_raw_fd() as u32)
+        .ptr(8, key)
+        .ptr(16, &mut v as *mut V);
+    bpf(MAP_LOOKUP_ELEM, &mut a)?;
+    Ok(v)
+}
+
+fn delete<K>(map: &OwnedFd, key: &K) {
+    let mut a = Attr::new();
+    a.u32(0, map.as_raw_fd() as u32).ptr(8, key);
+    let _ = bpf(MAP_DELETE_ELEM, &mut a);
+}
+
+fn prog_load(insns: &[Insn], attach: u32, name: &str) -> io::Result<OwnedFd> {
+    let license = b"GPL\0";
+    let mut log = vec![0u8; 1 << 20];
+    let mut load = |log_level: u32, log: &mut [u8]| {
+        let mut a = Attr::new();
+        a.u32(0, PROG_TYPE_SK_SKB)
+            .u32(4, insns.len() as u32)
+            .ptr(8, insns.as_ptr())
+            .ptr(16, license.as_ptr())
+            .u32(24, log_level)
+            .u32(28, if log_level > 0 { log.len() as u32 } else { 0 })
+            .ptr(32, if log_level > 0 { log.as_ptr() } else { std::ptr::null() })
+            .u32(68, attach);
+        let n = name.len().min(15);
+        a.0[48..48 + n].copy_from_slice(&name.as_bytes()[..n]);
+        bpf(PROG_LOAD, &mut a).map(fd)
+    };
+    match load(0, &mut log) {
+        Ok(p) => Ok(p),
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) || e.raw_os_error() == Some(libc::EINVAL) => {
+            // The verifier refused it: load again for its reasons.
+            let again = load(1, &mut log);
+            let text = String::from_utf8_lossy(&log[..log.iter().position(|&b| b == 0).unwrap_or(0)])
+                .lines()
+                .rev()
+                .take(12)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join(" | ");
+            match again {
+                Ok(p) => Ok(p),
+                Err(_) => Err(io::Error::new(
+                    e.kind(),
+                    format!("loading the {name} program: {e}: {text}"),
+                )),
+            }
+        }
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("loading the {name} program: {e}"),
+        )),
+    }
+}
+
+fn attach(map: &OwnedFd, prog: &OwnedFd, kind: u32) -> io::Result<()> {
+    let mut a = Attr::new();
+    a.u32(0, map.as_raw_fd() as u32)
+        .u32(4, prog.as_raw_fd() as u32)
+        .u32(8, kind);
+    bpf(PROG_ATTACH, &mut a)
+        .map(drop)
+        .map_err(|e| io::Error::new(e.kind(), format!("attaching a program to the sockhash: {e}")))
+}
+
+// ---- an assembler for the few instructions the programs use ----
+
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+struct Insn {
+    code: u8,
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+const R0: u8 = 0;
+const R1: u8 = 1;
+const R2: u8 = 2;
+const R3: u8 = 3;
+const R4: u8 = 4;
+const R6: u8 = 6;
+const R7: u8 = 7;
+const R8: u8 = 8;
+const R9: u8 = 9;
+const FP: u8 = 10;
+
+#[derive(Default)]
+struct Asm {
+    insns: Vec<Insn>,
+    labels: Vec<(&'static str, usize)>,
+    jumps: Vec<(usize, &'static str)>,
+}
+
+impl Asm {
+    fn op(&mut self, code: u8, dst: u8, src: u8, off: i16, imm: i32) -> &mut Self {
+        self.insns.push(Insn {
+            code,
+            regs: dst | (src << 4),
+            off,
+            imm,
+        });
+        self
+    }
+    fn mov_imm(&mut self, d: u8, imm: i32) -> &mut Self {
+        self.op(0xb7, d, 0, 0, imm)
+    }
+    fn mov(&mut self, d: u8, s: u8) -> &mut Self {
+        self.op(0xbf, d, s, 0, 0)
+    }
+    fn add_imm(&mut self, d: u8, imm: i32) -> &mut Self {
+        self.op(0x07, d, 0, 0, imm)
+    }
+    fn add(&mut self, d: u8, s: u8) -> &mut Self {
+        self.op(0x0f, d, s, 0, 0)
+    }
+    fn sub(&mut self, d: u8, s: u8) -> &mut Self {
+        self.op(0x1f, d, s, 0, 0)
+    }
+    fn be32(&mut self, d: u8) -> &mut Self {
+        self.op(0xdc, d, 0, 0, 32)
+    }
+    fn ldx_b(&mut self, d: u8, s: u8, off: i16) -> &mut Self {
+        self.op(0x71, d, s, off, 0)
+    }
+    fn ldx_w(&mut self, d: u8, s: u8, off: i16) -> &mut Self {
+        self.op(0x61, d, s, off, 0)
+    }
+    fn ldx_dw(&mut self, d: u8, s: u8, off: i16) -> &mut Self {
+        self.op(0x79, d, s, off, 0)
+    }
+    fn stx_w(&mut self, d: u8, off: i16, s: u8) -> &mut Self {
+        self.op(0x63, d, s, off, 0)
+    }
+    fn stx_dw(&mut self, d: u8, off: i16, s: u8) -> &mut Self {
+        self.op(0x7b, d, s, off, 0)
+    }
+    fn st_w(&mut self, d: u8, off: i16, imm: i32) -> &mut Self {
+        self.op(0x62, d, 0, off, imm)
+    }
+    fn jump(&mut self, code: u8, d: u8, s: u8, imm: i32, to: &'static str) -> &mut Self {
+        self.jumps.push((self.insns.len(), to));
+        self.op(code, d, s, 0, imm)
+    }
+    fn ja(&mut self, to: &'static str) -> &mut Self {
+        self.jump(0x05, 0, 0, 0, to)
+    }
+    fn jeq_imm(&mut self, d: u8, imm: i32, to: &'static str) -> &mut Self {
+        self.jump(0x15, d, 0, imm, to)
+    }
+    fn jne_imm(&mut self, d: u8, imm: i32, to: &'static str) -> &mut Self {
+        self.jump(0x55, d, 0, imm, to)
+    }
+    fn jlt_imm(&mut self, d: u8, imm: i32, to: &'static str) -> &mut Self {
+        self.jump(0xa5, d, 0, imm, to)
+    }
+    fn jge_imm(&mut self, d: u8, imm: i32, to: &'static str) -> &mut Self {
+        self.jump(0x35, d, 0, imm, to)
+    }
+    fn jgt(&mut self, d: u8, s: u8, to: &'static str) -> &mut Self {
+        self.jump(0x2d, d, s, 0, to)
+    }
+    fn jlt(&mut self, d: u8, s: u8, to: &'static str) -> &mut Self {
+        self.jump(0xad, d, s, 0, to)
+    }
+    fn call(&mut self, helper: i32) -> &mut Self {
+        self.op(0x85, 0, 0, 0, helper)
+    }
+    fn exit(&mut self) -> &mut Self {
+        self.op(0x95, 0, 0, 0, 0)
+    }
+    /// Loads a map's address (by its fd) into `d`.
+    fn ld_map(&mut self, d: u8, map: &OwnedFd) -> &mut Self {
+        self.op(0x18, d, 1, 0, map.as_raw_fd());
+        self.op(0, 0, 0, 0, 0)
+    }
+    /// `r0 = lookup(map, fp + key)`.
+    fn lookup(&mut self, map: &OwnedFd, key: i16) -> &mut Self {
+        self.ld_map(R1, map)
+            .mov(R2, FP)
+            .add_imm(R2, key as i32)
+            .call(HELPER_MAP_LOOKUP)
+    }
+    fn label(&mut self, name: &'static str) -> &mut Self {
+        self.labels.push((name, self.insns.len()));
+        self
+    }
+    fn finish(mut self) -> Vec<Insn> {
+        for (at, to) in std::mem::take(&mut self.jumps) {
+            let target = self
+                .labels
+                .iter()
+                .find(|(n, _)| *n == to)
+                .unwrap_or_else(|| panic!("no label {to}"))
+                .1;
+            self.insns[at].off = (target as isize - at as isize - 1) as i16;
+        }
+        self.insns
+    }
+}
+
+/// Most messages one parser run walks before it ends its chunk (the rest
+/// is the next chunk's): bounds the verifier's work.
+const WALK: i32 = 32;
+
+/// The stream parser: the length of the next chunk, 0 to wait for more.
+fn parser(state: &OwnedFd, ctl: &OwnedFd) -> Vec<Insn> {
+    let mut a = Asm::default();
+    // Stack: -8 cookie, -16 fenced, -24 len, -32 avail, -41..-36 header,
+    // -48 status byte, -56 result.
+    a.mov(R6, R1)
+        .mov(R1, R6)
+        .call(HELPER_GET_SOCKET_COOKIE)
+        .stx_dw(FP, -8, R0)
+        .lookup(state, -8)
+        .jeq_imm(R0, 0, "whole")
+        .mov(R7, R0)
+        .ldx_w(R1, R7, st::IS_SERVER)
+        .jeq_imm(R1, 0, "whole")
+        .ldx_w(R1, R7, st::PASSING)
+        .jne_imm(R1, 0, "whole")
+        .lookup(ctl, -8)
+        .mov_imm(R1, 0)
+        .jeq_imm(R0, 0, "nf")
+        .ldx_w(R1, R0, 0)
+        .label("nf")
+        .stx_dw(FP, -16, R1)
+        .ldx_w(R1, R6, 0)
+        .stx_dw(FP, -24, R1)
+        .mov_imm(R8, 0)
+        .ldx_w(R2, R7, st::REMAINING)
+        .mov_imm(R3, 0)
+        .jne_imm(R2, 0, "sb")
+        .mov_imm(R3, 1)
+        .label("sb")
+        .stx_w(R7, st::START_BOUNDARY, R3)
+        .jeq_imm(R2, 0, "at_boundary")
+        // Inside a message: all of this chunk is its body, or the body
+        // ends here and the walk goes on from there.
+        .jlt(R2, R1, "rem_inside")
+        .sub(R2, R1)
+        .stx_w(R7, st::REMAINING, R2)
+        .mov(R0, R1)
+        .exit()
+        .label("rem_inside")
+        .mov(R8, R2)
+        .st_w(R7, st::REMAINING, 0)
+        .ldx_dw(R1, FP, -16)
+        .jne_imm(R1, 0, "ret_off") // fenced: the chunk ends at the boundary
+        .ja("walk")
+        .label("at_boundary")
+        .ldx_dw(R3, FP, -16)
+        .jeq_imm(R3, 0, "walk")
+        .mov(R0, R1) // fenced at a boundary: all of it is the proxy's
+        .exit()
+        .label("walk")
+        .mov_imm(R9, 0)
+        .label("loop")
+        .jge_imm(R9, WALK, "ret_off")
+        .ldx_dw(R1, FP, -24)
+        .mov(R2, R1)
+        .sub(R2, R8)
+        .stx_dw(FP, -32, R2)
+        .jlt_imm(R2, 5, "ret_off")
+        .mov(R1, R6)
+        .mov(R2, R8)
+        .mov(R3, FP)
+        .add_imm(R3, -41)
+        .mov_imm(R4, 5)
+        .call(HELPER_SKB_LOAD_BYTES)
+        .jne_imm(R0, 0, "ret_off")
+        .ldx_w(R2, FP, -40)
+        .be32(R2)
+        .jlt_imm(R2, 4, "lost")
+        .ldx_b(R1, FP, -41)
+        .jne_imm(R1, b'Z' as i32, "not_z")
+        // A ReadyForQuery: its status byte too, or wait for it.
+        .ldx_dw(R3, FP, -32)
+        .jlt_imm(R3, 6, "ret_off")
+        .mov(R1, R6)
+        .mov(R2, R8)
+        .add_imm(R2, 5)
+        .mov(R3, FP)
+        .add_imm(R3, -48)
+        .mov_imm(R4, 1)
+        .call(HELPER_SKB_LOAD_BYTES)
+        .jne_imm(R0, 0, "ret_off")
+        .ldx_b(R1, FP, -48)
+        .stx_w(R7, st::LAST_STATUS, R1)
+        .st_w(R7, st::ZSEEN, 1)
+        .ldx_w(R2, FP, -40)
+        .be32(R2)
+        .ldx_b(R1, FP, -41)
+        .label("not_z")
+        .stx_w(R7, st::LAST_TAG, R1)
+        .add_imm(R2, 1)
+        .ldx_dw(R3, FP, -32)
+        .jgt(R2, R3, "spans")
+        .add(R8, R2)
+        .add_imm(R9, 1)
+        .ja("loop")
+        .label("spans")
+        // The message goes on past this chunk.
+        .sub(R2, R3)
+        .stx_w(R7, st::REMAINING, R2)
+        .ldx_dw(R0, FP, -24)
+        .ja("done")
+        .label("lost")
+        // A length below 4 (PostgreSQL never sends one): no boundary is
+        // known from here on.
+        .st_w(R7, st::REMAINING, 0x7fff_ffff)
+        .ldx_dw(R0, FP, -24)
+        .ja("done")
+        .label("ret_off")
+        .mov(R0, R8)
+        .label("done")
+        .stx_dw(FP, -56, R0)
+        .ldx_w(R1, R7, st::ZSEEN)
+        .jeq_imm(R1, 0, "out")
+        .st_w(R7, st::ZSEEN, 0)
+        .ldx_dw(R1, R7, st::PEER)
+        .stx_dw(FP, -8, R1)
+        .lookup(state, -8)
+        .jeq_imm(R0, 0, "out")
+        .ldx_dw(R1, R0, st::REDIR)
+        .stx_dw(R7, st::ZREDIR, R1)
+        .label("out")
+        .ldx_dw(R0, FP, -56)
+        .exit()
+        .label("whole")
+        .ldx_w(R0, R6, 0)
+        .exit();
+    a.finish()
+}
+
+/// The verdict: redirect to the peer, or pass to the proxy's socket.
+fn verdict(sockhash: &OwnedFd, state: &OwnedFd, ctl: &OwnedFd, deadlines: &OwnedFd) -> Vec<Insn> {
+    let mut a = Asm::default();
+    // Stack: -8 cookie, -16 slot, -24 deadline, -32 peer cookie.
+    a.mov(R6, R1)
+        .mov(R1, R6)
+        .call(HELPER_GET_SOCKET_COOKIE)
+        .stx_dw(FP, -8, R0)
+        .lookup(state, -8)
+        .jeq_imm(R0, 0, "plain")
+        .mov(R7, R0)
+        .lookup(ctl, -8)
+        .mov_imm(R9, 0)
+        .jeq_imm(R0, 0, "nf")
+        .ldx_w(R9, R0, 0)
+        .label("nf")
+        .ldx_w(R8, R6, 0)
+        .ldx_w(R1, R7, st::PASSING)
+        .jne_imm(R1, 0, "passing")
+        .ldx_w(R1, R7, st::IS_SERVER)
+        .jeq_imm(R1, 0, "client")
+        // The server's: fenced, from the next message boundary on.
+        .jeq_imm(R9, 0, "redirect")
+        .ldx_w(R1, R7, st::START_BOUNDARY)
+        .jeq_imm(R1, 0, "redirect")
+        .ja("set_passing")
+        .label("client")
+        .jne_imm(R9, 0, "set_passing")
+        .ldx_w(R1, R7, st::SLOT)
+        .jeq_imm(R1, 0, "redirect")
+        .stx_w(FP, -16, R1)
+        .lookup(deadlines, -16)
+        .jeq_imm(R0, 0, "redirect")
+        .ldx_dw(R1, R0, 0)
+        .stx_dw(FP, -24, R1)
+        .call(HELPER_KTIME_GET_NS)
+        .ldx_dw(R1, FP, -24)
+        .jlt(R0, R1, "redirect")
+        .label("set_passing")
+        .st_w(R7, st::PASSING, 1)
+        .label("passing")
+        .ldx_dw(R1, R7, st::PASSED)
+        .add(R1, R8)
+        .stx_dw(R7, st::PASSED, R1)
+        .mov_imm(R0, 1)
+        .exit()
+        .label("redirect")
+        .ldx_dw(R1, R7, st::REDIR)
+        .add(R1, R8)
+        .stx_dw(R7, st::REDIR, R1)
+        .ldx_dw(R1, R7, st::PEER)
+        .stx_dw(FP, -32, R1)
+        .mov(R1, R6)
+        .ld_map(R2, sockhash)
+        .mov(R3, FP)
+        .add_imm(R3, -32)
+        .mov_imm(R4, 0)
+        .call(HELPER_SK_REDIRECT_HASH)
+        .exit()
+        .label("plain")
+        .mov_imm(R0, 1)
+        .exit();
+    a.finish()
+}
+
+impl Kernel {
+    fn load() -> io::Result<Kernel> {
+        let sockhash = map_create(MAP_TYPE_SOCKHASH, 8, 4, 2 * MAX_SESSIONS, 0, "keelson_socks")?;
+        let state = map_create(
+            MAP_TYPE_HASH,
+            8,
+            st::SIZE as u32,
+            2 * MAX_SESSIONS,
+            F_NO_PREALLOC,
+            "keelson_state",
+        )?;
+        let ctl = map_create(MAP_TYPE_HASH, 8, 4, 2 * MAX_SESSIONS, F_NO_PREALLOC, "keelson_ctl")?;
+        let deadlines = map_create(MAP_TYPE_ARRAY, 4, 8, DEADLINE_SLOTS, 0, "keelson_dl")?;
+        let parser = prog_load(&parser(&state, &ctl), SK_SKB_STREAM_PARSER, "keelson_parse")?;
+        let verdict = prog_load(
+            &verdict(&sockhash, &state, &ctl, &deadlines),
+            SK_SKB_STREAM_VERDICT,
+            "keelson_verdict",
+        )?;
+        attach(&sockhash, &parser, SK_SKB_STREAM_PARSER)?;
+        attach(&sockhash, &verdict, SK_SKB_STREAM_VERDICT)?;
+        Ok(Kernel {
+            sockhash,
+            state,
+            ctl,
+            deadlines,
+            _parser: parser,
+            _verdict: verdict,
+            next_slot: AtomicU32::new(1),
+            deadline_lock: Mutex::new(()),
+        })
+    }
+
+    /// The deadline's slot in the kernel, assigned (and written) on first
+    /// use; `None` once all slots are taken.
+    fn slot(&self, d: &Deadline) -> Option<u32> {
+        if let Some(&s) = d.kernel_slot.get() {
+            return Some(s);
+        }
+        let _g = self.deadline_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&s) = d.kernel_slot.get() {
+            return Some(s);
+        }
+        let s = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        if s >= DEADLINE_SLOTS {
+            return None;
+        }
+        self.write_deadline(s, d).ok()?;
+        let _ = d.kernel_slot.set(s);
+        Some(s)
+    }
+
+    fn write_deadline(&self, slot: u32, d: &Deadline) -> io::Result<()> {
+        let ns = d.get().map_or(u64::MAX, ktime_of);
+        update(&self.deadlines, &slot, &ns, 0)
+    }
+}
+
+/// Called by [`Deadline`] whenever it is set: the kernel's copy follows,
+/// under the lock that orders it with a slot being assigned.
+pub(crate) fn deadline_set(d: &Deadline, set: impl FnOnce()) {
+    let Some(k) = loaded() else {
+        return set();
+    };
+    let _g = k.deadline_lock.lock().unwrap_or_else(|e| e.into_inner());
+    set();
+    if let Some(&slot) = d.kernel_slot.get() {
+        if let Err(e) = k.write_deadline(slot, d) {
+            // Not expected (an array map's update cannot fail for a valid
+            // slot); the kernel copy is then stale, so end it: an earlier
+            // deadline is the safe direction.
+            tracing::warn!(error = %e, "could not update the kernel's copy of a view's deadline");
+            let _ = update(&k.deadlines, &slot, &0u64, 0);
+        }
+    }
+}
+
+/// The kernel's monotonic clock (what `bpf_ktime_get_ns` reads) at `t`.
+fn ktime_of(t: Instant) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    let at = Instant::now();
+    if t >= at {
+        now.saturating_add((t - at).as_nanos() as u64)
+    } else {
+        now.saturating_sub((at - t).as_nanos() as u64)
+    }
+}
+
+/// A socket's state, as the kernel last wrote it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+struct State {
+    peer: u64,
+    redir: u64,
+    passed: u64,
+    zredir: u64,
+    remaining: u32,
+    is_server: u32,
+    slot: u32,
+    passing: u32,
+    start_boundary: u32,
+    last_tag: u32,
+    last_status: u32,
+    zseen: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<State>() == st::SIZE);
+
+fn cookie(fd: RawFd) -> io::Result<u64> {
+    let mut c = 0u64;
+    let mut len = 8 as libc::socklen_t;
+    // SAFETY: a writable u64 and its length.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            &mut c as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(c)
+}
+
+fn ioctl_int(fd: RawFd, req: libc::c_ulong) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD and SIOCOUTQ write one int.
+    if unsafe { libc::ioctl(fd, req as _, &mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as u64)
+}
+
+/// Bytes not yet read from `fd`. Takes the socket's lock: every stream
+/// parser or verdict run that had begun has finished when it returns.
+fn unread(fd: RawFd) -> io::Result<u64> {
+    ioctl_int(fd, libc::FIONREAD as libc::c_ulong)
+}
+
+/// Every byte ever written to `fd`'s send queue (acknowledged ones, then
+/// those still queued; read in that order, the sum is never too high).
+fn written(fd: RawFd) -> io::Result<u64> {
+    let mut info = [0u8; 232];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: a writable buffer and its length.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr() as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < 128 {
+        return Err(io::Error::other("TCP_INFO has no tcpi_bytes_acked"));
+    }
+    let acked = u64::from_ne_bytes(info[120..128].try_into().expect("8 bytes"));
+    Ok(acked + ioctl_int(fd, SIOCOUTQ)?)
+}
+
+/// One session in the kernel: its sockets' cookies and how much each had
+/// been sent before.
+pub(crate) struct Handed {
+    k: &'static Kernel,
+    client: u64,
+    server: u64,
+    client_fd: RawFd,
+    server_fd: RawFd,
+    base_client: u64,
+    base_server: u64,
+}
+
+impl Handed {
+    /// Hands the two sockets to the kernel: `None` (and the session stays
+    /// in user space) if either has bytes waiting or the maps are full.
+    /// Call it when neither side can have bytes in flight: after
+    /// authentication, before the client has read its first
+    /// ReadyForQuery.
+    pub(crate) fn hand_off(
+        k: &'static Kernel,
+        client: &TcpStream,
+        server: &TcpStream,
+        deadline: Option<&Deadline>,
+    ) -> io::Result<Option<Handed>> {
+        let (cfd, sfd) = (client.as_raw_fd(), server.as_raw_fd());
+        if unread(cfd)? != 0 || unread(sfd)? != 0 {
+            return Ok(None);
+        }
+        let slot = match deadline {
+            Some(d) => match k.slot(d) {
+                Some(s) => s,
+                None => return Ok(None),
+            },
+            None => 0,
+        };
+        let (cc, sc) = (cookie(cfd)?, cookie(sfd)?);
+        let h = Handed {
+            k,
+            client: cc,
+            server: sc,
+            client_fd: cfd,
+            server_fd: sfd,
+            base_client: written(cfd)?,
+            base_server: written(sfd)?,
+        };
+        let fresh = |peer, is_server, slot| State {
+            peer,
+            is_server,
+            slot,
+            last_tag: b'Z' as u32,
+            last_status: b'I' as u32,
+            ..State::default()
+        };
+        // From here `h` deletes what it inserted if a step fails.
+        update(&k.state, &cc, &fresh(sc, 0, slot), NOEXIST)?;
+        update(&k.state, &sc, &fresh(cc, 1, 0), NOEXIST)?;
+        update(&k.sockhash, &cc, &(cfd as u32), NOEXIST)?;
+        if let Err(e) = update(&k.sockhash, &sc, &(sfd as u32), NOEXIST) {
+            // Nothing can have moved yet: the client waits for its first
+            // ReadyForQuery, which is not written.
+            delete(&k.sockhash, &cc);
+            return Err(e);
+        }
+        Ok(Some(h))
+    }
+
+    /// The proxy wrote `n` bytes to the client itself.
+    pub(crate) fn wrote_to_client(&mut self, n: usize) {
+        self.base_client += n as u64;
+    }
+
+    fn state(&self, c: u64) -> io::Result<State> {
+        lookup(&self.k.state, &c)
+    }
+
+    /// Bytes moved by the kernel: client to server, server to client.
+    pub(crate) fn moved(&self) -> (u64, u64) {
+        let c = self.state(self.client).map(|s| s.redir).unwrap_or(0);
+        let s = self.state(self.server).map(|s| s.redir).unwrap_or(0);
+        (c, s)
+    }
+
+    /// Whether every byte the kernel took from `from` is in `to`'s send
+    /// queue, `to` having had `base` bytes before.
+    fn delivered(&self, from: u64, to: RawFd, base: u64) -> io::Result<bool> {
+        let moved = self.state(from)?.redir;
+        Ok(written(to)? >= base + moved)
+    }
+
+    /// Waits (until `limit`) for what the kernel took from `from` to be
+    /// in `to`'s send queue; whether it was.
+    async fn flushed(&self, from: u64, to: RawFd, base: u64, limit: Instant) -> bool {
+        loop {
+            match self.delivered(from, to, base) {
+                Ok(true) => return true,
+                Ok(false) if Instant::now() < limit => {}
+                _ => return false,
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Before the client's socket closes: what the kernel took from it
+    /// reaches the server (its Terminate, say).
+    pub(crate) async fn flush_to_server(&self) -> bool {
+        let limit = Instant::now() + crate::forward::FENCE_DEADLINE;
+        self.flushed(self.client, self.server_fd, self.base_server, limit)
+            .await
+    }
+
+    /// Before the client's write side is shut: what the kernel took from
+    /// the server reaches the client.
+    pub(crate) async fn flush_to_client(&self) -> bool {
+        let limit = Instant::now() + crate::forward::FENCE_DEADLINE;
+        self.flushed(self.server, self.client_fd, self.base_client, limit)
+            .await
+    }
+
+    /// Takes the session back to user space at a message boundary of the
+    /// server's stream, with nothing the kernel took still in flight: the
+    /// tracker describing the server stream there, and whether client
+    /// bytes went out since its last ReadyForQuery. `None` if no boundary
+    /// came before `limit`.
+    pub(crate) async fn take_back(&self, limit: Instant) -> Option<(MessageTracker, bool)> {
+        let k = self.k;
+        update(&k.ctl, &self.client, &1u32, 0).ok()?;
+        update(&k.ctl, &self.server, &1u32, 0).ok()?;
+        // Every client chunk from here on sees the flag.
+        unread(self.client_fd).ok()?;
+        let client = self.state(self.client).ok()?;
+        // The server's stream at a boundary, read twice around a barrier
+        // so that no chunk was half-done in between.
+        let server = loop {
+            unread(self.server_fd).ok()?;
+            let a = self.state(self.server).ok()?;
+            unread(self.server_fd).ok()?;
+            let b = self.state(self.server).ok()?;
+            if a.redir == b.redir && a.remaining == b.remaining && b.remaining == 0 {
+                break b;
+            }
+            if Instant::now() >= limit {
+                return None;
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        let to_server = self.flushed(self.client, self.server_fd, self.base_server, limit);
+        if !to_server.await {
+            return None;
+        }
+        loop {
+            if written(self.client_fd).ok()? >= self.base_client + server.redir {
+                break;
+            }
+            if Instant::now() >= limit {
+                return None;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let tracker = MessageTracker::at_boundary(
+            server.last_tag as u8,
+            server.last_status as u8,
+            client.redir > 0,
+        );
+        Some((tracker, client.redir != server.zredir))
+    }
+}
+
+impl Drop for Handed {
+    fn drop(&mut self) {
+        // The sockets leave the sockhash as they close; their state and
+        // flags go now.
+        for c in [self.client, self.server] {
+            delete(&self.k.state, &c);
+            delete(&self.k.ctl, &c);
+        }
+    }
+}
+
+/// How often a session being taken back looks at the kernel's progress.
+const POLL: Duration = Duration::from_millis(1);
+
+/// What woke a kernel-mode session.
+pub(crate) enum Woken {
+    /// The fence fired.
+    Fenced,
+    /// Bytes passed to the proxy (the view's deadline passed in the kernel).
+    Passed,
+    /// The client closed (or reset) its connection.
+    ClientClosed,
+    /// The server closed its connection.
+    ServerClosed,
+    /// A socket error.
+    Error(crate::protocol::Side, io::Error),
+}
+
+/// Waits, holding no buffer, until the session needs the proxy.
+pub(crate) async fn wait(client: &TcpStream, server: &TcpStream, fence: &Fence) -> Woken {
+    use crate::protocol::Side;
+    let notified = fence.notified();
+    tokio::pin!(notified);
+    notified.as_mut().enable();
+    loop {
+        if fence.is_fired() {
+            return Woken::Fenced;
+        }
+        tokio::select! {
+            biased;
+            _ = notified.as_mut() => return Woken::Fenced,
+            r = client.readable() => {
+                if let Err(e) = r {
+                    return Woken::Error(Side::Client, e);
+                }
+                match peek(client) {
+                    Ok(0) => return Woken::ClientClosed,
+                    Ok(_) => return Woken::Passed,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
+                        return Woken::ClientClosed
+                    }
+                    Err(e) => return Woken::Error(Side::Client, e),
+                }
+            }
+            r = server.readable() => {
+                if let Err(e) = r {
+                    return Woken::Error(Side::Backend, e);
+                }
+                match peek(server) {
+                    Ok(0) => return Woken::ServerClosed,
+                    Ok(_) => return Woken::Passed,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Woken::Error(Side::Backend, e),
+                }
+            }
+        }
+    }
+}
+
+/// Peeks one byte: `Ok(0)` at EOF; `WouldBlock` clears the readiness.
+fn peek(s: &TcpStream) -> io::Result<usize> {
+    s.try_io(Interest::READABLE, || {
+        let mut b = [0u8; 1];
+        // SAFETY: a writable one-byte buffer.
+        let n = unsafe {
+            libc::recv(
+                s.as_raw_fd(),
+                b.as_mut_ptr() as *mut libc::c_void,
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    })
+}
+
+#[cfg(test)]
+#[path = "kernel_tests.rs"]
+mod tests;

@@ -1,0 +1,205 @@
+//! Kernel forwarding against real sockets on loopback: the programs load,
+//! bytes move byte-exact both ways, a session taken back is at a message
+//! boundary with nothing in flight, and a passed deadline stops the
+//! client's bytes in the kernel. These need root and a kernel with BPF
+//! sockhash and stream parser support (this project's CI machine); they
+//! fail, not skip, without it.
+
+use super::*;
+use crate::view::{View, ViewHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A client application, the proxy's socket to it, the proxy's socket to
+/// the server, and the server, all on loopback.
+async fn sockets() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (to_app, _) = l.accept().await.unwrap();
+    let l2 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to_server = TcpStream::connect(l2.local_addr().unwrap()).await.unwrap();
+    let (server, _) = l2.accept().await.unwrap();
+    (app, to_app, to_server, server)
+}
+
+fn msg(tag: u8, body: usize, fill: u8) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend(((body + 4) as u32).to_be_bytes());
+    v.extend(std::iter::repeat_n(fill, body));
+    v
+}
+
+const READY: &[u8] = b"Z\0\0\0\x05I";
+
+/// The message lengths of `bytes`, which must be whole messages.
+fn whole_messages(mut bytes: &[u8]) -> Vec<(u8, usize)> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        assert!(bytes.len() >= 5, "a partial header at the end");
+        let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize + 1;
+        assert!(bytes.len() >= len, "a partial message at the end");
+        out.push((bytes[0], len));
+        bytes = &bytes[len..];
+    }
+    out
+}
+
+fn kernel() -> &'static Kernel {
+    get().unwrap_or_else(|e| panic!("kernel forwarding is unavailable here: {e}"))
+}
+
+#[tokio::test]
+async fn bytes_move_both_ways_in_the_kernel_byte_exact() {
+    let k = kernel();
+    let (mut app, to_app, to_server, mut server) = sockets().await;
+    let h = Handed::hand_off(k, &to_app, &to_server, None)
+        .unwrap()
+        .expect("handed off");
+    // Messages of every size from empty to 3 MiB (far above the socket's
+    // receive buffer), written in pieces that split headers and bodies.
+    let mut stream = Vec::new();
+    for i in 0..300usize {
+        stream.extend(msg(b'D', (i * 7919) % 20_000, i as u8));
+        if i % 50 == 0 {
+            stream.extend(msg(b'n', 0, 0));
+        }
+    }
+    stream.extend(msg(b'D', 3 << 20, 7));
+    stream.extend(msg(b'C', 10, 1));
+    stream.extend(READY);
+    let sent = stream.clone();
+    let writer = tokio::spawn(async move {
+        let mut at = 0;
+        let mut piece = 1;
+        while at < sent.len() {
+            let end = (at + piece).min(sent.len());
+            server.write_all(&sent[at..end]).await.unwrap();
+            at = end;
+            piece = piece * 3 % 65_521 + 1;
+        }
+        server
+    });
+    let mut got = vec![0; stream.len()];
+    app.read_exact(&mut got).await.unwrap();
+    assert!(got == stream, "the client received other bytes");
+    let mut server = writer.await.unwrap();
+    let q = msg(b'Q', 100, b'x');
+    app.write_all(&q).await.unwrap();
+    let mut got = vec![0; q.len()];
+    server.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, q);
+    assert_eq!(h.moved(), (q.len() as u64, stream.len() as u64));
+    let s = h.state(h.server).unwrap();
+    assert_eq!(
+        (s.remaining, s.last_tag as u8, s.last_status as u8),
+        (0, b'Z', b'I')
+    );
+    // Nothing reached the proxy's own sockets.
+    assert_eq!(unread(to_app.as_raw_fd()).unwrap(), 0);
+    assert_eq!(unread(to_server.as_raw_fd()).unwrap(), 0);
+    // The client's close wakes the proxy.
+    let fence = Fence::default();
+    drop(app);
+    let woken = tokio::time::timeout(Duration::from_secs(5), wait(&to_app, &to_server, &fence))
+        .await
+        .expect("woken");
+    assert!(matches!(woken, Woken::ClientClosed));
+    assert!(h.flush_to_server().await);
+}
+
+#[tokio::test]
+async fn a_session_taken_back_is_at_a_boundary_and_keeps_what_the_client_sends_next() {
+    let k = kernel();
+    let (mut app, mut to_app, mut to_server, mut server) = sockets().await;
+    let h = Handed::hand_off(k, &to_app, &to_server, None)
+        .unwrap()
+        .expect("handed off");
+    // The server streams rows without pause.
+    let rows = 20_000usize;
+    let writer = tokio::spawn(async move {
+        let mut total = 0usize;
+        for i in 0..rows {
+            let m = msg(b'D', 100 + (i * 31) % 3000, i as u8);
+            total += m.len();
+            server.write_all(&m).await.unwrap();
+        }
+        (server, total)
+    });
+    let mut head = vec![0; 1 << 20];
+    app.read_exact(&mut head).await.unwrap();
+    let (tracker, _) = h
+        .take_back(Instant::now() + Duration::from_secs(1))
+        .await
+        .expect("a boundary came");
+    assert_eq!(tracker.to_boundary(), Some(0));
+    let fatal = msg(b'E', 20, b'F');
+    to_app.write_all(&fatal).await.unwrap();
+    let (mut server, total) = writer.await.unwrap();
+    // What the proxy holds now is the rest of the server's stream.
+    let mut rest = Vec::new();
+    while rest.len() + head.len() < total {
+        let mut buf = vec![0; 1 << 16];
+        let n = tokio::time::timeout(Duration::from_millis(300), to_server.read(&mut buf)).await;
+        match n {
+            Ok(Ok(n)) if n > 0 => rest.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    // The client: whole messages, then the FATAL; with what the proxy
+    // holds, all the server sent.
+    let mut got = head;
+    let mut buf = vec![0; 1 << 16];
+    loop {
+        let n = app.read(&mut buf).await.unwrap();
+        got.extend_from_slice(&buf[..n]);
+        if got.ends_with(&fatal) {
+            break;
+        }
+        assert!(n > 0, "the client's stream ended without the FATAL");
+    }
+    let msgs = whole_messages(&got);
+    assert_eq!(msgs.last().unwrap().0, b'E');
+    assert_eq!(got.len() - fatal.len() + rest.len(), total);
+    whole_messages(&rest);
+    // The client's next bytes reach the proxy, not the server.
+    let q = msg(b'Q', 50, b'q');
+    app.write_all(&q).await.unwrap();
+    let mut got = vec![0; q.len()];
+    tokio::time::timeout(Duration::from_secs(5), to_app.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, q);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(unread(server.as_raw_fd()).unwrap(), 0, "the server got bytes after the fence");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn client_bytes_stop_in_the_kernel_once_the_views_deadline_passes() {
+    let k = kernel();
+    let view = ViewHandle::new(View::default());
+    view.set_valid_until(Instant::now() + Duration::from_millis(300));
+    let (mut app, mut to_app, to_server, mut server) = sockets().await;
+    let _h = Handed::hand_off(k, &to_app, &to_server, Some(view.deadline()))
+        .unwrap()
+        .expect("handed off");
+    let q = msg(b'Q', 10, b'a');
+    app.write_all(&q).await.unwrap();
+    let mut got = vec![0; q.len()];
+    server.read_exact(&mut got).await.unwrap();
+    // Renewed, then left to pass, with nothing in user space running.
+    view.set_valid_until(Instant::now() + Duration::from_millis(400));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.write_all(&q).await.unwrap();
+    server.read_exact(&mut got).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.write_all(&q).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), to_app.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, q);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(unread(server.as_raw_fd()).unwrap(), 0, "bytes reached the server after the deadline");
+}
