@@ -168,9 +168,20 @@ fn fd(r: i64) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(r as RawFd) }
 }
 
-fn map_create(kind: u32, key: u32, value: u32, max: u32, flags: u32, name: &str) -> io::Result<OwnedFd> {
+fn map_create(
+    kind: u32,
+    key: u32,
+    value: u32,
+    max: u32,
+    flags: u32,
+    name: &str,
+) -> io::Result<OwnedFd> {
     let mut a = Attr::new();
-    a.u32(0, kind).u32(4, key).u32(8, value).u32(12, max).u32(16, flags);
+    a.u32(0, kind)
+        .u32(4, key)
+        .u32(8, value)
+        .u32(12, max)
+        .u32(16, flags);
     let n = name.len().min(15);
     a.0[28..28 + n].copy_from_slice(&name.as_bytes()[..n]);
     bpf(MAP_CREATE, &mut a)
@@ -206,7 +217,7 @@ fn delete<K>(map: &OwnedFd, key: &K) {
 fn prog_load(insns: &[Insn], attach: u32, name: &str) -> io::Result<OwnedFd> {
     let license = b"GPL\0";
     let mut log = vec![0u8; 1 << 20];
-    let mut load = |log_level: u32, log: &mut [u8]| {
+    let load = |log_level: u32, log: &mut [u8]| {
         let mut a = Attr::new();
         a.u32(0, PROG_TYPE_SK_SKB)
             .u32(4, insns.len() as u32)
@@ -214,7 +225,14 @@ fn prog_load(insns: &[Insn], attach: u32, name: &str) -> io::Result<OwnedFd> {
             .ptr(16, license.as_ptr())
             .u32(24, log_level)
             .u32(28, if log_level > 0 { log.len() as u32 } else { 0 })
-            .ptr(32, if log_level > 0 { log.as_ptr() } else { std::ptr::null() })
+            .ptr(
+                32,
+                if log_level > 0 {
+                    log.as_ptr()
+                } else {
+                    std::ptr::null()
+                },
+            )
             .u32(68, attach);
         let n = name.len().min(15);
         a.0[48..48 + n].copy_from_slice(&name.as_bytes()[..n]);
@@ -222,18 +240,21 @@ fn prog_load(insns: &[Insn], attach: u32, name: &str) -> io::Result<OwnedFd> {
     };
     match load(0, &mut log) {
         Ok(p) => Ok(p),
-        Err(e) if e.raw_os_error() == Some(libc::EACCES) || e.raw_os_error() == Some(libc::EINVAL) => {
+        Err(e)
+            if e.raw_os_error() == Some(libc::EACCES) || e.raw_os_error() == Some(libc::EINVAL) =>
+        {
             // The verifier refused it: load again for its reasons.
             let again = load(1, &mut log);
-            let text = String::from_utf8_lossy(&log[..log.iter().position(|&b| b == 0).unwrap_or(0)])
-                .lines()
-                .rev()
-                .take(12)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join(" | ");
+            let text =
+                String::from_utf8_lossy(&log[..log.iter().position(|&b| b == 0).unwrap_or(0)])
+                    .lines()
+                    .rev()
+                    .take(12)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join(" | ");
             match again {
                 Ok(p) => Ok(p),
                 Err(_) => Err(io::Error::new(
@@ -254,9 +275,12 @@ fn attach(map: &OwnedFd, prog: &OwnedFd, kind: u32) -> io::Result<()> {
     a.u32(0, map.as_raw_fd() as u32)
         .u32(4, prog.as_raw_fd() as u32)
         .u32(8, kind);
-    bpf(PROG_ATTACH, &mut a)
-        .map(drop)
-        .map_err(|e| io::Error::new(e.kind(), format!("attaching a program to the sockhash: {e}")))
+    bpf(PROG_ATTACH, &mut a).map(drop).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("attaching a program to the sockhash: {e}"),
+        )
+    })
 }
 
 // ---- an assembler for the few instructions the programs use ----
@@ -596,7 +620,14 @@ fn verdict(sockhash: &OwnedFd, state: &OwnedFd, ctl: &OwnedFd, deadlines: &Owned
 
 impl Kernel {
     fn load() -> io::Result<Kernel> {
-        let sockhash = map_create(MAP_TYPE_SOCKHASH, 8, 4, 2 * MAX_SESSIONS, 0, "keelson_socks")?;
+        let sockhash = map_create(
+            MAP_TYPE_SOCKHASH,
+            8,
+            4,
+            2 * MAX_SESSIONS,
+            0,
+            "keelson_socks",
+        )?;
         let state = map_create(
             MAP_TYPE_HASH,
             8,
@@ -605,7 +636,14 @@ impl Kernel {
             F_NO_PREALLOC,
             "keelson_state",
         )?;
-        let ctl = map_create(MAP_TYPE_HASH, 8, 4, 2 * MAX_SESSIONS, F_NO_PREALLOC, "keelson_ctl")?;
+        let ctl = map_create(
+            MAP_TYPE_HASH,
+            8,
+            4,
+            2 * MAX_SESSIONS,
+            F_NO_PREALLOC,
+            "keelson_ctl",
+        )?;
         let deadlines = map_create(MAP_TYPE_ARRAY, 4, 8, DEADLINE_SLOTS, 0, "keelson_dl")?;
         let parser = prog_load(&parser(&state, &ctl), SK_SKB_STREAM_PARSER, "keelson_parse")?;
         let verdict = prog_load(
