@@ -7,33 +7,37 @@
 //!
 //! What each socket runs, in the kernel:
 //! - a stream parser that cuts what arrived into chunks. The client's data
-//!   is one chunk per arrival (it needs no boundaries: a fenced session's
-//!   client bytes go nowhere). The server's is followed message by
-//!   message (1 type byte, a 4-byte length), in its `State`, so that the
-//!   kernel always knows whether the next byte starts a message, which
-//!   message was last, and a ReadyForQuery's transaction status;
-//! - a verdict that redirects the chunk to the peer's send queue, unless
-//!   the session was fenced (a flag the proxy sets in the `ctl` map) or
-//!   its view's validity deadline has passed (the `deadlines` map, read
-//!   against the kernel's monotonic clock, so a frozen proxy forwards
-//!   nothing after it). Then client chunks, and server chunks from the
-//!   next message boundary on, pass to the proxy's own socket, where the
-//!   proxy reads them as it would without the sockhash.
+//!   is one chunk per arrival (it needs no boundaries). The server's is
+//!   followed message by message (1 type byte, a 4-byte length), in its
+//!   `State`, so that the kernel always knows whether the next byte starts
+//!   a message, which message was last, and a ReadyForQuery's transaction
+//!   status. The parser stops a stream for good (it returns an error, and
+//!   the kernel leaves that chunk and all after it in the socket's receive
+//!   queue): the client's once the session is fenced (a flag the proxy
+//!   sets in the `ctl` map) or its view's validity deadline has passed
+//!   (the `deadlines` map, read against the kernel's monotonic clock, so a
+//!   frozen proxy forwards nothing after it); the server's once fenced,
+//!   at its next message boundary;
+//! - a verdict that redirects every chunk to the peer's send queue.
 //!
-//! Taking a session back ([`take_back`]): the proxy sets the flag, waits
-//! until the kernel's last server chunk ended at a boundary and every
-//! redirected byte is in its destination socket's send queue (counted by
-//! the kernel and read from TCP_INFO), and only then writes to either
-//! socket itself. So the FATAL of a fenced session follows a whole message,
-//! and nothing the client sent after the fence reaches the server.
+//! Taking a session back ([`Handed::take_back`]): the proxy sets the flag,
+//! waits until the server's stream stopped or rests at a boundary and
+//! every redirected byte is in its destination socket's send queue
+//! (counted by the kernel and read from TCP_INFO), then takes both sockets
+//! out of the sockhash and goes on in user space, reading what waits in
+//! the receive queues. So the FATAL of a fenced session follows a whole
+//! message, and nothing the client sent after the fence reaches the
+//! server. Nothing ever passes to the proxy through the sockhash's own
+//! receive path: its accounting left streams stalled when the proxy read
+//! them slower than they arrived.
 //!
 //! Ordering facts this relies on (kernel 5.x-6.x): a socket's parser and
 //! verdict run under its socket lock, one chunk at a time, so an ioctl
 //! that takes the lock (FIONREAD) is a barrier after which every chunk
 //! sees the flag; a redirect is queued to the peer's psock and written by
-//! a kernel worker, so "sent" is measured, never assumed; a socket leaves
-//! the sockhash when it closes, and deleting it earlier would drop bytes
-//! still queued, so the proxy never does.
+//! a kernel worker, so "sent" is measured, never assumed; deleting a
+//! socket from the sockhash drops what is still queued for it, so the
+//! proxy deletes only once that is nothing.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -83,17 +87,16 @@ const DEADLINE_SLOTS: u32 = 4096;
 mod st {
     pub const PEER: i16 = 0; // u64: the other socket's cookie
     pub const REDIR: i16 = 8; // u64: bytes redirected to the peer
-    pub const PASSED: i16 = 16; // u64: bytes passed to the proxy
-    pub const ZREDIR: i16 = 24; // u64: the peer's REDIR at the last ReadyForQuery
-    pub const REMAINING: i16 = 32; // u32: bytes left of the current message
-    pub const IS_SERVER: i16 = 36; // u32: the server's socket (framed)
-    pub const SLOT: i16 = 40; // u32: deadline slot (client), 0: none
-    pub const PASSING: i16 = 44; // u32: chunks go to the proxy from now on
-    pub const START_BOUNDARY: i16 = 48; // u32: this chunk starts a message
-    pub const LAST_TAG: i16 = 52; // u32: type of the last message begun
-    pub const LAST_STATUS: i16 = 56; // u32: the last ReadyForQuery's status
-    pub const ZSEEN: i16 = 60; // u32: a ReadyForQuery in this chunk
-    pub const SIZE: usize = 64;
+    pub const ZREDIR: i16 = 16; // u64: the peer's REDIR at the last ReadyForQuery
+    pub const REMAINING: i16 = 24; // u32: bytes left of the current message
+    pub const IS_SERVER: i16 = 28; // u32: the server's socket (framed)
+    pub const SLOT: i16 = 32; // u32: deadline slot (client), 0: none
+    pub const STOPPED: i16 = 36; // u32: the parser stopped the stream here
+    pub const HDR_WAIT: i16 = 40; // u32: a header split across arrivals is held
+    pub const LAST_TAG: i16 = 44; // u32: type of the last message begun
+    pub const LAST_STATUS: i16 = 48; // u32: the last ReadyForQuery's status
+    pub const ZSEEN: i16 = 52; // u32: a ReadyForQuery in this chunk
+    pub const SIZE: usize = 56;
 }
 
 /// The programs and maps, loaded once per process.
@@ -423,11 +426,20 @@ impl Asm {
 /// is the next chunk's): bounds the verifier's work.
 const WALK: i32 = 32;
 
-/// The stream parser: the length of the next chunk, 0 to wait for more.
-fn parser(state: &OwnedFd, ctl: &OwnedFd) -> Vec<Insn> {
+/// The error the parser stops a stream with: the kernel's stream parser
+/// then stops for good, leaving the chunk and everything after it in the
+/// socket's receive queue, unread, and sets it as the socket's error
+/// (which the proxy clears).
+const STOP: i32 = libc::ECANCELED;
+
+/// The stream parser: the length of the next chunk, 0 to wait for more,
+/// or `-STOP` to stop the stream here (a client's once fenced or past its
+/// view's deadline, a server's once fenced, at a message boundary).
+fn parser(state: &OwnedFd, ctl: &OwnedFd, deadlines: &OwnedFd) -> Vec<Insn> {
     let mut a = Asm::default();
-    // Stack: -8 cookie, -16 fenced, -24 len, -32 avail, -41..-36 header,
-    // -48 status byte, -56 result.
+    // Stack: -8 cookie, -16 fenced, -24 len, -32 avail (server) or slot
+    // (client), -40 deadline (client), -41..-36 header, -48 status byte,
+    // -56 result.
     a.mov(R6, R1)
         .mov(R1, R6)
         .call(HELPER_GET_SOCKET_COOKIE)
@@ -435,25 +447,18 @@ fn parser(state: &OwnedFd, ctl: &OwnedFd) -> Vec<Insn> {
         .lookup(state, -8)
         .jeq_imm(R0, 0, "whole")
         .mov(R7, R0)
-        .ldx_w(R1, R7, st::IS_SERVER)
-        .jeq_imm(R1, 0, "whole")
-        .ldx_w(R1, R7, st::PASSING)
-        .jne_imm(R1, 0, "whole")
         .lookup(ctl, -8)
         .mov_imm(R1, 0)
         .jeq_imm(R0, 0, "nf")
         .ldx_w(R1, R0, 0)
         .label("nf")
         .stx_dw(FP, -16, R1)
+        .ldx_w(R2, R7, st::IS_SERVER)
+        .jeq_imm(R2, 0, "client")
         .ldx_w(R1, R6, 0)
         .stx_dw(FP, -24, R1)
         .mov_imm(R8, 0)
         .ldx_w(R2, R7, st::REMAINING)
-        .mov_imm(R3, 0)
-        .jne_imm(R2, 0, "sb")
-        .mov_imm(R3, 1)
-        .label("sb")
-        .stx_w(R7, st::START_BOUNDARY, R3)
         .jeq_imm(R2, 0, "at_boundary")
         // Inside a message: all of this chunk is its body, or the body
         // ends here and the walk goes on from there.
@@ -471,12 +476,18 @@ fn parser(state: &OwnedFd, ctl: &OwnedFd) -> Vec<Insn> {
         .label("at_boundary")
         .ldx_dw(R3, FP, -16)
         .jeq_imm(R3, 0, "walk")
-        .mov(R0, R1) // fenced at a boundary: all of it is the proxy's
-        .exit()
+        // Fenced at a boundary: stop here, unless the parser holds the
+        // first bytes of a header (then that message goes first).
+        .ldx_w(R3, R7, st::HDR_WAIT)
+        .jeq_imm(R3, 0, "stop")
         .label("walk")
         .mov_imm(R9, 0)
         .label("loop")
         .jge_imm(R9, WALK, "ret_off")
+        .jeq_imm(R9, 0, "first")
+        .ldx_dw(R1, FP, -16)
+        .jne_imm(R1, 0, "ret_off") // fenced: one message at most
+        .label("first")
         .ldx_dw(R1, FP, -24)
         .mov(R2, R1)
         .sub(R2, R8)
@@ -535,6 +546,12 @@ fn parser(state: &OwnedFd, ctl: &OwnedFd) -> Vec<Insn> {
         .mov(R0, R8)
         .label("done")
         .stx_dw(FP, -56, R0)
+        // A 0 makes the kernel hold these bytes and call again with more.
+        .mov_imm(R1, 0)
+        .jne_imm(R0, 0, "held")
+        .mov_imm(R1, 1)
+        .label("held")
+        .stx_w(R7, st::HDR_WAIT, R1)
         .ldx_w(R1, R7, st::ZSEEN)
         .jeq_imm(R1, 0, "out")
         .st_w(R7, st::ZSEEN, 0)
@@ -547,73 +564,58 @@ fn parser(state: &OwnedFd, ctl: &OwnedFd) -> Vec<Insn> {
         .label("out")
         .ldx_dw(R0, FP, -56)
         .exit()
+        .label("client")
+        // The client's: one chunk per arrival, until fenced or past the
+        // view's deadline.
+        .ldx_dw(R1, FP, -16)
+        .jne_imm(R1, 0, "stop")
+        .ldx_w(R1, R7, st::SLOT)
+        .jeq_imm(R1, 0, "whole")
+        .stx_w(FP, -32, R1)
+        .lookup(deadlines, -32)
+        .jeq_imm(R0, 0, "whole")
+        .ldx_dw(R1, R0, 0)
+        .stx_dw(FP, -40, R1)
+        .call(HELPER_KTIME_GET_NS)
+        .ldx_dw(R1, FP, -40)
+        .jlt(R0, R1, "whole")
+        .label("stop")
+        .st_w(R7, st::STOPPED, 1)
+        .mov_imm(R0, -STOP)
+        .exit()
         .label("whole")
         .ldx_w(R0, R6, 0)
         .exit();
     a.finish()
 }
 
-/// The verdict: redirect to the peer, or pass to the proxy's socket.
-fn verdict(sockhash: &OwnedFd, state: &OwnedFd, ctl: &OwnedFd, deadlines: &OwnedFd) -> Vec<Insn> {
+/// The verdict: every chunk the parser cut goes to the peer's send queue.
+fn verdict(sockhash: &OwnedFd, state: &OwnedFd) -> Vec<Insn> {
     let mut a = Asm::default();
-    // Stack: -8 cookie, -16 slot, -24 deadline, -32 peer cookie.
+    // Stack: -8 cookie, -16 peer cookie.
     a.mov(R6, R1)
         .mov(R1, R6)
         .call(HELPER_GET_SOCKET_COOKIE)
         .stx_dw(FP, -8, R0)
         .lookup(state, -8)
-        .jeq_imm(R0, 0, "plain")
-        .mov(R7, R0)
-        .lookup(ctl, -8)
-        .mov_imm(R9, 0)
-        .jeq_imm(R0, 0, "nf")
-        .ldx_w(R9, R0, 0)
-        .label("nf")
-        .ldx_w(R8, R6, 0)
-        .ldx_w(R1, R7, st::PASSING)
-        .jne_imm(R1, 0, "passing")
-        .ldx_w(R1, R7, st::IS_SERVER)
-        .jeq_imm(R1, 0, "client")
-        // The server's: fenced, from the next message boundary on.
-        .jeq_imm(R9, 0, "redirect")
-        .ldx_w(R1, R7, st::START_BOUNDARY)
-        .jeq_imm(R1, 0, "redirect")
-        .ja("set_passing")
-        .label("client")
-        .jne_imm(R9, 0, "set_passing")
-        .ldx_w(R1, R7, st::SLOT)
-        .jeq_imm(R1, 0, "redirect")
-        .stx_w(FP, -16, R1)
-        .lookup(deadlines, -16)
-        .jeq_imm(R0, 0, "redirect")
-        .ldx_dw(R1, R0, 0)
-        .stx_dw(FP, -24, R1)
-        .call(HELPER_KTIME_GET_NS)
-        .ldx_dw(R1, FP, -24)
-        .jlt(R0, R1, "redirect")
-        .label("set_passing")
-        .st_w(R7, st::PASSING, 1)
-        .label("passing")
-        .ldx_dw(R1, R7, st::PASSED)
-        .add(R1, R8)
-        .stx_dw(R7, st::PASSED, R1)
-        .mov_imm(R0, 1)
-        .exit()
-        .label("redirect")
-        .ldx_dw(R1, R7, st::REDIR)
-        .add(R1, R8)
-        .stx_dw(R7, st::REDIR, R1)
-        .ldx_dw(R1, R7, st::PEER)
-        .stx_dw(FP, -32, R1)
+        .jeq_imm(R0, 0, "drop")
+        .ldx_w(R1, R6, 0)
+        .ldx_dw(R2, R0, st::REDIR)
+        .add(R2, R1)
+        .stx_dw(R0, st::REDIR, R2)
+        .ldx_dw(R1, R0, st::PEER)
+        .stx_dw(FP, -16, R1)
         .mov(R1, R6)
         .ld_map(R2, sockhash)
         .mov(R3, FP)
-        .add_imm(R3, -32)
+        .add_imm(R3, -16)
         .mov_imm(R4, 0)
         .call(HELPER_SK_REDIRECT_HASH)
         .exit()
-        .label("plain")
-        .mov_imm(R0, 1)
+        .label("drop")
+        // A session whose state is gone is closing: nobody reads its
+        // bytes any more.
+        .mov_imm(R0, 0)
         .exit();
     a.finish()
 }
@@ -645,9 +647,13 @@ impl Kernel {
             "keelson_ctl",
         )?;
         let deadlines = map_create(MAP_TYPE_ARRAY, 4, 8, DEADLINE_SLOTS, 0, "keelson_dl")?;
-        let parser = prog_load(&parser(&state, &ctl), SK_SKB_STREAM_PARSER, "keelson_parse")?;
+        let parser = prog_load(
+            &parser(&state, &ctl, &deadlines),
+            SK_SKB_STREAM_PARSER,
+            "keelson_parse",
+        )?;
         let verdict = prog_load(
-            &verdict(&sockhash, &state, &ctl, &deadlines),
+            &verdict(&sockhash, &state),
             SK_SKB_STREAM_VERDICT,
             "keelson_verdict",
         )?;
@@ -732,13 +738,12 @@ fn ktime_of(t: Instant) -> u64 {
 struct State {
     peer: u64,
     redir: u64,
-    passed: u64,
     zredir: u64,
     remaining: u32,
     is_server: u32,
     slot: u32,
-    passing: u32,
-    start_boundary: u32,
+    stopped: u32,
+    hdr_wait: u32,
     last_tag: u32,
     last_status: u32,
     zseen: u32,
@@ -815,6 +820,8 @@ pub(crate) struct Handed {
     server_fd: RawFd,
     base_client: u64,
     base_server: u64,
+    /// Both sockets are out of the sockhash.
+    released: bool,
 }
 
 impl Handed {
@@ -849,6 +856,7 @@ impl Handed {
             server_fd: sfd,
             base_client: written(cfd)?,
             base_server: written(sfd)?,
+            released: false,
         };
         let fresh = |peer, is_server, slot| State {
             peer,
@@ -924,52 +932,149 @@ impl Handed {
     }
 
     /// Takes the session back to user space at a message boundary of the
-    /// server's stream, with nothing the kernel took still in flight: the
-    /// tracker describing the server stream there, and whether client
-    /// bytes went out since its last ReadyForQuery. `None` if no boundary
-    /// came before `limit`.
-    pub(crate) async fn take_back(&self, limit: Instant) -> Option<(MessageTracker, bool)> {
+    /// server's stream, with nothing the kernel took still in flight and
+    /// both sockets out of the sockhash: the tracker describing the server
+    /// stream there, and whether client bytes went out since its last
+    /// ReadyForQuery. `Ok(None)` if no boundary came before `limit` (the
+    /// session is then still in the kernel, fenced: end it).
+    ///
+    /// The parsers stop both streams (the client's at once, the server's
+    /// at its next boundary), so every byte after the stop is still in its
+    /// socket's receive queue, where the proxy reads it as it would have
+    /// without the kernel. Nothing ever passes through the sockhash's own
+    /// receive path (whose accounting stalls streams the proxy reads
+    /// slower than they arrive).
+    pub(crate) async fn take_back(
+        &mut self,
+        limit: Instant,
+    ) -> io::Result<Option<(MessageTracker, bool)>> {
         let k = self.k;
-        update(&k.ctl, &self.client, &1u32, 0).ok()?;
-        update(&k.ctl, &self.server, &1u32, 0).ok()?;
-        // Every client chunk from here on sees the flag.
-        unread(self.client_fd).ok()?;
-        let client = self.state(self.client).ok()?;
-        // The server's stream at a boundary, read twice around a barrier
-        // so that no chunk was half-done in between.
+        update(&k.ctl, &self.client, &1u32, 0)?;
+        update(&k.ctl, &self.server, &1u32, 0)?;
+        // Every client chunk from here on stops the client's stream.
+        unread(self.client_fd)?;
+        // The server's stream at a boundary (after a barrier, no chunk is
+        // half-done): every chunk from here on stops it.
         let server = loop {
-            unread(self.server_fd).ok()?;
-            let a = self.state(self.server).ok()?;
-            unread(self.server_fd).ok()?;
-            let b = self.state(self.server).ok()?;
-            if a.redir == b.redir && a.remaining == b.remaining && b.remaining == 0 {
-                break b;
+            unread(self.server_fd)?;
+            let s = self.state(self.server)?;
+            if s.remaining == 0 && s.hdr_wait == 0 {
+                break s;
             }
             if Instant::now() >= limit {
-                return None;
+                return Ok(None);
             }
             tokio::time::sleep(POLL).await;
         };
-        let to_server = self.flushed(self.client, self.server_fd, self.base_server, limit);
-        if !to_server.await {
-            return None;
+        let client = self.state(self.client)?;
+        // What the kernel redirected is in the send queues before the
+        // sockets leave the sockhash (leaving drops what is still queued).
+        if !self
+            .flushed(self.client, self.server_fd, self.base_server, limit)
+            .await
+            || !self
+                .flushed(self.server, self.client_fd, self.base_client, limit)
+                .await
+        {
+            return Ok(None);
         }
-        loop {
-            if written(self.client_fd).ok()? >= self.base_client + server.redir {
-                break;
-            }
-            if Instant::now() >= limit {
-                return None;
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        self.release()?;
         let tracker = MessageTracker::at_boundary(
             server.last_tag as u8,
             server.last_status as u8,
             client.redir > 0,
         );
-        Some((tracker, client.redir != server.zredir))
+        Ok(Some((tracker, client.redir != server.zredir)))
     }
+
+    /// Takes both sockets out of the sockhash, once nothing redirected is
+    /// queued, and clears the error a stopped parser left on each.
+    fn release(&mut self) -> io::Result<()> {
+        if self.released {
+            return Ok(());
+        }
+        self.released = true;
+        for (c, fd) in [(self.client, self.client_fd), (self.server, self.server_fd)] {
+            delete(&self.k.sockhash, &c);
+            match socket_error(fd)? {
+                0 | STOP => {}
+                e => return Err(io::Error::from_raw_os_error(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits, holding no buffer, until the session needs the proxy.
+    pub(crate) async fn wait(
+        &self,
+        client: &TcpStream,
+        server: &TcpStream,
+        fence: &Fence,
+    ) -> Woken {
+        use crate::protocol::Side;
+        let notified = fence.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        loop {
+            if fence.is_fired() {
+                return Woken::Fenced;
+            }
+            tokio::select! {
+                biased;
+                _ = notified.as_mut() => return Woken::Fenced,
+                r = client.readable() => {
+                    if let Err(e) = r {
+                        return Woken::Error(Side::Client, e);
+                    }
+                    // The parser stopped the client's stream (the view's
+                    // deadline passed): its bytes wait in the socket.
+                    if self.state(self.client).is_ok_and(|s| s.stopped != 0) {
+                        return Woken::Passed;
+                    }
+                    match peek(client) {
+                        Ok(0) => return Woken::ClientClosed,
+                        Ok(_) => return Woken::Passed,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
+                            return Woken::ClientClosed
+                        }
+                        Err(e) => return Woken::Error(Side::Client, e),
+                    }
+                }
+                r = server.readable() => {
+                    if let Err(e) = r {
+                        return Woken::Error(Side::Backend, e);
+                    }
+                    match peek(server) {
+                        Ok(0) => return Woken::ServerClosed,
+                        Ok(_) => return Woken::Passed,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Woken::Error(Side::Backend, e),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads and clears a socket's pending error.
+fn socket_error(fd: RawFd) -> io::Result<i32> {
+    let mut e: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a writable int and its length.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            &mut e as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(e)
 }
 
 impl Drop for Handed {
@@ -990,7 +1095,8 @@ const POLL: Duration = Duration::from_millis(1);
 pub(crate) enum Woken {
     /// The fence fired.
     Fenced,
-    /// Bytes passed to the proxy (the view's deadline passed in the kernel).
+    /// The view's deadline passed in the kernel: the client's bytes wait
+    /// in its socket.
     Passed,
     /// The client closed (or reset) its connection.
     ClientClosed,
@@ -998,48 +1104,6 @@ pub(crate) enum Woken {
     ServerClosed,
     /// A socket error.
     Error(crate::protocol::Side, io::Error),
-}
-
-/// Waits, holding no buffer, until the session needs the proxy.
-pub(crate) async fn wait(client: &TcpStream, server: &TcpStream, fence: &Fence) -> Woken {
-    use crate::protocol::Side;
-    let notified = fence.notified();
-    tokio::pin!(notified);
-    notified.as_mut().enable();
-    loop {
-        if fence.is_fired() {
-            return Woken::Fenced;
-        }
-        tokio::select! {
-            biased;
-            _ = notified.as_mut() => return Woken::Fenced,
-            r = client.readable() => {
-                if let Err(e) = r {
-                    return Woken::Error(Side::Client, e);
-                }
-                match peek(client) {
-                    Ok(0) => return Woken::ClientClosed,
-                    Ok(_) => return Woken::Passed,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
-                        return Woken::ClientClosed
-                    }
-                    Err(e) => return Woken::Error(Side::Client, e),
-                }
-            }
-            r = server.readable() => {
-                if let Err(e) = r {
-                    return Woken::Error(Side::Backend, e);
-                }
-                match peek(server) {
-                    Ok(0) => return Woken::ServerClosed,
-                    Ok(_) => return Woken::Passed,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Woken::Error(Side::Backend, e),
-                }
-            }
-        }
-    }
 }
 
 /// Peeks one byte: `Ok(0)` at EOF; `WouldBlock` clears the readiness.

@@ -100,7 +100,7 @@ async fn bytes_move_both_ways_in_the_kernel_byte_exact() {
     // The client's close wakes the proxy.
     let fence = Fence::default();
     drop(app);
-    let woken = tokio::time::timeout(Duration::from_secs(5), wait(&to_app, &to_server, &fence))
+    let woken = tokio::time::timeout(Duration::from_secs(5), h.wait(&to_app, &to_server, &fence))
         .await
         .expect("woken");
     assert!(matches!(woken, Woken::ClientClosed));
@@ -108,11 +108,10 @@ async fn bytes_move_both_ways_in_the_kernel_byte_exact() {
 }
 
 #[tokio::test]
-#[ignore = "known bug, issue 15: after the take-back, server bytes left in the socket's receive queue when the proxy fell behind are not parsed until more arrive (about 0.96 MB of 32 MB stayed unread); the session is not wired to kernel mode until this passes"]
 async fn a_session_taken_back_is_at_a_boundary_and_keeps_what_the_client_sends_next() {
     let k = kernel();
     let (mut app, mut to_app, mut to_server, mut server) = sockets().await;
-    let h = Handed::hand_off(k, &to_app, &to_server, None)
+    let mut h = Handed::hand_off(k, &to_app, &to_server, None)
         .unwrap()
         .expect("handed off");
     // The server streams rows without pause.
@@ -131,6 +130,7 @@ async fn a_session_taken_back_is_at_a_boundary_and_keeps_what_the_client_sends_n
     let (tracker, _) = h
         .take_back(Instant::now() + Duration::from_secs(1))
         .await
+        .unwrap()
         .expect("a boundary came");
     assert_eq!(tracker.to_boundary(), Some(0));
     let fatal = msg(b'E', 20, b'F');
@@ -166,9 +166,8 @@ async fn a_session_taken_back_is_at_a_boundary_and_keeps_what_the_client_sends_n
     assert_eq!(
         got.len() - fatal.len() + rest.len(),
         total,
-        "redirected {} passed {} read by the proxy {} client got {}",
+        "redirected {} read by the proxy {} client got {}",
         ss.redir,
-        ss.passed,
         rest.len(),
         got.len() - fatal.len()
     );
@@ -197,7 +196,7 @@ async fn client_bytes_stop_in_the_kernel_once_the_views_deadline_passes() {
     let view = ViewHandle::new(View::default());
     view.set_valid_until(Instant::now() + Duration::from_millis(300));
     let (mut app, mut to_app, to_server, mut server) = sockets().await;
-    let _h = Handed::hand_off(k, &to_app, &to_server, Some(view.deadline()))
+    let mut h = Handed::hand_off(k, &to_app, &to_server, Some(view.deadline()))
         .unwrap()
         .expect("handed off");
     let q = msg(b'Q', 10, b'a');
@@ -211,6 +210,18 @@ async fn client_bytes_stop_in_the_kernel_once_the_views_deadline_passes() {
     server.read_exact(&mut got).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     app.write_all(&q).await.unwrap();
+    // The proxy wakes, takes the session back, and reads the bytes itself.
+    let fence = Fence::default();
+    let woken = tokio::time::timeout(Duration::from_secs(5), h.wait(&to_app, &to_server, &fence))
+        .await
+        .expect("woken");
+    assert!(matches!(woken, Woken::Passed));
+    let (_, awaiting) = h
+        .take_back(Instant::now() + Duration::from_secs(1))
+        .await
+        .unwrap()
+        .expect("at a boundary");
+    assert!(awaiting, "a query went out with no answer since");
     tokio::time::timeout(Duration::from_secs(5), to_app.read_exact(&mut got))
         .await
         .unwrap()
