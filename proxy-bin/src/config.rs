@@ -45,6 +45,7 @@ pub fn default_of(flag: &str) -> Option<String> {
         "max-replica-lag" => dur(d.replica_lag.time),
         "replica-lag-fence" => d.replica_lag_fence.to_string(),
         "error-detail" => d.error_detail.to_string(),
+        "forwarding" => proxy_core::ForwardingMode::default().as_str().into(),
         _ => return None,
     })
 }
@@ -134,6 +135,8 @@ pub struct ProxyArgs {
     pub replica_lag_fence: Option<bool>,
     #[arg(long, env = "KEELSON_ERROR_DETAIL", help = with_default("Send refused clients the full error (backend address, OS error) as the ErrorResponse detail.", "error-detail"))]
     pub error_detail: Option<bool>,
+    #[arg(long, env = "KEELSON_FORWARDING", help = with_default("How established sessions move their bytes: \"userspace\", or \"kernel\" (plaintext sessions handed to a BPF sockhash after authentication, on Linux as root; TLS sessions, and every session where the kernel cannot, stay in user space). Applies to `listen` and `replica_listen`; `[[listeners]]` take theirs from this unless they set `forwarding`.", "forwarding"))]
+    pub forwarding: Option<String>,
     /// Accept PROXY protocol v2 headers from these networks (comma
     /// separated CIDRs), and require them from there; off unless set.
     #[arg(long, env = "KEELSON_PROXY_PROTOCOL_TRUSTED", value_delimiter = ',')]
@@ -179,6 +182,9 @@ pub struct ListenerConfig {
     /// [default: true].
     #[serde(default)]
     pub proxy_protocol: Option<bool>,
+    /// `userspace` or `kernel` [default: the `forwarding` setting].
+    #[serde(default)]
+    pub forwarding: Option<String>,
 }
 
 /// `[[rules]]` in the config file.
@@ -199,6 +205,12 @@ pub struct Listener {
     pub addr: SocketAddr,
     pub route: proxy_core::Route,
     pub proxy_protocol: bool,
+    pub forwarding: proxy_core::ForwardingMode,
+}
+
+fn parse_forwarding(where_: &str, s: &str) -> Result<proxy_core::ForwardingMode> {
+    proxy_core::ForwardingMode::parse(s)
+        .with_context(|| format!("{where_}: forwarding {s:?} is not one of userspace, kernel"))
 }
 
 fn parse_route(where_: &str, s: &str) -> Result<proxy_core::Route> {
@@ -413,16 +425,22 @@ impl ProxySettings {
         if workers == 0 {
             bail!("workers must be at least 1");
         }
+        let forwarding = match &args.forwarding {
+            Some(f) => parse_forwarding("forwarding", f)?,
+            None => proxy_core::ForwardingMode::default(),
+        };
         let mut listeners = vec![Listener {
             addr: listen,
             route: proxy_core::Route::Primary,
             proxy_protocol: true,
+            forwarding,
         }];
         if let Some(r) = args.replica_listen {
             listeners.push(Listener {
                 addr: socket_addr("replica_listen", &r)?,
                 route: proxy_core::Route::Replica,
                 proxy_protocol: true,
+                forwarding,
             });
         }
         for (i, l) in file.listeners.iter().enumerate() {
@@ -434,6 +452,10 @@ impl ProxySettings {
                     None => proxy_core::Route::Primary,
                 },
                 proxy_protocol: l.proxy_protocol.unwrap_or(true),
+                forwarding: match &l.forwarding {
+                    Some(f) => parse_forwarding(&name, f)?,
+                    None => forwarding,
+                },
             });
         }
         for (i, a) in listeners.iter().enumerate() {

@@ -136,6 +136,7 @@ fn listener_options(
     ListenerOptions {
         route: l.route,
         proxy_protocol: trusted.clone().filter(|_| l.proxy_protocol),
+        forwarding: l.forwarding,
     }
 }
 
@@ -250,6 +251,17 @@ pub fn run(settings: ProxySettings) -> Result<()> {
                     })
                 })?,
         );
+    }
+    if settings
+        .listeners
+        .iter()
+        .any(|l| l.forwarding == proxy_core::ForwardingMode::Kernel)
+    {
+        // Loaded once, before the first session; one line either way.
+        match proxy_core::kernel_forwarding() {
+            Ok(()) => tracing::info!("kernel forwarding ready: plaintext sessions move in a BPF sockhash, TLS sessions in user space"),
+            Err(e) => tracing::warn!(reason = %e, "kernel forwarding is unavailable; sessions forward in user space"),
+        }
     }
     tracing::info!(listen = ?bound_addrs, source = ?settings.source, workers = settings.workers, tls = settings.tls.is_some(), "keelson proxy started");
 

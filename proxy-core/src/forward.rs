@@ -304,6 +304,15 @@ where
     }
 }
 
+impl<C: ?Sized, B: ?Sized, CC, BC> Forward<'_, C, B, CC, BC> {
+    /// Client bytes went out since the server's last ReadyForQuery (the
+    /// session was forwarded elsewhere until now).
+    pub(crate) fn awaiting(mut self, awaiting: bool) -> Self {
+        self.s.awaiting = awaiting;
+        self
+    }
+}
+
 /// The future [`forward`] returns.
 pub struct Forward<'a, C: ?Sized, B: ?Sized, CC, BC> {
     /// Pinned with the struct (never moved out of it).

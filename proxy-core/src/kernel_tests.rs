@@ -127,12 +127,24 @@ async fn a_session_taken_back_is_at_a_boundary_and_keeps_what_the_client_sends_n
     });
     let mut head = vec![0; 1 << 20];
     app.read_exact(&mut head).await.unwrap();
-    let (tracker, _) = h
+    let (mut tracker, _) = h
         .take_back(Instant::now() + Duration::from_secs(1))
         .await
         .unwrap()
-        .expect("a boundary came");
-    assert_eq!(tracker.to_boundary(), Some(0));
+        .expect("taken back");
+    // The proxy forwards the rest of the message the kernel stopped in,
+    // then the FATAL: the client sees whole messages only.
+    let mut buf = vec![0; 1 << 16];
+    while tracker.to_boundary() != Some(0) {
+        let want = tracker
+            .to_boundary()
+            .expect("boundaries known")
+            .min(buf.len());
+        let n = to_server.read(&mut buf[..want]).await.unwrap();
+        assert!(n > 0);
+        tracker.observe(&buf[..n]);
+        to_app.write_all(&buf[..n]).await.unwrap();
+    }
     let fatal = msg(b'E', 20, b'F');
     to_app.write_all(&fatal).await.unwrap();
     // What the proxy holds now is the rest of the server's stream, read
@@ -233,4 +245,27 @@ async fn client_bytes_stop_in_the_kernel_once_the_views_deadline_passes() {
         0,
         "bytes reached the server after the deadline"
     );
+}
+
+#[tokio::test]
+async fn many_small_messages_in_one_write_all_arrive() {
+    let k = kernel();
+    let (mut app, to_app, to_server, mut server) = sockets().await;
+    let _h = Handed::hand_off(k, &to_app, &to_server, None)
+        .unwrap()
+        .expect("handed off");
+    // More messages than one parser run walks, in one segment, so that
+    // chunks begin inside the kernel's buffer, not at its start.
+    let mut stream = Vec::new();
+    for i in 0..100usize {
+        stream.extend(msg(b'D', 10, i as u8));
+    }
+    stream.extend(READY);
+    server.write_all(&stream).await.unwrap();
+    let mut got = vec![0; stream.len()];
+    tokio::time::timeout(Duration::from_secs(5), app.read_exact(&mut got))
+        .await
+        .expect("every byte arrives")
+        .unwrap();
+    assert!(got == stream);
 }

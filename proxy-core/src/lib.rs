@@ -33,10 +33,8 @@ pub mod view;
 mod backend;
 mod cancel;
 mod handshake;
-// Kernel forwarding (issue 15): loaded and tested, not yet used by
-// sessions (`forwarding = "kernel"` is not wired in).
+// Kernel forwarding: a listener's `forwarding = "kernel"`.
 #[cfg(target_os = "linux")]
-#[allow(dead_code)]
 mod kernel;
 mod pool;
 mod proxy;
@@ -46,6 +44,9 @@ mod stream;
 pub use backend::SocketOptions;
 pub use error::{ErrorKind, SessionError};
 pub use fence::{FenceReason, Role};
-pub use proxy::{Applied, Ended, ListenerOptions, Proxy, ProxyConfig, ViewChange};
+pub use proxy::{
+    kernel_forwarding, Applied, Ended, ForwardingMode, ListenerOptions, Proxy, ProxyConfig,
+    ViewChange,
+};
 pub use route::{LagLimit, Route, Rule, FENCED_BACKEND_LINGER};
 pub use view::{Backend, Deadline, Replica, View, ViewGuard, ViewHandle};

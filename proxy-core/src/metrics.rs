@@ -23,6 +23,7 @@ pub const CONNECTIONS_ACTIVE: &str = "keelson_connections_active";
 pub const CONNECTIONS_REJECTED: &str = "keelson_connections_rejected_total";
 pub const SESSIONS_ENDED: &str = "keelson_sessions_ended_total";
 pub const BYTES: &str = "keelson_bytes_total";
+pub const SESSIONS_FORWARDING: &str = "keelson_sessions_forwarding_total";
 pub const BACKEND_CONNECT_SECONDS: &str = "keelson_backend_connect_seconds";
 pub const HANDSHAKE_SECONDS: &str = "keelson_handshake_seconds";
 pub const CANCEL_REQUESTS: &str = "keelson_cancel_requests_total";
@@ -55,6 +56,10 @@ pub fn describe() {
         "Established sessions that ended, by reason (fenced, stale, replica_promoted, replica_removed, replica_lag, shutdown, ...)."
     );
     describe_counter!(BYTES, Unit::Bytes, "Bytes forwarded, by direction.");
+    describe_counter!(
+        SESSIONS_FORWARDING,
+        "Established sessions by how their bytes moved (mode: kernel, userspace) and, for user space on a kernel-forwarding listener, why (reason: tls, unavailable, pending_bytes, no_slot, error; none otherwise)."
+    );
     describe_histogram!(
         BACKEND_CONNECT_SECONDS,
         Unit::Seconds,
@@ -170,6 +175,10 @@ impl Metrics {
 
     pub(crate) fn backend_connect(&self, took: Duration) {
         self.backend_connect.record(took.as_secs_f64());
+    }
+
+    pub(crate) fn forwarding(&self, mode: &'static str, reason: &'static str) {
+        counter!(SESSIONS_FORWARDING, "mode" => mode, "reason" => reason).increment(1);
     }
 
     pub(crate) fn handshake(&self, took: Duration) {

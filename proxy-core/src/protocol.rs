@@ -442,17 +442,35 @@ impl MessageTracker {
         }
     }
 
-    /// A tracker for the stream at a message boundary after a message of
-    /// type `tag` (with `status`, for a ReadyForQuery), as the kernel's
-    /// parser saw it; `ran` says whether the round before it may have run
-    /// a statement (kernel forwarding, `crate::kernel`).
-    pub fn at_boundary(tag: u8, status: u8, ran: bool) -> Self {
-        MessageTracker {
+    /// A tracker for the stream where the kernel's parser left it (kernel
+    /// forwarding, `crate::kernel`): the last message begun was of type
+    /// `tag` (with `status`, for a ReadyForQuery whose status byte came),
+    /// `header` holds the first bytes of a header split at that point, or
+    /// `body_left` bytes of the current message are still to come; `lost`
+    /// if the parser lost the boundaries. `ran` says whether the round
+    /// before may have run a statement.
+    pub fn resume(
+        tag: u8,
+        status: u8,
+        header: &[u8],
+        body_left: usize,
+        lost: bool,
+        ran: bool,
+    ) -> Self {
+        let mut t = MessageTracker {
             tag,
             status: if tag == b'Z' { status } else { 0 },
             ran_before_ready: ran,
+            lost,
             ..Default::default()
+        };
+        if !lost {
+            let n = header.len().min(HEADER_LEN - 1);
+            t.header[..n].copy_from_slice(&header[..n]);
+            t.header_len = n as u8;
+            t.body_left = if n == 0 { body_left } else { 0 };
         }
+        t
     }
 
     /// Whether the stream is at a message boundary right after a

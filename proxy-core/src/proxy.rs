@@ -84,6 +84,51 @@ pub struct ListenerOptions {
     /// PROXY protocol v2: `Some(networks)` requires the header from these
     /// networks and refuses it from any other; `None` (the default) is off.
     pub proxy_protocol: Option<Arc<[ipnet::IpNet]>>,
+    /// How established plaintext sessions move their bytes.
+    pub forwarding: ForwardingMode,
+}
+
+/// How a listener's established sessions move their bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardingMode {
+    /// Through the proxy's own buffers (every session, TLS included).
+    #[default]
+    Userspace,
+    /// Handed to the kernel (a BPF sockhash) after authentication, for
+    /// plaintext TCP sessions where the kernel supports it; TLS sessions,
+    /// and every session where it does not ([`kernel_forwarding`]), stay
+    /// in user space.
+    Kernel,
+}
+
+impl ForwardingMode {
+    pub fn parse(s: &str) -> Option<ForwardingMode> {
+        match s {
+            "userspace" => Some(ForwardingMode::Userspace),
+            "kernel" => Some(ForwardingMode::Kernel),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardingMode::Userspace => "userspace",
+            ForwardingMode::Kernel => "kernel",
+        }
+    }
+}
+
+/// Whether kernel forwarding works here, loading its programs on first
+/// call: `Err` says why not (not Linux, no BPF, not privileged).
+pub fn kernel_forwarding() -> Result<(), String> {
+    #[cfg(target_os = "linux")]
+    {
+        crate::kernel::get().map(|_| ()).map_err(str::to_owned)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Err("kernel forwarding needs Linux".to_owned())
+    }
 }
 
 impl Default for ProxyConfig {
@@ -135,6 +180,10 @@ pub(crate) struct Shared {
     stop_accepting: CancellationToken,
     /// Set by [`Proxy::shutdown`] once the grace period is over.
     pub(crate) terminating: AtomicBool,
+    /// Sessions handed to the kernel so far.
+    pub(crate) kernel_sessions: std::sync::atomic::AtomicU64,
+    /// Sessions of kernel-forwarding listeners that stayed in user space.
+    pub(crate) kernel_fallbacks: std::sync::atomic::AtomicU64,
 }
 
 /// A PostgreSQL proxy. Cheap to clone; clones share all state, so one
@@ -194,6 +243,8 @@ impl Proxy {
                 idle: Notify::new(),
                 stop_accepting: CancellationToken::new(),
                 terminating: AtomicBool::new(false),
+                kernel_sessions: Default::default(),
+                kernel_fallbacks: Default::default(),
             }),
         }
     }
@@ -214,6 +265,17 @@ impl Proxy {
     /// Client connections open now, in any phase.
     pub fn active_connections(&self) -> usize {
         self.shared.active.load(Ordering::Acquire)
+    }
+
+    /// Sessions whose bytes the kernel moved (kernel forwarding), so far.
+    pub fn kernel_sessions(&self) -> u64 {
+        self.shared.kernel_sessions.load(Ordering::Relaxed)
+    }
+
+    /// Sessions of listeners with `forwarding = "kernel"` that forwarded
+    /// in user space (TLS, bytes pending, the kernel unable), so far.
+    pub fn kernel_fallbacks(&self) -> u64 {
+        self.shared.kernel_fallbacks.load(Ordering::Relaxed)
     }
 
     /// Sessions whose cancel keys are known (established sessions).

@@ -29,11 +29,11 @@ use tracing::field;
 
 use crate::backend::{self, AuthResult, NotReady};
 use crate::error::SessionError;
-use crate::forward::{forward, Outcome};
+use crate::forward::{forward, ByteCounter, Outcome};
 use crate::handshake::{read_startup, Startup};
 use crate::metrics::SessionCounters;
 use crate::protocol::{self, Severity};
-use crate::proxy::{ActiveGuard, ListenerOptions, Shared};
+use crate::proxy::{ActiveGuard, ForwardingMode, ListenerOptions, Shared};
 use crate::route::{self, Plan};
 use crate::stream::{ClientStream, Prefixed};
 use crate::{cancel, proxy_protocol};
@@ -71,6 +71,9 @@ struct Forwarding<'s, S> {
     /// The view's validity, for a primary session of a view with one.
     deadline: Option<&'s crate::view::Deadline>,
     _cancel: Option<cancel::CancelGuard>,
+    /// The session's sockets in the kernel's sockhash (kernel forwarding).
+    #[cfg(target_os = "linux")]
+    kernel: Option<crate::kernel::Handed>,
 }
 
 /// Steps 1 to 6: `None` once the session has ended (refused, a cancel
@@ -138,13 +141,16 @@ where
         }
     };
     let route = plan.route;
-    match established(shared, &mut client, plan, pipelined, accepted_at).await {
-        Ok(Some((conn, tracker, deadline, cancel))) => Some(Forwarding {
+    let mode = opts.forwarding;
+    match established(shared, &mut client, plan, pipelined, accepted_at, mode).await {
+        Ok(Some(((conn, tracker, deadline, cancel), _kernel))) => Some(Forwarding {
             client,
             conn,
             tracker,
             deadline,
             _cancel: cancel,
+            #[cfg(target_os = "linux")]
+            kernel: _kernel,
         }),
         Ok(None) => None,
         Err(e) => {
@@ -165,17 +171,24 @@ type Ready<'s> = (
     Option<cancel::CancelGuard>,
 );
 
+/// The session's sockets in the kernel, where it forwards there.
+#[cfg(target_os = "linux")]
+type Kernel = Option<crate::kernel::Handed>;
+#[cfg(not(target_os = "linux"))]
+type Kernel = ();
+
 /// Steps 5 and 6 of a routed session: connect and authenticate, register
-/// the cancel key, and write what authentication left for either side.
-/// `None` once the server refused the client (its ErrorResponse was
-/// relayed).
+/// the cancel key, hand the session to the kernel (kernel forwarding),
+/// and write what authentication left for either side. `None` once the
+/// server refused the client (its ErrorResponse was relayed).
 async fn established<'s, S>(
     shared: &Shared,
     client: &mut ClientStream<S>,
     plan: Plan<'s>,
     pipelined: BytesMut,
     accepted_at: Instant,
-) -> Result<Option<Ready<'s>>, SessionError>
+    mode: ForwardingMode,
+) -> Result<Option<(Ready<'s>, Kernel)>, SessionError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -190,15 +203,33 @@ where
         .cancel_key
         .take()
         .map(|(pid, secret)| shared.cancel.register(pid, secret, conn.backend.clone()));
+    let deadline = conn.deadline.then(|| view.deadline());
+    // Handed to the kernel before the client can answer: nothing is in
+    // flight either way until it reads its first ReadyForQuery.
+    #[cfg(target_os = "linux")]
+    let mut kernel = hand_off(shared, mode, client, &conn, &est.to_backend, deadline);
+    #[cfg(not(target_os = "linux"))]
+    let kernel = {
+        shared.metrics.forwarding(
+            "userspace",
+            match mode {
+                ForwardingMode::Kernel => "unavailable",
+                ForwardingMode::Userspace => "none",
+            },
+        );
+    };
     // The client is ready once it reads this: its cancel key is known now.
     client
         .write_all(&est.to_client)
         .await
         .map_err(SessionError::ClientIo)?;
+    #[cfg(target_os = "linux")]
+    if let Some(h) = kernel.as_mut() {
+        h.wrote_to_client(est.to_client.len());
+    }
     drop(std::mem::take(&mut est.to_client));
     // Past the deadline nothing more reaches the primary; `forward` then
     // ends the session at once.
-    let deadline = conn.deadline.then(|| view.deadline());
     if !est.to_backend.is_empty() && !deadline.is_some_and(|d| d.passed()) {
         conn.server
             .write_all(&est.to_backend)
@@ -209,7 +240,59 @@ where
             })?;
     }
     tracing::debug!("session established");
-    Ok(Some((conn, est.tracker, deadline, cancel)))
+    Ok(Some(((conn, est.tracker, deadline, cancel), kernel)))
+}
+
+/// The session's two sockets in the kernel's sockhash, if its listener
+/// forwards there and it can: plain TCP both ways, nothing buffered, and
+/// the programs loaded. Counts the mode either way.
+#[cfg(target_os = "linux")]
+fn hand_off<S: 'static>(
+    shared: &Shared,
+    mode: ForwardingMode,
+    client: &ClientStream<S>,
+    conn: &route::Connected,
+    to_backend: &[u8],
+    deadline: Option<&crate::view::Deadline>,
+) -> Kernel {
+    use crate::kernel::{self, Handed};
+    use crate::stream::ServerStream;
+    let why = 'why: {
+        if mode == ForwardingMode::Userspace {
+            break 'why "none";
+        }
+        let Ok(k) = kernel::get() else {
+            break 'why "unavailable";
+        };
+        let (ClientStream::Plain(p), ServerStream::Plain(server)) = (client, &conn.server) else {
+            break 'why "tls";
+        };
+        let tcp = (p.get_ref() as &dyn std::any::Any).downcast_ref::<tokio::net::TcpStream>();
+        let Some(tcp) = tcp.filter(|_| p.prefix_is_empty() && to_backend.is_empty()) else {
+            break 'why "pending_bytes";
+        };
+        match Handed::hand_off(k, tcp, server, deadline) {
+            Ok(Ok(h)) => {
+                shared.metrics.forwarding("kernel", "none");
+                shared
+                    .kernel_sessions
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Some(h);
+            }
+            Ok(Err(why)) => why,
+            Err(e) => {
+                tracing::debug!(error = %e, "kernel forwarding refused this session");
+                "error"
+            }
+        }
+    };
+    shared.metrics.forwarding("userspace", why);
+    if why != "none" {
+        shared
+            .kernel_fallbacks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    None
 }
 
 impl<S> Forwarding<'_, S>
@@ -221,9 +304,20 @@ where
     /// count and log how it ended.
     async fn forward(&mut self, shared: &Shared) -> Outcome {
         let counters = SessionCounters::new(&shared.metrics);
+        #[allow(unused_mut)]
+        let mut awaiting = false;
+        #[cfg(target_os = "linux")]
+        if let Some(end) = self.in_kernel(&mut awaiting).await {
+            let (to_server, to_client) = self.kernel_moved();
+            counters.to_backend.add(to_server);
+            counters.to_client.add(to_client);
+            shared.metrics.ended(end.label());
+            tracing::debug!(reason = end.label(), to_server, to_client, "session ended");
+            return end;
+        }
         let (tracker, fence, deadline) = (&mut self.tracker, &self.conn.fence, self.deadline);
         let server = &mut self.conn.server;
-        let (outcome, totals) = match &mut self.client {
+        let (outcome, mut totals) = match &mut self.client {
             ClientStream::Plain(s) => {
                 forward(
                     s,
@@ -234,6 +328,7 @@ where
                     &counters.to_backend,
                     &counters.to_client,
                 )
+                .awaiting(awaiting)
                 .await
             }
             ClientStream::Tls(s) => {
@@ -250,6 +345,11 @@ where
             }
             ClientStream::Closed => (Outcome::ClientClosed, Default::default()),
         };
+        let (to_server, to_client) = self.kernel_moved();
+        counters.to_backend.add(to_server);
+        counters.to_client.add(to_client);
+        totals.client_to_backend += to_server;
+        totals.backend_to_client += to_client;
 
         shared.metrics.ended(outcome.label());
         match &outcome {
@@ -268,6 +368,71 @@ where
             ),
         }
         outcome
+    }
+}
+
+impl<S: 'static> Forwarding<'_, S> {
+    /// Bytes the kernel moved: to the server, to the client.
+    fn kernel_moved(&self) -> (u64, u64) {
+        #[cfg(target_os = "linux")]
+        if let Some(h) = &self.kernel {
+            return h.moved();
+        }
+        (0, 0)
+    }
+
+    /// A kernel-forwarded session, until it ends there (`Some`) or is
+    /// taken back to user space at a boundary of the server's stream
+    /// (`None`; `awaiting` then says whether the client's bytes went out
+    /// since the server's last ReadyForQuery). Holds no buffer meanwhile.
+    #[cfg(target_os = "linux")]
+    async fn in_kernel(&mut self, awaiting: &mut bool) -> Option<Outcome> {
+        use crate::kernel::Woken;
+        use crate::stream::ServerStream;
+        let h = self.kernel.as_mut()?;
+        let (ClientStream::Plain(p), ServerStream::Plain(server)) =
+            (&self.client, &self.conn.server)
+        else {
+            unreachable!("only plain TCP sessions are handed to the kernel")
+        };
+        let client = (p.get_ref() as &dyn std::any::Any)
+            .downcast_ref::<tokio::net::TcpStream>()
+            .expect("only plain TCP sessions are handed to the kernel");
+        let fence = &self.conn.fence;
+        let label = || match fence.reason() {
+            Some(r) => r.label,
+            None if fence.is_fired() => "fenced",
+            None => crate::fence::FenceReason::primary_unconfirmed().label,
+        };
+        match h.wait(client, server, fence).await {
+            Woken::Fenced | Woken::Passed => {
+                let limit = Instant::now() + crate::forward::FENCE_DEADLINE;
+                match h.take_back(limit).await {
+                    Ok(Some((tracker, a))) => {
+                        self.tracker = tracker;
+                        *awaiting = a;
+                        None
+                    }
+                    Ok(None) => Some(Outcome::Fenced {
+                        label: label(),
+                        clean: false,
+                    }),
+                    Err(error) => Some(Outcome::Error {
+                        side: protocol::Side::Backend,
+                        error,
+                    }),
+                }
+            }
+            Woken::ClientClosed => {
+                h.flush_to_server().await;
+                Some(Outcome::ClientClosed)
+            }
+            Woken::ServerClosed => {
+                h.flush_to_client().await;
+                Some(Outcome::BackendClosed)
+            }
+            Woken::Error(side, error) => Some(Outcome::Error { side, error }),
+        }
     }
 }
 

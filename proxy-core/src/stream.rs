@@ -23,6 +23,18 @@ pub(crate) struct Prefixed<S> {
     io: S,
 }
 
+impl<S> Prefixed<S> {
+    /// Whether no bytes are buffered.
+    pub(crate) fn prefix_is_empty(&self) -> bool {
+        self.prefix.is_empty()
+    }
+
+    /// The stream under the buffer.
+    pub(crate) fn get_ref(&self) -> &S {
+        &self.io
+    }
+}
+
 impl<S: AsyncRead + Unpin> Prefixed<S> {
     pub(crate) fn new(io: S) -> Self {
         Prefixed {

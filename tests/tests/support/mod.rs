@@ -385,7 +385,11 @@ impl TestProxy {
         let addr = listener.local_addr().expect("addr");
         let proxy = Proxy::new(cfg, view);
         let p = proxy.clone();
-        tokio::spawn(async move { p.serve(listener).await });
+        let opts = proxy_core::ListenerOptions {
+            forwarding: forwarding(),
+            ..Default::default()
+        };
+        tokio::spawn(async move { p.serve_with(listener, opts).await });
         TestProxy { addr, proxy }
     }
 
@@ -425,8 +429,29 @@ impl TestProxy {
     }
 }
 
+/// The forwarding mode of the proxies tests start: `kernel` with
+/// `KEELSON_TEST_FORWARDING=kernel` (scripts/test runs the client tests so
+/// a second time), `userspace` otherwise.
+pub fn forwarding() -> proxy_core::ForwardingMode {
+    match std::env::var("KEELSON_TEST_FORWARDING").ok().as_deref() {
+        None | Some("") => proxy_core::ForwardingMode::Userspace,
+        Some(m) => proxy_core::ForwardingMode::parse(m)
+            .unwrap_or_else(|| panic!("KEELSON_TEST_FORWARDING={m}: not userspace or kernel")),
+    }
+}
+
 impl Drop for TestProxy {
     fn drop(&mut self) {
+        // A test run in kernel mode whose sessions stayed in user space
+        // proves nothing about it.
+        if forwarding() == proxy_core::ForwardingMode::Kernel && !std::thread::panicking() {
+            let (k, u) = (self.proxy.kernel_sessions(), self.proxy.kernel_fallbacks());
+            assert!(
+                u == 0,
+                "KEELSON_TEST_FORWARDING=kernel, but {u} sessions (and {k} in the kernel) forwarded in user space ({})",
+                proxy_core::kernel_forwarding().err().unwrap_or_default()
+            );
+        }
         self.proxy.stop_accepting();
     }
 }
