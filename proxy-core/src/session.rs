@@ -73,7 +73,7 @@ struct Forwarding<'s, S> {
     _cancel: Option<cancel::CancelGuard>,
     /// The session's sockets in the kernel's sockhash (kernel forwarding).
     #[cfg(target_os = "linux")]
-    kernel: Option<crate::kernel::Handed>,
+    kernel: Kernel,
 }
 
 /// Steps 1 to 6: `None` once the session has ended (refused, a cancel
@@ -173,7 +173,7 @@ type Ready<'s> = (
 
 /// The session's sockets in the kernel, where it forwards there.
 #[cfg(target_os = "linux")]
-type Kernel = Option<crate::kernel::Handed>;
+type Kernel = Option<Box<crate::kernel::Handed>>;
 #[cfg(not(target_os = "linux"))]
 type Kernel = ();
 
@@ -277,7 +277,7 @@ fn hand_off<S: 'static>(
                 shared
                     .kernel_sessions
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Some(h);
+                return Some(Box::new(h));
             }
             Ok(Err(why)) => why,
             Err(e) => {
@@ -306,8 +306,10 @@ where
         let counters = SessionCounters::new(&shared.metrics);
         #[allow(unused_mut)]
         let mut awaiting = false;
+        // Boxed: a user-space session's future does not carry the kernel
+        // phase's state (the_session_future_stays_small).
         #[cfg(target_os = "linux")]
-        if let Some(end) = self.in_kernel(&mut awaiting).await {
+        if let Some(end) = Box::pin(self.in_kernel(&mut awaiting)).await {
             let (to_server, to_client) = self.kernel_moved();
             counters.to_backend.add(to_server);
             counters.to_client.add(to_client);
