@@ -1,5 +1,7 @@
-//! Side-by-side comparison: one PostgreSQL, and in front of it keelson,
-//! HAProxy (`mode tcp`) and pgbouncer (session mode), each on a free port.
+//! Side-by-side comparison: one PostgreSQL, and in front of it keelson
+//! (user-space forwarding at the default and at one worker per CPU, and
+//! kernel forwarding), HAProxy (`mode tcp`) and pgbouncer (session mode),
+//! each on a free port.
 //! Everything is measured in one run, interleaved, and printed as ratios.
 //!
 //! Run: `cargo run --release -p keelson-benches --bin compare [-- --quick]`
@@ -323,9 +325,10 @@ fn main() -> Result<()> {
 
     // keelson, with its default worker count (half the CPUs) and with one
     // worker per CPU (the default before it was measured).
-    let start_keelson = |port: u16, workers: Option<&str>| -> Result<Proc> {
+    let start_keelson = |port: u16, workers: Option<&str>, forwarding: &str| -> Result<Proc> {
         let mut c = Command::new(&keelson);
         c.args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--forwarding", forwarding])
             .args([
                 "--backend",
                 &format!("127.0.0.1:{pg_port}"),
@@ -341,12 +344,15 @@ fn main() -> Result<()> {
         })
     };
     let k_port = free_port();
-    let keelson_proc = start_keelson(k_port, None)?;
+    let keelson_proc = start_keelson(k_port, None, "userspace")?;
+    // Kernel forwarding: plaintext sessions in a BPF sockhash.
+    let kk_port = free_port();
+    let kernel_proc = start_keelson(kk_port, None, "kernel")?;
     let k1_port = free_port();
     let ncpu = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .to_string();
-    let keelson1_proc = start_keelson(k1_port, Some(&ncpu))?;
+    let keelson1_proc = start_keelson(k1_port, Some(&ncpu), "userspace")?;
     // HAProxy
     let h_port = free_port();
     let hcfg = dir.path().join("haproxy.cfg");
@@ -394,6 +400,7 @@ fn main() -> Result<()> {
     };
     for (p, n) in [
         (k_port, "keelson"),
+        (kk_port, "keelson-kernel"),
         (k1_port, "keelson-ncpu"),
         (h_port, "haproxy"),
         (b_port, "pgbouncer"),
@@ -410,6 +417,11 @@ fn main() -> Result<()> {
             name: "keelson",
             port: k_port,
             pid: Some(keelson_proc.child.id()),
+        },
+        Target {
+            name: "keelson-kernel",
+            port: kk_port,
+            pid: Some(kernel_proc.child.id()),
         },
         Target {
             name: "keelson-ncpu",
@@ -430,7 +442,7 @@ fn main() -> Result<()> {
 
     if idle_only {
         for (name, (per, rss)) in measure_idle(&targets, idle_n)? {
-            println!("{name:<12} idle B/session {per:>8.0}  (RSS after {rss} KiB)");
+            println!("{name:<15} idle B/session {per:>8.0}  (RSS after {rss} KiB)");
         }
         return Ok(());
     }
@@ -519,7 +531,7 @@ fn main() -> Result<()> {
     println!();
     println!("keelson comparison, {rounds} round(s), medians; PostgreSQL on 127.0.0.1:{pg_port}");
     println!(
-        "{:<12} {:>10} {:>9} {:>12} {:>10} {:>14} {:>10} {:>14} {:>13} {:>11}",
+        "{:<15} {:>10} {:>9} {:>12} {:>10} {:>14} {:>10} {:>14} {:>13} {:>11}",
         "target",
         "tps@16",
         "vs direct",
@@ -538,7 +550,7 @@ fn main() -> Result<()> {
         let (gbs, cpg) = copy[t.name];
         let fmt_opt = |v: Option<f64>, p: usize| v.map_or("-".to_owned(), |v| format!("{v:.p$}"));
         println!(
-            "{:<12} {:>10.0} {:>9.3} {:>12} {:>10} {:>14.1} {:>10} {:>14} {:>13.3} {:>11}",
+            "{:<15} {:>10.0} {:>9.3} {:>12} {:>10} {:>14.1} {:>10} {:>14} {:>13.3} {:>11}",
             t.name,
             tp,
             tp / direct_tps,
@@ -554,7 +566,7 @@ fn main() -> Result<()> {
     println!("(tps: pgbench -S -c 16 -t {per_client}; latency: -c 1; idle: {idle_n} sessions after startup; copy: {copy_rows} rows)");
     println!();
     println!(
-        "{:<12} {:>16} {:>18} {:>10}",
+        "{:<15} {:>16} {:>18} {:>10}",
         "target", "machine µs/tx", "added vs direct", "vs haproxy"
     );
     for t in &targets {
@@ -564,7 +576,7 @@ fn main() -> Result<()> {
             .collect();
         let a = added(t.name);
         println!(
-            "{:<12} {:>16.2} {:>18} {:>10}",
+            "{:<15} {:>16.2} {:>18} {:>10}",
             t.name,
             median(m),
             if t.name == "direct" {
@@ -580,7 +592,7 @@ fn main() -> Result<()> {
     println!(
         "(machine: user+nice+system+irq+softirq of all cores per transaction, pgbench -S -c 16)"
     );
-    for name in ["keelson", "keelson-ncpu", "pgbouncer"] {
+    for name in ["keelson", "keelson-kernel", "keelson-ncpu", "pgbouncer"] {
         if let Some(mine) = cpu.get(name) {
             let per_round: Vec<String> = mine
                 .iter()
