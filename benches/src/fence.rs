@@ -4,9 +4,13 @@
 //!   runs), each having received its FATAL 57P01;
 //! - when the first new session was served by B (p50 and max over runs).
 //!
-//! Run: `cargo run --release -p keelson-benches --bin fence [-- --etcd] [--sessions N] [--runs N]`
+//! Run: `cargo run --release -p keelson-benches --bin fence [-- --etcd] [--sessions N] [--runs N]
+//! [--forwarding kernel|userspace]`
 //! The keelson proxy is the release binary in store mode; the store is the
-//! embedded file store, or a real etcd with `--etcd`.
+//! embedded file store, or a real etcd with `--etcd`. With `--forwarding
+//! kernel` the sessions sit in the kernel's sockhash when the fence comes;
+//! the proxy's own counters (from its admin listener) say which mode each
+//! session used.
 
 use std::time::{Duration, Instant};
 
@@ -78,6 +82,37 @@ async fn landing_port(port: u16) -> Result<u16> {
     }
 }
 
+/// The proxy's `keelson_sessions_forwarding_total` series, from its
+/// admin listener's /metrics, as `mode/reason=N` pairs.
+async fn forwarding_counters(admin_port: u16) -> Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", admin_port)).await?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    let mut out = Vec::new();
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("keelson_sessions_forwarding_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let label = |k: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(k))
+                .map(|v| v.trim_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        out.push(format!("{}/{}={value}", label("mode="), label("reason=")));
+    }
+    if out.is_empty() {
+        bail!("the proxy's /metrics has no keelson_sessions_forwarding_total");
+    }
+    Ok(out.join(" "))
+}
+
 async fn set_master<S: Store>(store: &S, keys: &Keys, master: &str) -> Result<()> {
     loop {
         let kv = store
@@ -123,6 +158,12 @@ async fn main() -> Result<()> {
     let sessions = arg("--sessions", 1000);
     let runs = arg("--runs", 5);
     let use_etcd = args.iter().any(|a| a == "--etcd");
+    let forwarding = args
+        .iter()
+        .position(|a| a == "--forwarding")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "userspace".into());
     // SAFETY: plain libc calls on an owned struct.
     unsafe {
         let mut lim = libc::rlimit {
@@ -182,6 +223,7 @@ async fn main() -> Result<()> {
     set_master(&store, &keys, "a").await?;
 
     let proxy_port = free_port();
+    let admin_port = free_port();
     let _proxy = Proc {
         name: "keelson",
         child: std::process::Command::new(&keelson)
@@ -195,6 +237,8 @@ async fn main() -> Result<()> {
                 &std::env::var("FENCE_LOG").unwrap_or_else(|_| "warn".into()),
             ])
             .args(["--listen", &format!("127.0.0.1:{proxy_port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .args(["--forwarding", &forwarding])
             .spawn()?,
     };
     wait_port(proxy_port, "keelson")?;
@@ -273,8 +317,10 @@ async fn main() -> Result<()> {
         current = next;
     }
     let store_name = if use_etcd { "etcd" } else { "file store" };
+    let counters = forwarding_counters(admin_port).await?;
     println!();
-    println!("fence benchmark ({store_name}): {sessions} sessions x {runs} runs, times from the store write");
+    println!("fence benchmark ({store_name}, forwarding = {forwarding}): {sessions} sessions x {runs} runs, times from the store write");
+    println!("  sessions by forwarding mode: {counters}");
     println!(
         "  sessions closed:          p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} of {} without a clean FATAL 57P01)",
         pct(&mut close_ms, 0.5),

@@ -409,7 +409,8 @@ impl<S: 'static> Forwarding<'_, S> {
         match h.wait(client, server, fence).await {
             Woken::Fenced | Woken::Passed => {
                 let limit = Instant::now() + crate::forward::FENCE_DEADLINE;
-                match h.take_back(limit).await {
+                // Boxed: an idle session's future holds only the wait.
+                match Box::pin(h.take_back(limit)).await {
                     Ok(Some((tracker, a))) => {
                         self.tracker = tracker;
                         *awaiting = a;
@@ -426,11 +427,11 @@ impl<S: 'static> Forwarding<'_, S> {
                 }
             }
             Woken::ClientClosed => {
-                h.flush_to_server().await;
+                Box::pin(h.flush_to_server()).await;
                 Some(Outcome::ClientClosed)
             }
             Woken::ServerClosed => {
-                h.flush_to_client().await;
+                Box::pin(h.flush_to_client()).await;
                 Some(Outcome::BackendClosed)
             }
             Woken::Error(side, error) => Some(Outcome::Error { side, error }),
