@@ -1101,7 +1101,9 @@ impl Handed {
         Ok(())
     }
 
-    /// Waits, holding no buffer, until the session needs the proxy.
+    /// Waits, holding no buffer, until the session needs the proxy. Polls
+    /// the sockets' readiness directly (no waiter nodes), so an idle
+    /// session's future stays small.
     pub(crate) async fn wait(
         &self,
         client: &TcpStream,
@@ -1109,48 +1111,59 @@ impl Handed {
         fence: &Fence,
     ) -> Woken {
         use crate::protocol::Side;
+        use std::future::Future;
+        use std::task::Poll;
         let notified = fence.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        loop {
-            if fence.is_fired() {
-                return Woken::Fenced;
+        std::future::poll_fn(|cx| {
+            if fence.is_fired() || notified.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Woken::Fenced);
             }
-            tokio::select! {
-                biased;
-                _ = notified.as_mut() => return Woken::Fenced,
-                r = client.readable() => {
-                    if let Err(e) = r {
-                        return Woken::Error(Side::Client, e);
-                    }
-                    // The parser stopped the client's stream (the view's
-                    // deadline passed): its bytes wait in the socket.
-                    if self.state(self.client).is_ok_and(|s| s.stopped != 0) {
-                        return Woken::Passed;
-                    }
-                    match peek(client) {
-                        Ok(0) => return Woken::ClientClosed,
-                        Ok(_) => return Woken::Passed,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => {
-                            return Woken::ClientClosed
-                        }
-                        Err(e) => return Woken::Error(Side::Client, e),
-                    }
+            // A peek that would block clears the readiness, so the next
+            // poll registers the waker again.
+            loop {
+                match client.poll_read_ready(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Woken::Error(Side::Client, e)),
+                    Poll::Ready(Ok(())) => {}
                 }
-                r = server.readable() => {
-                    if let Err(e) = r {
-                        return Woken::Error(Side::Backend, e);
+                // The parser stopped the client's stream (the view's
+                // deadline passed): its bytes wait in the socket.
+                if self.state(self.client).is_ok_and(|s| s.stopped != 0) {
+                    return Poll::Ready(Woken::Passed);
+                }
+                match peek(client) {
+                    Ok(0) => return Poll::Ready(Woken::ClientClosed),
+                    Ok(_) => return Poll::Ready(Woken::Passed),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                        ) =>
+                    {
+                        return Poll::Ready(Woken::ClientClosed)
                     }
-                    match peek(server) {
-                        Ok(0) => return Woken::ServerClosed,
-                        Ok(_) => return Woken::Passed,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Woken::Error(Side::Backend, e),
-                    }
+                    Err(e) => return Poll::Ready(Woken::Error(Side::Client, e)),
                 }
             }
-        }
+            loop {
+                match server.poll_read_ready(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Woken::Error(Side::Backend, e)),
+                    Poll::Ready(Ok(())) => {}
+                }
+                match peek(server) {
+                    Ok(0) => return Poll::Ready(Woken::ServerClosed),
+                    Ok(_) => return Poll::Ready(Woken::Passed),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Woken::Error(Side::Backend, e)),
+                }
+            }
+            Poll::Pending
+        })
+        .await
     }
 }
 

@@ -306,10 +306,12 @@ where
         let counters = SessionCounters::new(&shared.metrics);
         #[allow(unused_mut)]
         let mut awaiting = false;
-        // Boxed: a user-space session's future does not carry the kernel
-        // phase's state (the_session_future_stays_small).
+        // Not boxed: the kernel phase waits on the sockets' readiness
+        // without waiter nodes and boxes its take-back, so it fits in the
+        // space the user-space forwarding state takes
+        // (the_session_future_stays_small).
         #[cfg(target_os = "linux")]
-        if let Some(end) = Box::pin(self.in_kernel(&mut awaiting)).await {
+        if let Some(end) = self.in_kernel(&mut awaiting).await {
             let (to_server, to_client) = self.kernel_moved();
             counters.to_backend.add(to_server);
             counters.to_client.add(to_client);
