@@ -120,6 +120,12 @@ pub struct Fence {
     fired: AtomicBool,
     reason: OnceLock<FenceReason>,
     notify: Notify,
+    /// The socket cookies of this fence's sessions that forward in the
+    /// kernel: [`Fence::trigger`] stops their streams there itself, so no
+    /// client byte reaches the server after the fence even before the
+    /// sessions' tasks run.
+    #[cfg(target_os = "linux")]
+    kernel: std::sync::Mutex<Vec<u64>>,
 }
 
 impl Fence {
@@ -141,7 +147,33 @@ impl Fence {
     pub fn trigger(&self, reason: FenceReason) {
         let _ = self.reason.set(reason);
         self.fired.store(true, Ordering::Release);
+        // After `fired`: a session entering the kernel from now on sees it
+        // (enter_kernel), and every one that entered before is stopped
+        // here.
+        #[cfg(target_os = "linux")]
+        crate::kernel::stop_streams(&self.kernel.lock().unwrap_or_else(|e| e.into_inner()));
         self.notify.notify_waiters();
+    }
+
+    /// A session's two sockets entered the kernel's sockhash: whether the
+    /// fence had fired already (the caller then stops them itself).
+    #[cfg(target_os = "linux")]
+    pub(crate) fn enter_kernel(&self, cookies: [u64; 2]) -> bool {
+        self.kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(cookies);
+        self.is_fired()
+    }
+
+    /// The session's sockets leave the kernel's maps: once this returns,
+    /// [`Fence::trigger`] no longer touches them.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn leave_kernel(&self, cookies: [u64; 2]) {
+        self.kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|c| !cookies.contains(c));
     }
 
     #[inline]

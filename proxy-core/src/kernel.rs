@@ -910,10 +910,28 @@ fn written(fd: RawFd) -> io::Result<u64> {
     Ok(acked + ioctl_int(fd, SIOCOUTQ)?)
 }
 
+/// Stops these sockets' streams at their next chunk, as a fence does to
+/// its kernel-mode sessions before their tasks run ([`Fence::trigger`]).
+pub(crate) fn stop_streams(cookies: &[u64]) {
+    if cookies.is_empty() {
+        return;
+    }
+    if let Ok(k) = get() {
+        for c in cookies {
+            // Fails only if the socket's flags cannot be written (the map
+            // full): its session stops when its task takes it back.
+            let _ = update(&k.ctl, c, &1u32, 0);
+        }
+    }
+}
+
 /// One session in the kernel: its sockets' cookies and how much each had
 /// been sent before.
 pub(crate) struct Handed {
     k: &'static Kernel,
+    /// The session's fence, which stops its streams in the kernel when it
+    /// fires.
+    fence: std::sync::Arc<Fence>,
     client: u64,
     server: u64,
     client_fd: RawFd,
@@ -936,6 +954,7 @@ impl Handed {
         client: &TcpStream,
         server: &TcpStream,
         deadline: Option<&Deadline>,
+        fence: &std::sync::Arc<Fence>,
     ) -> io::Result<Result<Handed, &'static str>> {
         let (cfd, sfd) = (client.as_raw_fd(), server.as_raw_fd());
         if unread(cfd)? != 0 || unread(sfd)? != 0 {
@@ -951,6 +970,7 @@ impl Handed {
         let (cc, sc) = (cookie(cfd)?, cookie(sfd)?);
         let h = Handed {
             k,
+            fence: fence.clone(),
             client: cc,
             server: sc,
             client_fd: cfd,
@@ -970,12 +990,20 @@ impl Handed {
         // From here `h` deletes what it inserted if a step fails.
         update(&k.state, &cc, &fresh(sc, 0, slot), NOEXIST)?;
         update(&k.state, &sc, &fresh(cc, 1, 0), NOEXIST)?;
-        update(&k.sockhash, &cc, &(cfd as u32), NOEXIST)?;
-        if let Err(e) = update(&k.sockhash, &sc, &(sfd as u32), NOEXIST) {
+        // The server's socket first: it has sent everything up to its first
+        // ReadyForQuery and is silent until the client sends, while bytes
+        // a client sends early wait in its socket's queue until the client
+        // socket is in (a chunk redirected to a socket not yet in the
+        // sockhash would be dropped).
+        update(&k.sockhash, &sc, &(sfd as u32), NOEXIST)?;
+        if let Err(e) = update(&k.sockhash, &cc, &(cfd as u32), NOEXIST) {
             // Nothing can have moved yet: the client waits for its first
             // ReadyForQuery, which is not written.
-            delete(&k.sockhash, &cc);
+            delete(&k.sockhash, &sc);
             return Err(e);
+        }
+        if fence.enter_kernel([cc, sc]) {
+            stop_streams(&[cc, sc]);
         }
         Ok(Ok(h))
     }
@@ -1190,7 +1218,8 @@ fn socket_error(fd: RawFd) -> io::Result<i32> {
 impl Drop for Handed {
     fn drop(&mut self) {
         // The sockets leave the sockhash as they close; their state and
-        // flags go now.
+        // flags go now, once the fence can no longer write the flags.
+        self.fence.leave_kernel([self.client, self.server]);
         for c in [self.client, self.server] {
             delete(&self.k.state, &c);
             delete(&self.k.ctl, &c);

@@ -51,8 +51,9 @@ fn kernel() -> &'static Kernel {
 #[tokio::test]
 async fn bytes_move_both_ways_in_the_kernel_byte_exact() {
     let k = kernel();
+    let fence = std::sync::Arc::new(Fence::default());
     let (mut app, to_app, to_server, mut server) = sockets().await;
-    let h = Handed::hand_off(k, &to_app, &to_server, None)
+    let h = Handed::hand_off(k, &to_app, &to_server, None, &fence)
         .unwrap()
         .expect("handed off");
     // Messages of every size from empty to 3 MiB (far above the socket's
@@ -98,7 +99,6 @@ async fn bytes_move_both_ways_in_the_kernel_byte_exact() {
     assert_eq!(unread(to_app.as_raw_fd()).unwrap(), 0);
     assert_eq!(unread(to_server.as_raw_fd()).unwrap(), 0);
     // The client's close wakes the proxy.
-    let fence = Fence::default();
     drop(app);
     let woken = tokio::time::timeout(Duration::from_secs(5), h.wait(&to_app, &to_server, &fence))
         .await
@@ -110,8 +110,9 @@ async fn bytes_move_both_ways_in_the_kernel_byte_exact() {
 #[tokio::test]
 async fn a_session_taken_back_is_at_a_boundary_and_keeps_what_the_client_sends_next() {
     let k = kernel();
+    let fence = std::sync::Arc::new(Fence::default());
     let (mut app, mut to_app, mut to_server, mut server) = sockets().await;
-    let mut h = Handed::hand_off(k, &to_app, &to_server, None)
+    let mut h = Handed::hand_off(k, &to_app, &to_server, None, &fence)
         .unwrap()
         .expect("handed off");
     // The server streams rows without pause.
@@ -205,10 +206,11 @@ async fn a_session_taken_back_is_at_a_boundary_and_keeps_what_the_client_sends_n
 #[tokio::test]
 async fn client_bytes_stop_in_the_kernel_once_the_views_deadline_passes() {
     let k = kernel();
+    let fence = std::sync::Arc::new(Fence::default());
     let view = ViewHandle::new(View::default());
     view.set_valid_until(Instant::now() + Duration::from_millis(300));
     let (mut app, mut to_app, to_server, mut server) = sockets().await;
-    let mut h = Handed::hand_off(k, &to_app, &to_server, Some(view.deadline()))
+    let mut h = Handed::hand_off(k, &to_app, &to_server, Some(view.deadline()), &fence)
         .unwrap()
         .expect("handed off");
     let q = msg(b'Q', 10, b'a');
@@ -223,7 +225,6 @@ async fn client_bytes_stop_in_the_kernel_once_the_views_deadline_passes() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     app.write_all(&q).await.unwrap();
     // The proxy wakes, takes the session back, and reads the bytes itself.
-    let fence = Fence::default();
     let woken = tokio::time::timeout(Duration::from_secs(5), h.wait(&to_app, &to_server, &fence))
         .await
         .expect("woken");
@@ -250,8 +251,9 @@ async fn client_bytes_stop_in_the_kernel_once_the_views_deadline_passes() {
 #[tokio::test]
 async fn many_small_messages_in_one_write_all_arrive() {
     let k = kernel();
+    let fence = std::sync::Arc::new(Fence::default());
     let (mut app, to_app, to_server, mut server) = sockets().await;
-    let _h = Handed::hand_off(k, &to_app, &to_server, None)
+    let _h = Handed::hand_off(k, &to_app, &to_server, None, &fence)
         .unwrap()
         .expect("handed off");
     // More messages than one parser run walks, in one segment, so that
@@ -268,4 +270,48 @@ async fn many_small_messages_in_one_write_all_arrive() {
         .expect("every byte arrives")
         .unwrap();
     assert!(got == stream);
+}
+
+/// A fence stops a kernel-mode session's client bytes in the kernel when
+/// it fires, before the session's task runs: nothing the client sends
+/// after the fence reaches the server, even if the proxy is slow to take
+/// the session back (the proxy acknowledges a view once its fences fired).
+#[tokio::test]
+async fn a_fired_fence_stops_client_bytes_before_the_session_is_taken_back() {
+    let k = kernel();
+    let fence = std::sync::Arc::new(Fence::default());
+    let (mut app, mut to_app, to_server, mut server) = sockets().await;
+    let mut h = Handed::hand_off(k, &to_app, &to_server, None, &fence)
+        .unwrap()
+        .expect("handed off");
+    let q = msg(b'Q', 10, b'a');
+    app.write_all(&q).await.unwrap();
+    let mut got = vec![0; q.len()];
+    server.read_exact(&mut got).await.unwrap();
+    fence.trigger(crate::fence::FenceReason::primary_changed());
+    // Nobody waits on the session or takes it back.
+    app.write_all(&q).await.unwrap();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_millis(500), server.read(&mut buf)).await;
+    assert!(
+        r.is_err(),
+        "the server got bytes the client sent after the fence: {r:?}"
+    );
+    // They wait in the proxy's socket, for the proxy to read once it has
+    // taken the session back.
+    h.take_back(Instant::now() + Duration::from_secs(1))
+        .await
+        .unwrap()
+        .expect("taken back");
+    tokio::time::timeout(Duration::from_secs(1), to_app.read_exact(&mut got))
+        .await
+        .expect("the client's bytes are in the proxy's socket")
+        .unwrap();
+    assert_eq!(got, q);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), server.read(&mut buf))
+            .await
+            .is_err(),
+        "the server got bytes after the fence"
+    );
 }

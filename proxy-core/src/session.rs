@@ -207,7 +207,7 @@ where
     // Handed to the kernel before the client can answer: nothing is in
     // flight either way until it reads its first ReadyForQuery.
     #[cfg(target_os = "linux")]
-    let mut kernel = hand_off(shared, mode, client, &conn, &est.to_backend, deadline);
+    let mut kernel = hand_off(shared, mode, client, &conn, &est, deadline);
     #[cfg(not(target_os = "linux"))]
     let kernel = {
         shared.metrics.forwarding(
@@ -252,7 +252,7 @@ fn hand_off<S: 'static>(
     mode: ForwardingMode,
     client: &ClientStream<S>,
     conn: &route::Connected,
-    to_backend: &[u8],
+    est: &backend::Established,
     deadline: Option<&crate::view::Deadline>,
 ) -> Kernel {
     use crate::kernel::{self, Handed};
@@ -268,10 +268,14 @@ fn hand_off<S: 'static>(
             break 'why "tls";
         };
         let tcp = (p.get_ref() as &dyn std::any::Any).downcast_ref::<tokio::net::TcpStream>();
-        let Some(tcp) = tcp.filter(|_| p.prefix_is_empty() && to_backend.is_empty()) else {
+        // Nothing pending either way, and the server's stream at its first
+        // ReadyForQuery (authentication read no further), which is where
+        // the kernel's parser starts.
+        let at_ready = p.prefix_is_empty() && est.to_backend.is_empty() && est.tracker.idle();
+        let Some(tcp) = tcp.filter(|_| at_ready) else {
             break 'why "pending_bytes";
         };
-        match Handed::hand_off(k, tcp, server, deadline) {
+        match Handed::hand_off(k, tcp, server, deadline, &conn.fence) {
             Ok(Ok(h)) => {
                 shared.metrics.forwarding("kernel", "none");
                 shared
