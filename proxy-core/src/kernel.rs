@@ -1129,6 +1129,22 @@ impl Handed {
         Ok(())
     }
 
+    /// After [`Handed::take_back`]: both sockets get a fresh registration
+    /// with the runtime. A stopped stream's socket error woke epoll with
+    /// an error, which tokio keeps for good as write-closed readiness: on
+    /// the old registration every write that would block would spin.
+    pub(crate) fn rebind(
+        &mut self,
+        client: &mut TcpStream,
+        server: &mut TcpStream,
+    ) -> io::Result<()> {
+        reregister(client)?;
+        reregister(server)?;
+        self.client_fd = client.as_raw_fd();
+        self.server_fd = server.as_raw_fd();
+        Ok(())
+    }
+
     /// Waits, holding no buffer, until the session needs the proxy. Polls
     /// the sockets' readiness directly (no waiter nodes), so an idle
     /// session's future stays small.
@@ -1193,6 +1209,24 @@ impl Handed {
         })
         .await
     }
+}
+
+/// Replaces `s` with the same socket under a new descriptor and a new
+/// registration with the runtime (no readiness carried over).
+fn reregister(s: &mut TcpStream) -> io::Result<()> {
+    // SAFETY: duplicates an open descriptor; the copy is owned below.
+    let fd = unsafe { libc::fcntl(s.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just duplicated and nothing else owns it.
+    let copy = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    copy.set_nonblocking(true)?;
+    let fresh = TcpStream::from_std(copy)?;
+    // Dropping the old stream deregisters and closes its descriptor; the
+    // socket stays open under the new one.
+    drop(std::mem::replace(s, fresh));
+    Ok(())
 }
 
 /// Reads and clears a socket's pending error.

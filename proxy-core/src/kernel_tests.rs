@@ -280,7 +280,7 @@ async fn many_small_messages_in_one_write_all_arrive() {
 async fn a_fired_fence_stops_client_bytes_before_the_session_is_taken_back() {
     let k = kernel();
     let fence = std::sync::Arc::new(Fence::default());
-    let (mut app, mut to_app, to_server, mut server) = sockets().await;
+    let (mut app, mut to_app, mut to_server, mut server) = sockets().await;
     let mut h = Handed::hand_off(k, &to_app, &to_server, None, &fence)
         .unwrap()
         .expect("handed off");
@@ -303,6 +303,7 @@ async fn a_fired_fence_stops_client_bytes_before_the_session_is_taken_back() {
         .await
         .unwrap()
         .expect("taken back");
+    h.rebind(&mut to_app, &mut to_server).unwrap();
     tokio::time::timeout(Duration::from_secs(1), to_app.read_exact(&mut got))
         .await
         .expect("the client's bytes are in the proxy's socket")
@@ -313,5 +314,24 @@ async fn a_fired_fence_stops_client_bytes_before_the_session_is_taken_back() {
             .await
             .is_err(),
         "the server got bytes after the fence"
+    );
+    // The stop's socket error leaves no readiness behind: with the app not
+    // reading, a full send queue is not writable (a write that would block
+    // waits rather than spins).
+    let chunk = vec![0u8; 65536];
+    let mut filled = 0usize;
+    loop {
+        match to_app.try_write(&chunk) {
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("writing to the app: {e}"),
+        }
+        assert!(filled < 1 << 30, "the app's socket never filled");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), to_app.writable())
+            .await
+            .is_err(),
+        "a full socket is writable after the take-back: writes would spin"
     );
 }

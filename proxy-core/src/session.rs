@@ -418,6 +418,20 @@ impl<S: 'static> Forwarding<'_, S> {
                 // Boxed: an idle session's future holds only the wait.
                 match Box::pin(h.take_back(limit)).await {
                     Ok(Some((tracker, a))) => {
+                        let (ClientStream::Plain(p), ServerStream::Plain(server)) =
+                            (&mut self.client, &mut self.conn.server)
+                        else {
+                            unreachable!("only plain TCP sessions are handed to the kernel")
+                        };
+                        let client = (p.get_mut() as &mut dyn std::any::Any)
+                            .downcast_mut::<tokio::net::TcpStream>()
+                            .expect("only plain TCP sessions are handed to the kernel");
+                        if let Err(error) = h.rebind(client, server) {
+                            return Some(Outcome::Error {
+                                side: protocol::Side::Client,
+                                error,
+                            });
+                        }
                         self.tracker = tracker;
                         *awaiting = a;
                         None

@@ -33,6 +33,11 @@ impl<S> Prefixed<S> {
     pub(crate) fn get_ref(&self) -> &S {
         &self.io
     }
+
+    /// The stream under the buffer, to change.
+    pub(crate) fn get_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
 }
 
 impl<S: AsyncRead + Unpin> Prefixed<S> {
