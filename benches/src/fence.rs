@@ -148,22 +148,17 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: usize| {
+    let value = |name: &str| {
         args.iter()
             .position(|a| a == name)
             .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
     };
+    let arg =
+        |name: &str, default: usize| value(name).and_then(|v| v.parse().ok()).unwrap_or(default);
     let sessions = arg("--sessions", 1000);
     let runs = arg("--runs", 5);
     let use_etcd = args.iter().any(|a| a == "--etcd");
-    let forwarding = args
-        .iter()
-        .position(|a| a == "--forwarding")
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| "userspace".into());
+    let forwarding = value("--forwarding").map_or("userspace", |v| v.as_str());
     // SAFETY: plain libc calls on an owned struct.
     unsafe {
         let mut lim = libc::rlimit {
@@ -238,7 +233,7 @@ async fn main() -> Result<()> {
             ])
             .args(["--listen", &format!("127.0.0.1:{proxy_port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-            .args(["--forwarding", &forwarding])
+            .args(["--forwarding", forwarding])
             .spawn()?,
     };
     wait_port(proxy_port, "keelson")?;

@@ -1164,50 +1164,60 @@ impl Handed {
             if fence.is_fired() || notified.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Woken::Fenced);
             }
-            // A peek that would block clears the readiness, so the next
-            // poll registers the waker again.
-            loop {
-                match client.poll_read_ready(cx) {
-                    Poll::Pending => break,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Woken::Error(Side::Client, e)),
-                    Poll::Ready(Ok(())) => {}
-                }
-                // The parser stopped the client's stream (the view's
-                // deadline passed): its bytes wait in the socket.
-                if self.state(self.client).is_ok_and(|s| s.stopped != 0) {
-                    return Poll::Ready(Woken::Passed);
-                }
-                match peek(client) {
-                    Ok(0) => return Poll::Ready(Woken::ClientClosed),
-                    Ok(_) => return Poll::Ready(Woken::Passed),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // The parser stopped the client's stream (the view's deadline
+            // passed): its bytes wait in the socket.
+            let stopped = || self.state(self.client).is_ok_and(|s| s.stopped != 0);
+            if let Poll::Ready(r) = poll_peek(client, cx, stopped) {
+                return Poll::Ready(match r {
+                    Ok(Some(0)) => Woken::ClientClosed,
+                    Ok(_) => Woken::Passed,
                     Err(e)
                         if matches!(
                             e.kind(),
                             io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
                         ) =>
                     {
-                        return Poll::Ready(Woken::ClientClosed)
+                        Woken::ClientClosed
                     }
-                    Err(e) => return Poll::Ready(Woken::Error(Side::Client, e)),
-                }
+                    Err(e) => Woken::Error(Side::Client, e),
+                });
             }
-            loop {
-                match server.poll_read_ready(cx) {
-                    Poll::Pending => break,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Woken::Error(Side::Backend, e)),
-                    Poll::Ready(Ok(())) => {}
-                }
-                match peek(server) {
-                    Ok(0) => return Poll::Ready(Woken::ServerClosed),
-                    Ok(_) => return Poll::Ready(Woken::Passed),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Woken::Error(Side::Backend, e)),
-                }
+            if let Poll::Ready(r) = poll_peek(server, cx, || false) {
+                return Poll::Ready(match r {
+                    Ok(Some(0)) => Woken::ServerClosed,
+                    Ok(_) => Woken::Passed,
+                    Err(e) => Woken::Error(Side::Backend, e),
+                });
             }
             Poll::Pending
         })
         .await
+    }
+}
+
+/// Polls `s` until it has something to say: `Ok(None)` once readable and
+/// `stopped`, else what a one-byte peek read (`Some(0)` at EOF). A peek
+/// that would block clears the readiness, so the next poll registers the
+/// waker again.
+fn poll_peek(
+    s: &TcpStream,
+    cx: &mut std::task::Context<'_>,
+    stopped: impl Fn() -> bool,
+) -> std::task::Poll<io::Result<Option<usize>>> {
+    use std::task::Poll;
+    loop {
+        match s.poll_read_ready(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {}
+        }
+        if stopped() {
+            return Poll::Ready(Ok(None));
+        }
+        match peek(s) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            r => return Poll::Ready(r.map(Some)),
+        }
     }
 }
 

@@ -44,18 +44,27 @@ fn whole_messages(mut bytes: &[u8]) -> Vec<(u8, usize)> {
     out
 }
 
+/// Hands the two proxy sockets to the kernel, which must take them.
+fn hand_off(
+    to_app: &TcpStream,
+    to_server: &TcpStream,
+    deadline: Option<&Deadline>,
+    fence: &std::sync::Arc<Fence>,
+) -> Handed {
+    Handed::hand_off(kernel(), to_app, to_server, deadline, fence)
+        .unwrap()
+        .expect("handed off")
+}
+
 fn kernel() -> &'static Kernel {
     get().unwrap_or_else(|e| panic!("kernel forwarding is unavailable here: {e}"))
 }
 
 #[tokio::test]
 async fn bytes_move_both_ways_in_the_kernel_byte_exact() {
-    let k = kernel();
     let fence = std::sync::Arc::new(Fence::default());
     let (mut app, to_app, to_server, mut server) = sockets().await;
-    let h = Handed::hand_off(k, &to_app, &to_server, None, &fence)
-        .unwrap()
-        .expect("handed off");
+    let h = hand_off(&to_app, &to_server, None, &fence);
     // Messages of every size from empty to 3 MiB (far above the socket's
     // receive buffer), written in pieces that split headers and bodies.
     let mut stream = Vec::new();
@@ -109,12 +118,9 @@ async fn bytes_move_both_ways_in_the_kernel_byte_exact() {
 
 #[tokio::test]
 async fn a_session_taken_back_is_at_a_boundary_and_keeps_what_the_client_sends_next() {
-    let k = kernel();
     let fence = std::sync::Arc::new(Fence::default());
     let (mut app, mut to_app, mut to_server, mut server) = sockets().await;
-    let mut h = Handed::hand_off(k, &to_app, &to_server, None, &fence)
-        .unwrap()
-        .expect("handed off");
+    let mut h = hand_off(&to_app, &to_server, None, &fence);
     // The server streams rows without pause.
     let rows = 20_000usize;
     let writer = tokio::spawn(async move {
@@ -205,14 +211,11 @@ async fn a_session_taken_back_is_at_a_boundary_and_keeps_what_the_client_sends_n
 
 #[tokio::test]
 async fn client_bytes_stop_in_the_kernel_once_the_views_deadline_passes() {
-    let k = kernel();
     let fence = std::sync::Arc::new(Fence::default());
     let view = ViewHandle::new(View::default());
     view.set_valid_until(Instant::now() + Duration::from_millis(300));
     let (mut app, mut to_app, to_server, mut server) = sockets().await;
-    let mut h = Handed::hand_off(k, &to_app, &to_server, Some(view.deadline()), &fence)
-        .unwrap()
-        .expect("handed off");
+    let mut h = hand_off(&to_app, &to_server, Some(view.deadline()), &fence);
     let q = msg(b'Q', 10, b'a');
     app.write_all(&q).await.unwrap();
     let mut got = vec![0; q.len()];
@@ -250,12 +253,9 @@ async fn client_bytes_stop_in_the_kernel_once_the_views_deadline_passes() {
 
 #[tokio::test]
 async fn many_small_messages_in_one_write_all_arrive() {
-    let k = kernel();
     let fence = std::sync::Arc::new(Fence::default());
     let (mut app, to_app, to_server, mut server) = sockets().await;
-    let _h = Handed::hand_off(k, &to_app, &to_server, None, &fence)
-        .unwrap()
-        .expect("handed off");
+    let _h = hand_off(&to_app, &to_server, None, &fence);
     // More messages than one parser run walks, in one segment, so that
     // chunks begin inside the kernel's buffer, not at its start.
     let mut stream = Vec::new();
@@ -278,12 +278,9 @@ async fn many_small_messages_in_one_write_all_arrive() {
 /// the session back (the proxy acknowledges a view once its fences fired).
 #[tokio::test]
 async fn a_fired_fence_stops_client_bytes_before_the_session_is_taken_back() {
-    let k = kernel();
     let fence = std::sync::Arc::new(Fence::default());
     let (mut app, mut to_app, mut to_server, mut server) = sockets().await;
-    let mut h = Handed::hand_off(k, &to_app, &to_server, None, &fence)
-        .unwrap()
-        .expect("handed off");
+    let mut h = hand_off(&to_app, &to_server, None, &fence);
     let q = msg(b'Q', 10, b'a');
     app.write_all(&q).await.unwrap();
     let mut got = vec![0; q.len()];

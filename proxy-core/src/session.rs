@@ -399,12 +399,12 @@ impl<S: 'static> Forwarding<'_, S> {
         use crate::stream::ServerStream;
         let h = self.kernel.as_mut()?;
         let (ClientStream::Plain(p), ServerStream::Plain(server)) =
-            (&self.client, &self.conn.server)
+            (&mut self.client, &mut self.conn.server)
         else {
             unreachable!("only plain TCP sessions are handed to the kernel")
         };
-        let client = (p.get_ref() as &dyn std::any::Any)
-            .downcast_ref::<tokio::net::TcpStream>()
+        let client = (p.get_mut() as &mut dyn std::any::Any)
+            .downcast_mut::<tokio::net::TcpStream>()
             .expect("only plain TCP sessions are handed to the kernel");
         let fence = &self.conn.fence;
         let label = || match fence.reason() {
@@ -418,14 +418,6 @@ impl<S: 'static> Forwarding<'_, S> {
                 // Boxed: an idle session's future holds only the wait.
                 match Box::pin(h.take_back(limit)).await {
                     Ok(Some((tracker, a))) => {
-                        let (ClientStream::Plain(p), ServerStream::Plain(server)) =
-                            (&mut self.client, &mut self.conn.server)
-                        else {
-                            unreachable!("only plain TCP sessions are handed to the kernel")
-                        };
-                        let client = (p.get_mut() as &mut dyn std::any::Any)
-                            .downcast_mut::<tokio::net::TcpStream>()
-                            .expect("only plain TCP sessions are handed to the kernel");
                         if let Err(error) = h.rebind(client, server) {
                             return Some(Outcome::Error {
                                 side: protocol::Side::Client,
