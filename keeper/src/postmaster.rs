@@ -32,14 +32,7 @@ pub fn running_on(data_dir: &Path) -> Option<u32> {
 
 /// Whether process `pid` exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+    state(pid).is_some_and(|s| s != 'Z' && s != 'X')
 }
 
 /// The pids whose parent is `pid`.
@@ -81,12 +74,33 @@ pub fn signal_group(pgid: u32, signal: i32) {
 /// end its backends itself; they would go on serving (and committing) for
 /// as long as they take to notice. SIGKILL also ends a stopped (SIGSTOP)
 /// process, which SIGQUIT does not.
+///
+/// The postmaster is stopped first (SIGSTOP, then up to 100 ms until the
+/// kernel reports it stopped): a running one forks a backend for every
+/// connection, and one forked between listing the children and killing
+/// the parent would outlive both. A stopped process forks nothing, and
+/// its children are still its own (a dead one's go to init).
 pub fn kill_tree(pid: u32) {
+    signal(pid, libc::SIGSTOP);
+    let deadline = std::time::Instant::now() + Duration::from_millis(100);
+    while !matches!(state(pid), None | Some('T' | 't' | 'Z' | 'X'))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let kids = children(pid);
     signal(pid, libc::SIGKILL);
     for k in kids {
         signal(k, libc::SIGKILL);
     }
+}
+
+/// The state letter of process `pid` (`R`, `S`, `T`, `Z`, ...), if it
+/// exists.
+fn state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().next()?.chars().next()
 }
 
 /// Fences a primary at once: SIGQUIT (immediate shutdown) to the
@@ -159,5 +173,40 @@ mod tests {
         kill_tree(child.id());
         let _ = child.wait();
         assert_eq!(running_on(dir.path()), None);
+    }
+
+    /// The pids whose command line has `arg` as an argument.
+    fn with_arg(arg: &str) -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+            })
+            .collect()
+    }
+
+    /// A postmaster forks a backend for every connection. One forked while
+    /// `kill_tree` lists the children must not survive it: a backend whose
+    /// postmaster was SIGKILLed serves (and commits) until it notices.
+    #[test]
+    fn a_child_forked_while_the_tree_is_killed_is_killed_too() {
+        // Unique, so that only this test's children match.
+        let mark = format!("{}.{}", 900 + std::process::id() % 99, std::process::id());
+        let mut parent = std::process::Command::new("sh")
+            .args(["-c", &format!("while :; do sleep {mark} & done")])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!with_arg(&mark).is_empty(), "the parent forked nothing");
+        kill_tree(parent.id());
+        let _ = parent.wait();
+        std::thread::sleep(Duration::from_millis(100));
+        let left = with_arg(&mark);
+        for p in &left {
+            signal(*p, libc::SIGKILL);
+        }
+        assert!(left.is_empty(), "{} children outlived kill_tree", left.len());
     }
 }

@@ -190,6 +190,43 @@ impl LocalCluster {
             .get(0)
     }
 
+    /// Pauses keeper `i`'s WAL receiver (SIGSTOP) and returns its pid, once
+    /// the kernel reports it stopped and PostgreSQL still names it as its
+    /// receiver: a test whose premise is "the standby receives nothing" must
+    /// not go on when the signal missed (a receiver that was restarting).
+    async fn pause_walreceiver(&self, i: usize) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let pid = self.walreceiver_pid(i).await;
+            // SAFETY: pausing the WAL receiver by pid.
+            let rc = unsafe { libc::kill(pid, libc::SIGSTOP) };
+            let stopped = rc == 0 && {
+                let mut state = None;
+                for _ in 0..100 {
+                    state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .ok()
+                        .and_then(|s| s.rsplit(')').next().map(|r| r.trim().to_owned()))
+                        .and_then(|r| r.chars().next());
+                    if state == Some('T') {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                state == Some('T')
+            };
+            if stopped && self.walreceiver_pid(i).await == pid {
+                return pid;
+            }
+            // SAFETY: resuming what was paused, before trying again.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            assert!(
+                Instant::now() < deadline,
+                "k{i}'s WAL receiver {pid} could not be paused (kill rc {rc})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Runs `sql` directly on keeper `i`'s PostgreSQL.
     async fn exec(&self, i: usize, sql: &str) {
         let conn = format!(
@@ -234,9 +271,8 @@ async fn a_stale_standby_is_not_promoted_when_the_primary_dies_under_a_live_keep
     let store = cluster::open(&url).await.unwrap();
     let c = LocalCluster::up(&url, store).await;
     let (p, s) = (c.master, c.other());
-    let receiver = c.walreceiver_pid(s).await;
-    // SAFETY: pausing (later resuming) the standby's WAL receiver by pid.
-    unsafe { libc::kill(receiver, libc::SIGSTOP) };
+    // Paused now, resumed later.
+    let receiver = c.pause_walreceiver(s).await;
     c.exec(
         p,
         "INSERT INTO w SELECT g FROM generate_series(1, 150000) g; \
@@ -274,7 +310,7 @@ async fn a_stale_standby_is_not_promoted_when_the_primary_dies_under_a_live_keep
             && text.contains("MiB behind the last known primary LSN, limit 16.0 MiB"),
         "{text}"
     );
-    // SAFETY: as above.
+    // SAFETY: resuming the paused WAL receiver by pid.
     unsafe { libc::kill(receiver, libc::SIGCONT) };
     // The disk comes back: the same primary, with every row.
     c.repair_data_dir(p);
@@ -507,36 +543,50 @@ async fn sync_a_surviving_standby_that_diverged_is_rewound() {
     let cc = (1..=3).find(|i| *i != a && *i != b).unwrap();
     let writer = Writer::start(&c.conn, 4);
     writer.wait_more(200, Duration::from_secs(30)).await;
-    let receiver = c.walreceiver_pid(b).await;
-    // SAFETY: pausing (later resuming) b's WAL receiver.
-    unsafe { libc::kill(receiver, libc::SIGSTOP) };
-    // Commits wait for b; the WAL of a big transaction still goes to c.
+    // Paused now, resumed later.
+    let receiver = c.pause_walreceiver(b).await;
+    // Commits wait for b; the WAL of a big transaction still goes to c,
+    // more of it than b's socket buffers hold.
     let conn = format!(
         "host=127.0.0.1 port={} user=postgres dbname=postgres",
         c.ports[a - 1]
     );
     let big = tokio::spawn(async move {
         let cl = try_connect(&conn).await.ok()?;
-        cl.batch_execute("INSERT INTO w SELECT -g FROM generate_series(1, 200000) g")
+        cl.batch_execute("INSERT INTO w SELECT -g FROM generate_series(1, 1000000) g")
             .await
             .ok()
     });
+    // As the primary sees it: c has flushed well past everything the
+    // primary ever sent b (b gets what sits in its socket once resumed).
+    let ahead = format!(
+        "SELECT CASE WHEN (SELECT flush_lsn FROM pg_stat_replication WHERE application_name = '{}') \
+           - (SELECT sent_lsn FROM pg_stat_replication WHERE application_name = '{}') > {} \
+           THEN 1::bigint ELSE 0 END",
+        c.uid(cc),
+        c.uid(b),
+        1 << 20
+    );
     crate::assert_eventually!(
-        {
-            let d = c.data().await;
-            d.dbs[&c.uid(cc)].status.lsn > d.dbs[&c.uid(b)].status.lsn + (1 << 20)
-        },
+        c.direct(a, &ahead).await == Some(1),
         Duration::from_secs(20),
         "k{cc} did not get ahead of k{b}"
     );
+    assert!(
+        !big.is_finished(),
+        "the big transaction ended while its synchronous standby k{b} received nothing: {:?}",
+        big.await
+    );
     c.kill_primary();
-    // SAFETY: as above.
+    // SAFETY: resuming the paused WAL receiver by pid.
     unsafe { libc::kill(receiver, libc::SIGCONT) };
     let new = c.wait_new_primary(a, Duration::from_secs(40)).await;
     assert_eq!(new, b, "the synchronous standby is promoted");
-    // c had replayed past b's end of WAL: it is rewound, then streams.
+    // c had flushed past b's end of WAL: it is rewound (not found to need
+    // no rewind), then streams.
     crate::assert_eventually!(
-        c.keeper_log(cc).contains("servers diverged"),
+        c.keeper_log(cc)
+            .contains("rewinding from last common checkpoint"),
         Duration::from_secs(60),
         "k{cc} was not rewound:\n{}",
         c.keeper_log(cc)
@@ -990,9 +1040,8 @@ async fn sync_a_primary_restarted_in_place_holds_clients_until_a_standby_caught_
     let c = LocalCluster::up_with(&url, store, sync_spec(), 1, 2).await;
     let (p, s) = (c.master, c.other());
     c.wait_sync_confirmed(p, Duration::from_secs(30)).await;
-    let receiver = c.walreceiver_pid(s).await;
-    // SAFETY: pausing (later resuming) the standby's WAL receiver.
-    unsafe { libc::kill(receiver, libc::SIGSTOP) };
+    // Paused now, resumed later.
+    let receiver = c.pause_walreceiver(s).await;
     let direct = format!(
         "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=2",
         c.ports[p - 1]
@@ -1040,7 +1089,7 @@ async fn sync_a_primary_restarted_in_place_holds_clients_until_a_standby_caught_
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // SAFETY: as above.
+    // SAFETY: resuming the paused WAL receiver by pid.
     unsafe { libc::kill(receiver, libc::SIGCONT) };
     // The standby catches up (it gets the row), then clients are let in.
     crate::assert_eventually!(
