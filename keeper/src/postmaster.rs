@@ -207,6 +207,10 @@ mod tests {
         for p in &left {
             signal(*p, libc::SIGKILL);
         }
-        assert!(left.is_empty(), "{} children outlived kill_tree", left.len());
+        assert!(
+            left.is_empty(),
+            "{} children outlived kill_tree",
+            left.len()
+        );
     }
 }

@@ -8,7 +8,8 @@
 //! What each socket runs, in the kernel:
 //! - a stream parser that cuts what arrived into chunks. The client's data
 //!   is one chunk per arrival (it needs no boundaries). The server's is
-//!   followed message by message (1 type byte, a 4-byte length), in its
+//!   followed message by message (1 type byte, a 4-byte length; walked
+//!   with `bpf_loop`, so a chunk may hold any number of them), in its
 //!   `State`, so that the kernel always knows whether the next byte starts
 //!   a message, which message was last, and a ReadyForQuery's transaction
 //!   status. The parser stops a stream for good (it returns an error, and
@@ -60,6 +61,7 @@ const MAP_UPDATE_ELEM: i32 = 2;
 const MAP_DELETE_ELEM: i32 = 3;
 const PROG_LOAD: i32 = 5;
 const PROG_ATTACH: i32 = 8;
+const BTF_LOAD: i32 = 18;
 const MAP_TYPE_HASH: u32 = 1;
 const MAP_TYPE_ARRAY: u32 = 2;
 const MAP_TYPE_SOCKHASH: u32 = 18;
@@ -73,6 +75,7 @@ const HELPER_KTIME_GET_NS: i32 = 5;
 const HELPER_SKB_LOAD_BYTES: i32 = 26;
 const HELPER_GET_SOCKET_COOKIE: i32 = 46;
 const HELPER_SK_REDIRECT_HASH: i32 = 72;
+const HELPER_LOOP: i32 = 181;
 const SO_COOKIE: libc::c_int = 57;
 const SIOCOUTQ: libc::c_ulong = 0x5411;
 
@@ -221,11 +224,99 @@ fn delete<K>(map: &OwnedFd, key: &K) {
     let _ = bpf(MAP_DELETE_ELEM, &mut a);
 }
 
-fn prog_load(insns: &[Insn], attach: u32, name: &str) -> io::Result<OwnedFd> {
+/// The BTF a program with a callback needs: the verifier accepts a
+/// function's address (for `bpf_loop`) only when the program describes
+/// its functions. Two: the program itself (global, at instruction 0) and
+/// one static callback at `callback`, each returning an int.
+struct Funcs {
+    btf: OwnedFd,
+    info: [[u32; 2]; 2],
+}
+
+impl Funcs {
+    fn new(callback: usize) -> io::Result<Funcs> {
+        const INT: u32 = 1;
+        const FUNC: u32 = 12;
+        const FUNC_PROTO: u32 = 13;
+        // A function's parameters are named (all "x").
+        let strings = b"\0int\0keelson_parse\0keelson_walk\0x\0";
+        let (int, main, walk, x) = (1u32, 5u32, 19u32, 32u32);
+        let mut types: Vec<u32> = vec![
+            // [1] int: 4 bytes, signed, 32 bits.
+            int,
+            INT << 24,
+            4,
+            (1 << 24) | 32,
+            // [2] int (int): the program's own.
+            0,
+            (FUNC_PROTO << 24) | 1,
+            1,
+            x,
+            1,
+            // [3] int (int, int): the callback's.
+            0,
+            (FUNC_PROTO << 24) | 2,
+            1,
+            x,
+            1,
+            x,
+            1,
+            // [4] the program, global.
+            main,
+            (FUNC << 24) | 1,
+            2,
+            // [5] the callback, static.
+            walk,
+            FUNC << 24,
+            3,
+        ];
+        let types_len = (types.len() * 4) as u32;
+        let mut blob: Vec<u8> = Vec::new();
+        blob.extend(0xeb9fu16.to_ne_bytes());
+        blob.extend([1u8, 0]);
+        for v in [24u32, 0, types_len, types_len, strings.len() as u32] {
+            blob.extend(v.to_ne_bytes());
+        }
+        for v in types.drain(..) {
+            blob.extend(v.to_ne_bytes());
+        }
+        blob.extend(strings);
+        let mut log = vec![0u8; 1 << 16];
+        let mut a = Attr::new();
+        a.ptr(0, blob.as_ptr())
+            .ptr(8, log.as_mut_ptr())
+            .u32(16, blob.len() as u32)
+            .u32(20, log.len() as u32)
+            .u32(24, 1);
+        let btf = bpf(BTF_LOAD, &mut a).map(fd).map_err(|e| {
+            let text =
+                String::from_utf8_lossy(&log[..log.iter().position(|&b| b == 0).unwrap_or(0)])
+                    .replace('\n', " | ");
+            io::Error::new(e.kind(), format!("loading the programs' BTF: {e}: {text}"))
+        })?;
+        Ok(Funcs {
+            btf,
+            info: [[0, 4], [callback as u32, 5]],
+        })
+    }
+}
+
+fn prog_load(
+    insns: &[Insn],
+    attach: u32,
+    name: &str,
+    funcs: Option<&Funcs>,
+) -> io::Result<OwnedFd> {
     let license = b"GPL\0";
     let mut log = vec![0u8; 1 << 20];
     let load = |log_level: u32, log: &mut [u8]| {
         let mut a = Attr::new();
+        if let Some(f) = funcs {
+            a.u32(72, f.btf.as_raw_fd() as u32)
+                .u32(76, 8)
+                .ptr(80, f.info.as_ptr())
+                .u32(88, f.info.len() as u32);
+        }
         a.u32(0, PROG_TYPE_SK_SKB)
             .u32(4, insns.len() as u32)
             .ptr(8, insns.as_ptr())
@@ -317,6 +408,8 @@ struct Asm {
     insns: Vec<Insn>,
     labels: Vec<(&'static str, usize)>,
     jumps: Vec<(usize, &'static str)>,
+    /// `ld_func` instructions and the label of the function each names.
+    funcs: Vec<(usize, &'static str)>,
 }
 
 impl Asm {
@@ -426,29 +519,44 @@ impl Asm {
             .add_imm(R2, key as i32)
             .call(HELPER_MAP_LOOKUP)
     }
+    /// Loads the address of the BPF function at `label` into `d` (for a
+    /// helper that calls back, such as `bpf_loop`).
+    fn ld_func(&mut self, d: u8, label: &'static str) -> &mut Self {
+        self.funcs.push((self.insns.len(), label));
+        self.op(0x18, d, 4, 0, 0);
+        self.op(0, 0, 0, 0, 0)
+    }
+    /// Where `label` is, in instructions from the start.
+    fn at(&self, label: &str) -> usize {
+        self.labels
+            .iter()
+            .find(|(n, _)| *n == label)
+            .unwrap_or_else(|| panic!("no label {label}"))
+            .1
+    }
     fn label(&mut self, name: &'static str) -> &mut Self {
         self.labels.push((name, self.insns.len()));
         self
     }
     fn finish(mut self) -> Vec<Insn> {
         for (at, to) in std::mem::take(&mut self.jumps) {
-            let target = self
-                .labels
-                .iter()
-                .find(|(n, _)| *n == to)
-                .unwrap_or_else(|| panic!("no label {to}"))
-                .1;
+            let target = self.at(to);
             self.insns[at].off = (target as isize - at as isize - 1) as i16;
+        }
+        for (at, to) in std::mem::take(&mut self.funcs) {
+            let target = self.at(to);
+            self.insns[at].imm = (target as isize - at as isize - 1) as i32;
         }
         self.insns
     }
 }
 
-/// Most messages one parser run walks, largest first: each bounds the
-/// verifier's work (2048 took 747,118 of its 1,000,000 instructions on
-/// 6.18), and a kernel whose verifier refuses one gets the next. A chunk
-/// with more messages loses the stream's boundaries (the session can
-/// then not be fenced cleanly: it is closed).
+/// Where `bpf_loop` is missing (before Linux 5.17), the most messages one
+/// parser run walks, unrolled by the verifier, largest first: each bounds
+/// the verifier's work (2048 took 747,118 of its 1,000,000 instructions
+/// on 6.18), and a kernel whose verifier refuses one gets the next. A
+/// chunk with more messages loses the stream's boundaries (the session
+/// can then not be fenced cleanly: it is closed).
 const WALKS: [i32; 3] = [2048, 512, 128];
 
 /// The error the parser stops a stream with: the kernel's stream parser
@@ -468,7 +576,7 @@ const LOST: i32 = 0x7fff_ffff;
 /// type byte, a 4-byte length; a header split between chunks is kept in
 /// the state), so that the proxy taking the session back knows where in
 /// a message the stream stands.
-fn parser(state: &OwnedFd, ctl: &OwnedFd, deadlines: &OwnedFd, walk: i32) -> Vec<Insn> {
+fn parser(state: &OwnedFd, ctl: &OwnedFd, deadlines: &OwnedFd, walk: Walk) -> (Vec<Insn>, usize) {
     let mut a = Asm::default();
     // Stack: -8 cookie, -16 fenced, -24 len, -32 slot (client), -40
     // deadline (client); the server's header at -41 (type) and -40..-37
@@ -543,36 +651,63 @@ fn parser(state: &OwnedFd, ctl: &OwnedFd, deadlines: &OwnedFd, walk: i32) -> Vec
         .sub(R8, R3)
         .st_w(R7, st::HDR_HAVE, 0)
         .ja("header")
-        .label("walk")
+        .label("walk");
+    if let Walk::Unrolled(walk) = walk {
         // In the loop every conditional jump goes on with the walk and
         // falls through to an end: the verifier explores the fall-through
         // first and keeps the jump's target pending, so what it keeps
         // pending stays one state deep, not one per message.
-        .label("loop")
-        .jlt_imm(R9, walk, "c1")
-        .ja("lost")
-        .label("c1")
-        .add_imm(R9, 1)
-        .ldx_dw(R1, FP, -24)
-        .mov(R2, R1)
-        .sub(R2, R8)
-        .jne_imm(R2, 0, "c2")
-        .ja("done")
-        .label("c2")
-        .jge_imm(R2, 5, "c3")
-        .ja("split")
-        .label("c3")
-        .mov(R2, R8)
-        .mov(R1, R6)
-        .mov(R3, FP)
-        .add_imm(R3, -41)
-        .mov_imm(R4, 5)
-        .call(HELPER_SKB_LOAD_BYTES)
-        .jeq_imm(R0, 0, "c4")
-        .ja("lost")
-        .label("c4")
-        .add_imm(R8, 5)
-        .label("header")
+        a.label("loop")
+            .jlt_imm(R9, walk, "c1")
+            .ja("lost")
+            .label("c1")
+            .add_imm(R9, 1)
+            .ldx_dw(R1, FP, -24)
+            .mov(R2, R1)
+            .sub(R2, R8)
+            .jne_imm(R2, 0, "c2")
+            .ja("done")
+            .label("c2")
+            .jge_imm(R2, 5, "c3")
+            .ja("split")
+            .label("c3")
+            .mov(R2, R8)
+            .mov(R1, R6)
+            .mov(R3, FP)
+            .add_imm(R3, -41)
+            .mov_imm(R4, 5)
+            .call(HELPER_SKB_LOAD_BYTES)
+            .jeq_imm(R0, 0, "c4")
+            .ja("lost")
+            .label("c4")
+            .add_imm(R8, 5);
+    } else {
+        // bpf_loop walks the messages, one callback per message, with the
+        // skb, the state and the position in a context on this stack:
+        // -88 the outcome, -80 the position, -72 the state, -64 the skb.
+        a.label("loop")
+            .stx_dw(FP, -64, R6)
+            .stx_dw(FP, -72, R7)
+            .stx_dw(FP, -80, R8)
+            .st_dw(FP, -88, 0)
+            .mov_imm(R1, LOOPS)
+            .ld_func(R2, "walk_one")
+            .mov(R3, FP)
+            .add_imm(R3, -88)
+            .mov_imm(R4, 0)
+            .call(HELPER_LOOP)
+            .ldx_dw(R8, FP, -80)
+            .ldx_dw(R2, FP, -88)
+            .jeq_imm(R2, AT_END, "done")
+            .jeq_imm(R2, SPANS, "done")
+            // Lost, or (never) more messages than LOOPS.
+            .jne_imm(R2, SPLIT, "lost")
+            .ldx_dw(R1, FP, -24)
+            .mov(R2, R1)
+            .sub(R2, R8)
+            .ja("split");
+    }
+    a.label("header")
         // A whole header at -41; the body starts at R8.
         .ldx_w(R2, FP, -40)
         .be32(R2)
@@ -674,7 +809,100 @@ fn parser(state: &OwnedFd, ctl: &OwnedFd, deadlines: &OwnedFd, walk: i32) -> Vec
         .label("whole")
         .ldx_w(R0, R6, 0)
         .exit();
-    a.finish()
+    if walk == Walk::Loop {
+        walk_one(&mut a);
+    }
+    let callback = if walk == Walk::Loop {
+        a.at("walk_one")
+    } else {
+        0
+    };
+    (a.finish(), callback)
+}
+
+/// How the parser walks a chunk's messages.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Walk {
+    /// With `bpf_loop` (Linux 5.17): any number of messages.
+    Loop,
+    /// Unrolled by the verifier, at most this many.
+    Unrolled(i32),
+}
+
+/// Iterations `bpf_loop` may run (its own limit): every message is at
+/// least 5 bytes, so no chunk (at most a receive buffer) needs more.
+const LOOPS: i32 = 1 << 23;
+/// The walk's outcomes, in its context: the chunk ends at a boundary;
+/// its last bytes are a split header; a message goes on past it; (else)
+/// the boundaries are lost.
+const AT_END: i32 = 1;
+const SPLIT: i32 = 2;
+const SPANS: i32 = 3;
+const LOST_HERE: i32 = 4;
+
+/// `bpf_loop`'s callback: one message of the walk. R2 is the context on
+/// the parser's stack (see `parser`); it returns 0 to go on, 1 once the
+/// walk ended (its outcome is in the context).
+fn walk_one(a: &mut Asm) {
+    // Stack: -9 the header (type, then the length at -8).
+    a.label("walk_one")
+        .mov(R9, R2)
+        .ldx_dw(R6, R9, 24)
+        .ldx_dw(R7, R9, 16)
+        .ldx_dw(R8, R9, 8)
+        .ldx_w(R1, R6, 0)
+        .mov(R2, R1)
+        .sub(R2, R8)
+        .jne_imm(R2, 0, "w_more")
+        .st_dw(R9, 0, AT_END)
+        .ja("w_end")
+        .label("w_more")
+        .jge_imm(R2, 5, "w_header")
+        .st_dw(R9, 0, SPLIT)
+        .ja("w_end")
+        .label("w_header")
+        .mov(R2, R8)
+        .mov(R1, R6)
+        .mov(R3, FP)
+        .add_imm(R3, -9)
+        .mov_imm(R4, 5)
+        .call(HELPER_SKB_LOAD_BYTES)
+        .jeq_imm(R0, 0, "w_loaded")
+        .ja("w_lost")
+        .label("w_loaded")
+        .add_imm(R8, 5)
+        .ldx_w(R2, FP, -8)
+        .be32(R2)
+        .jge_imm(R2, 4, "w_len")
+        .label("w_lost")
+        .st_dw(R9, 0, LOST_HERE)
+        .ja("w_end")
+        .label("w_len")
+        .sub_imm(R2, 4)
+        .ldx_b(R1, FP, -9)
+        .stx_w(R7, st::LAST_TAG, R1)
+        .jne_imm(R1, b'Z' as i32, "w_sized")
+        .st_w(R7, st::ZSEEN, 1)
+        .stx_w(R7, st::ZPOS, R8)
+        .label("w_sized")
+        .ldx_w(R1, R6, 0)
+        .mov(R3, R1)
+        .sub(R3, R8)
+        .jle(R2, R3, "w_fits")
+        // The message goes on past this chunk.
+        .sub(R2, R3)
+        .stx_w(R7, st::REMAINING, R2)
+        .st_dw(R9, 0, SPANS)
+        .ja("w_end")
+        .label("w_fits")
+        .add(R8, R2)
+        .stx_dw(R9, 8, R8)
+        .mov_imm(R0, 0)
+        .exit()
+        .label("w_end")
+        .stx_dw(R9, 8, R8)
+        .mov_imm(R0, 1)
+        .exit();
 }
 
 /// The verdict: every chunk the parser cut goes to the peer's send queue.
@@ -735,23 +963,40 @@ impl Kernel {
             "keelson_ctl",
         )?;
         let deadlines = map_create(MAP_TYPE_ARRAY, 4, 8, DEADLINE_SLOTS, 0, "keelson_dl")?;
-        let mut parser_prog = Err(io::Error::other("no walk length"));
-        for walk in WALKS {
-            parser_prog = prog_load(
-                &parser(&state, &ctl, &deadlines, walk),
-                SK_SKB_STREAM_PARSER,
-                "keelson_parse",
-            );
-            match &parser_prog {
-                Err(e) if e.raw_os_error() == Some(libc::E2BIG) => continue,
-                _ => break,
+        let (insns, callback) = parser(&state, &ctl, &deadlines, Walk::Loop);
+        let looped = Funcs::new(callback)
+            .and_then(|f| prog_load(&insns, SK_SKB_STREAM_PARSER, "keelson_parse", Some(&f)));
+        let parser = match looped {
+            Ok(p) => p,
+            Err(e) => {
+                // An older kernel (no bpf_loop, no BTF): a walk of at most
+                // so many messages per chunk.
+                tracing::info!(
+                    error = %e,
+                    "kernel forwarding: the stream parser walks at most {} messages per chunk",
+                    WALKS[0]
+                );
+                let mut parser_prog = Err(io::Error::other("no walk length"));
+                for walk in WALKS {
+                    parser_prog = prog_load(
+                        &parser(&state, &ctl, &deadlines, Walk::Unrolled(walk)).0,
+                        SK_SKB_STREAM_PARSER,
+                        "keelson_parse",
+                        None,
+                    );
+                    match &parser_prog {
+                        Err(e) if e.raw_os_error() == Some(libc::E2BIG) => continue,
+                        _ => break,
+                    }
+                }
+                parser_prog?
             }
-        }
-        let parser = parser_prog?;
+        };
         let verdict = prog_load(
             &verdict(&sockhash, &state),
             SK_SKB_STREAM_VERDICT,
             "keelson_verdict",
+            None,
         )?;
         attach(&sockhash, &parser, SK_SKB_STREAM_PARSER)?;
         attach(&sockhash, &verdict, SK_SKB_STREAM_VERDICT)?;

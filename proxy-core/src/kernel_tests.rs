@@ -332,3 +332,42 @@ async fn a_fired_fence_stops_client_bytes_before_the_session_is_taken_back() {
         "a full socket is writable after the take-back: writes would spin"
     );
 }
+
+/// A result of many small rows arrives as chunks of thousands of
+/// messages: the server's boundaries are still known after it, so the
+/// session can still be taken back at a boundary (a fence's clean FATAL).
+#[tokio::test]
+async fn a_chunk_of_thousands_of_small_messages_keeps_the_boundaries() {
+    let fence = std::sync::Arc::new(Fence::default());
+    let (mut app, to_app, to_server, mut server) = sockets().await;
+    let h = hand_off(&to_app, &to_server, None, &fence);
+    let mut stream = Vec::new();
+    for i in 0..40_000usize {
+        stream.extend(msg(b'D', 6, i as u8));
+    }
+    stream.extend(msg(b'C', 10, 1));
+    stream.extend(READY);
+    server.write_all(&stream).await.unwrap();
+    let mut got = vec![0; stream.len()];
+    tokio::time::timeout(Duration::from_secs(5), app.read_exact(&mut got))
+        .await
+        .expect("every byte arrives")
+        .unwrap();
+    assert!(got == stream);
+    let s = h.state(h.server).unwrap();
+    assert_eq!(
+        (s.remaining, s.last_tag as u8, s.last_status as u8),
+        (0, b'Z', b'I'),
+        "the server's boundaries were lost (remaining {:#x})",
+        s.remaining
+    );
+}
+
+/// The parser for kernels without `bpf_loop` still passes the verifier
+/// (this kernel loads the looping one).
+#[test]
+fn the_unrolled_walk_for_older_kernels_still_loads() {
+    let k = kernel();
+    let insns = parser(&k.state, &k.ctl, &k.deadlines, Walk::Unrolled(WALKS[0])).0;
+    prog_load(&insns, SK_SKB_STREAM_PARSER, "keelson_parse", None).unwrap();
+}

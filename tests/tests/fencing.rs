@@ -63,9 +63,19 @@ async fn switch_primary(store: AnyStore) {
         Duration::from_secs(10),
         "sessions never reached primary A"
     );
-    // An idle session, and one idle in a transaction, both on A.
+    // An idle session, and one idle in a transaction, both on A. The idle
+    // one has just read a result of many small rows (with kernel
+    // forwarding, thousands of messages per arrival).
     let (idle, idle_conn) = connect_watched(&conn).await;
-    idle.simple_query("SELECT 1").await.unwrap();
+    let rows = idle
+        .simple_query("SELECT generate_series(1, 100000)")
+        .await
+        .unwrap();
+    let rows = rows
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(rows, 100_000);
     let (txn, txn_conn) = connect_watched(&conn).await;
     txn.batch_execute("BEGIN; CREATE TEMP TABLE t (x int); INSERT INTO t VALUES (1)")
         .await
