@@ -519,6 +519,45 @@ impl Asm {
             .add_imm(R2, key as i32)
             .call(HELPER_MAP_LOOKUP)
     }
+    /// The 5 header bytes at the skb's (R6) offset R8 to `fp + at`, R8
+    /// then past them; on to `lost` if they are not there.
+    fn load_header(&mut self, at: i16, loaded: &'static str, lost: &'static str) -> &mut Self {
+        self.mov(R2, R8)
+            .mov(R1, R6)
+            .mov(R3, FP)
+            .add_imm(R3, at as i32)
+            .mov_imm(R4, 5)
+            .call(HELPER_SKB_LOAD_BYTES)
+            .jeq_imm(R0, 0, loaded)
+            .ja(lost)
+            .label(loaded)
+            .add_imm(R8, 5)
+    }
+    /// A message's header, at `fp + at` (the type, then the length), as
+    /// the walk reads it: R2 becomes the body's length (or, for a length
+    /// below 4, which PostgreSQL never sends, on to `lost`); the type is
+    /// the state's last, and a ReadyForQuery's body position (R8) is kept,
+    /// its status byte read once the walk is done. Goes on at `sized`.
+    fn header(
+        &mut self,
+        at: i16,
+        ok: &'static str,
+        lost: &'static str,
+        sized: &'static str,
+    ) -> &mut Self {
+        self.ldx_w(R2, FP, at + 1)
+            .be32(R2)
+            .jge_imm(R2, 4, ok)
+            .ja(lost)
+            .label(ok)
+            .sub_imm(R2, 4)
+            .ldx_b(R1, FP, at)
+            .stx_w(R7, st::LAST_TAG, R1)
+            .jne_imm(R1, b'Z' as i32, sized)
+            .st_w(R7, st::ZSEEN, 1)
+            .stx_w(R7, st::ZPOS, R8)
+            .label(sized)
+    }
     /// Loads the address of the BPF function at `label` into `d` (for a
     /// helper that calls back, such as `bpf_loop`).
     fn ld_func(&mut self, d: u8, label: &'static str) -> &mut Self {
@@ -671,16 +710,7 @@ fn parser(state: &OwnedFd, ctl: &OwnedFd, deadlines: &OwnedFd, walk: Walk) -> (V
             .jge_imm(R2, 5, "c3")
             .ja("split")
             .label("c3")
-            .mov(R2, R8)
-            .mov(R1, R6)
-            .mov(R3, FP)
-            .add_imm(R3, -41)
-            .mov_imm(R4, 5)
-            .call(HELPER_SKB_LOAD_BYTES)
-            .jeq_imm(R0, 0, "c4")
-            .ja("lost")
-            .label("c4")
-            .add_imm(R8, 5);
+            .load_header(-41, "c4", "lost");
     } else {
         // bpf_loop walks the messages, one callback per message, with the
         // skb, the state and the position in a context on this stack:
@@ -709,19 +739,7 @@ fn parser(state: &OwnedFd, ctl: &OwnedFd, deadlines: &OwnedFd, walk: Walk) -> (V
     }
     a.label("header")
         // A whole header at -41; the body starts at R8.
-        .ldx_w(R2, FP, -40)
-        .be32(R2)
-        .jge_imm(R2, 4, "c5")
-        .ja("lost")
-        .label("c5")
-        .sub_imm(R2, 4)
-        .ldx_b(R1, FP, -41)
-        .stx_w(R7, st::LAST_TAG, R1)
-        .jne_imm(R1, b'Z' as i32, "sized")
-        // Its status byte is read once the walk is done.
-        .st_w(R7, st::ZSEEN, 1)
-        .stx_w(R7, st::ZPOS, R8)
-        .label("sized")
+        .header(-41, "c5", "lost", "sized")
         .ldx_dw(R1, FP, -24)
         .mov(R3, R1)
         .sub(R3, R8)
@@ -861,30 +879,8 @@ fn walk_one(a: &mut Asm) {
         .st_dw(R9, 0, SPLIT)
         .ja("w_end")
         .label("w_header")
-        .mov(R2, R8)
-        .mov(R1, R6)
-        .mov(R3, FP)
-        .add_imm(R3, -9)
-        .mov_imm(R4, 5)
-        .call(HELPER_SKB_LOAD_BYTES)
-        .jeq_imm(R0, 0, "w_loaded")
-        .ja("w_lost")
-        .label("w_loaded")
-        .add_imm(R8, 5)
-        .ldx_w(R2, FP, -8)
-        .be32(R2)
-        .jge_imm(R2, 4, "w_len")
-        .label("w_lost")
-        .st_dw(R9, 0, LOST_HERE)
-        .ja("w_end")
-        .label("w_len")
-        .sub_imm(R2, 4)
-        .ldx_b(R1, FP, -9)
-        .stx_w(R7, st::LAST_TAG, R1)
-        .jne_imm(R1, b'Z' as i32, "w_sized")
-        .st_w(R7, st::ZSEEN, 1)
-        .stx_w(R7, st::ZPOS, R8)
-        .label("w_sized")
+        .load_header(-9, "w_loaded", "w_lost")
+        .header(-9, "w_len", "w_lost", "w_sized")
         .ldx_w(R1, R6, 0)
         .mov(R3, R1)
         .sub(R3, R8)
@@ -899,6 +895,8 @@ fn walk_one(a: &mut Asm) {
         .stx_dw(R9, 8, R8)
         .mov_imm(R0, 0)
         .exit()
+        .label("w_lost")
+        .st_dw(R9, 0, LOST_HERE)
         .label("w_end")
         .stx_dw(R9, 8, R8)
         .mov_imm(R0, 1)

@@ -251,17 +251,18 @@ async fn client_bytes_stop_in_the_kernel_once_the_views_deadline_passes() {
     );
 }
 
-#[tokio::test]
-async fn many_small_messages_in_one_write_all_arrive() {
+/// Hands a session off, has its server write `rows` small rows then a
+/// ReadyForQuery in one write, and checks the client got all of it; the
+/// session is returned.
+async fn one_write_of_small_rows(rows: usize, tail: &[u8]) -> Handed {
     let fence = std::sync::Arc::new(Fence::default());
     let (mut app, to_app, to_server, mut server) = sockets().await;
-    let _h = hand_off(&to_app, &to_server, None, &fence);
-    // More messages than one parser run walks, in one segment, so that
-    // chunks begin inside the kernel's buffer, not at its start.
+    let h = hand_off(&to_app, &to_server, None, &fence);
     let mut stream = Vec::new();
-    for i in 0..100usize {
-        stream.extend(msg(b'D', 10, i as u8));
+    for i in 0..rows {
+        stream.extend(msg(b'D', 6, i as u8));
     }
+    stream.extend(tail);
     stream.extend(READY);
     server.write_all(&stream).await.unwrap();
     let mut got = vec![0; stream.len()];
@@ -270,6 +271,14 @@ async fn many_small_messages_in_one_write_all_arrive() {
         .expect("every byte arrives")
         .unwrap();
     assert!(got == stream);
+    h
+}
+
+#[tokio::test]
+async fn many_small_messages_in_one_write_all_arrive() {
+    // In one segment, so that chunks begin inside the kernel's buffer, not
+    // at its start.
+    one_write_of_small_rows(100, &[]).await;
 }
 
 /// A fence stops a kernel-mode session's client bytes in the kernel when
@@ -338,22 +347,7 @@ async fn a_fired_fence_stops_client_bytes_before_the_session_is_taken_back() {
 /// session can still be taken back at a boundary (a fence's clean FATAL).
 #[tokio::test]
 async fn a_chunk_of_thousands_of_small_messages_keeps_the_boundaries() {
-    let fence = std::sync::Arc::new(Fence::default());
-    let (mut app, to_app, to_server, mut server) = sockets().await;
-    let h = hand_off(&to_app, &to_server, None, &fence);
-    let mut stream = Vec::new();
-    for i in 0..40_000usize {
-        stream.extend(msg(b'D', 6, i as u8));
-    }
-    stream.extend(msg(b'C', 10, 1));
-    stream.extend(READY);
-    server.write_all(&stream).await.unwrap();
-    let mut got = vec![0; stream.len()];
-    tokio::time::timeout(Duration::from_secs(5), app.read_exact(&mut got))
-        .await
-        .expect("every byte arrives")
-        .unwrap();
-    assert!(got == stream);
+    let h = one_write_of_small_rows(40_000, &msg(b'C', 10, 1)).await;
     let s = h.state(h.server).unwrap();
     assert_eq!(
         (s.remaining, s.last_tag as u8, s.last_status as u8),
