@@ -1362,14 +1362,20 @@ impl Handed {
             return Ok(());
         }
         self.released = true;
+        // Both leave, whatever the first's error.
+        let mut first = Ok(());
         for (c, fd) in [(self.client, self.client_fd), (self.server, self.server_fd)] {
             delete(&self.k.sockhash, &c);
-            match socket_error(fd)? {
-                0 | STOP => {}
-                e => return Err(io::Error::from_raw_os_error(e)),
+            let r = match socket_error(fd) {
+                Ok(0 | STOP) => Ok(()),
+                Ok(e) => Err(io::Error::from_raw_os_error(e)),
+                Err(e) => Err(e),
+            };
+            if first.is_ok() {
+                first = r;
             }
         }
-        Ok(())
+        first
     }
 
     /// After [`Handed::take_back`]: both sockets get a fresh registration

@@ -365,3 +365,40 @@ fn the_unrolled_walk_for_older_kernels_still_loads() {
     let insns = parser(&k.state, &k.ctl, &k.deadlines, Walk::Unrolled(WALKS[0])).0;
     prog_load(&insns, SK_SKB_STREAM_PARSER, "keelson_parse", None).unwrap();
 }
+
+/// A client that resets its connection while in the kernel: taking the
+/// session back fails, and neither socket stays in the sockhash.
+#[tokio::test]
+async fn a_reset_client_leaves_neither_socket_in_the_sockhash() {
+    let fence = std::sync::Arc::new(Fence::default());
+    let (app, to_app, to_server, _server) = sockets().await;
+    let mut h = hand_off(&to_app, &to_server, None, &fence);
+    let app = app.into_std().unwrap();
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a linger struct of the length given.
+    let r = unsafe {
+        libc::setsockopt(
+            app.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+    drop(app);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _ = h.take_back(Instant::now() + Duration::from_secs(1)).await;
+    // Deleting it again finds it (a sockhash's values cannot be read back
+    // as fds).
+    let in_hash = |c: u64| {
+        let mut a = Attr::new();
+        a.u32(0, kernel().sockhash.as_raw_fd() as u32).ptr(8, &c);
+        bpf(MAP_DELETE_ELEM, &mut a).is_ok()
+    };
+    assert!(!in_hash(h.client), "the client's socket is still in");
+    assert!(!in_hash(h.server), "the server's socket is still in");
+}
