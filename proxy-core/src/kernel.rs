@@ -1199,6 +1199,19 @@ impl Handed {
         deadline: Option<&Deadline>,
         fence: &std::sync::Arc<Fence>,
     ) -> io::Result<Result<Handed, &'static str>> {
+        Self::hand_off_with(k, client, server, deadline, fence, || {})
+    }
+
+    /// [`Handed::hand_off`], running `between` once the server's socket is
+    /// in the sockhash and the client's not yet (for tests).
+    fn hand_off_with(
+        k: &'static Kernel,
+        client: &TcpStream,
+        server: &TcpStream,
+        deadline: Option<&Deadline>,
+        fence: &std::sync::Arc<Fence>,
+        between: impl FnOnce(),
+    ) -> io::Result<Result<Handed, &'static str>> {
         let (cfd, sfd) = (client.as_raw_fd(), server.as_raw_fd());
         if unread(cfd)? != 0 || unread(sfd)? != 0 {
             return Ok(Err("pending_bytes"));
@@ -1236,15 +1249,22 @@ impl Handed {
         // The server's socket first: it has sent everything up to its first
         // ReadyForQuery and is silent until the client sends, while bytes
         // a client sends early wait in its socket's queue until the client
-        // socket is in (a chunk redirected to a socket not yet in the
-        // sockhash would be dropped).
+        // socket is in (the kernel parses what is queued when a socket
+        // enters). A chunk redirected to a socket not yet in the sockhash
+        // would be dropped, so the server's stream enters stopped: what it
+        // sends unasked meanwhile (a FATAL as it is terminated, a notice)
+        // stays in its socket, the stopped stream wakes the session, and
+        // the proxy takes it back and forwards it in user space.
+        update(&k.ctl, &sc, &1u32, 0)?;
         update(&k.sockhash, &sc, &(sfd as u32), NOEXIST)?;
+        between();
         if let Err(e) = update(&k.sockhash, &cc, &(cfd as u32), NOEXIST) {
             // Nothing can have moved yet: the client waits for its first
             // ReadyForQuery, which is not written.
             delete(&k.sockhash, &sc);
             return Err(e);
         }
+        update(&k.ctl, &sc, &0u32, 0)?;
         if fence.enter_kernel([cc, sc]) {
             stop_streams(&[cc, sc]);
         }
@@ -1431,7 +1451,10 @@ impl Handed {
                     Err(e) => Woken::Error(Side::Client, e),
                 });
             }
-            if let Poll::Ready(r) = poll_peek(server, cx, || false) {
+            // The server's stream stopped as it entered the kernel (see
+            // `hand_off`): its bytes wait in the socket.
+            let stopped = || self.state(self.server).is_ok_and(|s| s.stopped != 0);
+            if let Poll::Ready(r) = poll_peek(server, cx, stopped) {
                 return Poll::Ready(match r {
                     Ok(Some(0)) => Woken::ServerClosed,
                     Ok(_) => Woken::Passed,
@@ -1527,8 +1550,9 @@ const POLL: Duration = Duration::from_millis(1);
 pub(crate) enum Woken {
     /// The fence fired.
     Fenced,
-    /// The view's deadline passed in the kernel: the client's bytes wait
-    /// in its socket.
+    /// A stream stopped in the kernel and its bytes wait in its socket:
+    /// the client's once the view's deadline passed, the server's if it
+    /// sent as the session entered the kernel.
     Passed,
     /// The client closed (or reset) its connection.
     ClientClosed,

@@ -402,3 +402,44 @@ async fn a_reset_client_leaves_neither_socket_in_the_sockhash() {
     assert!(!in_hash(h.client), "the client's socket is still in");
     assert!(!in_hash(h.server), "the server's socket is still in");
 }
+
+/// The server sends unasked (a FATAL as it is terminated) in the moment
+/// its socket is in the sockhash and the client's is not yet: nothing is
+/// dropped. The session wakes, is taken back at a boundary, and the bytes
+/// wait in the proxy's socket.
+#[tokio::test]
+async fn what_the_server_sends_while_the_session_enters_the_kernel_is_kept() {
+    let fence = std::sync::Arc::new(Fence::default());
+    let (mut app, mut to_app, mut to_server, server) = sockets().await;
+    let fatal = msg(b'E', 40, b'F');
+    let mut h = Handed::hand_off_with(kernel(), &to_app, &to_server, None, &fence, || {
+        assert_eq!(server.try_write(&fatal).unwrap(), fatal.len());
+        std::thread::sleep(Duration::from_millis(50));
+    })
+    .unwrap()
+    .expect("handed off");
+    let woken = tokio::time::timeout(Duration::from_secs(2), h.wait(&to_app, &to_server, &fence))
+        .await
+        .expect("the session was not woken: the server's bytes were dropped");
+    assert!(matches!(woken, Woken::Passed), "woken otherwise");
+    let (tracker, _) = h
+        .take_back(Instant::now() + Duration::from_secs(1))
+        .await
+        .unwrap()
+        .expect("taken back");
+    assert_eq!(tracker.to_boundary(), Some(0));
+    h.rebind(&mut to_app, &mut to_server).unwrap();
+    let mut got = vec![0; fatal.len()];
+    tokio::time::timeout(Duration::from_secs(1), to_server.read_exact(&mut got))
+        .await
+        .expect("the server's bytes are in the proxy's socket")
+        .unwrap();
+    assert_eq!(got, fatal);
+    // And the client got nothing from the kernel.
+    let mut buf = [0u8; 8];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), app.read(&mut buf))
+            .await
+            .is_err()
+    );
+}
