@@ -75,14 +75,17 @@ pub fn signal_group(pgid: u32, signal: i32) {
 /// as long as they take to notice. SIGKILL also ends a stopped (SIGSTOP)
 /// process, which SIGQUIT does not.
 ///
-/// The postmaster is stopped first (SIGSTOP, then up to 100 ms until the
+/// The postmaster is stopped first (SIGSTOP, then up to 20 ms until the
 /// kernel reports it stopped): a running one forks a backend for every
 /// connection, and one forked between listing the children and killing
 /// the parent would outlive both. A stopped process forks nothing, and
-/// its children are still its own (a dead one's go to init).
+/// its children are still its own (a dead one's go to init). The 20 ms
+/// bound keeps [`fence`] (a 50 ms watchdog tick, 300 ms for SIGQUIT, then
+/// this) well inside `FENCE_SLACK` (500 ms): a postmaster that does not
+/// stop in time is in uninterruptible sleep, where it forks nothing either.
 pub fn kill_tree(pid: u32) {
     signal(pid, libc::SIGSTOP);
-    let deadline = std::time::Instant::now() + Duration::from_millis(100);
+    let deadline = std::time::Instant::now() + Duration::from_millis(20);
     while !matches!(state(pid), None | Some('T' | 't' | 'Z' | 'X'))
         && std::time::Instant::now() < deadline
     {
