@@ -197,12 +197,17 @@ mod tests {
     fn a_child_forked_while_the_tree_is_killed_is_killed_too() {
         // Unique, so that only this test's children match.
         let mark = format!("{}.{}", 900 + std::process::id() % 99, std::process::id());
+        // At most 20,000 children (seconds of forking: still at it when
+        // killed).
         let mut parent = std::process::Command::new("sh")
-            .args(["-c", &format!("while :; do sleep {mark} & done")])
+            .args([
+                "-c",
+                &format!("i=0; while [ $i -lt 20000 ]; do sleep {mark} & i=$((i+1)); done"),
+            ])
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(100));
-        assert!(!with_arg(&mark).is_empty(), "the parent forked nothing");
+        let forked = !with_arg(&mark).is_empty();
         kill_tree(parent.id());
         let _ = parent.wait();
         std::thread::sleep(Duration::from_millis(100));
@@ -210,6 +215,7 @@ mod tests {
         for p in &left {
             signal(*p, libc::SIGKILL);
         }
+        assert!(forked, "the parent forked nothing");
         assert!(
             left.is_empty(),
             "{} children outlived kill_tree",

@@ -969,11 +969,6 @@ impl Kernel {
             Err(e) => {
                 // An older kernel (no bpf_loop, no BTF): a walk of at most
                 // so many messages per chunk.
-                tracing::info!(
-                    error = %e,
-                    "kernel forwarding: the stream parser walks at most {} messages per chunk",
-                    WALKS[0]
-                );
                 let mut parser_prog = Err(io::Error::other("no walk length"));
                 for walk in WALKS {
                     parser_prog = prog_load(
@@ -981,7 +976,13 @@ impl Kernel {
                         SK_SKB_STREAM_PARSER,
                         "keelson_parse",
                         None,
-                    );
+                    )
+                    .inspect(|_| {
+                        tracing::info!(
+                            error = %e,
+                            "kernel forwarding: the stream parser walks at most {walk} messages per chunk"
+                        )
+                    });
                     match &parser_prog {
                         Err(e) if e.raw_os_error() == Some(libc::E2BIG) => continue,
                         _ => break,
@@ -1259,12 +1260,17 @@ impl Handed {
         update(&k.sockhash, &sc, &(sfd as u32), NOEXIST)?;
         between();
         if let Err(e) = update(&k.sockhash, &cc, &(cfd as u32), NOEXIST) {
-            // Nothing can have moved yet: the client waits for its first
-            // ReadyForQuery, which is not written.
+            // Nothing moved: the server's stream stopped if it sent, and
+            // what it sent is in its socket; the stop's error is cleared
+            // for the user-space path.
             delete(&k.sockhash, &sc);
+            let _ = socket_error(sfd);
             return Err(e);
         }
-        update(&k.ctl, &sc, &0u32, 0)?;
+        // Should the flag stay set (not expected: the entry exists), the
+        // server's stream stops at its first chunk and the session is
+        // taken back: safe either way.
+        let _ = update(&k.ctl, &sc, &0u32, 0);
         if fence.enter_kernel([cc, sc]) {
             stop_streams(&[cc, sc]);
         }

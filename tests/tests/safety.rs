@@ -177,17 +177,12 @@ async fn sync_two_nodes_commits_wait_for_the_old_primary_to_rejoin() {
 }
 
 impl LocalCluster {
-    /// The pid of keeper `i`'s WAL receiver.
-    async fn walreceiver_pid(&self, i: usize) -> i32 {
-        let conn = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.ports[i - 1]
-        );
-        let cl = try_connect(&conn).await.unwrap();
-        cl.query_one("SELECT pid FROM pg_stat_wal_receiver", &[])
+    /// The pid of keeper `i`'s WAL receiver, `None` while there is none
+    /// (it is restarting).
+    async fn walreceiver_pid(&self, i: usize) -> Option<i32> {
+        self.direct(i, "SELECT pid::bigint FROM pg_stat_wal_receiver")
             .await
-            .unwrap()
-            .get(0)
+            .map(|p| p as i32)
     }
 
     /// Pauses keeper `i`'s WAL receiver (SIGSTOP) and returns its pid, once
@@ -197,7 +192,11 @@ impl LocalCluster {
     async fn pause_walreceiver(&self, i: usize) -> i32 {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let pid = self.walreceiver_pid(i).await;
+            let Some(pid) = self.walreceiver_pid(i).await else {
+                assert!(Instant::now() < deadline, "k{i} has no WAL receiver");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
             // SAFETY: pausing the WAL receiver by pid.
             let rc = unsafe { libc::kill(pid, libc::SIGSTOP) };
             let stopped = rc == 0 && {
@@ -214,7 +213,7 @@ impl LocalCluster {
                 }
                 state == Some('T')
             };
-            if stopped && self.walreceiver_pid(i).await == pid {
+            if stopped && self.walreceiver_pid(i).await == Some(pid) {
                 return pid;
             }
             // SAFETY: resuming what was paused, before trying again.
@@ -572,6 +571,19 @@ async fn sync_a_surviving_standby_that_diverged_is_rewound() {
         Duration::from_secs(20),
         "k{cc} did not get ahead of k{b}"
     );
+    // Its WAL is all written: the big transaction's commit waits for b.
+    crate::assert_eventually!(
+        c.direct(
+            a,
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event = 'SyncRep' AND query LIKE 'INSERT INTO w SELECT -g%'"
+        )
+        .await
+            == Some(1)
+            || big.is_finished(),
+        Duration::from_secs(60),
+        "the big transaction's commit is not waiting for k{b}"
+    );
     assert!(
         !big.is_finished(),
         "the big transaction ended while its synchronous standby k{b} received nothing: {:?}",
@@ -585,8 +597,12 @@ async fn sync_a_surviving_standby_that_diverged_is_rewound() {
     // c had flushed past b's end of WAL: it is rewound (not found to need
     // no rewind), then streams.
     crate::assert_eventually!(
-        c.keeper_log(cc)
-            .contains("rewinding from last common checkpoint"),
+        {
+            let log = c.keeper_log(cc);
+            log.contains("rewinding from last common checkpoint")
+                && log.contains("pg_rewind: Done!")
+                && !log.contains("pg_rewind failed")
+        },
         Duration::from_secs(60),
         "k{cc} was not rewound:\n{}",
         c.keeper_log(cc)
