@@ -241,7 +241,7 @@ impl Funcs {
         // A function's parameters are named (all "x").
         let strings = b"\0int\0keelson_parse\0keelson_walk\0x\0";
         let (int, main, walk, x) = (1u32, 5u32, 19u32, 32u32);
-        let mut types: Vec<u32> = vec![
+        let types: [u32; 22] = [
             // [1] int: 4 bytes, signed, 32 bits.
             int,
             INT << 24,
@@ -277,7 +277,7 @@ impl Funcs {
         for v in [24u32, 0, types_len, types_len, strings.len() as u32] {
             blob.extend(v.to_ne_bytes());
         }
-        for v in types.drain(..) {
+        for v in types {
             blob.extend(v.to_ne_bytes());
         }
         blob.extend(strings);
@@ -289,9 +289,7 @@ impl Funcs {
             .u32(20, log.len() as u32)
             .u32(24, 1);
         let btf = bpf(BTF_LOAD, &mut a).map(fd).map_err(|e| {
-            let text =
-                String::from_utf8_lossy(&log[..log.iter().position(|&b| b == 0).unwrap_or(0)])
-                    .replace('\n', " | ");
+            let text = log_lines(&log, usize::MAX);
             io::Error::new(e.kind(), format!("loading the programs' BTF: {e}: {text}"))
         })?;
         Ok(Funcs {
@@ -299,6 +297,13 @@ impl Funcs {
             info: [[0, 4], [callback as u32, 5]],
         })
     }
+}
+
+/// The last `n` lines of a kernel log buffer (NUL-terminated), on one line.
+fn log_lines(log: &[u8], n: usize) -> String {
+    let text = String::from_utf8_lossy(&log[..log.iter().position(|&b| b == 0).unwrap_or(0)]);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
 fn prog_load(
@@ -343,16 +348,7 @@ fn prog_load(
         {
             // The verifier refused it: load again for its reasons.
             let again = load(1, &mut log);
-            let text =
-                String::from_utf8_lossy(&log[..log.iter().position(|&b| b == 0).unwrap_or(0)])
-                    .lines()
-                    .rev()
-                    .take(12)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join(" | ");
+            let text = log_lines(&log, 12);
             match again {
                 Ok(p) => Ok(p),
                 Err(_) => Err(io::Error::new(
@@ -1286,6 +1282,11 @@ impl Handed {
         lookup(&self.k.state, &c)
     }
 
+    /// Whether the parser stopped socket `c`'s stream.
+    fn stopped(&self, c: u64) -> bool {
+        self.state(c).is_ok_and(|s| s.stopped != 0)
+    }
+
     /// Bytes moved by the kernel: client to server, server to client.
     pub(crate) fn moved(&self) -> (u64, u64) {
         let c = self.state(self.client).map(|s| s.redir).unwrap_or(0);
@@ -1441,8 +1442,7 @@ impl Handed {
             }
             // The parser stopped the client's stream (the view's deadline
             // passed): its bytes wait in the socket.
-            let stopped = || self.state(self.client).is_ok_and(|s| s.stopped != 0);
-            if let Poll::Ready(r) = poll_peek(client, cx, stopped) {
+            if let Poll::Ready(r) = poll_peek(client, cx, || self.stopped(self.client)) {
                 return Poll::Ready(match r {
                     Ok(Some(0)) => Woken::ClientClosed,
                     Ok(_) => Woken::Passed,
@@ -1459,8 +1459,7 @@ impl Handed {
             }
             // The server's stream stopped as it entered the kernel (see
             // `hand_off`): its bytes wait in the socket.
-            let stopped = || self.state(self.server).is_ok_and(|s| s.stopped != 0);
-            if let Poll::Ready(r) = poll_peek(server, cx, stopped) {
+            if let Poll::Ready(r) = poll_peek(server, cx, || self.stopped(self.server)) {
                 return Poll::Ready(match r {
                     Ok(Some(0)) => Woken::ServerClosed,
                     Ok(_) => Woken::Passed,
